@@ -1,0 +1,355 @@
+//! The admin API: tenants, their credentials, dry-run mints, and callers. Answers never
+//! contain credential values or API keys (the key is shown once, at creation).
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::problem::ApiError;
+use super::read_json;
+use crate::app::AppState;
+use crate::auth::api_keys::ApiKey;
+use crate::auth::Admin;
+use crate::tenants::spec::parse_credentials;
+use crate::tenants::store::{CallerRecord, Scope, TenantRecord};
+use crate::tenants::{SpecError, TenantId, TenantPatch, TenantSpec};
+use crate::time::{now_ms, rfc3339};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/admin/v1/tenants")
+            .route(web::post().to(create_tenant))
+            .route(web::get().to(list_tenants)),
+    )
+    .service(
+        web::resource("/admin/v1/tenants/{tenant_id}")
+            .route(web::get().to(get_tenant))
+            .route(web::patch().to(patch_tenant))
+            .route(web::delete().to(delete_tenant)),
+    )
+    .service(
+        web::resource("/admin/v1/tenants/{tenant_id}/credentials")
+            .route(web::put().to(put_credentials)),
+    )
+    .service(web::resource("/admin/v1/tenants/{tenant_id}/test").route(web::post().to(test_tenant)))
+    .service(
+        web::resource("/admin/v1/callers")
+            .route(web::post().to(create_caller))
+            .route(web::get().to(list_callers)),
+    )
+    .service(web::resource("/admin/v1/callers/{caller_id}").route(web::delete().to(delete_caller)));
+}
+
+#[derive(Serialize)]
+struct TenantView<'a> {
+    id: &'a str,
+    display_name: &'a str,
+    issuer: &'a crate::tenants::IssuerSpec,
+    credential_fields: &'a [String],
+    version: i64,
+    created_at: String,
+    updated_at: String,
+}
+
+fn tenant_view(r: &TenantRecord) -> TenantView<'_> {
+    TenantView {
+        id: r.id.as_str(),
+        display_name: &r.display_name,
+        issuer: &r.issuer,
+        credential_fields: &r.credential_fields,
+        version: r.version,
+        created_at: rfc3339(r.created_at_ms),
+        updated_at: rfc3339(r.updated_at_ms),
+    }
+}
+
+fn tenant_response(mut builder: actix_web::HttpResponseBuilder, r: &TenantRecord) -> HttpResponse {
+    builder
+        .insert_header((header::ETAG, format!("\"v{}\"", r.version)))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(tenant_view(r))
+}
+
+/// A tenant id from the path; one that cannot exist is simply not found.
+fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
+    TenantId::parse(raw).map_err(|_| ApiError::TenantNotFound)
+}
+
+async fn create_tenant(
+    _: Admin,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_json(&req, payload).await?;
+    let spec = TenantSpec::parse(body, state.settings.allow_insecure_issuers)?;
+    let record = state
+        .store
+        .create_tenant(
+            &spec.id,
+            &spec.display_name,
+            &spec.issuer,
+            &spec.credentials,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::tenants::StoreError::Conflict => {
+                ApiError::Conflict("a tenant with this id already exists")
+            }
+            other => other.into(),
+        })?;
+    // A token cached under this id by an earlier tenant of the same name must not survive.
+    state.broker.forget(&spec.id).await?;
+    tracing::info!(tenant = %spec.id, kind = spec.issuer.kind.as_str(), "tenant created");
+    let mut builder = HttpResponse::Created();
+    builder.insert_header((header::LOCATION, format!("/admin/v1/tenants/{}", spec.id)));
+    Ok(tenant_response(builder, &record))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+async fn list_tenants(
+    _: Admin,
+    state: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = match query.limit.as_deref() {
+        None => 100,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid("limit must be a whole number from 1 to 1000", Some("limit"))
+            })?,
+    };
+    let after = query.after.as_deref().filter(|a| !a.is_empty());
+    if after.is_some_and(|a| a.len() > 64) {
+        return Err(ApiError::invalid(
+            "after must be a tenant id",
+            Some("after"),
+        ));
+    }
+    let records = state.store.list_tenants(after, limit).await?;
+    let next_after = (records.len() as i64 == limit)
+        .then(|| records.last().map(|r| r.id.to_string()))
+        .flatten();
+    let views: Vec<_> = records.iter().map(tenant_view).collect();
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({"tenants": views, "next_after": next_after})))
+}
+
+async fn get_tenant(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    let record = state.store.tenant_record(&id).await?;
+    Ok(tenant_response(HttpResponse::Ok(), &record))
+}
+
+async fn patch_tenant(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    let body = read_json(&req, payload).await?;
+    let patch = TenantPatch::parse(body)?;
+    let current = state.store.tenant(&id).await?;
+    let issuer = patch.merged_issuer(&current.issuer, state.settings.allow_insecure_issuers)?;
+    let effective_issuer = issuer.as_ref().unwrap_or(&current.issuer);
+    let creds = patch.credentials.as_ref().unwrap_or(&current.credentials);
+    effective_issuer.validate_credentials(creds)?;
+    let record = state
+        .store
+        .update_tenant(
+            &id,
+            patch.display_name.as_deref(),
+            issuer.as_ref(),
+            patch.credentials.as_ref(),
+        )
+        .await?;
+    if issuer.is_some() || patch.credentials.is_some() {
+        state.broker.forget(&id).await?;
+    }
+    tracing::info!(tenant = %id, "tenant updated");
+    Ok(tenant_response(HttpResponse::Ok(), &record))
+}
+
+async fn delete_tenant(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    if !state.store.delete_tenant(&id).await? {
+        return Err(ApiError::TenantNotFound);
+    }
+    state.broker.forget(&id).await?;
+    tracing::info!(tenant = %id, "tenant deleted");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn put_credentials(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    let body = read_json(&req, payload).await?;
+    let creds = parse_credentials(body, "credentials")?;
+    let record = state.store.tenant_record(&id).await?;
+    record.issuer.validate_credentials(&creds)?;
+    state
+        .store
+        .update_tenant(&id, None, None, Some(&creds))
+        .await?;
+    state.broker.forget(&id).await?;
+    tracing::info!(tenant = %id, "tenant credentials rotated");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn test_tenant(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    // The minted token replaces the cached one: some partners revoke the previous token.
+    let token = state.broker.mint(&id).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({
+            "ok": true,
+            "expires_at": rfc3339(token.expires_at_ms),
+            "expires_in": ((token.expires_at_ms - now_ms()) / 1000).max(0),
+        })))
+}
+
+fn caller_view(c: &CallerRecord) -> Value {
+    json!({
+        "id": c.id,
+        "name": c.name,
+        "tenants": c.scope.to_json(),
+        "created_at": rfc3339(c.created_at_ms),
+    })
+}
+
+fn caller_error(field: &str, message: &str) -> ApiError {
+    ApiError::InvalidCaller(SpecError::new(field, message))
+}
+
+fn parse_caller(body: Value) -> Result<(String, Scope), ApiError> {
+    let Value::Object(mut obj) = body else {
+        return Err(caller_error("", "must be a JSON object"));
+    };
+    let name = match obj.remove("name") {
+        Some(Value::String(n))
+            if (1..=64).contains(&n.len())
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) =>
+        {
+            n
+        }
+        _ => {
+            return Err(caller_error(
+                "name",
+                "must be 1-64 characters of [A-Za-z0-9._-]",
+            ))
+        }
+    };
+    let scope = match obj.remove("tenants") {
+        Some(Value::String(s)) if s == "*" => Scope::All,
+        Some(Value::Array(items)) if (1..=1000).contains(&items.len()) => {
+            let mut ids = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str().map(TenantId::parse) {
+                    Some(Ok(id)) => ids.push(id.to_string()),
+                    _ => return Err(caller_error(&format!("tenants.{i}"), "must be a tenant id")),
+                }
+            }
+            ids.sort();
+            ids.dedup();
+            Scope::Tenants(ids)
+        }
+        _ => {
+            return Err(caller_error(
+                "tenants",
+                "must be \"*\" or an array of 1-1000 tenant ids",
+            ))
+        }
+    };
+    if let Some(k) = obj.keys().next() {
+        return Err(caller_error(
+            &k.chars().take(64).collect::<String>(),
+            "unknown field; expected name, tenants",
+        ));
+    }
+    Ok((name, scope))
+}
+
+async fn create_caller(
+    _: Admin,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_json(&req, payload).await?;
+    let (name, scope) = parse_caller(body)?;
+    let key = ApiKey::generate();
+    let id = {
+        let mut raw = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
+        format!("cl_{}", hex::encode(raw))
+    };
+    let record = state
+        .store
+        .create_caller(&id, &name, &key.hash(), &scope)
+        .await
+        .map_err(|e| match e {
+            crate::tenants::StoreError::Conflict => {
+                ApiError::Conflict("a caller with this name already exists")
+            }
+            other => other.into(),
+        })?;
+    tracing::info!(caller = %record.name, caller_id = %record.id, "caller created");
+    let mut view = caller_view(&record);
+    view["api_key"] = Value::String(key.expose().to_owned());
+    Ok(HttpResponse::Created()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::LOCATION, format!("/admin/v1/callers/{}", record.id)))
+        .json(view))
+}
+
+async fn list_callers(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let callers = state.store.list_callers().await?;
+    let views: Vec<Value> = callers.iter().map(caller_view).collect();
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({ "callers": views })))
+}
+
+async fn delete_caller(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    if path.len() > 64 || !state.store.delete_caller(&path).await? {
+        return Err(ApiError::CallerNotFound);
+    }
+    state.auth.forget_all();
+    tracing::info!(caller_id = %path, "caller deleted");
+    Ok(HttpResponse::NoContent().finish())
+}

@@ -1,0 +1,141 @@
+//! HTTP handlers only: each module registers its own routes; shared request plumbing
+//! (JSON bodies with limits, problem rendering for framework errors, request spans) is here.
+
+pub mod admin;
+pub mod ops;
+pub mod problem;
+pub mod token;
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::middleware::{ErrorHandlerResponse, Next};
+use actix_web::{web, HttpMessage, HttpRequest, ResponseError};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tracing::Instrument;
+
+use crate::app::AppState;
+use problem::{ApiError, PROBLEM_JSON};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads a JSON body: 415 for a non-JSON content type, 413 past the cap, 400 if malformed.
+pub async fn read_json(req: &HttpRequest, mut payload: web::Payload) -> Result<Value, ApiError> {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !(essence == "application/json" || essence.ends_with("+json")) {
+            return Err(ApiError::UnsupportedMediaType(
+                "send the body as application/json",
+            ));
+        }
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| ApiError::invalid("the body could not be read", None))?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = zeroize::Zeroizing::new(body.to_vec());
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::InvalidJson(format!(
+            "{} at line {} column {}",
+            match e.classify() {
+                serde_json::error::Category::Eof => "unexpected end of input",
+                _ => "syntax error",
+            },
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+/// Replaces framework error answers (unknown route, wrong method, bad query) with problems.
+pub fn problem_for_framework_errors<B: MessageBody + 'static>(
+    res: ServiceResponse<B>,
+) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_problem = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
+    if is_problem {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let err = match res.status().as_u16() {
+        404 => ApiError::RouteNotFound,
+        405 => ApiError::MethodNotAllowed,
+        413 => ApiError::PayloadTooLarge(MAX_BODY_BYTES),
+        400..=499 => ApiError::invalid("the request is malformed", None),
+        _ => ApiError::Internal(format!("framework error {}", res.status())),
+    };
+    let (req, _) = res.into_parts();
+    let resp = err.error_response();
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, resp).map_into_right_body(),
+    ))
+}
+
+/// The request id of a request (`X-Request-Id` if sane, else generated).
+#[derive(Clone)]
+pub struct RequestId(pub String);
+
+fn request_id(req: &ServiceRequest) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=128).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            let mut raw = [0u8; 12];
+            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
+            hex::encode(raw)
+        })
+}
+
+/// Per-request span, request id echo and HTTP metrics, labelled by route template.
+pub async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let id = request_id(&req);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
+    let mut res = next.call(req).instrument(span.clone()).await?;
+    let status = res.status();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut()
+            .insert(header::HeaderName::from_static("x-request-id"), v);
+    }
+    let elapsed = started.elapsed();
+    if let Some(state) = state {
+        let m = &state.metrics;
+        m.http_requests
+            .with_label_values(&[method.as_str(), &route, status.as_str()])
+            .inc();
+        m.http_duration
+            .with_label_values(&[method.as_str(), &route])
+            .observe(elapsed.as_secs_f64());
+    }
+    span.in_scope(|| {
+        tracing::debug!(
+            status = status.as_u16(),
+            elapsed_us = elapsed.as_micros() as u64,
+            "served"
+        )
+    });
+    Ok(res)
+}

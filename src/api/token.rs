@@ -1,0 +1,136 @@
+//! The caller endpoints: fetch a tenant's token, report a token the partner rejected.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::problem::ApiError;
+use super::read_json;
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::tenants::TenantId;
+use crate::time::{now_ms, rfc3339};
+
+/// Longest `min_ttl` accepted (one day).
+pub const MAX_MIN_TTL: u64 = 86_400;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/tenants/{tenant_id}/token").route(web::get().to(get_token)))
+        .service(
+            web::resource("/v1/tenants/{tenant_id}/token/invalidate")
+                .route(web::post().to(invalidate)),
+        );
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    min_ttl: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TokenAnswer<'a> {
+    access_token: &'a str,
+    token_type: &'static str,
+    expires_at: String,
+    expires_in: i64,
+}
+
+/// Parses the tenant id and checks the caller's scope (403 before any lookup).
+fn authorize(caller: &Caller, raw: &str) -> Result<TenantId, ApiError> {
+    let id =
+        TenantId::parse(raw).map_err(|e| ApiError::invalid(e.to_string(), Some("tenant_id")))?;
+    if !caller.may_fetch(id.as_str()) {
+        return Err(ApiError::Forbidden(id.to_string()));
+    }
+    Ok(id)
+}
+
+fn parse_min_ttl(raw: Option<&str>) -> Result<u64, ApiError> {
+    match raw {
+        None => Ok(0),
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n <= MAX_MIN_TTL)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!("min_ttl must be a whole number of seconds from 0 to {MAX_MIN_TTL}"),
+                    Some("min_ttl"),
+                )
+            }),
+    }
+}
+
+async fn get_token(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    query: web::Query<TokenQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let id = authorize(&caller, &path)?;
+    let min_ttl = parse_min_ttl(query.min_ttl.as_deref())?;
+    let result = state.broker.token(&id, min_ttl).await;
+    let (token, source) = match result {
+        Ok(ok) => ok,
+        Err(e) => {
+            let e = ApiError::from(e);
+            if !matches!(e, ApiError::TenantNotFound) {
+                state.metrics.token_request(id.as_str(), e.code());
+            }
+            return Err(e);
+        }
+    };
+    state.metrics.token_request(id.as_str(), source.as_str());
+    tracing::debug!(tenant = %id, caller = %caller.name, source = source.as_str(), "token handed out");
+    let body = serde_json::to_string(&TokenAnswer {
+        access_token: token.access_token.expose_secret(),
+        token_type: "Bearer",
+        expires_at: rfc3339(token.expires_at_ms),
+        expires_in: ((token.expires_at_ms - now_ms()) / 1000).max(0),
+    })
+    .expect("serialises");
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::PRAGMA, "no-cache"))
+        .body(body))
+}
+
+async fn invalidate(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let id = authorize(&caller, &path)?;
+    let body = read_json(&req, payload).await?;
+    let token = match body.get("access_token") {
+        Some(Value::String(t)) if !t.is_empty() && t.len() <= 16 * 1024 => t,
+        _ => {
+            return Err(ApiError::invalid(
+                "access_token must be the non-empty token the partner rejected",
+                Some("access_token"),
+            ))
+        }
+    };
+    let dropped = state.broker.invalidate(&id, token).await?;
+    tracing::info!(tenant = %id, caller = %caller.name, dropped, "token reported as rejected");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_ttl_bounds() {
+        assert_eq!(parse_min_ttl(None).unwrap(), 0);
+        assert_eq!(parse_min_ttl(Some("600")).unwrap(), 600);
+        for bad in ["-1", "1.5", "abc", "86401", ""] {
+            assert!(parse_min_ttl(Some(bad)).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Wiring: settings → key ring, store, cache, broker → actix `App` and server with graceful
+//! shutdown. Tests build the same `Application` on port 0.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::middleware::{from_fn, ErrorHandlers};
+use actix_web::{web, App, HttpServer};
+
+use crate::api::problem::ApiError;
+use crate::api::{admin, observe, ops, problem_for_framework_errors, token};
+use crate::auth::{AdminAuth, Authenticator};
+use crate::broker::Broker;
+use crate::cache::memory::MemoryCache;
+use crate::cache::redis::{RedisCache, RedisConn};
+use crate::cache::TokenCache;
+use crate::config::{KeySource, Settings};
+use crate::crypto::{KeyError, KeyRing};
+use crate::issuers::{IssuerSettings, Issuers};
+use crate::metrics::Metrics;
+use crate::tenants::{StoreError, TenantStore};
+
+/// Shared state every handler receives.
+pub struct AppState {
+    pub broker: Broker,
+    pub store: TenantStore,
+    pub auth: Authenticator,
+    pub admin: AdminAuth,
+    pub metrics: Arc<Metrics>,
+    pub settings: Arc<Settings>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("encryption key file {path}: {source}")]
+    KeyFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("encryption key file {path}: {source}")]
+    KeyFileContent {
+        path: String,
+        #[source]
+        source: KeyError,
+    },
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("cannot listen: {0}")]
+    Bind(#[from] std::io::Error),
+}
+
+/// The key ring the settings call for, generating the embedded default's key file if needed.
+pub fn load_keys(source: &KeySource) -> Result<KeyRing, BuildError> {
+    match source {
+        KeySource::Configured(ring) => Ok(ring.clone()),
+        KeySource::Ephemeral => {
+            tracing::warn!(
+                "no BROKER_ENCRYPTION_KEY and an in-memory database: using a throwaway key"
+            );
+            Ok(KeyRing::single(&KeyRing::generate_key_b64()).expect("generated key is valid"))
+        }
+        KeySource::KeyFile(path) => {
+            let shown = path.display().to_string();
+            let io = |source| BuildError::KeyFile {
+                path: shown.clone(),
+                source,
+            };
+            if !path.exists() {
+                write_key_file(path, &KeyRing::generate_key_b64()).map_err(io)?;
+                tracing::warn!(key_file = %shown, "no BROKER_ENCRYPTION_KEY set: generated an encryption key file beside the database (mode 0600). Anyone with both files can read the stored credentials; for production set BROKER_ENCRYPTION_KEY to base64 of 32 random bytes (openssl rand -base64 32) from a secret store");
+            } else {
+                tracing::warn!(key_file = %shown, "no BROKER_ENCRYPTION_KEY set: using the key file beside the database; for production set BROKER_ENCRYPTION_KEY from a secret store");
+            }
+            let content = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+            KeyRing::single(content.trim()).map_err(|source| BuildError::KeyFileContent {
+                path: shown.clone(),
+                source,
+            })
+        }
+    }
+}
+
+fn write_key_file(path: &Path, key_b64: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(key_b64.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+/// Opens the store and applies migrations.
+pub async fn open_store(settings: &Settings) -> Result<TenantStore, BuildError> {
+    let keys = Arc::new(load_keys(&settings.keys)?);
+    let store = TenantStore::connect(&settings.database_url, keys).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// A built, bound, not yet running service.
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, BuildError> {
+        let listener = TcpListener::bind(settings.listen)?;
+        Self::build_with_listener(settings, listener).await
+    }
+
+    pub async fn build_with_listener(
+        settings: Settings,
+        listener: TcpListener,
+    ) -> Result<Self, BuildError> {
+        let store = open_store(&settings).await?;
+        let metrics = Arc::new(Metrics::new());
+        let cache: Arc<dyn TokenCache> = match &settings.redis_url {
+            Some(url) => {
+                let conn = RedisConn::connect(url, settings.redis_timeout).await?;
+                Arc::new(RedisCache::new(
+                    conn,
+                    &settings.redis_prefix,
+                    Arc::new(store.keys().clone()),
+                    settings.redis_timeout,
+                ))
+            }
+            None => Arc::new(MemoryCache::new(1_000_000)),
+        };
+        let issuers = Issuers::new(&IssuerSettings {
+            allow_insecure: settings.allow_insecure_issuers,
+            connect_timeout: settings.upstream_connect_timeout,
+            request_timeout: settings.upstream_timeout,
+        });
+        if settings.admin_token.is_none() {
+            tracing::warn!("BROKER_ADMIN_TOKEN is not set: the admin API answers 401 to everyone");
+        }
+        if settings.allow_insecure_issuers {
+            tracing::warn!("BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses");
+        }
+        let state = web::Data::new(AppState {
+            broker: Broker::new(store.clone(), issuers, cache, metrics.clone()),
+            auth: Authenticator::new(store.clone()),
+            admin: AdminAuth::new(settings.admin_token.as_ref()),
+            store,
+            metrics,
+            settings: Arc::new(settings.clone()),
+        });
+        let port = listener.local_addr()?.port();
+        let app_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .wrap(ErrorHandlers::new().default_handler(problem_for_framework_errors))
+                .wrap(from_fn(observe))
+                .configure(token::routes)
+                .configure(admin::routes)
+                .configure(ops::routes)
+                .default_service(web::to(|| async {
+                    Err::<web::Json<()>, _>(ApiError::RouteNotFound)
+                }))
+        })
+        .workers(settings.workers)
+        .shutdown_timeout(10)
+        .client_request_timeout(Duration::from_secs(10))
+        .listen(listener)?
+        .run();
+        tracing::info!(port, "token-broker listening");
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until SIGTERM/SIGINT, then drains in-flight requests.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await?;
+        self.state.store.close().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,173 @@
+//! Caller identity: API keys (and, where configured, JWTs) for the token endpoint and the
+//! admin bearer token, as request extractors handlers take as arguments.
+
+pub mod api_keys;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Payload;
+use actix_web::{web, FromRequest, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+use moka::sync::Cache;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::api::problem::ApiError;
+use crate::app::AppState;
+use crate::tenants::store::Scope;
+use crate::tenants::TenantStore;
+use api_keys::ApiKey;
+
+/// How a caller proved who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    ApiKey,
+    Jwt,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ApiKey => "api_key",
+            Self::Jwt => "jwt",
+        }
+    }
+}
+
+/// An authenticated internal service.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+    pub scope: Arc<Scope>,
+    pub method: AuthMethod,
+}
+
+impl Caller {
+    pub fn may_fetch(&self, tenant: &str) -> bool {
+        self.scope.allows(tenant)
+    }
+}
+
+/// Resolves API keys to callers, with a short in-process cache so the hot path does not
+/// touch the database (a deleted caller stops working here at once, elsewhere within the TTL).
+pub struct Authenticator {
+    store: TenantStore,
+    known: Cache<String, Option<Arc<Caller>>>,
+}
+
+/// How long a resolved API key is trusted without asking the database again.
+pub const CALLER_CACHE_TTL: Duration = Duration::from_secs(10);
+
+impl Authenticator {
+    pub fn new(store: TenantStore) -> Self {
+        Self {
+            store,
+            known: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(CALLER_CACHE_TTL)
+                .build(),
+        }
+    }
+
+    pub async fn api_key(&self, presented: &str) -> Result<Arc<Caller>, ApiError> {
+        let key = ApiKey::parse(presented).ok_or(ApiError::Unauthorized("invalid credentials"))?;
+        let hash = key.hash();
+        if let Some(hit) = self.known.get(&hash) {
+            return hit.ok_or(ApiError::Unauthorized("invalid credentials"));
+        }
+        let found = self
+            .store
+            .caller_by_key_hash(&hash)
+            .await
+            .map_err(ApiError::Store)?
+            .map(|c| {
+                Arc::new(Caller {
+                    id: c.id.into(),
+                    name: c.name.into(),
+                    scope: Arc::new(c.scope),
+                    method: AuthMethod::ApiKey,
+                })
+            });
+        self.known.insert(hash, found.clone());
+        found.ok_or(ApiError::Unauthorized("invalid credentials"))
+    }
+
+    /// Forgets every cached key (after a caller is deleted).
+    pub fn forget_all(&self) {
+        self.known.invalidate_all();
+    }
+}
+
+/// The admin bearer token, kept as its SHA-256 and compared in constant time.
+pub struct AdminAuth(Option<[u8; 32]>);
+
+impl AdminAuth {
+    pub fn new(token: Option<&SecretString>) -> Self {
+        Self(token.map(|t| Sha256::digest(t.expose_secret().as_bytes()).into()))
+    }
+
+    pub fn verify(&self, presented: &str) -> bool {
+        match &self.0 {
+            Some(expected) => {
+                let got: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+                bool::from(got.ct_eq(expected))
+            }
+            None => false,
+        }
+    }
+}
+
+/// The bearer credential of a request, if it has one.
+pub fn bearer(req: &HttpRequest) -> Option<&str> {
+    let value = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn state(req: &HttpRequest) -> web::Data<AppState> {
+    req.app_data::<web::Data<AppState>>()
+        .expect("AppState is registered")
+        .clone()
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = state(req);
+        let token = bearer(req).map(str::to_owned);
+        Box::pin(async move {
+            let token = token.ok_or(ApiError::Unauthorized("missing bearer credentials"))?;
+            let caller = state.auth.api_key(&token).await?;
+            Ok((*caller).clone())
+        })
+    }
+}
+
+/// Proof that the request carries the admin token.
+pub struct Admin;
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = state(req);
+        std::future::ready(match bearer(req) {
+            None => Err(ApiError::Unauthorized("missing bearer credentials")),
+            Some(t) if state.admin.verify(t) => Ok(Admin),
+            Some(_) => Err(ApiError::Unauthorized("invalid credentials")),
+        })
+    }
+}

@@ -1,0 +1,266 @@
+//! The shared token cache in Redis (single node or Cluster). Values are sealed like the
+//! credentials; keys carry the tenant as a hash tag (`{prefix}:{<tenant>}:token`) so every
+//! script touching one tenant stays in one cluster slot. A key lives until the token's usable end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+use base64::Engine;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{fingerprint, CacheError, CachedToken, TokenCache};
+use crate::crypto::KeyRing;
+use crate::tenants::TenantId;
+use crate::time::now_ms;
+
+/// One connection type for a single Redis and for Redis Cluster.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(Box<ConnectionManager>),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisConn {
+    /// Connects to `url`; a comma-separated list of node URLs selects cluster mode.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, RedisError> {
+        let nodes: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if nodes.len() > 1 {
+            let client = ClusterClientBuilder::new(nodes)
+                .connection_timeout(timeout.max(Duration::from_secs(1)))
+                .response_timeout(timeout)
+                .build()?;
+            Ok(Self::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(url)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(timeout.max(Duration::from_secs(1)))
+                .set_response_timeout(timeout)
+                .set_number_of_retries(2)
+                .set_max_delay(1000);
+            Ok(Self::Single(Box::new(
+                ConnectionManager::new_with_config(client, config).await?,
+            )))
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    a: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    r: Option<String>,
+    i: i64,
+    e: i64,
+    u: i64,
+    f: i64,
+}
+
+impl Drop for Stored {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.a);
+        if let Some(r) = &mut self.r {
+            zeroize::Zeroize::zeroize(r);
+        }
+    }
+}
+
+const TOKEN_FIELD: &str = "cached_token";
+
+/// The shared cache.
+#[derive(Clone)]
+pub struct RedisCache {
+    conn: RedisConn,
+    prefix: Arc<str>,
+    keys: Arc<KeyRing>,
+    timeout: Duration,
+    remove_if: Arc<Script>,
+}
+
+impl RedisCache {
+    pub fn new(conn: RedisConn, prefix: &str, keys: Arc<KeyRing>, timeout: Duration) -> Self {
+        Self {
+            conn,
+            prefix: Arc::from(prefix),
+            keys,
+            timeout,
+            remove_if: Arc::new(Script::new(
+                r"local v = redis.call('GET', KEYS[1])
+                  if v and string.match(v, '^%-?%d+:(%x+):') == ARGV[1] then
+                    redis.call('DEL', KEYS[1]) return 1
+                  end
+                  return 0",
+            )),
+        }
+    }
+
+    /// `{prefix}:{<tenant>}:<what>`.
+    pub fn key(&self, tenant: &TenantId, what: &str) -> String {
+        format!("{}:{{{}}}:{}", self.prefix, tenant, what)
+    }
+
+    pub fn connection(&self) -> RedisConn {
+        self.conn.clone()
+    }
+
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, CacheError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(CacheError::Unavailable),
+            Err(_) => Err(CacheError::Unavailable(RedisError::from((
+                redis::ErrorKind::IoError,
+                "timed out",
+            )))),
+        }
+    }
+
+    fn encode(&self, tenant: &TenantId, t: &CachedToken) -> String {
+        let stored = Stored {
+            a: t.access_token.expose_secret().to_owned(),
+            r: t.refresh_token
+                .as_ref()
+                .map(|r| r.expose_secret().to_owned()),
+            i: t.issued_at_ms,
+            e: t.expires_at_ms,
+            u: t.usable_until_ms,
+            f: t.refresh_at_ms,
+        };
+        let json = Zeroizing::new(serde_json::to_vec(&stored).expect("serialises"));
+        let sealed = self.keys.seal(tenant.as_str(), TOKEN_FIELD, &json);
+        format!(
+            "{}:{}:{}",
+            t.expires_at_ms,
+            t.fingerprint(),
+            B64.encode(sealed)
+        )
+    }
+
+    fn decode(&self, tenant: &TenantId, raw: &str) -> Option<CachedToken> {
+        let mut parts = raw.splitn(3, ':');
+        let (_exp, _fp, b64) = (parts.next()?, parts.next()?, parts.next()?);
+        let sealed = B64.decode(b64).ok()?;
+        let json = match self.keys.open(tenant.as_str(), TOKEN_FIELD, &sealed) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, error = %e, "cached token does not open; treating as a miss");
+                return None;
+            }
+        };
+        let s: Stored = serde_json::from_slice(&json).ok()?;
+        Some(CachedToken {
+            access_token: SecretString::from(s.a.clone()),
+            refresh_token: s.r.clone().map(SecretString::from),
+            issued_at_ms: s.i,
+            expires_at_ms: s.e,
+            usable_until_ms: s.u,
+            refresh_at_ms: s.f,
+        })
+    }
+}
+
+#[async_trait]
+impl TokenCache for RedisCache {
+    async fn get(&self, tenant: &TenantId) -> Result<Option<Arc<CachedToken>>, CacheError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(tenant, "token");
+        let raw: Option<String> = self
+            .timed(redis::cmd("GET").arg(&key).query_async(&mut conn))
+            .await?;
+        Ok(raw
+            .map(Zeroizing::new)
+            .and_then(|r| self.decode(tenant, &r))
+            .map(Arc::new))
+    }
+
+    async fn put(&self, tenant: &TenantId, token: Arc<CachedToken>) -> Result<(), CacheError> {
+        let ttl = token.usable_until_ms - now_ms();
+        if ttl <= 0 {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let value = Zeroizing::new(self.encode(tenant, &token));
+        self.timed(
+            redis::cmd("SET")
+                .arg(self.key(tenant, "token"))
+                .arg(value.as_str())
+                .arg("PX")
+                .arg(ttl)
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    async fn remove(&self, tenant: &TenantId) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        self.timed(
+            redis::cmd("DEL")
+                .arg(self.key(tenant, "token"))
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    async fn remove_if_current(
+        &self,
+        tenant: &TenantId,
+        access_token: &str,
+    ) -> Result<bool, CacheError> {
+        let mut conn = self.conn.clone();
+        let dropped: i64 = self
+            .timed(
+                self.remove_if
+                    .key(self.key(tenant, "token"))
+                    .arg(fingerprint(access_token))
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(dropped == 1)
+    }
+
+    async fn ping(&self) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        self.timed(redis::cmd("PING").query_async::<()>(&mut conn))
+            .await
+    }
+}

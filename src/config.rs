@@ -1,0 +1,325 @@
+//! `Settings` from the environment, validated once at start; every bad value gets a message
+//! naming the variable and what it expects (never the value, which may be a secret).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::crypto::{KeyError, KeyRing};
+use crate::tenants::store::Backend;
+
+/// Where the encryption key ring comes from.
+#[derive(Clone, Debug)]
+pub enum KeySource {
+    /// `BROKER_ENCRYPTION_KEYS` or `BROKER_ENCRYPTION_KEY`.
+    Configured(KeyRing),
+    /// Embedded default: a key file beside the SQLite database, generated if missing.
+    KeyFile(PathBuf),
+    /// In-memory SQLite without a key: a throwaway key for this process.
+    Ephemeral,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditMode {
+    FailClosed,
+    BestEffort,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub redis_timeout: Duration,
+    pub admin_token: Option<SecretString>,
+    pub keys: KeySource,
+    pub allow_insecure_issuers: bool,
+    pub audit: AuditMode,
+    pub log_filter: String,
+    pub log_format: LogFormat,
+    pub workers: usize,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name}: {message}")]
+    Invalid { name: &'static str, message: String },
+    #[error("BROKER_ENCRYPTION_KEY{plural}: {source}", plural = if *.list { "S" } else { "" })]
+    Key {
+        list: bool,
+        #[source]
+        source: KeyError,
+    },
+}
+
+fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        message: message.into(),
+    }
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads settings through `get` (the environment, or a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let var = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let listen = var("BROKER_LISTEN")
+            .unwrap_or_else(|| "127.0.0.1:8080".into())
+            .parse()
+            .map_err(|_| invalid("BROKER_LISTEN", "expected host:port such as 0.0.0.0:8080"))?;
+        let database_url = normalise_database_url(
+            &var("DATABASE_URL").unwrap_or_else(|| "sqlite://token-broker.db?mode=rwc".into()),
+        )?;
+        let backend = Backend::from_url(&database_url).expect("normalised");
+        let redis_url = var("REDIS_URL");
+        if let Some(url) = &redis_url {
+            for node in url.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+                    return Err(invalid(
+                        "REDIS_URL",
+                        "expected redis://host:port (or a comma-separated list of node URLs for Redis Cluster)",
+                    ));
+                }
+            }
+        }
+        let redis_prefix = var("BROKER_REDIS_PREFIX").unwrap_or_else(|| "token-broker".into());
+        if redis_prefix.len() > 64 || redis_prefix.contains(['{', '}', ' ']) {
+            return Err(invalid(
+                "BROKER_REDIS_PREFIX",
+                "at most 64 characters, without braces or spaces",
+            ));
+        }
+        let redis_timeout =
+            Duration::from_millis(parse_num(&var, "BROKER_REDIS_TIMEOUT_MS", 250, 5..=10_000)?);
+        let admin_token = var("BROKER_ADMIN_TOKEN").map(SecretString::from);
+        let keys = if let Some(list) = var("BROKER_ENCRYPTION_KEYS") {
+            KeySource::Configured(
+                KeyRing::parse_list(&list)
+                    .map_err(|source| ConfigError::Key { list: true, source })?,
+            )
+        } else if let Some(key) = var("BROKER_ENCRYPTION_KEY") {
+            KeySource::Configured(KeyRing::single(&key).map_err(|source| ConfigError::Key {
+                list: false,
+                source,
+            })?)
+        } else {
+            match (backend, sqlite_path(&database_url)) {
+                (Backend::Postgres, _) => {
+                    return Err(invalid(
+                        "BROKER_ENCRYPTION_KEY",
+                        "required with Postgres: set it to base64 of 32 random bytes (openssl rand -base64 32)",
+                    ))
+                }
+                (Backend::Sqlite, Some(db)) => {
+                    let mut file = db.into_os_string();
+                    file.push(".key");
+                    KeySource::KeyFile(file.into())
+                }
+                (Backend::Sqlite, None) => KeySource::Ephemeral,
+            }
+        };
+        let allow_insecure_issuers = parse_bool(&var, "BROKER_ALLOW_INSECURE_ISSUERS", false)?;
+        let audit = match var("BROKER_AUDIT").as_deref() {
+            None | Some("fail_closed") => AuditMode::FailClosed,
+            Some("best_effort") => AuditMode::BestEffort,
+            Some(_) => {
+                return Err(invalid(
+                    "BROKER_AUDIT",
+                    "expected fail_closed or best_effort",
+                ))
+            }
+        };
+        let log_format = match var("BROKER_LOG_FORMAT").as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(_) => return Err(invalid("BROKER_LOG_FORMAT", "expected json or pretty")),
+        };
+        let log_filter = var("RUST_LOG").unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_filter)
+            .map_err(|_| invalid("RUST_LOG", "not a valid tracing filter"))?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = parse_num(&var, "BROKER_WORKERS", cores as u64, 1..=256)? as usize;
+        let upstream_connect_timeout = Duration::from_millis(parse_num(
+            &var,
+            "BROKER_UPSTREAM_CONNECT_TIMEOUT_MS",
+            3_000,
+            100..=60_000,
+        )?);
+        let upstream_timeout = Duration::from_millis(parse_num(
+            &var,
+            "BROKER_UPSTREAM_TIMEOUT_MS",
+            10_000,
+            100..=120_000,
+        )?);
+        Ok(Self {
+            listen,
+            database_url,
+            redis_url,
+            redis_prefix,
+            redis_timeout,
+            admin_token,
+            keys,
+            allow_insecure_issuers,
+            audit,
+            log_filter,
+            log_format,
+            workers,
+            upstream_connect_timeout,
+            upstream_timeout,
+        })
+    }
+}
+
+fn parse_num(
+    var: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    match var(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    name,
+                    format!(
+                        "expected a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            }),
+    }
+}
+
+fn parse_bool(
+    var: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match var(name).map(|v| v.to_ascii_lowercase()).as_deref() {
+        None => Ok(default),
+        Some("true" | "1" | "yes") => Ok(true),
+        Some("false" | "0" | "no") => Ok(false),
+        Some(_) => Err(invalid(name, "expected true or false")),
+    }
+}
+
+/// Checks the scheme and makes SQLite create its file when missing.
+fn normalise_database_url(url: &str) -> Result<String, ConfigError> {
+    match Backend::from_url(url) {
+        Some(Backend::Postgres) => Ok(url.to_owned()),
+        Some(Backend::Sqlite) if url.contains(":memory:") || url.contains("mode=") => {
+            Ok(url.to_owned())
+        }
+        Some(Backend::Sqlite) => Ok(if url.contains('?') {
+            format!("{url}&mode=rwc")
+        } else {
+            format!("{url}?mode=rwc")
+        }),
+        None => Err(invalid(
+            "DATABASE_URL",
+            "expected sqlite://path.db or postgres://user@host/db",
+        )),
+    }
+}
+
+/// The file behind a SQLite URL, or `None` for an in-memory database.
+pub fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or("");
+    if path.is_empty() || path.contains(":memory:") {
+        None
+    } else {
+        Some(PathBuf::from(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.database_url, "sqlite://token-broker.db?mode=rwc");
+        assert!(
+            matches!(&s.keys, KeySource::KeyFile(p) if p.to_str() == Some("token-broker.db.key"))
+        );
+        assert!(s.redis_url.is_none() && s.admin_token.is_none());
+        assert_eq!(s.audit, AuditMode::FailClosed);
+    }
+
+    #[test]
+    fn postgres_needs_a_key() {
+        let e = settings(&[("DATABASE_URL", "postgres://u@h/db")]).unwrap_err();
+        assert!(e.to_string().starts_with("BROKER_ENCRYPTION_KEY:"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_not_the_value() {
+        for (k, v) in [
+            ("BROKER_LISTEN", "nope"),
+            ("DATABASE_URL", "mysql://x"),
+            ("REDIS_URL", "localhost:6379"),
+            ("BROKER_ALLOW_INSECURE_ISSUERS", "maybe"),
+            ("BROKER_AUDIT", "sometimes"),
+            ("BROKER_LOG_FORMAT", "xml"),
+            ("BROKER_ENCRYPTION_KEY", "c2hvcnQ="),
+            ("BROKER_ENCRYPTION_KEYS", "k1"),
+        ] {
+            let e = settings(&[(k, v)]).unwrap_err().to_string();
+            assert!(e.starts_with(k), "{k}: {e}");
+            assert!(!e.contains(v), "{k} echoes its value: {e}");
+        }
+    }
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(
+            sqlite_path("sqlite://a/b.db?mode=rwc"),
+            Some("a/b.db".into())
+        );
+        assert_eq!(sqlite_path("sqlite:///tmp/x.db"), Some("/tmp/x.db".into()));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(
+            normalise_database_url("sqlite://x.db").unwrap(),
+            "sqlite://x.db?mode=rwc"
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! The outbound address guard: token URLs must be https and must not reach loopback,
+//! private, link-local or metadata addresses, checked on the URL at registration and on every
+//! resolved address at connect time (DNS rebinding). `BROKER_ALLOW_INSECURE_ISSUERS` lifts it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use url::{Host, Url};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GuardError {
+    #[error("not a valid absolute URL")]
+    Unparseable,
+    #[error("must use https (http only with BROKER_ALLOW_INSECURE_ISSUERS=true)")]
+    Scheme,
+    #[error("must not carry a user name or password")]
+    UserInfo,
+    #[error("must not carry a fragment")]
+    Fragment,
+    #[error("points at a loopback, private, link-local or metadata address")]
+    NonPublic,
+}
+
+/// Parses and checks a token URL.
+pub fn check_token_url(raw: &str, allow_insecure: bool) -> Result<Url, GuardError> {
+    if raw.len() > 2048 {
+        return Err(GuardError::Unparseable);
+    }
+    let url = Url::parse(raw).map_err(|_| GuardError::Unparseable)?;
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_insecure => {}
+        _ => return Err(GuardError::Scheme),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(GuardError::UserInfo);
+    }
+    if url.fragment().is_some() {
+        return Err(GuardError::Fragment);
+    }
+    if allow_insecure {
+        return Ok(url);
+    }
+    let public = match url.host() {
+        Some(Host::Ipv4(ip)) => is_public(IpAddr::V4(ip)),
+        Some(Host::Ipv6(ip)) => is_public(IpAddr::V6(ip)),
+        Some(Host::Domain(d)) => is_public_name(d),
+        None => return Err(GuardError::Unparseable),
+    };
+    if public {
+        Ok(url)
+    } else {
+        Err(GuardError::NonPublic)
+    }
+}
+
+fn is_public_name(name: &str) -> bool {
+    let n = name.trim_end_matches('.').to_ascii_lowercase();
+    !(n == "localhost"
+        || n.ends_with(".localhost")
+        || n == "metadata"
+        || n == "metadata.google.internal"
+        || n.ends_with(".internal") && n.starts_with("metadata")
+        || !n.contains('.'))
+}
+
+/// Whether an address is routable on the public internet.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || ip.is_multicast()
+        || o[0] == 0
+        || o[0] >= 240
+        || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+        || (o[0] == 198 && (o[1] & 0xfe) == 18))
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_public_v4(v4);
+    }
+    let s = ip.segments();
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+        return is_public_v4(v4);
+    }
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || s[0..6] == [0, 0, 0, 0, 0, 0]
+        || (s[0] & 0xfe00) == 0xfc00
+        || (s[0] & 0xffc0) == 0xfe80
+        || (s[0] & 0xffc0) == 0xfec0
+        || (s[0] == 0x2001 && s[1] == 0x0db8))
+}
+
+/// A DNS resolver for the outbound client that drops every non-public address, so a name
+/// that resolves (or re-resolves) to an internal address is never connected to.
+#[derive(Debug, Default)]
+pub struct PublicOnlyResolver;
+
+impl reqwest::dns::Resolve for PublicOnlyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(Box::new(BlockedAddress) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The error the resolver gives when a name has only non-public addresses.
+#[derive(Debug, thiserror::Error)]
+#[error("the token endpoint resolves only to non-public addresses")]
+pub struct BlockedAddress;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_internal_targets() {
+        for bad in [
+            "http://169.254.169.254/latest/meta-data",
+            "https://169.254.169.254/",
+            "https://127.0.0.1/token",
+            "https://localhost/token",
+            "https://api.localhost/token",
+            "https://[::1]/token",
+            "https://2130706433/token",
+            "https://127.1/token",
+            "https://0x7f.1/token",
+            "https://[::ffff:127.0.0.1]/token",
+            "https://[::ffff:a9fe:a9fe]/",
+            "https://10.0.0.1/",
+            "https://172.16.5.4/",
+            "https://192.168.1.1/",
+            "https://100.64.0.1/",
+            "https://[fd00:ec2::254]/",
+            "https://[fe80::1]/",
+            "https://0.0.0.0/",
+            "https://metadata.google.internal/",
+            "https://intranet/",
+            "file:///etc/passwd",
+            "http://partner.example.com/token",
+            "gopher://partner.example.com/",
+            "https://user:pw@partner.example.com/",
+            "not a url",
+        ] {
+            assert!(check_token_url(bad, false).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn accepts_public_https() {
+        for ok in [
+            "https://partner.comm100.io/oauth/token",
+            "https://93.184.216.34/token",
+            "https://[2606:2800:220:1:248:1893:25c8:1946]/t",
+        ] {
+            assert!(check_token_url(ok, false).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn insecure_mode_allows_local_http_but_not_other_schemes() {
+        assert!(check_token_url("http://127.0.0.1:9000/token", true).is_ok());
+        assert!(check_token_url("file:///etc/passwd", true).is_err());
+    }
+}

@@ -1,0 +1,286 @@
+//! Minting tokens at partners: the outbound client, the per-kind recipes, and the
+//! classification of every upstream outcome.
+
+pub mod expiry;
+pub mod guard;
+pub mod recipes;
+pub mod template;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER};
+use secrecy::SecretString;
+use serde_json::Value;
+
+pub use recipes::Grant;
+
+use crate::tenants::Tenant;
+use crate::time::now_ms;
+
+/// Largest partner answer read.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// A freshly minted token.
+pub struct Minted {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    /// When the request was sent (lifetimes count from here), unix ms.
+    pub issued_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// Why a mint failed. Messages are written for operators and never carry secrets or the
+/// partner's body verbatim.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IssuerError {
+    #[error("the partner rejected the credentials (HTTP {status}{})", oauth_error(.error))]
+    RejectedCredentials { status: u16, error: Option<String> },
+    #[error("the partner rejected the token request (HTTP {status}{})", oauth_error(.error))]
+    RejectedRequest { status: u16, error: Option<String> },
+    #[error("the partner is throttling token requests (HTTP 429)")]
+    RateLimited { retry_after: Option<u64> },
+    #[error("the partner's token endpoint is unavailable ({0})")]
+    Unavailable(String),
+    #[error("the partner did not answer in time")]
+    Timeout,
+    #[error("the partner's answer is not usable: {0}")]
+    BadResponse(String),
+    #[error("{0}")]
+    NoExpiry(String),
+    #[error("the token endpoint address is not allowed: {0}")]
+    Blocked(String),
+    #[error("the tenant's recipe cannot be applied: {0}")]
+    Recipe(String),
+}
+
+fn oauth_error(e: &Option<String>) -> String {
+    e.as_ref()
+        .map(|e| format!(", error {e}"))
+        .unwrap_or_default()
+}
+
+impl IssuerError {
+    /// A short, fixed label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::RejectedCredentials { .. } => "rejected_credentials",
+            Self::RejectedRequest { .. } => "rejected_request",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Unavailable(_) => "unavailable",
+            Self::Timeout => "timeout",
+            Self::BadResponse(_) | Self::NoExpiry(_) => "bad_response",
+            Self::Blocked(_) => "blocked",
+            Self::Recipe(_) => "recipe_error",
+        }
+    }
+
+    /// Whether the refresh-token grant failed in a way that calls for the full grant.
+    pub fn is_invalid_grant(&self) -> bool {
+        matches!(
+            self,
+            Self::RejectedCredentials { .. } | Self::RejectedRequest { .. }
+        )
+    }
+}
+
+/// Outbound settings.
+#[derive(Clone, Debug)]
+pub struct IssuerSettings {
+    pub allow_insecure: bool,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for IssuerSettings {
+    fn default() -> Self {
+        Self {
+            allow_insecure: false,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The outbound client shared by every tenant.
+#[derive(Clone)]
+pub struct Issuers {
+    client: reqwest::Client,
+    allow_insecure: bool,
+}
+
+impl Issuers {
+    pub fn new(settings: &IssuerSettings) -> Self {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .timeout(settings.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60));
+        if !settings.allow_insecure {
+            builder = builder
+                .https_only(true)
+                .dns_resolver(Arc::new(guard::PublicOnlyResolver));
+        }
+        Self {
+            client: builder.build().expect("the TLS backend initialises"),
+            allow_insecure: settings.allow_insecure,
+        }
+    }
+
+    /// Asks the tenant's partner for a token.
+    pub async fn mint(&self, tenant: &Tenant, grant: Grant<'_>) -> Result<Minted, IssuerError> {
+        let url = guard::check_token_url(&tenant.issuer.token_url, self.allow_insecure)
+            .map_err(|e| IssuerError::Blocked(e.to_string()))?;
+        let prepared = recipes::prepare(tenant, &grant).map_err(IssuerError::Recipe)?;
+        let mut req = self
+            .client
+            .post(url)
+            .header(CONTENT_TYPE, prepared.content_type)
+            .header(ACCEPT, "application/json");
+        for (name, value) in prepared.headers {
+            req = req.header(name, value);
+        }
+        let req = req.body(prepared.body.to_vec());
+        let issued_at_ms = now_ms();
+        let started = Instant::now();
+        let result = self.exchange(req).await;
+        let elapsed = started.elapsed();
+        let doc = match result {
+            Ok(doc) => doc,
+            Err(e) => {
+                tracing::warn!(tenant = %tenant.id, kind = tenant.issuer.kind.as_str(), elapsed_ms = elapsed.as_millis() as u64, error = %e, "token request failed");
+                return Err(e);
+            }
+        };
+        let extracted = recipes::extract(&tenant.issuer, &doc).map_err(IssuerError::BadResponse)?;
+        let jwt_exp = expiry::jwt_exp(secrecy::ExposeSecret::expose_secret(
+            &extracted.access_token,
+        ));
+        let expires_at_ms = expiry::expires_at_ms(
+            issued_at_ms,
+            extracted.expires_in,
+            jwt_exp,
+            tenant.issuer.default_ttl_seconds,
+        )
+        .map_err(|e| match e {
+            expiry::ExpiryError::Unknown => IssuerError::NoExpiry(e.to_string()),
+            expiry::ExpiryError::AlreadyExpired => IssuerError::BadResponse(e.to_string()),
+        })?;
+        tracing::info!(tenant = %tenant.id, kind = tenant.issuer.kind.as_str(), elapsed_ms = elapsed.as_millis() as u64, lifetime_s = (expires_at_ms - issued_at_ms) / 1000, "token minted");
+        Ok(Minted {
+            access_token: extracted.access_token,
+            refresh_token: extracted.refresh_token,
+            issued_at_ms,
+            expires_at_ms,
+        })
+    }
+
+    async fn exchange(&self, req: reqwest::RequestBuilder) -> Result<Value, IssuerError> {
+        let mut resp = req.send().await.map_err(classify_transport)?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_ANSWER_BYTES as u64)
+        {
+            return Err(IssuerError::BadResponse(format!(
+                "the answer is larger than {} KiB",
+                MAX_ANSWER_BYTES / 1024
+            )));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(classify_transport)? {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(IssuerError::BadResponse(format!(
+                    "the answer is larger than {} KiB",
+                    MAX_ANSWER_BYTES / 1024
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = zeroize::Zeroizing::new(body);
+        let doc: Option<Value> = serde_json::from_slice(&body).ok();
+        let code = status.as_u16();
+        if status.is_success() {
+            return doc.ok_or_else(|| {
+                IssuerError::BadResponse(format!(
+                    "HTTP {code} but the answer is not JSON (content-type {})",
+                    content_type.as_deref().unwrap_or("missing")
+                ))
+            });
+        }
+        let error = doc
+            .as_ref()
+            .and_then(|d| d.get("error"))
+            .and_then(Value::as_str)
+            .filter(|e| {
+                (1..=64).contains(&e.len())
+                    && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            })
+            .map(str::to_owned);
+        Err(match code {
+            429 => IssuerError::RateLimited { retry_after },
+            401 | 403 => IssuerError::RejectedCredentials {
+                status: code,
+                error,
+            },
+            400..=499
+                if matches!(
+                    error.as_deref(),
+                    Some(
+                        "invalid_client"
+                            | "invalid_grant"
+                            | "unauthorized_client"
+                            | "access_denied"
+                    )
+                ) =>
+            {
+                IssuerError::RejectedCredentials {
+                    status: code,
+                    error,
+                }
+            }
+            400..=499 => IssuerError::RejectedRequest {
+                status: code,
+                error,
+            },
+            300..=399 => IssuerError::BadResponse(format!(
+                "HTTP {code} redirect (redirects are not followed)"
+            )),
+            _ => IssuerError::Unavailable(format!("HTTP {code}")),
+        })
+    }
+}
+
+fn classify_transport(e: reqwest::Error) -> IssuerError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if s.is::<guard::BlockedAddress>() {
+            return IssuerError::Blocked(s.to_string());
+        }
+        source = s.source();
+    }
+    if e.is_timeout() {
+        IssuerError::Timeout
+    } else if e.is_connect() {
+        IssuerError::Unavailable("connection failed".into())
+    } else {
+        IssuerError::Unavailable("the connection broke".into())
+    }
+}

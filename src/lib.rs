@@ -1,0 +1,14 @@
+//! token-broker: mints, caches and hands out partner API bearer tokens per tenant.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod broker;
+pub mod cache;
+pub mod config;
+pub mod crypto;
+pub mod issuers;
+pub mod metrics;
+pub mod telemetry;
+pub mod tenants;
+pub mod time;

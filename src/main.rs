@@ -1,0 +1,79 @@
+//! The `token-broker` command line: `serve`, `migrate`, `rekey`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use token_broker::app::{open_store, Application};
+use token_broker::config::Settings;
+use token_broker::telemetry;
+
+/// Mints, caches and hands out partner API bearer tokens per tenant.
+/// Configuration comes from the environment (see README).
+#[derive(Parser)]
+#[command(name = "token-broker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (applies migrations first).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Re-seal every stored credential with the active key, then report keys still in use.
+    Rekey,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("token-broker: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&settings.log_filter, settings.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.workers.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => {
+                let app = Application::build(settings).await?;
+                app.run_until_stopped().await?;
+                tracing::info!("token-broker stopped");
+            }
+            Command::Migrate => {
+                open_store(&settings).await?;
+                tracing::info!("migrations applied");
+            }
+            Command::Rekey => {
+                let store = open_store(&settings).await?;
+                let changed = store.rekey().await?;
+                let usage = store.key_usage().await?;
+                tracing::info!(
+                    resealed = changed,
+                    active_key = store.keys().active_id(),
+                    "rekey done"
+                );
+                for (key_id, rows) in usage {
+                    println!("key {key_id}: {rows} credential rows");
+                }
+            }
+        }
+        Ok::<(), Box<dyn std::error::Error>>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "token-broker failed");
+            eprintln!("token-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The Prometheus registry and every metric handle. Names and labels are a contract
+//! (see DESIGN.md); code calls the methods here and never builds metric names inline.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::time::now_ms;
+
+/// Every metric the broker exports.
+pub struct Metrics {
+    registry: Registry,
+    pub token_requests: IntCounterVec,
+    pub cache_lookups: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    token_expiry: GaugeVec,
+    pub tenants: IntGauge,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    expiry_at_ms: Mutex<HashMap<String, i64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let token_requests = IntCounterVec::new(
+            Opts::new(
+                "broker_token_requests_total",
+                "Token fetches by tenant and outcome",
+            ),
+            &["tenant", "outcome"],
+        )
+        .expect("metric");
+        let cache_lookups = IntCounterVec::new(
+            Opts::new(
+                "broker_cache_lookups_total",
+                "Token cache lookups by layer and result",
+            ),
+            &["layer", "result"],
+        )
+        .expect("metric");
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "broker_upstream_requests_total",
+                "Token requests sent to partners, by tenant and outcome",
+            ),
+            &["tenant", "outcome"],
+        )
+        .expect("metric");
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "broker_upstream_request_duration_seconds",
+                "Partner token request latency",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["tenant"],
+        )
+        .expect("metric");
+        let token_expiry = GaugeVec::new(
+            Opts::new(
+                "broker_token_expiry_seconds",
+                "Seconds left on the tenant's cached token",
+            ),
+            &["tenant"],
+        )
+        .expect("metric");
+        let tenants = IntGauge::new("broker_tenants", "Registered tenants").expect("metric");
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by method, route and status",
+            ),
+            &["method", "route", "status"],
+        )
+        .expect("metric");
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency").buckets(
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
+            &["method", "route"],
+        )
+        .expect("metric");
+        for c in [
+            Box::new(token_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_lookups.clone()),
+            Box::new(upstream_requests.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(token_expiry.clone()),
+            Box::new(tenants.clone()),
+            Box::new(http_requests.clone()),
+            Box::new(http_duration.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Self {
+            registry,
+            token_requests,
+            cache_lookups,
+            upstream_requests,
+            upstream_duration,
+            token_expiry,
+            tenants,
+            http_requests,
+            http_duration,
+            expiry_at_ms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn observe_upstream(&self, tenant: &str, outcome: &str, took: Duration) {
+        self.upstream_requests
+            .with_label_values(&[tenant, outcome])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[tenant])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn token_request(&self, tenant: &str, outcome: &str) {
+        self.token_requests
+            .with_label_values(&[tenant, outcome])
+            .inc();
+    }
+
+    /// Records when the tenant's cached token expires; the gauge counts down at each scrape.
+    pub fn set_token_expiry(&self, tenant: &str, expires_at_ms: i64) {
+        self.expiry_at_ms
+            .lock()
+            .expect("expiry map")
+            .insert(tenant.to_owned(), expires_at_ms);
+    }
+
+    pub fn clear_token_expiry(&self, tenant: &str) {
+        self.expiry_at_ms.lock().expect("expiry map").remove(tenant);
+        let _ = self.token_expiry.remove_label_values(&[tenant]);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let now = now_ms();
+        {
+            let mut map = self.expiry_at_ms.lock().expect("expiry map");
+            map.retain(|tenant, at| {
+                let left = (*at - now) / 1000;
+                if left <= 0 {
+                    let _ = self.token_expiry.remove_label_values(&[tenant]);
+                    false
+                } else {
+                    self.token_expiry
+                        .with_label_values(&[tenant])
+                        .set(left as f64);
+                    true
+                }
+            });
+        }
+        let mut out = Vec::with_capacity(8 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}

@@ -1,0 +1,641 @@
+//! Admin input for tenants: deserialised strictly, then validated per issuer kind, every
+//! failure naming the offending field. Error messages never repeat submitted values.
+
+use std::collections::BTreeMap;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Credentials, TenantId};
+use crate::issuers::{guard, template};
+
+/// A spec that does not validate: `field` is a dotted path into the submitted JSON.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IssuerKind {
+    SetuPartner,
+    Comm100Partner,
+    Oauth2ClientCredentials,
+    Oauth2Password,
+    Custom,
+}
+
+impl IssuerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SetuPartner => "setu_partner",
+            Self::Comm100Partner => "comm100_partner",
+            Self::Oauth2ClientCredentials => "oauth2_client_credentials",
+            Self::Oauth2Password => "oauth2_password",
+            Self::Custom => "custom",
+        }
+    }
+
+    /// (required, optional) credential fields; `None` for `custom` (any names).
+    fn credential_fields(self) -> Option<(&'static [&'static str], &'static [&'static str])> {
+        match self {
+            Self::SetuPartner | Self::Oauth2ClientCredentials => {
+                Some((&["client_id", "client_secret"], &[]))
+            }
+            Self::Comm100Partner => Some((&["client_id", "email", "password"], &[])),
+            Self::Oauth2Password => {
+                Some((&["client_id", "username", "password"], &["client_secret"]))
+            }
+            Self::Custom => None,
+        }
+    }
+
+    fn is_oauth2(self) -> bool {
+        matches!(self, Self::Oauth2ClientCredentials | Self::Oauth2Password)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// HTTP Basic with the form-urlencoded client id and secret (RFC 6749 §2.3.1); the default.
+    #[default]
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyType {
+    #[default]
+    Form,
+    Json,
+}
+
+/// How a `custom` issuer's token request is built; string values may hold `{{field}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CustomRequest {
+    #[serde(default)]
+    pub content_type: BodyType,
+    #[serde(default)]
+    pub body: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// JSON pointers (RFC 6901) into a `custom` issuer's answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CustomResponse {
+    pub access_token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+}
+
+/// Where and how a tenant's tokens are minted. Holds no secrets; shown to admins as is.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSpec {
+    pub kind: IssuerKind,
+    pub token_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_ttl_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_method: Option<AuthMethod>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<CustomRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<CustomResponse>,
+}
+
+const MAX_TTL_SECONDS: u64 = 366 * 24 * 3600;
+const MAX_TEXT: usize = 512;
+
+impl IssuerSpec {
+    /// Checks everything that does not depend on the credentials.
+    pub fn validate(&self, allow_insecure: bool) -> Result<(), SpecError> {
+        guard::check_token_url(&self.token_url, allow_insecure)
+            .map_err(|e| SpecError::new("issuer.token_url", e.to_string()))?;
+        if let Some(ttl) = self.default_ttl_seconds {
+            if ttl == 0 || ttl > MAX_TTL_SECONDS {
+                return Err(SpecError::new(
+                    "issuer.default_ttl_seconds",
+                    format!("must be between 1 and {MAX_TTL_SECONDS}"),
+                ));
+            }
+        }
+        let oauth_only = [
+            ("auth_method", self.auth_method.is_some()),
+            ("scope", self.scope.is_some()),
+            ("audience", self.audience.is_some()),
+        ];
+        for (name, set) in oauth_only {
+            if set && !self.kind.is_oauth2() {
+                return Err(SpecError::new(
+                    format!("issuer.{name}"),
+                    format!("only oauth2 kinds take {name}"),
+                ));
+            }
+        }
+        for (name, value) in [("scope", &self.scope), ("audience", &self.audience)] {
+            if value
+                .as_ref()
+                .is_some_and(|v| v.is_empty() || v.len() > MAX_TEXT)
+            {
+                return Err(SpecError::new(
+                    format!("issuer.{name}"),
+                    format!("must be 1-{MAX_TEXT} characters"),
+                ));
+            }
+        }
+        match (self.kind, &self.request, &self.response) {
+            (IssuerKind::Custom, Some(req), Some(resp)) => validate_custom(req, resp),
+            (IssuerKind::Custom, None, _) => {
+                Err(SpecError::new("issuer.request", "required for kind custom"))
+            }
+            (IssuerKind::Custom, _, None) => Err(SpecError::new(
+                "issuer.response",
+                "required for kind custom",
+            )),
+            (_, Some(_), _) => Err(SpecError::new(
+                "issuer.request",
+                "only kind custom takes a request recipe",
+            )),
+            (_, _, Some(_)) => Err(SpecError::new(
+                "issuer.response",
+                "only kind custom takes a response recipe",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks that `creds` carry exactly what this kind needs (and what the templates use).
+    pub fn validate_credentials(&self, creds: &Credentials) -> Result<(), SpecError> {
+        match self.kind.credential_fields() {
+            Some((required, optional)) => {
+                for name in required {
+                    if creds.get(name).is_none() {
+                        return Err(SpecError::new(
+                            format!("credentials.{name}"),
+                            format!("required for kind {}", self.kind.as_str()),
+                        ));
+                    }
+                }
+                if let Some(extra) = creds
+                    .names()
+                    .find(|n| !required.contains(n) && !optional.contains(n))
+                {
+                    return Err(SpecError::new(
+                        format!("credentials.{extra}"),
+                        format!("not a credential field of kind {}", self.kind.as_str()),
+                    ));
+                }
+            }
+            None => {
+                let req = self.request.as_ref().expect("validated custom spec");
+                for (path, text) in custom_templates(req) {
+                    for name in template::placeholders(text)
+                        .map_err(|e| SpecError::new(&path, e.to_string()))?
+                    {
+                        if creds.get(name).is_none() {
+                            return Err(SpecError::new(
+                                &path,
+                                format!("uses {{{{{name}}}}} but credentials has no field {name}"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn custom_templates(req: &CustomRequest) -> Vec<(String, &str)> {
+    fn walk<'a>(path: String, v: &'a Value, out: &mut Vec<(String, &'a str)>) {
+        match v {
+            Value::String(s) => out.push((path, s)),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .for_each(|(i, v)| walk(format!("{path}.{i}"), v, out)),
+            Value::Object(o) => o
+                .iter()
+                .for_each(|(k, v)| walk(format!("{path}.{k}"), v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for (k, v) in &req.body {
+        walk(format!("issuer.request.body.{k}"), v, &mut out);
+    }
+    for (k, v) in &req.headers {
+        out.push((format!("issuer.request.headers.{k}"), v.as_str()));
+    }
+    out
+}
+
+fn validate_custom(req: &CustomRequest, resp: &CustomResponse) -> Result<(), SpecError> {
+    if req.body.is_empty() && req.headers.is_empty() {
+        return Err(SpecError::new(
+            "issuer.request",
+            "needs a body or headers carrying the credentials",
+        ));
+    }
+    if req.content_type == BodyType::Form {
+        if let Some((k, _)) = req.body.iter().find(|(_, v)| !v.is_string()) {
+            return Err(SpecError::new(
+                format!("issuer.request.body.{k}"),
+                "form bodies take string values only",
+            ));
+        }
+    }
+    for name in req.headers.keys() {
+        let lower = name.to_ascii_lowercase();
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || matches!(
+                lower.as_str(),
+                "host" | "content-length" | "transfer-encoding" | "connection" | "content-type"
+            )
+        {
+            return Err(SpecError::new(
+                format!("issuer.request.headers.{name}"),
+                "not a header the broker can set",
+            ));
+        }
+    }
+    for (path, text) in custom_templates(req) {
+        template::placeholders(text).map_err(|e| SpecError::new(path, e.to_string()))?;
+    }
+    let pointers = [
+        ("access_token", Some(&resp.access_token)),
+        ("expires_in", resp.expires_in.as_ref()),
+        ("refresh_token", resp.refresh_token.as_ref()),
+    ];
+    for (name, ptr) in pointers {
+        if let Some(p) = ptr {
+            if !p.starts_with('/') || p.len() > MAX_TEXT {
+                return Err(SpecError::new(
+                    format!("issuer.response.{name}"),
+                    "must be a JSON pointer such as /data/token",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `POST /admin/v1/tenants` input.
+#[derive(Debug)]
+pub struct TenantSpec {
+    pub id: TenantId,
+    pub display_name: String,
+    pub issuer: IssuerSpec,
+    pub credentials: Credentials,
+}
+
+/// `PATCH /admin/v1/tenants/{id}` input: each present part replaces (issuer is merge-patched).
+#[derive(Debug, Default)]
+pub struct TenantPatch {
+    pub display_name: Option<String>,
+    pub issuer: Option<Value>,
+    pub credentials: Option<Credentials>,
+}
+
+/// Deserialises `v` into `T`, reporting the path of the first error without echoing input.
+pub fn from_value<T: serde::de::DeserializeOwned>(v: Value, prefix: &str) -> Result<T, SpecError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let mut path = e.path().to_string();
+        let message = describe_serde_error(&e.inner().to_string());
+        if message.starts_with("unknown field") {
+            // The last segment is the submitted (unknown) name: report its parent.
+            path = path
+                .rsplit_once('.')
+                .map_or(String::new(), |(p, _)| p.to_owned());
+        }
+        let field = match (prefix.is_empty(), path.as_str()) {
+            (_, ".") | (_, "") => prefix.to_owned(),
+            (true, p) => p.to_owned(),
+            (false, p) => format!("{prefix}.{p}"),
+        };
+        SpecError::new(field, message)
+    })
+}
+
+/// Turns a serde message into one that names the problem but repeats nothing submitted.
+fn describe_serde_error(msg: &str) -> String {
+    let msg = msg.split(" at line ").next().unwrap_or(msg);
+    if let Some(rest) = msg.strip_prefix("unknown variant ") {
+        let expected = rest.split_once(", ").map(|(_, e)| e).unwrap_or("");
+        return format!("unknown value, {expected}");
+    }
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        let expected = rest.split_once(", ").map(|(_, e)| e).unwrap_or("");
+        return format!("unknown field, {expected}");
+    }
+    if let Some(rest) = msg.strip_prefix("invalid type: ") {
+        let expected = rest.split_once(", ").map(|(_, e)| e).unwrap_or("");
+        return format!("wrong type, {expected}");
+    }
+    if let Some(rest) = msg.strip_prefix("invalid value: ") {
+        let expected = rest.split_once(", ").map(|(_, e)| e).unwrap_or("");
+        return format!("invalid value, {expected}");
+    }
+    if msg.starts_with("missing field ") {
+        return msg.to_owned();
+    }
+    "invalid value".to_owned()
+}
+
+fn take_object(v: Value, field: &str) -> Result<serde_json::Map<String, Value>, SpecError> {
+    match v {
+        Value::Object(o) => Ok(o),
+        _ => Err(SpecError::new(field, "must be a JSON object")),
+    }
+}
+
+fn valid_credential_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    (1..=64).contains(&b.len())
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// Parses a credentials object: string values only, never echoed back in errors.
+pub fn parse_credentials(v: Value, field: &str) -> Result<Credentials, SpecError> {
+    let obj = take_object(v, field)?;
+    if obj.is_empty() || obj.len() > 32 {
+        return Err(SpecError::new(field, "must hold 1-32 fields"));
+    }
+    let mut out = BTreeMap::new();
+    for (name, value) in obj {
+        if !valid_credential_name(&name) {
+            return Err(SpecError::new(
+                field,
+                "field names must match [A-Za-z_][A-Za-z0-9_]{0,63}",
+            ));
+        }
+        match value {
+            Value::String(s) if !s.is_empty() && s.len() <= 8192 => {
+                out.insert(name, SecretString::from(s));
+            }
+            _ => {
+                return Err(SpecError::new(
+                    format!("{field}.{name}"),
+                    "must be a non-empty string of at most 8192 bytes",
+                ))
+            }
+        }
+    }
+    Ok(Credentials::new(out))
+}
+
+fn parse_display_name(v: Value) -> Result<String, SpecError> {
+    match v {
+        Value::String(s)
+            if !s.trim().is_empty()
+                && s.chars().count() <= 200
+                && !s.chars().any(char::is_control) =>
+        {
+            Ok(s)
+        }
+        _ => Err(SpecError::new(
+            "display_name",
+            "must be 1-200 printable characters",
+        )),
+    }
+}
+
+fn parse_id(v: Option<Value>) -> Result<TenantId, SpecError> {
+    match v {
+        Some(Value::String(s)) => {
+            TenantId::parse(&s).map_err(|e| SpecError::new("id", e.to_string()))
+        }
+        Some(_) => Err(SpecError::new("id", "must be a string")),
+        None => Err(SpecError::new("id", "missing field")),
+    }
+}
+
+impl TenantSpec {
+    /// Parses and fully validates a create request body.
+    pub fn parse(v: Value, allow_insecure: bool) -> Result<Self, SpecError> {
+        let mut obj = take_object(v, "")?;
+        let id = parse_id(obj.remove("id"))?;
+        let display_name = match obj.remove("display_name") {
+            Some(Value::Null) | None => id.to_string(),
+            Some(v) => parse_display_name(v)?,
+        };
+        let issuer: IssuerSpec = from_value(
+            obj.remove("issuer")
+                .ok_or_else(|| SpecError::new("issuer", "missing field"))?,
+            "issuer",
+        )?;
+        let credentials = parse_credentials(
+            obj.remove("credentials")
+                .ok_or_else(|| SpecError::new("credentials", "missing field"))?,
+            "credentials",
+        )?;
+        if let Some(k) = obj.keys().next() {
+            return Err(SpecError::new(
+                k.chars().take(64).collect::<String>(),
+                "unknown field; expected id, display_name, issuer, credentials",
+            ));
+        }
+        issuer.validate(allow_insecure)?;
+        issuer.validate_credentials(&credentials)?;
+        Ok(Self {
+            id,
+            display_name,
+            issuer,
+            credentials,
+        })
+    }
+}
+
+impl TenantPatch {
+    /// Parses a patch body (shape only; the merged result is validated by the caller).
+    pub fn parse(v: Value) -> Result<Self, SpecError> {
+        let mut patch = Self::default();
+        for (k, v) in take_object(v, "")? {
+            match k.as_str() {
+                "display_name" => patch.display_name = Some(parse_display_name(v)?),
+                "issuer" => patch.issuer = Some(Value::Object(take_object(v, "issuer")?)),
+                "credentials" => patch.credentials = Some(parse_credentials(v, "credentials")?),
+                "id" => return Err(SpecError::new("id", "a tenant id cannot change")),
+                other => {
+                    return Err(SpecError::new(
+                        other.chars().take(64).collect::<String>(),
+                        "unknown field; expected display_name, issuer, credentials",
+                    ))
+                }
+            }
+        }
+        Ok(patch)
+    }
+
+    /// Applies the issuer part as an RFC 7386 merge patch onto `current` and validates it.
+    pub fn merged_issuer(
+        &self,
+        current: &IssuerSpec,
+        allow_insecure: bool,
+    ) -> Result<Option<IssuerSpec>, SpecError> {
+        let Some(patch) = &self.issuer else {
+            return Ok(None);
+        };
+        let mut doc = serde_json::to_value(current).expect("spec serialises");
+        merge_patch(&mut doc, patch);
+        let spec: IssuerSpec = from_value(doc, "issuer")?;
+        spec.validate(allow_insecure)?;
+        Ok(Some(spec))
+    }
+}
+
+fn merge_patch(target: &mut Value, patch: &Value) {
+    if let Value::Object(p) = patch {
+        if !target.is_object() {
+            *target = Value::Object(Default::default());
+        }
+        let t = target.as_object_mut().expect("object");
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    } else {
+        *target = patch.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn setu() -> Value {
+        json!({"id": "acme-setu", "display_name": "Acme (Setu)",
+            "issuer": {"kind": "setu_partner", "token_url": "https://partner.example.com/auth/token", "default_ttl_seconds": 900},
+            "credentials": {"client_id": "id", "client_secret": "TOPSECRET"}})
+    }
+
+    fn err(v: Value) -> SpecError {
+        TenantSpec::parse(v, false).unwrap_err()
+    }
+
+    #[test]
+    fn accepts_setu_and_comm100() {
+        let s = TenantSpec::parse(setu(), false).unwrap();
+        assert_eq!(s.issuer.kind, IssuerKind::SetuPartner);
+        let c = json!({"id": "acme-comm100",
+            "issuer": {"kind": "comm100_partner", "token_url": "https://partner.comm100.io/oauth/token"},
+            "credentials": {"client_id": "c", "email": "a@b.c", "password": "pw"}});
+        let s = TenantSpec::parse(c, false).unwrap();
+        assert_eq!(s.display_name, "acme-comm100");
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let mut v = setu();
+        v["issuer"]["kind"] = json!("nope");
+        assert_eq!(err(v).field, "issuer.kind");
+        let mut v = setu();
+        v["credentials"]
+            .as_object_mut()
+            .unwrap()
+            .remove("client_secret");
+        assert_eq!(err(v).field, "credentials.client_secret");
+        let mut v = setu();
+        v["issuer"]["token_url"] = json!("ftp://x");
+        assert_eq!(err(v).field, "issuer.token_url");
+        let mut v = setu();
+        v["id"] = json!("Bad Id");
+        assert_eq!(err(v).field, "id");
+        let mut v = setu();
+        v["issuer"]["scope"] = json!("x");
+        assert_eq!(err(v).field, "issuer.scope");
+        let mut v = setu();
+        v["credentials"]["email"] = json!("x");
+        assert_eq!(err(v).field, "credentials.email");
+    }
+
+    #[test]
+    fn errors_never_echo_values() {
+        let mut v = setu();
+        v["issuer"]["default_ttl_seconds"] = json!("TOPSECRET");
+        let e = err(v);
+        assert_eq!(e.field, "issuer.default_ttl_seconds");
+        assert!(!e.to_string().contains("TOPSECRET"), "{e}");
+        let mut v = setu();
+        v["issuer"]["kind"] = json!("TOPSECRET");
+        assert!(!err(v).to_string().contains("TOPSECRET"));
+        let mut v = setu();
+        v["issuer"]["TOPSECRET"] = json!(1);
+        assert!(!err(v).to_string().contains("TOPSECRET"));
+        let mut v = setu();
+        v["credentials"]["client_secret"] = json!(["TOPSECRET"]);
+        assert!(!err(v).to_string().contains("TOPSECRET"));
+    }
+
+    #[test]
+    fn custom_recipe_checks_templates() {
+        let v = json!({"id": "v2",
+            "issuer": {"kind": "custom", "token_url": "https://x.example.com/token",
+              "request": {"content_type": "json", "body": {"clientID": "{{client_id}}", "secret": "{{secret}}"}},
+              "response": {"access_token": "/data/token", "expires_in": "/data/expiresIn"}},
+            "credentials": {"client_id": "a", "secret": "b"}});
+        TenantSpec::parse(v.clone(), false).unwrap();
+        let mut missing = v.clone();
+        missing["credentials"]
+            .as_object_mut()
+            .unwrap()
+            .remove("secret");
+        assert_eq!(err(missing).field, "issuer.request.body.secret");
+        let mut bad_ptr = v.clone();
+        bad_ptr["issuer"]["response"]["access_token"] = json!("data.token");
+        assert_eq!(err(bad_ptr).field, "issuer.response.access_token");
+        let mut no_resp = v;
+        no_resp["issuer"]
+            .as_object_mut()
+            .unwrap()
+            .remove("response");
+        assert_eq!(err(no_resp).field, "issuer.response");
+    }
+
+    #[test]
+    fn patch_merges_issuer() {
+        let s = TenantSpec::parse(setu(), false).unwrap();
+        let p = TenantPatch::parse(json!({"issuer": {"default_ttl_seconds": null}})).unwrap();
+        let merged = p.merged_issuer(&s.issuer, false).unwrap().unwrap();
+        assert_eq!(merged.default_ttl_seconds, None);
+        assert_eq!(merged.token_url, s.issuer.token_url);
+        let p = TenantPatch::parse(json!({"issuer": {"kind": "bogus"}})).unwrap();
+        assert_eq!(
+            p.merged_issuer(&s.issuer, false).unwrap_err().field,
+            "issuer.kind"
+        );
+        assert_eq!(
+            TenantPatch::parse(json!({"id": "x"})).unwrap_err().field,
+            "id"
+        );
+    }
+}

@@ -1,0 +1,538 @@
+//! The tenant and caller store on sqlx's `Any` driver: one implementation for SQLite and
+//! Postgres (the SQL here is the subset both speak), migrations chosen from `DATABASE_URL`.
+//! Credentials are sealed before they reach SQL and opened after they leave it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use super::{Credentials, IssuerSpec, Tenant, TenantId};
+use crate::crypto::{key_id_of, CryptoError, KeyRing};
+use crate::time::now_ms;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("already exists")]
+    Conflict,
+    #[error("the database is unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("a stored credential does not open ({0})")]
+    Crypto(#[from] CryptoError),
+    #[error("a stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::RowNotFound => Self::NotFound,
+            sqlx::Error::Database(d) if d.is_unique_violation() => Self::Conflict,
+            _ => Self::Unavailable(e),
+        }
+    }
+}
+
+/// Which SQL backend a URL selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn from_url(url: &str) -> Option<Self> {
+        if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// A tenant's public record (what admins see): no credential values.
+#[derive(Clone, Debug)]
+pub struct TenantRecord {
+    pub id: TenantId,
+    pub display_name: String,
+    pub issuer: IssuerSpec,
+    pub credential_fields: Vec<String>,
+    pub version: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// Which tenants a caller may fetch tokens for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Tenants(Vec<String>),
+}
+
+impl Scope {
+    pub fn allows(&self, tenant: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Tenants(t) => t.iter().any(|x| x == tenant),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Self::All => serde_json::Value::String("*".into()),
+            Self::Tenants(t) => serde_json::json!(t),
+        }
+    }
+
+    fn from_json(s: &str) -> Result<Self, StoreError> {
+        match serde_json::from_str::<serde_json::Value>(s) {
+            Ok(serde_json::Value::String(s)) if s == "*" => Ok(Self::All),
+            Ok(v) => serde_json::from_value(v)
+                .map(Self::Tenants)
+                .map_err(|_| StoreError::Corrupt("caller scope".into())),
+            Err(_) => Err(StoreError::Corrupt("caller scope".into())),
+        }
+    }
+}
+
+/// An API-key caller (the key itself is never stored).
+#[derive(Clone, Debug)]
+pub struct CallerRecord {
+    pub id: String,
+    pub name: String,
+    pub scope: Scope,
+    pub created_at_ms: i64,
+}
+
+/// The store: a pool plus the key ring that seals credentials.
+#[derive(Clone)]
+pub struct TenantStore {
+    pool: AnyPool,
+    keys: Arc<KeyRing>,
+    backend: Backend,
+}
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const TENANT_COLUMNS: &str = "id, display_name, issuer, version, created_at, updated_at";
+
+impl TenantStore {
+    /// Connects (without migrating).
+    pub async fn connect(url: &str, keys: Arc<KeyRing>) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::from_url(url).ok_or_else(|| {
+            StoreError::Corrupt("DATABASE_URL must start with sqlite: or postgres://".into())
+        })?;
+        let max = match backend {
+            Backend::Sqlite => 4,
+            Backend::Postgres => 10,
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(url)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        Ok(Self {
+            pool,
+            keys,
+            backend,
+        })
+    }
+
+    /// Applies the backend's migrations.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        match self.backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await,
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    /// A cheap round trip for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    fn seal_all(&self, id: &TenantId, creds: &Credentials) -> Vec<(String, String, Vec<u8>)> {
+        creds
+            .iter()
+            .map(|(field, value)| {
+                let sealed = self
+                    .keys
+                    .seal(id.as_str(), field, value.expose_secret().as_bytes());
+                (field.to_owned(), self.keys.active_id().to_owned(), sealed)
+            })
+            .collect()
+    }
+
+    async fn write_credentials(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        id: &TenantId,
+        creds: &Credentials,
+    ) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM tenant_credentials WHERE tenant_id = $1")
+            .bind(id.as_str())
+            .execute(&mut **tx)
+            .await?;
+        for (field, key_id, sealed) in self.seal_all(id, creds) {
+            sqlx::query(
+                "INSERT INTO tenant_credentials (tenant_id, field, key_id, sealed) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(id.as_str())
+            .bind(field)
+            .bind(key_id)
+            .bind(sealed)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts a tenant and its sealed credentials in one transaction.
+    pub async fn create_tenant(
+        &self,
+        id: &TenantId,
+        display_name: &str,
+        issuer: &IssuerSpec,
+        creds: &Credentials,
+    ) -> Result<TenantRecord, StoreError> {
+        let now = now_ms();
+        let issuer_json = serde_json::to_string(issuer).expect("spec serialises");
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(StoreError::Conflict);
+        }
+        sqlx::query(
+            "INSERT INTO tenants (id, display_name, issuer, version, created_at, updated_at) VALUES ($1, $2, $3, 1, $4, $4)",
+        )
+        .bind(id.as_str())
+        .bind(display_name)
+        .bind(&issuer_json)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        self.write_credentials(&mut tx, id, creds).await?;
+        tx.commit().await?;
+        Ok(TenantRecord {
+            id: id.clone(),
+            display_name: display_name.to_owned(),
+            issuer: issuer.clone(),
+            credential_fields: creds.names().map(str::to_owned).collect(),
+            version: 1,
+            created_at_ms: now,
+            updated_at_ms: now,
+        })
+    }
+
+    fn record_from_row(row: &AnyRow, fields: Vec<String>) -> Result<TenantRecord, StoreError> {
+        let id: String = row.try_get("id")?;
+        let issuer: String = row.try_get("issuer")?;
+        Ok(TenantRecord {
+            id: TenantId::parse(&id).map_err(|_| StoreError::Corrupt("tenant id".into()))?,
+            display_name: row.try_get("display_name")?,
+            issuer: serde_json::from_str(&issuer)
+                .map_err(|_| StoreError::Corrupt(format!("issuer spec of tenant {id}")))?,
+            credential_fields: fields,
+            version: row.try_get("version")?,
+            created_at_ms: row.try_get("created_at")?,
+            updated_at_ms: row.try_get("updated_at")?,
+        })
+    }
+
+    /// A tenant's public record.
+    pub async fn tenant_record(&self, id: &TenantId) -> Result<TenantRecord, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        let fields =
+            sqlx::query("SELECT field FROM tenant_credentials WHERE tenant_id = $1 ORDER BY field")
+                .bind(id.as_str())
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("field"))
+                .collect::<Result<Vec<_>, _>>()?;
+        Self::record_from_row(&row, fields)
+    }
+
+    /// A tenant with its credentials opened (for minting).
+    pub async fn tenant(&self, id: &TenantId) -> Result<Tenant, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        let rows = sqlx::query("SELECT field, sealed FROM tenant_credentials WHERE tenant_id = $1")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut creds = BTreeMap::new();
+        for r in &rows {
+            let field: String = r.try_get("field")?;
+            let sealed: Vec<u8> = r.try_get("sealed")?;
+            let plain = self.keys.open(id.as_str(), &field, &sealed)?;
+            let value = String::from_utf8(plain.to_vec())
+                .map_err(|_| StoreError::Corrupt("credential is not UTF-8".into()))?;
+            creds.insert(field, SecretString::from(value));
+        }
+        let rec = Self::record_from_row(&row, Vec::new())?;
+        Ok(Tenant {
+            id: rec.id,
+            display_name: rec.display_name,
+            issuer: rec.issuer,
+            credentials: Credentials::new(creds),
+            version: rec.version,
+            created_at_ms: rec.created_at_ms,
+            updated_at_ms: rec.updated_at_ms,
+        })
+    }
+
+    /// Tenants ordered by id, after `after`, at most `limit`.
+    pub async fn list_tenants(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<TenantRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id > $1 ORDER BY id LIMIT $2"
+        ))
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(Vec::new());
+        };
+        let first: String = rows[0].try_get("id")?;
+        let last: String = last.try_get("id")?;
+        let mut fields: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in sqlx::query(
+            "SELECT tenant_id, field FROM tenant_credentials WHERE tenant_id >= $1 AND tenant_id <= $2 ORDER BY field",
+        )
+        .bind(&first)
+        .bind(&last)
+        .fetch_all(&self.pool)
+        .await?
+        {
+            fields
+                .entry(r.try_get("tenant_id")?)
+                .or_default()
+                .push(r.try_get("field")?);
+        }
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                Self::record_from_row(row, fields.remove(&id).unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// Replaces the display name, issuer and/or credentials in one transaction.
+    pub async fn update_tenant(
+        &self,
+        id: &TenantId,
+        display_name: Option<&str>,
+        issuer: Option<&IssuerSpec>,
+        creds: Option<&Credentials>,
+    ) -> Result<TenantRecord, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE tenants SET display_name = COALESCE($2, display_name), issuer = COALESCE($3, issuer), version = version + 1, updated_at = $4 WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(display_name)
+        .bind(issuer.map(|i| serde_json::to_string(i).expect("spec serialises")))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        if let Some(creds) = creds {
+            self.write_credentials(&mut tx, id, creds).await?;
+        }
+        tx.commit().await?;
+        self.tenant_record(id).await
+    }
+
+    /// Deletes a tenant and its credentials; false if it did not exist.
+    pub async fn delete_tenant(&self, id: &TenantId) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM tenant_credentials WHERE tenant_id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let n = sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    pub async fn count_tenants(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM tenants")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
+    }
+
+    /// Re-seals every credential not sealed with the active key; returns how many rows changed.
+    /// Safe to run again after an interruption: each row is rewritten on its own.
+    pub async fn rekey(&self) -> Result<u64, StoreError> {
+        let active = self.keys.active_id().to_owned();
+        let rows = sqlx::query(
+            "SELECT tenant_id, field, sealed FROM tenant_credentials WHERE key_id <> $1",
+        )
+        .bind(&active)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changed = 0;
+        for r in rows {
+            let tenant: String = r.try_get("tenant_id")?;
+            let field: String = r.try_get("field")?;
+            let sealed: Vec<u8> = r.try_get("sealed")?;
+            let plain = self.keys.open(&tenant, &field, &sealed)?;
+            let resealed = self.keys.seal(&tenant, &field, &plain);
+            changed += sqlx::query(
+                "UPDATE tenant_credentials SET sealed = $1, key_id = $2 WHERE tenant_id = $3 AND field = $4 AND sealed = $5",
+            )
+            .bind(resealed)
+            .bind(&active)
+            .bind(&tenant)
+            .bind(&field)
+            .bind(&sealed)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(changed)
+    }
+
+    /// Key ids still used by stored credentials, with their row counts.
+    pub async fn key_usage(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key_id, COUNT(*) AS n FROM tenant_credentials GROUP BY key_id ORDER BY key_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("key_id")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    // ---- callers ----
+
+    pub async fn create_caller(
+        &self,
+        id: &str,
+        name: &str,
+        key_hash: &str,
+        scope: &Scope,
+    ) -> Result<CallerRecord, StoreError> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO callers (id, name, key_hash, tenants, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(key_hash)
+        .bind(scope.to_json().to_string())
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(CallerRecord {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            scope: scope.clone(),
+            created_at_ms: now,
+        })
+    }
+
+    fn caller_from_row(r: &AnyRow) -> Result<CallerRecord, StoreError> {
+        let tenants: String = r.try_get("tenants")?;
+        Ok(CallerRecord {
+            id: r.try_get("id")?,
+            name: r.try_get("name")?,
+            scope: Scope::from_json(&tenants)?,
+            created_at_ms: r.try_get("created_at")?,
+        })
+    }
+
+    pub async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
+        sqlx::query("SELECT id, name, tenants, created_at FROM callers ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(Self::caller_from_row)
+            .collect()
+    }
+
+    pub async fn caller_by_key_hash(&self, hash: &str) -> Result<Option<CallerRecord>, StoreError> {
+        sqlx::query("SELECT id, name, tenants, created_at FROM callers WHERE key_hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(Self::caller_from_row)
+            .transpose()
+    }
+
+    pub async fn delete_caller(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("DELETE FROM callers WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            > 0)
+    }
+
+    /// Which key a stored credential was sealed with (for diagnostics and tests).
+    pub async fn credential_key_id(
+        &self,
+        id: &TenantId,
+        field: &str,
+    ) -> Result<String, StoreError> {
+        let sealed: Vec<u8> = sqlx::query(
+            "SELECT sealed FROM tenant_credentials WHERE tenant_id = $1 AND field = $2",
+        )
+        .bind(id.as_str())
+        .bind(field)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("sealed")?;
+        Ok(key_id_of(&sealed)?.to_owned())
+    }
+}
