@@ -143,6 +143,15 @@ impl Broker {
             if t.serves(now_ms(), min_ttl_ms) {
                 return Ok((t, Source::Cache));
             }
+            // The partner's tokens live about as long as the last one did: if that is shorter
+            // than min_ttl, minting again would only burn a partner call.
+            let lifetime_ms = t.expires_at_ms - t.issued_at_ms;
+            if lifetime_ms < min_ttl_ms {
+                return Err(BrokerError::MinTtlUnsatisfiable {
+                    min_ttl_s,
+                    lifetime_s: lifetime_ms / 1000,
+                });
+            }
         }
         let token = self.mint(tenant).await?;
         let now = now_ms();

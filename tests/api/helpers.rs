@@ -1,0 +1,510 @@
+//! Test harness: the real app on a random port against SQLite, Postgres or Postgres + Redis,
+//! fake partners (wiremock) that speak the documented formats, and captured logs.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde_json::{json, Value};
+use token_broker::app::Application;
+use token_broker::config::Settings;
+use wiremock::MockServer;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded default: SQLite and the in-process cache.
+    Sqlite,
+    /// Postgres and the in-process cache.
+    Postgres,
+    /// Postgres and Redis: the scaled-out shape.
+    PostgresRedis,
+}
+
+// ---------- captured logs ----------
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        if std::env::var_os("TEST_LOG").is_some() {
+            std::io::stderr().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs a subscriber at trace level for the broker (debug elsewhere) that records into memory.
+pub fn init_logs() {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(buf.clone());
+        let filter = tracing_subscriber::EnvFilter::new(
+            "debug,token_broker=trace,wiremock=off,hyper=info,h2=info,tokio=info,runtime=info,mio=info",
+        );
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buf
+    });
+}
+
+/// Everything logged so far by this test binary.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.get().expect("init_logs").lock().unwrap()).into_owned()
+}
+
+// ---------- backing services ----------
+
+fn require_services() -> bool {
+    std::env::var("BROKER_TEST_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Says loudly that a test is skipped, or fails it when services are required.
+pub fn skip(what: &str) {
+    if require_services() {
+        panic!("{what} is required (BROKER_TEST_REQUIRE_SERVICES=1) but not available");
+    }
+    eprintln!("\n!!!!!!!! SKIPPED: {what} not available (set it up or export its URL) !!!!!!!!\n");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Throwaway {
+    _child: Child,
+    _dir: tempfile::TempDir,
+    url: String,
+}
+
+static REDIS: OnceLock<Option<Throwaway>> = OnceLock::new();
+
+/// A Redis URL: `REDIS_URL`, else a throwaway `redis-server` from PATH.
+pub fn redis_url() -> Option<String> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return Some(url);
+    }
+    REDIS
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().ok()?;
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            for _ in 0..50 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(Throwaway {
+                        _child: child,
+                        _dir: dir,
+                        url: format!("redis://127.0.0.1:{port}"),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None
+        })
+        .as_ref()
+        .map(|t| t.url.clone())
+}
+
+static POSTGRES: OnceLock<Option<Throwaway>> = OnceLock::new();
+
+fn find_pg_bin(name: &str) -> Option<std::path::PathBuf> {
+    if let Ok(out) = Command::new("which").arg(name).output() {
+        if out.status.success() {
+            return Some(String::from_utf8_lossy(&out.stdout).trim().into());
+        }
+    }
+    let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .collect();
+    dirs.sort_by_key(|d| d.file_name());
+    dirs.iter()
+        .rev()
+        .map(|d| d.path().join("bin").join(name))
+        .find(|p| p.exists())
+}
+
+/// An admin Postgres URL: `DATABASE_URL` (if postgres), else a throwaway cluster from PATH
+/// (initdb refuses to run as root, so as root this needs `DATABASE_URL`).
+pub fn postgres_admin_url() -> Option<String> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        if url.starts_with("postgres") {
+            return Some(url);
+        }
+    }
+    POSTGRES
+        .get_or_init(|| {
+            let initdb = find_pg_bin("initdb")?;
+            let pg_ctl = find_pg_bin("pg_ctl")?;
+            let dir = tempfile::tempdir().ok()?;
+            let data = dir.path().join("data");
+            let ok = Command::new(&initdb)
+                .args(["-U", "postgres", "--auth=trust", "-D"])
+                .arg(&data)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .ok()?
+                .success();
+            if !ok {
+                return None;
+            }
+            let port = free_port();
+            let child = Command::new(&pg_ctl)
+                .arg("-D")
+                .arg(&data)
+                .args(["-w", "-o"])
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1",
+                    dir.path().display()
+                ))
+                .arg("start")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(Throwaway {
+                        _child: child,
+                        _dir: dir,
+                        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None
+        })
+        .as_ref()
+        .map(|t| t.url.clone())
+}
+
+fn random_suffix() -> String {
+    let mut raw = [0u8; 6];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
+    hex::encode(raw)
+}
+
+/// A fresh, empty Postgres database for one test.
+async fn fresh_postgres_db() -> Option<String> {
+    use sqlx::Connection;
+    let admin = postgres_admin_url()?;
+    let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
+    let name = format!("tb_test_{}", random_suffix());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .ok()?;
+    let mut url = url::Url::parse(&admin).ok()?;
+    url.set_path(&format!("/{name}"));
+    Some(url.to_string())
+}
+
+// ---------- the environment of one test ----------
+
+/// One test's database, cache namespace and key: several app instances may share it.
+pub struct TestEnv {
+    pub backend: Backend,
+    pub database_url: String,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub dir: tempfile::TempDir,
+    pub extra: HashMap<String, String>,
+}
+
+impl TestEnv {
+    /// `None` (after a loud notice) when the backend's services are not available.
+    pub async fn new(backend: Backend) -> Option<Self> {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = match backend {
+            Backend::Sqlite => format!("sqlite://{}/broker.db?mode=rwc", dir.path().display()),
+            Backend::Postgres | Backend::PostgresRedis => match fresh_postgres_db().await {
+                Some(url) => url,
+                None => {
+                    skip("Postgres");
+                    return None;
+                }
+            },
+        };
+        let redis_url = if backend == Backend::PostgresRedis {
+            match redis_url() {
+                Some(url) => Some(url),
+                None => {
+                    skip("Redis");
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        Some(Self {
+            backend,
+            database_url,
+            redis_url,
+            redis_prefix: format!("tbtest-{}", random_suffix()),
+            dir,
+            extra: HashMap::new(),
+        })
+    }
+
+    pub fn settings(&self) -> Settings {
+        let mut vars: HashMap<String, String> = HashMap::from([
+            ("BROKER_LISTEN".into(), "127.0.0.1:0".into()),
+            ("DATABASE_URL".into(), self.database_url.clone()),
+            ("BROKER_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            ("BROKER_ALLOW_INSECURE_ISSUERS".into(), "true".into()),
+            ("BROKER_REDIS_PREFIX".into(), self.redis_prefix.clone()),
+            ("BROKER_WORKERS".into(), "2".into()),
+        ]);
+        if self.backend != Backend::Sqlite {
+            vars.insert(
+                "BROKER_ENCRYPTION_KEY".into(),
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into(),
+            );
+        }
+        if let Some(r) = &self.redis_url {
+            vars.insert("REDIS_URL".into(), r.clone());
+        }
+        vars.extend(self.extra.clone());
+        Settings::from_lookup(|k| vars.get(k).cloned()).expect("test settings are valid")
+    }
+
+    /// Starts one app instance on a random port.
+    pub async fn spawn(&self) -> TestApp {
+        let app = Application::build(self.settings())
+            .await
+            .expect("app builds");
+        let port = app.port();
+        let handle = app.handle();
+        tokio::spawn(app.run_until_stopped());
+        TestApp {
+            address: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
+            handle,
+        }
+    }
+}
+
+/// A running app instance and a client with one helper per endpoint.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub handle: actix_web::dev::ServerHandle,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|_| panic!("not JSON ({}): {}", self.status, self.text))
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// Asserts a problem+json answer with this status and code.
+    pub fn assert_problem(&self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", self.text);
+        assert_eq!(
+            self.content_type(),
+            "application/problem+json",
+            "{}",
+            self.text
+        );
+        let body = self.json();
+        assert_eq!(body["code"], code, "{body}");
+        assert_eq!(body["status"], status);
+        for k in ["type", "title", "detail"] {
+            assert!(body[k].is_string(), "problem lacks {k}: {body}");
+        }
+        body
+    }
+}
+
+impl TestApp {
+    pub async fn stop(&self) {
+        self.handle.stop(true).await;
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Answer {
+        let resp = req.send().await.expect("request sent");
+        Answer {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            text: resp.text().await.unwrap(),
+        }
+    }
+
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.address))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    pub async fn create_tenant(&self, spec: &Value) -> Answer {
+        self.send(
+            self.admin(reqwest::Method::POST, "/admin/v1/tenants")
+                .json(spec),
+        )
+        .await
+    }
+
+    pub async fn create_caller(&self, name: &str, tenants: Value) -> String {
+        let a = self
+            .send(
+                self.admin(reqwest::Method::POST, "/admin/v1/callers")
+                    .json(&json!({"name": name, "tenants": tenants})),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{}", a.text);
+        a.json()["api_key"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn get_token(&self, tenant: &str, key: &str) -> Answer {
+        self.send(
+            self.client
+                .get(format!("{}/v1/tenants/{tenant}/token", self.address))
+                .bearer_auth(key),
+        )
+        .await
+    }
+
+    pub async fn get_token_min_ttl(&self, tenant: &str, key: &str, min_ttl: u64) -> Answer {
+        self.send(
+            self.client
+                .get(format!(
+                    "{}/v1/tenants/{tenant}/token?min_ttl={min_ttl}",
+                    self.address
+                ))
+                .bearer_auth(key),
+        )
+        .await
+    }
+
+    pub async fn invalidate(&self, tenant: &str, key: &str, token: &str) -> Answer {
+        self.send(
+            self.client
+                .post(format!(
+                    "{}/v1/tenants/{tenant}/token/invalidate",
+                    self.address
+                ))
+                .bearer_auth(key)
+                .json(&json!({"access_token": token})),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(self.client.get(format!("{}{path}", self.address)))
+            .await
+    }
+}
+
+// ---------- fake partners ----------
+
+pub fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// An unsigned JWT-shaped token with these claims (the broker never verifies partner tokens).
+pub fn jwt(claims: Value) -> String {
+    let enc = |v: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+    format!(
+        "{}.{}.{}",
+        enc(&json!({"alg": "RS256", "typ": "JWT", "kid": "partner-key"})),
+        enc(&claims),
+        URL_SAFE_NO_PAD.encode(random_suffix())
+    )
+}
+
+/// A Setu-style access token living `secs` from now, unique per call.
+pub fn setu_jwt(secs: i64) -> String {
+    let now = now_s();
+    jwt(
+        json!({"exp": now + secs, "iat": now, "jti": random_suffix(), "typ": "Bearer", "azp": "test"}),
+    )
+}
+
+/// A Comm100-style access token living `secs` from now.
+pub fn comm100_jwt(secs: i64) -> String {
+    let now = now_s();
+    jwt(
+        json!({"nbf": now, "exp": now + secs, "iat": now, "jti": random_suffix(), "partnerId": "10000"}),
+    )
+}
+
+pub fn setu_spec(id: &str, server: &MockServer, secret: &str) -> Value {
+    json!({
+        "id": id,
+        "display_name": format!("{id} (Setu)"),
+        "issuer": {"kind": "setu_partner", "token_url": format!("{}/auth/token", server.uri()), "default_ttl_seconds": 900},
+        "credentials": {"client_id": format!("{id}-client"), "client_secret": secret}
+    })
+}
+
+pub fn comm100_spec(id: &str, server: &MockServer, password: &str) -> Value {
+    json!({
+        "id": id,
+        "issuer": {"kind": "comm100_partner", "token_url": format!("{}/oauth/token", server.uri())},
+        "credentials": {"client_id": "client1", "email": "client1@company.com", "password": password}
+    })
+}
+
+/// The form fields of a request body.
+pub fn form_of(req: &wiremock::Request) -> HashMap<String, String> {
+    url::form_urlencoded::parse(&req.body)
+        .into_owned()
+        .collect()
+}

@@ -1,0 +1,27 @@
+//! Integration tests: the real app on a random port, fake partners, real SQLite, Postgres and Redis.
+
+mod helpers;
+
+mod admin;
+mod partners;
+mod persistence;
+mod secrets;
+mod token;
+
+/// Runs an async test body once per backend: `backends!(name, body_fn, [Sqlite, PostgresRedis])`.
+#[macro_export]
+macro_rules! backends {
+    ($body:ident: $($backend:ident),+) => {
+        mod $body {
+            $(
+                #[allow(non_snake_case)]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $backend() {
+                    if let Some(env) = $crate::helpers::TestEnv::new($crate::helpers::Backend::$backend).await {
+                        super::$body(env).await;
+                    }
+                }
+            )+
+        }
+    };
+}
