@@ -15,9 +15,7 @@ use crate::api::problem::ApiError;
 use crate::api::{admin, observe, ops, problem_for_framework_errors, token};
 use crate::auth::{AdminAuth, Authenticator};
 use crate::broker::Broker;
-use crate::cache::memory::MemoryCache;
-use crate::cache::redis::{RedisCache, RedisConn};
-use crate::cache::TokenCache;
+use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
 use crate::config::{KeySource, Settings};
 use crate::crypto::{KeyError, KeyRing};
 use crate::issuers::{IssuerSettings, Issuers};
@@ -26,7 +24,7 @@ use crate::tenants::{StoreError, TenantStore};
 
 /// Shared state every handler receives.
 pub struct AppState {
-    pub broker: Broker,
+    pub broker: Arc<Broker>,
     pub store: TenantStore,
     pub auth: Authenticator,
     pub admin: AdminAuth,
@@ -130,17 +128,20 @@ impl Application {
     ) -> Result<Self, BuildError> {
         let store = open_store(&settings).await?;
         let metrics = Arc::new(Metrics::new());
-        let cache: Arc<dyn TokenCache> = match &settings.redis_url {
+        // The lock outlasts a partner call; a waiter gives up a little after the lock would.
+        let lock_ttl = settings.upstream_timeout + Duration::from_secs(5);
+        let shared = match &settings.redis_url {
             Some(url) => {
                 let conn = RedisConn::connect(url, settings.redis_timeout).await?;
-                Arc::new(RedisCache::new(
+                Some(RedisCache::new(
                     conn,
                     &settings.redis_prefix,
                     Arc::new(store.keys().clone()),
                     settings.redis_timeout,
+                    lock_ttl,
                 ))
             }
-            None => Arc::new(MemoryCache::new(1_000_000)),
+            None => None,
         };
         let issuers = Issuers::new(&IssuerSettings {
             allow_insecure: settings.allow_insecure_issuers,
@@ -153,8 +154,33 @@ impl Application {
         if settings.allow_insecure_issuers {
             tracing::warn!("BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses");
         }
+        let channel = shared.as_ref().map(RedisCache::events_channel);
+        let broker = Broker::new(
+            store.clone(),
+            issuers,
+            shared,
+            metrics.clone(),
+            lock_ttl + Duration::from_secs(1),
+        );
+        if let (Some(url), Some(channel)) = (&settings.redis_url, channel) {
+            let (on_event, on_gap) = (Arc::downgrade(&broker), Arc::downgrade(&broker));
+            spawn_listener(
+                url,
+                channel,
+                move |e| {
+                    if let Some(b) = on_event.upgrade() {
+                        b.on_event(e)
+                    }
+                },
+                move || {
+                    if let Some(b) = on_gap.upgrade() {
+                        b.on_events_gap()
+                    }
+                },
+            );
+        }
         let state = web::Data::new(AppState {
-            broker: Broker::new(store.clone(), issuers, cache, metrics.clone()),
+            broker,
             auth: Authenticator::new(store.clone()),
             admin: AdminAuth::new(settings.admin_token.as_ref()),
             store,

@@ -1,39 +1,53 @@
-//! `Broker::token`: cache lookup, single-flight mint, and invalidation. Domain code only:
-//! nothing here knows about HTTP.
+//! `Broker::token`: the token path (in-process L1, shared L2 in Redis, single-flight mints
+//! under a cross-replica lock, refresh-ahead) plus invalidation. Domain code only: nothing
+//! here knows about HTTP.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::OwnedMutexGuard;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::Notify;
 
-use crate::cache::{CacheError, CachedToken, TokenCache};
-use crate::issuers::{Grant, IssuerError, Issuers};
+use crate::cache::memory::MemoryCache;
+use crate::cache::redis::RedisCache;
+use crate::cache::{CacheError, CachedToken};
+use crate::issuers::recipes::supports_refresh;
+use crate::issuers::{Grant, IssuerError, Issuers, Minted};
 use crate::metrics::Metrics;
 use crate::tenants::store::StoreError;
-use crate::tenants::{TenantId, TenantStore};
+use crate::tenants::{Tenant, TenantId, TenantStore};
 use crate::time::now_ms;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error("tenant not found")]
     TenantNotFound,
     #[error("even a fresh token lives {lifetime_s} s, less than the {min_ttl_s} s asked for")]
     MinTtlUnsatisfiable { min_ttl_s: u64, lifetime_s: i64 },
+    #[error("another replica's mint did not finish within {0:?}")]
+    LockWaitTimeout(Duration),
     #[error(transparent)]
     Upstream(#[from] IssuerError),
     #[error(transparent)]
-    Store(StoreError),
+    Store(Arc<StoreError>),
     #[error(transparent)]
-    Cache(#[from] CacheError),
+    Cache(Arc<CacheError>),
 }
 
 impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => Self::TenantNotFound,
-            other => Self::Store(other),
+            other => Self::Store(Arc::new(other)),
         }
+    }
+}
+
+impl From<CacheError> for BrokerError {
+    fn from(e: CacheError) -> Self {
+        Self::Cache(Arc::new(e))
     }
 }
 
@@ -53,145 +67,420 @@ impl Source {
     }
 }
 
-/// Per-tenant in-process mutexes: concurrent misses for one tenant share one mint, other
-/// tenants are not blocked. Entries disappear when nobody holds or waits on them.
-#[derive(Default)]
-pub struct SingleFlight {
-    map: Arc<Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>>,
+type FlightResult = Result<Arc<CachedToken>, BrokerError>;
+
+/// One in-process mint for a tenant, shared by every request that needs it.
+struct Flight {
+    id: u64,
+    done: Shared<BoxFuture<'static, FlightResult>>,
 }
 
-pub struct FlightGuard {
-    guard: Option<OwnedMutexGuard<()>>,
-    tenant: TenantId,
-    map: Arc<Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>>,
+/// What a flight must produce.
+#[derive(Clone, Copy)]
+enum Want {
+    /// A token with at least this many ms left.
+    Usable { min_ttl_ms: i64 },
+    /// A token that is not yet past its refresh point.
+    Refreshed,
+    /// A new token, whatever is cached.
+    Fresh,
 }
 
-impl SingleFlight {
-    pub async fn lock(&self, tenant: &TenantId) -> FlightGuard {
-        let m = self
-            .map
-            .lock()
-            .expect("single-flight map")
-            .entry(tenant.clone())
-            .or_default()
-            .clone();
-        FlightGuard {
-            guard: Some(m.lock_owned().await),
-            tenant: tenant.clone(),
-            map: self.map.clone(),
+impl Want {
+    fn satisfied_by(self, t: &CachedToken, now: i64) -> bool {
+        match self {
+            Self::Usable { min_ttl_ms } => t.serves(now, min_ttl_ms),
+            Self::Refreshed => t.serves(now, 0) && now < t.refresh_at_ms,
+            Self::Fresh => false,
         }
     }
 }
 
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        self.guard.take();
-        let mut map = self.map.lock().expect("single-flight map");
-        if map
-            .get(&self.tenant)
-            .is_some_and(|m| Arc::strong_count(m) == 1)
-        {
-            map.remove(&self.tenant);
-        }
-    }
-}
+/// How long a failed background refresh waits before the next one.
+const REFRESH_RETRY_MS: i64 = 5_000;
+/// How often a waiter on another replica's mint looks at the shared cache between events.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+/// Bound on L1 entries when Redis is the shared truth (a safety net behind the events).
+pub const L1_MAX_AGE_WITH_REDIS: Duration = Duration::from_secs(15);
 
 /// The token broker.
 pub struct Broker {
     store: TenantStore,
     issuers: Issuers,
-    cache: Arc<dyn TokenCache>,
-    flights: SingleFlight,
+    l1: MemoryCache,
+    l2: Option<RedisCache>,
     metrics: Arc<Metrics>,
+    /// Identifies this process in events, so it ignores its own.
+    replica: String,
+    lock_wait: Duration,
+    flights: Mutex<HashMap<TenantId, Flight>>,
+    next_flight: AtomicU64,
+    waiters: Mutex<HashMap<TenantId, Arc<Notify>>>,
+    refresh_not_before: Mutex<HashMap<TenantId, i64>>,
 }
 
 impl Broker {
+    /// `lock_wait` bounds how long a request waits for another replica's mint.
     pub fn new(
         store: TenantStore,
         issuers: Issuers,
-        cache: Arc<dyn TokenCache>,
+        l2: Option<RedisCache>,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
+        lock_wait: Duration,
+    ) -> Arc<Self> {
+        let max_age = l2.as_ref().map(|_| L1_MAX_AGE_WITH_REDIS);
+        let mut raw = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
+        Arc::new(Self {
             store,
             issuers,
-            cache,
-            flights: SingleFlight::default(),
+            l1: MemoryCache::new(1_000_000, max_age),
+            l2,
             metrics,
+            replica: hex::encode(raw),
+            lock_wait,
+            flights: Mutex::new(HashMap::new()),
+            next_flight: AtomicU64::new(1),
+            waiters: Mutex::new(HashMap::new()),
+            refresh_not_before: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn shared_cache(&self) -> Option<&RedisCache> {
+        self.l2.as_ref()
+    }
+
+    /// Handles an event from another replica: `m <replica> <tenant>` (a new token was
+    /// written) or `d <replica> <tenant>` (the token was dropped).
+    pub fn on_event(&self, event: &str) {
+        let mut parts = event.splitn(3, ' ');
+        let (Some(kind), Some(replica), Some(tenant)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        if replica == self.replica || !matches!(kind, "m" | "d") {
+            return;
+        }
+        let Ok(tenant) = TenantId::parse(tenant) else {
+            return;
+        };
+        self.l1.invalidate(&tenant);
+        if let Some(n) = self.waiters.lock().expect("waiters").get(&tenant) {
+            n.notify_waiters();
         }
     }
 
-    pub fn cache(&self) -> &Arc<dyn TokenCache> {
-        &self.cache
+    /// After a gap in events: every L1 entry may be stale.
+    pub fn on_events_gap(&self) {
+        self.l1.invalidate_all();
+    }
+
+    async fn announce(&self, kind: &str, tenant: &TenantId) {
+        if let Some(l2) = &self.l2 {
+            if let Err(e) = l2
+                .publish(&format!("{kind} {} {tenant}", self.replica))
+                .await
+            {
+                tracing::warn!(tenant = %tenant, error = %e, "could not announce a token change");
+            }
+        }
     }
 
     /// A usable token for `tenant` with at least `min_ttl_s` seconds left.
     pub async fn token(
-        &self,
+        self: &Arc<Self>,
         tenant: &TenantId,
         min_ttl_s: u64,
     ) -> Result<(Arc<CachedToken>, Source), BrokerError> {
         let min_ttl_ms = (min_ttl_s as i64).saturating_mul(1000);
-        if let Some(t) = self.cache.get(tenant).await? {
-            if t.serves(now_ms(), min_ttl_ms) {
-                return Ok((t, Source::Cache));
+        let now = now_ms();
+        let mut known = self.l1.get_now(tenant);
+        if let Some(t) = &known {
+            if t.serves(now, min_ttl_ms) {
+                self.metrics.cache_lookup("l1", "hit");
+                self.refresh_ahead(tenant, t, now);
+                return Ok((t.clone(), Source::Cache));
             }
         }
-        let _flight = self.flights.lock(tenant).await;
-        // Another request may have minted while this one waited.
-        if let Some(t) = self.cache.get(tenant).await? {
-            if t.serves(now_ms(), min_ttl_ms) {
-                return Ok((t, Source::Cache));
+        self.metrics.cache_lookup("l1", "miss");
+        if let Some(l2) = &self.l2 {
+            if let Some(t) = l2.get(tenant).await? {
+                self.metrics.cache_lookup("l2", "hit");
+                let t = self.l1.insert_unless_newer(tenant, t);
+                if t.serves(now, min_ttl_ms) {
+                    self.refresh_ahead(tenant, &t, now);
+                    return Ok((t, Source::Cache));
+                }
+                known = Some(t);
+            } else {
+                self.metrics.cache_lookup("l2", "miss");
             }
-            // The partner's tokens live about as long as the last one did: if that is shorter
-            // than min_ttl, minting again would only burn a partner call.
+        }
+        // The partner's tokens live about as long as the last one did: if that is shorter
+        // than min_ttl, minting again would only burn a partner call.
+        if let Some(t) = &known {
             let lifetime_ms = t.expires_at_ms - t.issued_at_ms;
-            if lifetime_ms < min_ttl_ms {
+            if min_ttl_ms > 0 && lifetime_ms < min_ttl_ms {
                 return Err(BrokerError::MinTtlUnsatisfiable {
                     min_ttl_s,
                     lifetime_s: lifetime_ms / 1000,
                 });
             }
         }
-        let token = self.mint(tenant).await?;
+        let want = Want::Usable { min_ttl_ms };
+        let started = now_ms();
+        let mut token = self.flight(tenant, want).await?;
+        if !want.satisfied_by(&token, now_ms()) {
+            // The flight joined was after less (a refresh, a shorter min_ttl): run our own.
+            token = self.flight(tenant, want).await?;
+        }
         let now = now_ms();
-        if !token.serves(now, min_ttl_ms) {
+        if !want.satisfied_by(&token, now) {
             return Err(BrokerError::MinTtlUnsatisfiable {
                 min_ttl_s,
                 lifetime_s: (token.expires_at_ms - now) / 1000,
             });
         }
-        Ok((token, Source::Minted))
+        let source = if token.issued_at_ms >= started {
+            Source::Minted
+        } else {
+            Source::Cache
+        };
+        Ok((token, source))
     }
 
-    /// Mints at the partner and stores the result (used by fetches and the admin test).
-    pub async fn mint(&self, tenant_id: &TenantId) -> Result<Arc<CachedToken>, BrokerError> {
+    /// Past the refresh point: start one background refresh, unless one runs or a failed one
+    /// asked to wait. The caller is not held.
+    fn refresh_ahead(self: &Arc<Self>, tenant: &TenantId, t: &CachedToken, now: i64) {
+        if now < t.refresh_at_ms {
+            return;
+        }
+        {
+            let mut not_before = self.refresh_not_before.lock().expect("refresh map");
+            if not_before.get(tenant).is_some_and(|&nb| now < nb) {
+                return;
+            }
+            not_before.insert(tenant.clone(), now + REFRESH_RETRY_MS);
+        }
+        if self.flights.lock().expect("flights").contains_key(tenant) {
+            return;
+        }
+        let me = self.clone();
+        let tenant = tenant.clone();
+        tokio::spawn(async move {
+            match me.flight(&tenant, Want::Refreshed).await {
+                Ok(_) => {
+                    me.refresh_not_before
+                        .lock()
+                        .expect("refresh map")
+                        .remove(&tenant);
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant, error = %e, "background refresh failed; the cached token is served until its usable end");
+                }
+            }
+        });
+    }
+
+    /// Joins the tenant's flight, or starts one.
+    async fn flight(self: &Arc<Self>, tenant: &TenantId, want: Want) -> FlightResult {
+        let done = {
+            let mut flights = self.flights.lock().expect("flights");
+            match flights.get(tenant) {
+                Some(f) => f.done.clone(),
+                None => {
+                    let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+                    let me = self.clone();
+                    let t = tenant.clone();
+                    let task = tokio::spawn(async move {
+                        let result = me.run_flight(&t, want).await;
+                        let mut flights = me.flights.lock().expect("flights");
+                        if flights.get(&t).is_some_and(|f| f.id == id) {
+                            flights.remove(&t);
+                        }
+                        result
+                    });
+                    let done = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(BrokerError::Upstream(IssuerError::Recipe(format!(
+                                "mint task failed: {e}"
+                            ))))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    flights.insert(
+                        tenant.clone(),
+                        Flight {
+                            id,
+                            done: done.clone(),
+                        },
+                    );
+                    done
+                }
+            }
+        };
+        done.await
+    }
+
+    /// The body of a flight: wait for (or take) the cross-replica lock, mint, write, announce.
+    async fn run_flight(self: &Arc<Self>, tenant: &TenantId, want: Want) -> FlightResult {
+        let Some(l2) = &self.l2 else {
+            let prev = self.l1.get_now(tenant);
+            return self.mint_and_store(tenant, prev.as_deref()).await;
+        };
+        let deadline = Instant::now() + self.lock_wait;
+        let notify = self
+            .waiters
+            .lock()
+            .expect("waiters")
+            .entry(tenant.clone())
+            .or_default()
+            .clone();
+        let result = async {
+            loop {
+                let woken = notify.notified();
+                let current = l2.get(tenant).await?;
+                if let Some(t) = &current {
+                    if want.satisfied_by(t, now_ms()) {
+                        return Ok(self.l1.insert_unless_newer(tenant, t.clone()));
+                    }
+                }
+                if let Some(lock) = l2.try_acquire(tenant).await? {
+                    // Another replica may have written between our read and the lock.
+                    let current = match l2.get(tenant).await {
+                        Ok(c) => c.or(current),
+                        Err(e) => {
+                            let _ = l2.release(lock).await;
+                            return Err(e.into());
+                        }
+                    };
+                    if let Some(t) = &current {
+                        if want.satisfied_by(t, now_ms()) {
+                            let _ = l2.release(lock).await;
+                            return Ok(self.l1.insert_unless_newer(tenant, t.clone()));
+                        }
+                    }
+                    let prev = current.or_else(|| self.l1.get_now(tenant));
+                    let result = self.mint_and_store(tenant, prev.as_deref()).await;
+                    if let Err(e) = l2.release(lock).await {
+                        tracing::warn!(tenant = %tenant, error = %e, "mint lock release failed; it expires by itself");
+                    }
+                    return result;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(BrokerError::LockWaitTimeout(self.lock_wait));
+                }
+                let _ = tokio::time::timeout(WAIT_POLL.min(left), woken).await;
+            }
+        }
+        .await;
+        drop(notify);
+        let mut waiters = self.waiters.lock().expect("waiters");
+        if waiters
+            .get(tenant)
+            .is_some_and(|n| Arc::strong_count(n) == 1)
+        {
+            waiters.remove(tenant);
+        }
+        result
+    }
+
+    /// Mints (refresh grant first when the last answer carried a refresh token), then writes
+    /// the token to the shared cache (fenced: a later token wins), announces it and keeps it in L1.
+    async fn mint_and_store(
+        &self,
+        tenant_id: &TenantId,
+        prev: Option<&CachedToken>,
+    ) -> FlightResult {
         let tenant = self.store.tenant(tenant_id).await?;
+        let minted = self.mint_at_partner(&tenant, prev).await?;
+        let token = Arc::new(CachedToken::from_minted(minted));
+        let kept = match &self.l2 {
+            Some(l2) => {
+                let kept = l2.put(tenant_id, token.clone()).await?;
+                self.announce("m", tenant_id).await;
+                kept
+            }
+            None => token,
+        };
+        let kept = self.l1.insert_unless_newer(tenant_id, kept);
+        self.metrics
+            .set_token_expiry(tenant_id.as_str(), kept.expires_at_ms);
+        Ok(kept)
+    }
+
+    async fn mint_at_partner(
+        &self,
+        tenant: &Tenant,
+        prev: Option<&CachedToken>,
+    ) -> Result<Minted, IssuerError> {
+        let refresh = prev
+            .and_then(|p| p.refresh_token.as_ref())
+            .filter(|_| supports_refresh(tenant.issuer.kind));
+        if let Some(rt) = refresh {
+            match self.call_partner(tenant, Grant::Refresh(rt)).await {
+                Ok(mut m) => {
+                    // An answer without a refresh token keeps the old one usable.
+                    m.refresh_token.get_or_insert_with(|| rt.clone());
+                    return Ok(m);
+                }
+                Err(e) if e.is_invalid_grant() => {
+                    tracing::info!(tenant = %tenant.id, error = %e, "refresh token refused; using the full grant");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.call_partner(tenant, Grant::Initial).await
+    }
+
+    async fn call_partner(&self, tenant: &Tenant, grant: Grant<'_>) -> Result<Minted, IssuerError> {
         let started = Instant::now();
-        let result = self.issuers.mint(&tenant, Grant::Initial).await;
+        let result = self.issuers.mint(tenant, grant).await;
         let outcome = result.as_ref().map_or_else(IssuerError::outcome, |_| "ok");
         self.metrics
-            .observe_upstream(tenant_id.as_str(), outcome, started.elapsed());
-        let token = Arc::new(CachedToken::from_minted(result?));
-        self.cache.put(tenant_id, token.clone()).await?;
-        self.metrics
-            .set_token_expiry(tenant_id.as_str(), token.expires_at_ms);
-        Ok(token)
+            .observe_upstream(tenant.id.as_str(), outcome, started.elapsed());
+        result
     }
 
-    /// Drops the tenant's cached token (credential rotation, spec change, deletion).
+    /// Mints now, whatever is cached (the admin dry run); the result replaces the cached token.
+    pub async fn mint_now(self: &Arc<Self>, tenant: &TenantId) -> FlightResult {
+        self.run_flight(tenant, Want::Fresh).await
+    }
+
+    /// Drops the tenant's cached token everywhere (credential rotation, spec change, deletion).
     pub async fn forget(&self, tenant: &TenantId) -> Result<(), BrokerError> {
-        self.cache.remove(tenant).await?;
+        self.l1.invalidate(tenant);
+        if let Some(l2) = &self.l2 {
+            l2.remove(tenant).await?;
+            self.announce("d", tenant).await;
+        }
         self.metrics.clear_token_expiry(tenant.as_str());
         Ok(())
     }
 
-    /// Drops the cached token only if it is still `access_token`.
+    /// Drops the cached token only if it is still `access_token`; true if dropped.
     pub async fn invalidate(
         &self,
         tenant: &TenantId,
         access_token: &str,
     ) -> Result<bool, BrokerError> {
-        Ok(self.cache.remove_if_current(tenant, access_token).await?)
+        let mut dropped = self.l1.remove_if_current(tenant, access_token);
+        if let Some(l2) = &self.l2 {
+            if l2.remove_if_current(tenant, access_token).await? {
+                dropped = true;
+                self.announce("d", tenant).await;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Whether the shared cache answers (always true without one).
+    pub async fn ping_shared(&self) -> Result<(), BrokerError> {
+        match &self.l2 {
+            Some(l2) => Ok(l2.ping().await?),
+            None => Ok(()),
+        }
     }
 }

@@ -130,6 +130,10 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    pub fn cache_lookup(&self, layer: &str, result: &str) {
+        self.cache_lookups.with_label_values(&[layer, result]).inc();
+    }
+
     pub fn token_request(&self, tenant: &str, outcome: &str) {
         self.token_requests
             .with_label_values(&[tenant, outcome])

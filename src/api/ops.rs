@@ -26,7 +26,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     );
     let redis = if state.settings.redis_url.is_some() {
         Some(matches!(
-            tokio::time::timeout(CHECK_TIMEOUT, state.broker.cache().ping()).await,
+            tokio::time::timeout(CHECK_TIMEOUT, state.broker.ping_shared()).await,
             Ok(Ok(()))
         ))
     } else {

@@ -7,6 +7,8 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
+use std::sync::Arc;
+
 use crate::broker::BrokerError;
 use crate::cache::CacheError;
 use crate::issuers::IssuerError;
@@ -51,9 +53,11 @@ pub enum ApiError {
     #[error(transparent)]
     Upstream(#[from] IssuerError),
     #[error("the database is unavailable")]
-    Store(#[source] StoreError),
+    Store(#[source] Arc<StoreError>),
     #[error("the shared cache is unavailable")]
-    Cache(#[source] CacheError),
+    Cache(#[source] Arc<CacheError>),
+    #[error("{0}")]
+    LockWaitTimeout(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -94,9 +98,10 @@ impl ApiError {
                 IssuerError::Blocked(_) => "upstream_address_blocked",
                 IssuerError::Recipe(_) => "recipe_error",
             },
-            Self::Store(StoreError::Crypto(_)) => "credentials_unreadable",
+            Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => "credentials_unreadable",
             Self::Store(_) => "database_unavailable",
             Self::Cache(_) => "cache_unavailable",
+            Self::LockWaitTimeout(_) => "upstream_timeout",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -124,8 +129,11 @@ impl ApiError {
             Self::Upstream(IssuerError::Timeout) => "The partner timed out",
             Self::Upstream(IssuerError::Unavailable(_)) => "The partner is unavailable",
             Self::Upstream(_) => "The partner's token endpoint failed",
-            Self::Store(StoreError::Crypto(_)) => "Stored credentials cannot be read",
+            Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => {
+                "Stored credentials cannot be read"
+            }
             Self::Store(_) | Self::Cache(_) => "Service unavailable",
+            Self::LockWaitTimeout(_) => "The partner timed out",
             Self::Internal(_) => "Internal error",
         }
     }
@@ -133,7 +141,7 @@ impl ApiError {
     /// The detail shown to the client; server-side failures keep theirs in the log.
     fn detail(&self) -> String {
         match self {
-            Self::Store(StoreError::Crypto(_)) => {
+            Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => {
                 "the tenant's stored credentials cannot be opened with the configured keys".into()
             }
             Self::Store(_) | Self::Cache(_) => {
@@ -153,6 +161,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::Upstream(e) => Self::Upstream(e),
             BrokerError::Store(e) => Self::Store(e),
             BrokerError::Cache(e) => Self::Cache(e),
+            e @ BrokerError::LockWaitTimeout(_) => Self::LockWaitTimeout(e.to_string()),
         }
     }
 }
@@ -162,7 +171,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => Self::TenantNotFound,
             StoreError::Conflict => Self::Conflict("a record with this id already exists"),
-            other => Self::Store(other),
+            other => Self::Store(Arc::new(other)),
         }
     }
 }
@@ -203,6 +212,7 @@ impl ResponseError for ApiError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             Self::Store(_) | Self::Cache(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::LockWaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

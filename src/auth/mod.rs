@@ -82,7 +82,7 @@ impl Authenticator {
             .store
             .caller_by_key_hash(&hash)
             .await
-            .map_err(ApiError::Store)?
+            .map_err(ApiError::from)?
             .map(|c| {
                 Arc::new(Caller {
                     id: c.id.into(),

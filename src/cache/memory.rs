@@ -1,19 +1,21 @@
-//! The in-process token cache (moka), each entry living until its token's usable end.
+//! The in-process token cache (L1, moka), each entry living until its token's usable end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use moka::ops::compute::Op;
 use moka::sync::Cache;
 use moka::Expiry;
 use secrecy::ExposeSecret;
 
-use super::{CacheError, CachedToken, TokenCache};
+use super::CachedToken;
 use crate::tenants::TenantId;
 use crate::time::now_ms;
 
-struct UntilUsableEnd;
+/// Entries live until the token's usable end, and at most `max_age` when set.
+struct UntilUsableEnd {
+    max_age: Option<Duration>,
+}
 
 impl Expiry<TenantId, Arc<CachedToken>> for UntilUsableEnd {
     fn expire_after_create(
@@ -22,9 +24,8 @@ impl Expiry<TenantId, Arc<CachedToken>> for UntilUsableEnd {
         value: &Arc<CachedToken>,
         _now: Instant,
     ) -> Option<Duration> {
-        Some(Duration::from_millis(
-            (value.usable_until_ms - now_ms()).max(0) as u64,
-        ))
+        let usable = Duration::from_millis((value.usable_until_ms - now_ms()).max(0) as u64);
+        Some(self.max_age.map_or(usable, |m| m.min(usable)))
     }
 
     fn expire_after_update(
@@ -45,11 +46,12 @@ pub struct MemoryCache {
 }
 
 impl MemoryCache {
-    pub fn new(max_entries: u64) -> Self {
+    /// A cache of at most `max_entries` tokens, each kept at most `max_age` when set.
+    pub fn new(max_entries: u64, max_age: Option<Duration>) -> Self {
         Self {
             inner: Cache::builder()
                 .max_capacity(max_entries)
-                .expire_after(UntilUsableEnd)
+                .expire_after(UntilUsableEnd { max_age })
                 .build(),
         }
     }
@@ -61,6 +63,29 @@ impl MemoryCache {
 
     pub fn insert(&self, tenant: &TenantId, token: Arc<CachedToken>) {
         self.inner.insert(tenant.clone(), token);
+    }
+
+    /// Inserts `token` unless the held one expires later; returns the token kept.
+    pub fn insert_unless_newer(
+        &self,
+        tenant: &TenantId,
+        token: Arc<CachedToken>,
+    ) -> Arc<CachedToken> {
+        let result = self
+            .inner
+            .entry(tenant.clone())
+            .and_compute_with(|entry| match entry {
+                Some(e) if e.value().expires_at_ms > token.expires_at_ms => Op::Nop,
+                _ => Op::Put(token.clone()),
+            });
+        match result {
+            moka::ops::compute::CompResult::Unchanged(e) => e.into_value(),
+            _ => token,
+        }
+    }
+
+    pub fn invalidate_all(&self) {
+        self.inner.invalidate_all();
     }
 
     pub fn invalidate(&self, tenant: &TenantId) {
@@ -84,35 +109,6 @@ impl MemoryCache {
     }
 }
 
-#[async_trait]
-impl TokenCache for MemoryCache {
-    async fn get(&self, tenant: &TenantId) -> Result<Option<Arc<CachedToken>>, CacheError> {
-        Ok(self.get_now(tenant))
-    }
-
-    async fn put(&self, tenant: &TenantId, token: Arc<CachedToken>) -> Result<(), CacheError> {
-        self.insert(tenant, token);
-        Ok(())
-    }
-
-    async fn remove(&self, tenant: &TenantId) -> Result<(), CacheError> {
-        self.invalidate(tenant);
-        Ok(())
-    }
-
-    async fn remove_if_current(
-        &self,
-        tenant: &TenantId,
-        access_token: &str,
-    ) -> Result<bool, CacheError> {
-        Ok(MemoryCache::remove_if_current(self, tenant, access_token))
-    }
-
-    async fn ping(&self) -> Result<(), CacheError> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,7 +128,7 @@ mod tests {
 
     #[test]
     fn compare_and_delete() {
-        let c = MemoryCache::new(100);
+        let c = MemoryCache::new(100, None);
         let t = TenantId::parse("t").unwrap();
         c.insert(&t, token("new", 60_000));
         assert!(!c.remove_if_current(&t, "old"));
@@ -143,8 +139,23 @@ mod tests {
     }
 
     #[test]
+    fn a_later_token_is_not_overwritten() {
+        let c = MemoryCache::new(100, None);
+        let t = TenantId::parse("t").unwrap();
+        let newer = token("newer", 60_000);
+        c.insert(&t, newer.clone());
+        let kept = c.insert_unless_newer(&t, token("older", 30_000));
+        assert!(Arc::ptr_eq(&kept, &newer));
+        let newest = token("newest", 90_000);
+        assert!(Arc::ptr_eq(
+            &c.insert_unless_newer(&t, newest.clone()),
+            &newest
+        ));
+    }
+
+    #[test]
     fn entries_end_at_usable_end() {
-        let c = MemoryCache::new(100);
+        let c = MemoryCache::new(100, None);
         let t = TenantId::parse("t").unwrap();
         c.insert(&t, token("x", 50));
         assert!(c.get_now(&t).is_some());

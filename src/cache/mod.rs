@@ -1,12 +1,10 @@
-//! Token caches: the in-process cache (`memory`) and the shared Redis cache (`redis`), behind
-//! one `TokenCache` trait chosen once at start.
+//! Token caches: the in-process L1 (`memory`) and the shared L2 in Redis (`redis`, which also
+//! holds the cross-replica mint lock and the event channel). Each has one implementation, so
+//! the broker uses them directly rather than through traits.
 
 pub mod memory;
 pub mod redis;
 
-use std::sync::Arc;
-
-use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
@@ -29,11 +27,14 @@ pub struct CachedToken {
 }
 
 impl CachedToken {
-    /// Works out the usable end and refresh point of a fresh token.
+    /// Works out the usable end and the refresh point of a fresh token. The refresh point is
+    /// two thirds into the lifetime, pulled earlier by up to a twentieth at random so tenants
+    /// minted together do not all refresh in the same second.
     pub fn from_minted(m: Minted) -> Self {
         let lifetime = (m.expires_at_ms - m.issued_at_ms).max(0);
         let usable_until_ms = m.expires_at_ms - skew_ms(lifetime);
-        let refresh_at_ms = (m.issued_at_ms + lifetime * 2 / 3).min(usable_until_ms);
+        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=lifetime / 20);
+        let refresh_at_ms = (m.issued_at_ms + lifetime * 2 / 3 - jitter).min(usable_until_ms);
         Self {
             access_token: m.access_token,
             refresh_token: m.refresh_token,
@@ -75,21 +76,9 @@ pub enum CacheError {
     Unavailable(#[source] ::redis::RedisError),
 }
 
-/// Where tokens are kept between fetches.
-#[async_trait]
-pub trait TokenCache: Send + Sync {
-    /// The token for `tenant`, if one is held and still usable.
-    async fn get(&self, tenant: &TenantId) -> Result<Option<Arc<CachedToken>>, CacheError>;
-    /// Stores `token` until its usable end.
-    async fn put(&self, tenant: &TenantId, token: Arc<CachedToken>) -> Result<(), CacheError>;
-    /// Drops the tenant's token.
-    async fn remove(&self, tenant: &TenantId) -> Result<(), CacheError>;
-    /// Drops the tenant's token only if it is still `access_token`; true if dropped.
-    async fn remove_if_current(
-        &self,
-        tenant: &TenantId,
-        access_token: &str,
-    ) -> Result<bool, CacheError>;
-    /// Whether the backing store answers.
-    async fn ping(&self) -> Result<(), CacheError>;
+/// Proof of holding a tenant's mint lock; give it back to `RedisCache::release`.
+#[derive(Debug)]
+pub struct LockToken {
+    pub tenant: TenantId,
+    pub value: String,
 }

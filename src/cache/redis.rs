@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
 use base64::Engine;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -16,7 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{fingerprint, CacheError, CachedToken, TokenCache};
+use super::{fingerprint, CacheError, CachedToken, LockToken};
 use crate::crypto::KeyRing;
 use crate::tenants::TenantId;
 use crate::time::now_ms;
@@ -106,31 +105,83 @@ impl Drop for Stored {
 
 const TOKEN_FIELD: &str = "cached_token";
 
-/// The shared cache.
+/// Compare-and-delete on the token key: drop it only if its fingerprint matches.
+const REMOVE_IF: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and string.match(v, '^%-?%d+:(%x+):') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0";
+
+/// Fenced write: keep whichever token expires later; returns the kept value if it is not ours.
+const PUT_UNLESS_NEWER: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local exp = tonumber(string.match(cur, '^(%-?%d+):'))
+  if exp and exp > tonumber(ARGV[2]) then
+    return cur
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return false";
+
+/// Owner-only lock release.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// The shared cache, mint lock and event channel.
 #[derive(Clone)]
 pub struct RedisCache {
     conn: RedisConn,
     prefix: Arc<str>,
     keys: Arc<KeyRing>,
     timeout: Duration,
+    lock_ttl: Duration,
     remove_if: Arc<Script>,
+    put_unless_newer: Arc<Script>,
+    release: Arc<Script>,
 }
 
 impl RedisCache {
-    pub fn new(conn: RedisConn, prefix: &str, keys: Arc<KeyRing>, timeout: Duration) -> Self {
+    /// `lock_ttl` must outlast a partner call (the upstream timeout plus a margin).
+    pub fn new(
+        conn: RedisConn,
+        prefix: &str,
+        keys: Arc<KeyRing>,
+        timeout: Duration,
+        lock_ttl: Duration,
+    ) -> Self {
         Self {
             conn,
             prefix: Arc::from(prefix),
             keys,
             timeout,
-            remove_if: Arc::new(Script::new(
-                r"local v = redis.call('GET', KEYS[1])
-                  if v and string.match(v, '^%-?%d+:(%x+):') == ARGV[1] then
-                    redis.call('DEL', KEYS[1]) return 1
-                  end
-                  return 0",
-            )),
+            lock_ttl,
+            remove_if: Arc::new(Script::new(REMOVE_IF)),
+            put_unless_newer: Arc::new(Script::new(PUT_UNLESS_NEWER)),
+            release: Arc::new(Script::new(RELEASE)),
         }
+    }
+
+    /// The pub/sub channel replicas tell each other about token changes on.
+    pub fn events_channel(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// Tells every replica that `tenant`'s shared token changed.
+    pub async fn publish(&self, event: &str) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        self.timed(
+            redis::cmd("PUBLISH")
+                .arg(self.events_channel())
+                .arg(event)
+                .query_async::<()>(&mut conn),
+        )
+        .await
     }
 
     /// `{prefix}:{<tenant>}:<what>`.
@@ -199,9 +250,9 @@ impl RedisCache {
     }
 }
 
-#[async_trait]
-impl TokenCache for RedisCache {
-    async fn get(&self, tenant: &TenantId) -> Result<Option<Arc<CachedToken>>, CacheError> {
+impl RedisCache {
+    /// The tenant's token, if one is held (and opens).
+    pub async fn get(&self, tenant: &TenantId) -> Result<Option<Arc<CachedToken>>, CacheError> {
         let mut conn = self.conn.clone();
         let key = self.key(tenant, "token");
         let raw: Option<String> = self
@@ -213,25 +264,37 @@ impl TokenCache for RedisCache {
             .map(Arc::new))
     }
 
-    async fn put(&self, tenant: &TenantId, token: Arc<CachedToken>) -> Result<(), CacheError> {
+    /// Stores `token` until its usable end unless the held one expires later (a writer that
+    /// stalled past its lock must not overwrite a newer token); returns the token kept.
+    pub async fn put(
+        &self,
+        tenant: &TenantId,
+        token: Arc<CachedToken>,
+    ) -> Result<Arc<CachedToken>, CacheError> {
         let ttl = token.usable_until_ms - now_ms();
         if ttl <= 0 {
-            return Ok(());
+            return Ok(token);
         }
         let mut conn = self.conn.clone();
         let value = Zeroizing::new(self.encode(tenant, &token));
-        self.timed(
-            redis::cmd("SET")
-                .arg(self.key(tenant, "token"))
-                .arg(value.as_str())
-                .arg("PX")
-                .arg(ttl)
-                .query_async::<()>(&mut conn),
-        )
-        .await
+        let kept: Option<String> = self
+            .timed(
+                self.put_unless_newer
+                    .key(self.key(tenant, "token"))
+                    .arg(value.as_str())
+                    .arg(token.expires_at_ms)
+                    .arg(ttl)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(match kept.map(Zeroizing::new) {
+            Some(raw) => self.decode(tenant, &raw).map(Arc::new).unwrap_or(token),
+            None => token,
+        })
     }
 
-    async fn remove(&self, tenant: &TenantId) -> Result<(), CacheError> {
+    /// Drops the tenant's token.
+    pub async fn remove(&self, tenant: &TenantId) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
         self.timed(
             redis::cmd("DEL")
@@ -241,7 +304,8 @@ impl TokenCache for RedisCache {
         .await
     }
 
-    async fn remove_if_current(
+    /// Drops the tenant's token only if it is still `access_token`; true if dropped.
+    pub async fn remove_if_current(
         &self,
         tenant: &TenantId,
         access_token: &str,
@@ -258,9 +322,94 @@ impl TokenCache for RedisCache {
         Ok(dropped == 1)
     }
 
-    async fn ping(&self) -> Result<(), CacheError> {
+    pub async fn ping(&self) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
         self.timed(redis::cmd("PING").query_async::<()>(&mut conn))
             .await
     }
+}
+
+impl RedisCache {
+    /// Takes the tenant's mint lock if it is free (`SET NX PX` with a random value).
+    pub async fn try_acquire(&self, tenant: &TenantId) -> Result<Option<LockToken>, CacheError> {
+        let mut raw = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
+        let value = hex::encode(raw);
+        let mut conn = self.conn.clone();
+        let ok: Option<String> = self
+            .timed(
+                redis::cmd("SET")
+                    .arg(self.key(tenant, "lock"))
+                    .arg(&value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.lock_ttl.as_millis() as u64)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(ok.map(|_| LockToken {
+            tenant: tenant.clone(),
+            value,
+        }))
+    }
+
+    /// Releases the lock only if it is still ours (it may have expired and been taken over).
+    pub async fn release(&self, lock: LockToken) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        self.timed(
+            self.release
+                .key(self.key(&lock.tenant, "lock"))
+                .arg(&lock.value)
+                .invoke_async::<i64>(&mut conn),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Subscribes to the events channel and hands every message to `on_event`; reconnects by
+/// itself, calling `on_reconnect` after a gap (messages may have been missed).
+pub fn spawn_listener(
+    url: &str,
+    channel: String,
+    on_event: impl Fn(&str) + Send + Sync + 'static,
+    on_reconnect: impl Fn() + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    // With a cluster, PUBLISH reaches every node: subscribing on the first one suffices.
+    let node = url
+        .split(',')
+        .map(str::trim)
+        .find(|s| !s.is_empty())
+        .unwrap_or("")
+        .to_owned();
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            let result: Result<(), RedisError> = async {
+                let client = redis::Client::open(node.as_str())?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                if !first {
+                    on_reconnect();
+                }
+                first = false;
+                delay = Duration::from_millis(100);
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = futures_util::StreamExt::next(&mut messages).await {
+                    if let Ok(payload) = msg.get_payload::<String>() {
+                        on_event(&payload);
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "redis event subscription lost; reconnecting");
+            }
+            on_reconnect();
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    })
 }
