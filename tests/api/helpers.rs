@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{json, Value};
-use token_broker::app::Application;
+use token_broker::app::{AppState, Application};
 use token_broker::config::Settings;
 use wiremock::MockServer;
 
@@ -313,6 +313,7 @@ impl TestEnv {
             .expect("app builds");
         let port = app.port();
         let handle = app.handle();
+        let state = app.state();
         tokio::spawn(app.run_until_stopped());
         TestApp {
             address: format!("http://127.0.0.1:{port}"),
@@ -321,6 +322,7 @@ impl TestEnv {
                 .build()
                 .unwrap(),
             handle,
+            state,
         }
     }
 }
@@ -330,6 +332,7 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub handle: actix_web::dev::ServerHandle,
+    pub state: actix_web::web::Data<AppState>,
 }
 
 pub struct Answer {

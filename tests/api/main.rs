@@ -3,6 +3,7 @@
 mod helpers;
 
 mod admin;
+mod flights;
 mod partners;
 mod persistence;
 mod secrets;
