@@ -14,7 +14,7 @@ use actix_web::{web, App, HttpServer};
 use crate::api::problem::ApiError;
 use crate::api::{admin, observe, ops, problem_for_framework_errors, token};
 use crate::auth::{AdminAuth, Authenticator};
-use crate::broker::Broker;
+use crate::broker::{Broker, Timing};
 use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
 use crate::config::{KeySource, Settings};
 use crate::crypto::{KeyError, KeyRing};
@@ -128,8 +128,7 @@ impl Application {
     ) -> Result<Self, BuildError> {
         let store = open_store(&settings).await?;
         let metrics = Arc::new(Metrics::new());
-        // The lock outlasts a partner call; a waiter gives up a little after the lock would.
-        let lock_ttl = settings.upstream_timeout + Duration::from_secs(5);
+        let timing = Timing::from_upstream_timeout(settings.upstream_timeout);
         let shared = match &settings.redis_url {
             Some(url) => {
                 let conn = RedisConn::connect(url, settings.redis_timeout).await?;
@@ -138,7 +137,7 @@ impl Application {
                     &settings.redis_prefix,
                     Arc::new(store.keys().clone()),
                     settings.redis_timeout,
-                    lock_ttl,
+                    timing.lock_ttl(),
                 ))
             }
             None => None,
@@ -155,13 +154,7 @@ impl Application {
             tracing::warn!("BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses");
         }
         let channel = shared.as_ref().map(RedisCache::events_channel);
-        let broker = Broker::new(
-            store.clone(),
-            issuers,
-            shared,
-            metrics.clone(),
-            lock_ttl + Duration::from_secs(1),
-        );
+        let broker = Broker::new(store.clone(), issuers, shared, metrics.clone(), timing);
         if let (Some(url), Some(channel)) = (&settings.redis_url, channel) {
             let (on_event, on_gap) = (Arc::downgrade(&broker), Arc::downgrade(&broker));
             spawn_listener(

@@ -152,7 +152,27 @@ async fn get_tenant(
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
     let record = state.store.tenant_record(&id).await?;
-    Ok(tenant_response(HttpResponse::Ok(), &record))
+    let health = state.store.health(&id).await?;
+    let circuit = state.broker.circuit_state(&id).await;
+    let now = now_ms();
+    let mut view = serde_json::to_value(tenant_view(&record)).expect("serialises");
+    view["health"] = json!({
+        "last_success_at": health.last_success_at_ms.map(rfc3339),
+        "last_error": health.last_error_at_ms.map(|at| json!({
+            "at": rfc3339(at),
+            "code": health.last_error_code,
+            "detail": health.last_error_detail,
+        })),
+        "circuit": circuit.map(|c| json!({
+            "open": c.is_open(now),
+            "failures": c.failures,
+            "retry_after": c.is_open(now).then(|| c.retry_after_s(now)),
+        })),
+    });
+    Ok(HttpResponse::Ok()
+        .insert_header((header::ETAG, format!("\"v{}\"", record.version)))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(view))
 }
 
 async fn patch_tenant(
@@ -181,6 +201,7 @@ async fn patch_tenant(
         .await?;
     if issuer.is_some() || patch.credentials.is_some() {
         state.broker.forget(&id).await?;
+        state.broker.reset_circuit(&id).await;
     }
     tracing::info!(tenant = %id, "tenant updated");
     Ok(tenant_response(HttpResponse::Ok(), &record))

@@ -58,6 +58,8 @@ pub enum ApiError {
     Cache(#[source] Arc<CacheError>),
     #[error("{0}")]
     LockWaitTimeout(String),
+    #[error("{last}; the broker pauses calls to this partner for {retry_after} s")]
+    CircuitOpen { last: IssuerError, retry_after: u64 },
     #[error("internal error")]
     Internal(String),
 }
@@ -87,21 +89,12 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::MinTtlUnsatisfiable(_) => "min_ttl_unsatisfiable",
-            Self::Upstream(e) => match e {
-                IssuerError::RejectedCredentials { .. } => "upstream_rejected_credentials",
-                IssuerError::RejectedRequest { .. } => "upstream_rejected_request",
-                IssuerError::RateLimited { .. } => "upstream_rate_limited",
-                IssuerError::Unavailable(_) => "upstream_unavailable",
-                IssuerError::Timeout => "upstream_timeout",
-                IssuerError::BadResponse(_) => "upstream_bad_response",
-                IssuerError::NoExpiry(_) => "upstream_token_expiry_unknown",
-                IssuerError::Blocked(_) => "upstream_address_blocked",
-                IssuerError::Recipe(_) => "recipe_error",
-            },
+            Self::Upstream(e) => e.code(),
             Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => "credentials_unreadable",
             Self::Store(_) => "database_unavailable",
             Self::Cache(_) => "cache_unavailable",
             Self::LockWaitTimeout(_) => "upstream_timeout",
+            Self::CircuitOpen { last, .. } => last.code(),
             Self::Internal(_) => "internal_error",
         }
     }
@@ -134,6 +127,7 @@ impl ApiError {
             }
             Self::Store(_) | Self::Cache(_) => "Service unavailable",
             Self::LockWaitTimeout(_) => "The partner timed out",
+            Self::CircuitOpen { .. } => "The partner's token endpoint is failing",
             Self::Internal(_) => "Internal error",
         }
     }
@@ -162,6 +156,9 @@ impl From<BrokerError> for ApiError {
             BrokerError::Store(e) => Self::Store(e),
             BrokerError::Cache(e) => Self::Cache(e),
             e @ BrokerError::LockWaitTimeout(_) => Self::LockWaitTimeout(e.to_string()),
+            BrokerError::CircuitOpen { last, retry_after } => {
+                Self::CircuitOpen { last, retry_after }
+            }
         }
     }
 }
@@ -204,10 +201,10 @@ impl ResponseError for ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Upstream(e) => match e {
-                IssuerError::RateLimited { .. } | IssuerError::Unavailable(_) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+            Self::Upstream(e) | Self::CircuitOpen { last: e, .. } => match e {
+                IssuerError::RateLimited { .. }
+                | IssuerError::Paced { .. }
+                | IssuerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 IssuerError::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
             },
@@ -243,10 +240,13 @@ impl ResponseError for ApiError {
             Self::Unauthorized(_) => {
                 resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
             }
-            Self::Upstream(IssuerError::RateLimited {
-                retry_after: Some(s),
-            }) => {
-                resp.insert_header((header::RETRY_AFTER, s.to_string()));
+            Self::Upstream(e) => {
+                if let Some(s) = e.retry_after() {
+                    resp.insert_header((header::RETRY_AFTER, s.to_string()));
+                }
+            }
+            Self::CircuitOpen { retry_after, .. } => {
+                resp.insert_header((header::RETRY_AFTER, retry_after.to_string()));
             }
             _ => {}
         }

@@ -126,6 +126,15 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return false";
 
+/// Pacing: take the slot if free, else report how long until it frees.
+const TAKE_SLOT: &str = r"
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  return 0
+end
+local left = redis.call('PTTL', KEYS[1])
+if left < 1 then return 1 end
+return left";
+
 /// Owner-only lock release.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -144,6 +153,7 @@ pub struct RedisCache {
     remove_if: Arc<Script>,
     put_unless_newer: Arc<Script>,
     release: Arc<Script>,
+    take_slot: Arc<Script>,
 }
 
 impl RedisCache {
@@ -164,6 +174,7 @@ impl RedisCache {
             remove_if: Arc::new(Script::new(REMOVE_IF)),
             put_unless_newer: Arc::new(Script::new(PUT_UNLESS_NEWER)),
             release: Arc::new(Script::new(RELEASE)),
+            take_slot: Arc::new(Script::new(TAKE_SLOT)),
         }
     }
 
@@ -330,6 +341,66 @@ impl RedisCache {
 }
 
 impl RedisCache {
+    /// A small JSON record under `{prefix}:{<tenant>}:<what>` (circuit state).
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        tenant: &TenantId,
+        what: &str,
+    ) -> Result<Option<T>, CacheError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = self
+            .timed(
+                redis::cmd("GET")
+                    .arg(self.key(tenant, what))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
+    pub async fn set_json<T: Serialize>(
+        &self,
+        tenant: &TenantId,
+        what: &str,
+        value: &T,
+        ttl_ms: i64,
+    ) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        self.timed(
+            redis::cmd("SET")
+                .arg(self.key(tenant, what))
+                .arg(serde_json::to_string(value).expect("serialises"))
+                .arg("PX")
+                .arg(ttl_ms.max(1))
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    pub async fn delete_key(&self, tenant: &TenantId, what: &str) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        self.timed(
+            redis::cmd("DEL")
+                .arg(self.key(tenant, what))
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    /// Takes the tenant's next partner-call slot: 0 if taken, else ms until it frees.
+    pub async fn take_slot(&self, tenant: &TenantId, interval_ms: u64) -> Result<u64, CacheError> {
+        let mut conn = self.conn.clone();
+        let wait: i64 = self
+            .timed(
+                self.take_slot
+                    .key(self.key(tenant, "pace"))
+                    .arg(interval_ms)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(wait.max(0) as u64)
+    }
+
     /// Takes the tenant's mint lock if it is free (`SET NX PX` with a random value).
     pub async fn try_acquire(&self, tenant: &TenantId) -> Result<Option<LockToken>, CacheError> {
         let mut raw = [0u8; 16];

@@ -32,7 +32,8 @@ pub struct Minted {
 
 /// Why a mint failed. Messages are written for operators and never carry secrets or the
 /// partner's body verbatim.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "info", rename_all = "snake_case")]
 pub enum IssuerError {
     #[error("the partner rejected the credentials (HTTP {status}{})", oauth_error(.error))]
     RejectedCredentials { status: u16, error: Option<String> },
@@ -40,6 +41,8 @@ pub enum IssuerError {
     RejectedRequest { status: u16, error: Option<String> },
     #[error("the partner is throttling token requests (HTTP 429)")]
     RateLimited { retry_after: Option<u64> },
+    #[error("the tenant's partner call rate cap (min_interval_ms) leaves no call slot in time")]
+    Paced { retry_after: u64 },
     #[error("the partner's token endpoint is unavailable ({0})")]
     Unavailable(String),
     #[error("the partner did not answer in time")]
@@ -67,12 +70,42 @@ impl IssuerError {
             Self::RejectedCredentials { .. } => "rejected_credentials",
             Self::RejectedRequest { .. } => "rejected_request",
             Self::RateLimited { .. } => "rate_limited",
+            Self::Paced { .. } => "paced",
             Self::Unavailable(_) => "unavailable",
             Self::Timeout => "timeout",
             Self::BadResponse(_) | Self::NoExpiry(_) => "bad_response",
             Self::Blocked(_) => "blocked",
             Self::Recipe(_) => "recipe_error",
         }
+    }
+
+    /// The stable problem code callers see.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::RejectedCredentials { .. } => "upstream_rejected_credentials",
+            Self::RejectedRequest { .. } => "upstream_rejected_request",
+            Self::RateLimited { .. } | Self::Paced { .. } => "upstream_rate_limited",
+            Self::Unavailable(_) => "upstream_unavailable",
+            Self::Timeout => "upstream_timeout",
+            Self::BadResponse(_) => "upstream_bad_response",
+            Self::NoExpiry(_) => "upstream_token_expiry_unknown",
+            Self::Blocked(_) => "upstream_address_blocked",
+            Self::Recipe(_) => "recipe_error",
+        }
+    }
+
+    /// Seconds the caller should wait, when the cause says.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after } => *retry_after,
+            Self::Paced { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// Worth another attempt soon (the partner is down or slow), unlike a rejection.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Timeout)
     }
 
     /// Whether the refresh-token grant failed in a way that calls for the full grant.
@@ -128,8 +161,13 @@ impl Issuers {
         }
     }
 
-    /// Asks the tenant's partner for a token.
-    pub async fn mint(&self, tenant: &Tenant, grant: Grant<'_>) -> Result<Minted, IssuerError> {
+    /// Asks the tenant's partner for a token, giving up after `timeout`.
+    pub async fn mint(
+        &self,
+        tenant: &Tenant,
+        grant: Grant<'_>,
+        timeout: Duration,
+    ) -> Result<Minted, IssuerError> {
         let url = guard::check_token_url(&tenant.issuer.token_url, self.allow_insecure)
             .map_err(|e| IssuerError::Blocked(e.to_string()))?;
         let prepared = recipes::prepare(tenant, &grant).map_err(IssuerError::Recipe)?;
@@ -137,7 +175,8 @@ impl Issuers {
             .client
             .post(url)
             .header(CONTENT_TYPE, prepared.content_type)
-            .header(ACCEPT, "application/json");
+            .header(ACCEPT, "application/json")
+            .timeout(timeout);
         for (name, value) in prepared.headers {
             req = req.header(name, value);
         }

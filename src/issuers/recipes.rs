@@ -13,6 +13,7 @@ use super::template;
 use crate::tenants::{AuthMethod, BodyType, IssuerKind, IssuerSpec, Tenant};
 
 /// Which grant to ask for.
+#[derive(Clone, Copy)]
 pub enum Grant<'a> {
     /// The tenant's full grant (client credentials, password, recipe).
     Initial,

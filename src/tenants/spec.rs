@@ -115,6 +115,13 @@ pub struct IssuerSpec {
     pub token_url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_ttl_seconds: Option<u64>,
+    /// Whole-request timeout of one partner call (default `BROKER_UPSTREAM_TIMEOUT_MS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// At most one partner call per this many ms (partners that allow one token request per
+    /// second per client id); applies to every path that mints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_interval_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_method: Option<AuthMethod>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,6 +149,24 @@ impl IssuerSpec {
                     format!("must be between 1 and {MAX_TTL_SECONDS}"),
                 ));
             }
+        }
+        if self
+            .timeout_ms
+            .is_some_and(|t| !(100..=60_000).contains(&t))
+        {
+            return Err(SpecError::new(
+                "issuer.timeout_ms",
+                "must be between 100 and 60000",
+            ));
+        }
+        if self
+            .min_interval_ms
+            .is_some_and(|t| !(1..=3_600_000).contains(&t))
+        {
+            return Err(SpecError::new(
+                "issuer.min_interval_ms",
+                "must be between 1 and 3600000",
+            ));
         }
         let oauth_only = [
             ("auth_method", self.auth_method.is_some()),

@@ -69,6 +69,15 @@ pub struct TenantRecord {
     pub updated_at_ms: i64,
 }
 
+/// The outcome of a tenant's latest partner calls.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    pub last_success_at_ms: Option<i64>,
+    pub last_error_at_ms: Option<i64>,
+    pub last_error_code: Option<String>,
+    pub last_error_detail: Option<String>,
+}
+
 /// Which tenants a caller may fetch tokens for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -386,9 +395,63 @@ impl TenantStore {
         self.tenant_record(id).await
     }
 
+    /// Records the outcome of a mint (`None`: success). Failures to record are only logged:
+    /// bookkeeping must not fail a mint.
+    pub async fn record_health(&self, id: &TenantId, error: Option<&crate::issuers::IssuerError>) {
+        let now = now_ms();
+        let result = match error {
+            None => {
+                sqlx::query(
+                    "INSERT INTO tenant_health (tenant_id, last_success_at) VALUES ($1, $2) ON CONFLICT (tenant_id) DO UPDATE SET last_success_at = excluded.last_success_at",
+                )
+                .bind(id.as_str())
+                .bind(now)
+                .execute(&self.pool)
+                .await
+            }
+            Some(e) => {
+                sqlx::query(
+                    "INSERT INTO tenant_health (tenant_id, last_error_at, last_error_code, last_error_detail) VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id) DO UPDATE SET last_error_at = excluded.last_error_at, last_error_code = excluded.last_error_code, last_error_detail = excluded.last_error_detail",
+                )
+                .bind(id.as_str())
+                .bind(now)
+                .bind(e.code())
+                .bind(e.to_string())
+                .execute(&self.pool)
+                .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(tenant = %id, error = %e, "tenant health not recorded");
+        }
+    }
+
+    /// The tenant's last partner outcomes.
+    pub async fn health(&self, id: &TenantId) -> Result<Health, StoreError> {
+        let row = sqlx::query(
+            "SELECT last_success_at, last_error_at, last_error_code, last_error_detail FROM tenant_health WHERE tenant_id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else {
+            return Ok(Health::default());
+        };
+        Ok(Health {
+            last_success_at_ms: r.try_get("last_success_at")?,
+            last_error_at_ms: r.try_get("last_error_at")?,
+            last_error_code: r.try_get("last_error_code")?,
+            last_error_detail: r.try_get("last_error_detail")?,
+        })
+    }
+
     /// Deletes a tenant and its credentials; false if it did not exist.
     pub async fn delete_tenant(&self, id: &TenantId) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM tenant_health WHERE tenant_id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM tenant_credentials WHERE tenant_id = $1")
             .bind(id.as_str())
             .execute(&mut *tx)

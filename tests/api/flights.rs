@@ -46,7 +46,9 @@ async fn cold_herd_across_three_replicas(env: TestEnv) {
         })
         .mount(&partner)
         .await;
-    apps[0].create_tenant(&setu_spec("herd", &partner, "s")).await;
+    apps[0]
+        .create_tenant(&setu_spec("herd", &partner, "s"))
+        .await;
     let key = apps[0].create_caller("c", json!("*")).await;
     let started = Instant::now();
     let mut tokens = fetch_many(&apps, "herd", &key, 500).await;
@@ -64,7 +66,10 @@ backends!(cold_herd_across_three_replicas: PostgresRedis);
 
 /// A partner whose tokens live `lifetime` s, answering after 300 ms; Comm100-style answers
 /// carry a refresh token, and refresh grants answer without one (so the old one is kept).
-async fn slow_partner(lifetime: i64, comm100: bool) -> (MockServer, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+async fn slow_partner(
+    lifetime: i64,
+    comm100: bool,
+) -> (MockServer, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let server = MockServer::start().await;
     let (full, refreshes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (f, r) = (full.clone(), refreshes.clone());
@@ -130,14 +135,23 @@ async fn steady_traffic_never_waits(env: TestEnv) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (full, refreshes) = (full.load(Ordering::SeqCst), refreshes.load(Ordering::SeqCst));
+    let (full, refreshes) = (
+        full.load(Ordering::SeqCst),
+        refreshes.load(Ordering::SeqCst),
+    );
     eprintln!(
         "steady loop ({:?}): worst wait {worst_wait:?}, least time left {least_left} s, {} tokens, {full} full grants, {refreshes} refresh grants",
         env.backend,
         seen.len()
     );
-    assert!(worst_wait < Duration::from_millis(150), "a caller waited {worst_wait:?} (the partner takes 300 ms)");
-    assert!(least_left >= 3, "a caller got a token with {least_left} s left");
+    assert!(
+        worst_wait < Duration::from_millis(150),
+        "a caller waited {worst_wait:?} (the partner takes 300 ms)"
+    );
+    assert!(
+        least_left >= 3,
+        "a caller got a token with {least_left} s left"
+    );
     assert!(seen.len() >= 3, "the token was renewed ahead of expiry");
     if comm100 {
         assert_eq!(full, 1, "renewals use the refresh token");
@@ -168,7 +182,8 @@ async fn invalid_refresh_token_falls_back_to_the_full_grant(env: TestEnv) {
         })
         .mount(&partner)
         .await;
-    app.create_tenant(&comm100_spec("fallback", &partner, "pw")).await;
+    app.create_tenant(&comm100_spec("fallback", &partner, "pw"))
+        .await;
     let key = app.create_caller("c", json!("*")).await;
     let first = app.get_token("fallback", &key).await.json()["access_token"].clone();
     // Asking for more than is left forces a renewal: refresh grant, refused, then the full grant.
@@ -176,7 +191,10 @@ async fn invalid_refresh_token_falls_back_to_the_full_grant(env: TestEnv) {
     let second = app.get_token_min_ttl("fallback", &key, 99).await;
     assert_eq!(second.status, 200, "{}", second.text);
     assert_ne!(second.json()["access_token"], first);
-    assert_eq!(*grants.lock().unwrap(), ["password", "refresh_token", "password"]);
+    assert_eq!(
+        *grants.lock().unwrap(),
+        ["password", "refresh_token", "password"]
+    );
     app.stop().await;
 }
 backends!(invalid_refresh_token_falls_back_to_the_full_grant: Sqlite, PostgresRedis);
@@ -193,12 +211,22 @@ async fn invalidation_reaches_every_replica(env: TestEnv) {
     a.create_tenant(&setu_spec("inv", &partner, "s")).await;
     let key = a.create_caller("c", json!("*")).await;
     let t1 = a.get_token("inv", &key).await.json()["access_token"].clone();
-    assert_eq!(b.get_token("inv", &key).await.json()["access_token"], t1, "b holds it in L1 now");
+    assert_eq!(
+        b.get_token("inv", &key).await.json()["access_token"],
+        t1,
+        "b holds it in L1 now"
+    );
     // A stale report on b drops nothing anywhere.
-    assert_eq!(b.invalidate("inv", &key, "an-older-token").await.status, 204);
+    assert_eq!(
+        b.invalidate("inv", &key, "an-older-token").await.status,
+        204
+    );
     assert_eq!(a.get_token("inv", &key).await.json()["access_token"], t1);
     // Reporting the current token on a drops it on b as well.
-    assert_eq!(a.invalidate("inv", &key, t1.as_str().unwrap()).await.status, 204);
+    assert_eq!(
+        a.invalidate("inv", &key, t1.as_str().unwrap()).await.status,
+        204
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t2 = b.get_token("inv", &key).await.json()["access_token"].clone();
     assert_ne!(t2, t1);
@@ -210,7 +238,8 @@ async fn invalidation_reaches_every_replica(env: TestEnv) {
 backends!(invalidation_reaches_every_replica: PostgresRedis);
 
 async fn a_dead_lock_holder_delays_but_does_not_block(mut env: TestEnv) {
-    env.extra.insert("BROKER_UPSTREAM_TIMEOUT_MS".into(), "1000".into());
+    env.extra
+        .insert("BROKER_UPSTREAM_TIMEOUT_MS".into(), "1000".into());
     let app = env.spawn().await;
     let partner = MockServer::start().await;
     Mock::given(method("POST"))
@@ -244,7 +273,11 @@ async fn a_dead_lock_holder_delays_but_does_not_block(mut env: TestEnv) {
         "callers recovered after the lock's TTL, not before or much later: {waited:?}"
     );
     // The dead holder's late release cannot remove a live lock: its value no longer matches.
-    let left: Option<String> = redis::cmd("GET").arg(&lock).query_async(&mut conn).await.unwrap();
+    let left: Option<String> = redis::cmd("GET")
+        .arg(&lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(left.is_none(), "the new holder released its own lock");
     app.stop().await;
 }
@@ -269,7 +302,11 @@ async fn a_stalled_writer_cannot_overwrite_a_newer_token(env: TestEnv) {
     let newer = shared.put(&tenant, token("newer", 600_000)).await.unwrap();
     assert_eq!(newer.access_token.expose_secret(), "newer");
     let kept = shared.put(&tenant, token("stale", 300_000)).await.unwrap();
-    assert_eq!(kept.access_token.expose_secret(), "newer", "the later expiry wins");
+    assert_eq!(
+        kept.access_token.expose_secret(),
+        "newer",
+        "the later expiry wins"
+    );
     let got = shared.get(&tenant).await.unwrap().unwrap();
     assert_eq!(got.access_token.expose_secret(), "newer");
     app.stop().await;

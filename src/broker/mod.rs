@@ -1,6 +1,8 @@
 //! `Broker::token`: the token path (in-process L1, shared L2 in Redis, single-flight mints
-//! under a cross-replica lock, refresh-ahead) plus invalidation. Domain code only: nothing
-//! here knows about HTTP.
+//! under a cross-replica lock, refresh-ahead, partner protection) plus invalidation. Domain
+//! code only: nothing here knows about HTTP.
+
+pub mod circuit;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +30,8 @@ pub enum BrokerError {
     MinTtlUnsatisfiable { min_ttl_s: u64, lifetime_s: i64 },
     #[error("another replica's mint did not finish within {0:?}")]
     LockWaitTimeout(Duration),
+    #[error("{last} (partner calls paused for {retry_after} s)")]
+    CircuitOpen { last: IssuerError, retry_after: u64 },
     #[error(transparent)]
     Upstream(#[from] IssuerError),
     #[error(transparent)]
@@ -103,6 +107,39 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 /// Bound on L1 entries when Redis is the shared truth (a safety net behind the events).
 pub const L1_MAX_AGE_WITH_REDIS: Duration = Duration::from_secs(15);
 
+/// Time bounds of the token path.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Default timeout of one partner call (a tenant's `timeout_ms` overrides it).
+    pub attempt_timeout: Duration,
+    /// Everything one mint may take: attempts, retries, pacing, the refresh-grant fallback.
+    pub mint_budget: Duration,
+    /// How long a flight waits for another replica's lock (longer than the lock's TTL).
+    pub lock_wait: Duration,
+    /// The longest a caller is held.
+    pub caller_deadline: Duration,
+}
+
+impl Timing {
+    /// Bounds derived from the upstream timeout: the lock outlasts a mint by 5 s, a caller
+    /// waits at most 2 s past a mint's budget.
+    pub fn from_upstream_timeout(t: Duration) -> Self {
+        Self {
+            attempt_timeout: t,
+            mint_budget: t,
+            lock_wait: t + Duration::from_secs(6),
+            caller_deadline: t + Duration::from_secs(2),
+        }
+    }
+
+    pub fn lock_ttl(&self) -> Duration {
+        self.mint_budget + Duration::from_secs(5)
+    }
+}
+
+/// Transient failures are retried this many times within the mint budget.
+const RETRIES: u32 = 2;
+
 /// The token broker.
 pub struct Broker {
     store: TenantStore,
@@ -112,7 +149,9 @@ pub struct Broker {
     metrics: Arc<Metrics>,
     /// Identifies this process in events, so it ignores its own.
     replica: String,
-    lock_wait: Duration,
+    timing: Timing,
+    circuits: circuit::Circuits,
+    pacer: circuit::Pacer,
     flights: Mutex<HashMap<TenantId, Flight>>,
     next_flight: AtomicU64,
     waiters: Mutex<HashMap<TenantId, Arc<Notify>>>,
@@ -120,15 +159,18 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// `lock_wait` bounds how long a request waits for another replica's mint.
     pub fn new(
         store: TenantStore,
         issuers: Issuers,
         l2: Option<RedisCache>,
         metrics: Arc<Metrics>,
-        lock_wait: Duration,
+        timing: Timing,
     ) -> Arc<Self> {
         let max_age = l2.as_ref().map(|_| L1_MAX_AGE_WITH_REDIS);
+        let (circuits, pacer) = (
+            circuit::Circuits::new(l2.clone()),
+            circuit::Pacer::new(l2.clone()),
+        );
         let mut raw = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
         Arc::new(Self {
@@ -138,7 +180,9 @@ impl Broker {
             l2,
             metrics,
             replica: hex::encode(raw),
-            lock_wait,
+            timing,
+            circuits,
+            pacer,
             flights: Mutex::new(HashMap::new()),
             next_flight: AtomicU64::new(1),
             waiters: Mutex::new(HashMap::new()),
@@ -229,10 +273,16 @@ impl Broker {
         }
         let want = Want::Usable { min_ttl_ms };
         let started = now_ms();
-        let mut token = self.flight(tenant, want).await?;
+        let deadline = Instant::now() + self.timing.caller_deadline;
+        let bounded = |f| async move {
+            tokio::time::timeout_at(deadline.into(), f)
+                .await
+                .unwrap_or(Err(BrokerError::Upstream(IssuerError::Timeout)))
+        };
+        let mut token = bounded(self.flight(tenant, want)).await?;
         if !want.satisfied_by(&token, now_ms()) {
             // The flight joined was after less (a refresh, a shorter min_ttl): run our own.
-            token = self.flight(tenant, want).await?;
+            token = bounded(self.flight(tenant, want)).await?;
         }
         let now = now_ms();
         if !want.satisfied_by(&token, now) {
@@ -326,10 +376,11 @@ impl Broker {
     /// The body of a flight: wait for (or take) the cross-replica lock, mint, write, announce.
     async fn run_flight(self: &Arc<Self>, tenant: &TenantId, want: Want) -> FlightResult {
         let Some(l2) = &self.l2 else {
+            self.check_circuit(tenant, want).await?;
             let prev = self.l1.get_now(tenant);
             return self.mint_and_store(tenant, prev.as_deref()).await;
         };
-        let deadline = Instant::now() + self.lock_wait;
+        let deadline = Instant::now() + self.timing.lock_wait;
         let notify = self
             .waiters
             .lock()
@@ -346,6 +397,7 @@ impl Broker {
                         return Ok(self.l1.insert_unless_newer(tenant, t.clone()));
                     }
                 }
+                self.check_circuit(tenant, want).await?;
                 if let Some(lock) = l2.try_acquire(tenant).await? {
                     // Another replica may have written between our read and the lock.
                     let current = match l2.get(tenant).await {
@@ -370,7 +422,7 @@ impl Broker {
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(BrokerError::LockWaitTimeout(self.lock_wait));
+                    return Err(BrokerError::LockWaitTimeout(self.timing.lock_wait));
                 }
                 let _ = tokio::time::timeout(WAIT_POLL.min(left), woken).await;
             }
@@ -387,6 +439,32 @@ impl Broker {
         result
     }
 
+    /// While the tenant's circuit is open, answers with its last problem (the admin dry run,
+    /// `Want::Fresh`, is let through: a success closes the circuit).
+    async fn check_circuit(&self, tenant: &TenantId, want: Want) -> Result<(), BrokerError> {
+        if matches!(want, Want::Fresh) {
+            return Ok(());
+        }
+        let now = now_ms();
+        match self.circuits.state(tenant).await {
+            Some(s) if s.is_open(now) => Err(BrokerError::CircuitOpen {
+                retry_after: s.retry_after_s(now),
+                last: s.last_error,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The tenant's circuit, for the admin view.
+    pub async fn circuit_state(&self, tenant: &TenantId) -> Option<circuit::CircuitState> {
+        self.circuits.state(tenant).await
+    }
+
+    /// Closes the tenant's circuit (after a credential rotation).
+    pub async fn reset_circuit(&self, tenant: &TenantId) {
+        self.circuits.reset(tenant).await;
+    }
+
     /// Mints (refresh grant first when the last answer carried a refresh token), then writes
     /// the token to the shared cache (fenced: a later token wins), announces it and keeps it in L1.
     async fn mint_and_store(
@@ -395,8 +473,10 @@ impl Broker {
         prev: Option<&CachedToken>,
     ) -> FlightResult {
         let tenant = self.store.tenant(tenant_id).await?;
-        let minted = self.mint_at_partner(&tenant, prev).await?;
-        let token = Arc::new(CachedToken::from_minted(minted));
+        let deadline_ms = now_ms() + self.timing.mint_budget.as_millis() as i64;
+        let result = self.mint_at_partner(&tenant, prev, deadline_ms).await;
+        self.record_outcome(tenant_id, &result).await;
+        let token = Arc::new(CachedToken::from_minted(result?));
         let kept = match &self.l2 {
             Some(l2) => {
                 let kept = l2.put(tenant_id, token.clone()).await?;
@@ -411,16 +491,35 @@ impl Broker {
         Ok(kept)
     }
 
+    /// Circuit and health bookkeeping after a mint (the pacer's own refusals are not failures).
+    async fn record_outcome(&self, tenant: &TenantId, result: &Result<Minted, IssuerError>) {
+        match result {
+            Ok(_) => {
+                self.circuits.reset(tenant).await;
+                self.store.record_health(tenant, None).await;
+            }
+            Err(IssuerError::Paced { .. }) => {}
+            Err(e) => {
+                self.circuits.record_failure(tenant, e).await;
+                self.store.record_health(tenant, Some(e)).await;
+            }
+        }
+    }
+
     async fn mint_at_partner(
         &self,
         tenant: &Tenant,
         prev: Option<&CachedToken>,
+        deadline_ms: i64,
     ) -> Result<Minted, IssuerError> {
         let refresh = prev
             .and_then(|p| p.refresh_token.as_ref())
             .filter(|_| supports_refresh(tenant.issuer.kind));
         if let Some(rt) = refresh {
-            match self.call_partner(tenant, Grant::Refresh(rt)).await {
+            match self
+                .call_partner(tenant, Grant::Refresh(rt), deadline_ms)
+                .await
+            {
                 Ok(mut m) => {
                     // An answer without a refresh token keeps the old one usable.
                     m.refresh_token.get_or_insert_with(|| rt.clone());
@@ -432,16 +531,56 @@ impl Broker {
                 Err(e) => return Err(e),
             }
         }
-        self.call_partner(tenant, Grant::Initial).await
+        self.call_partner(tenant, Grant::Initial, deadline_ms).await
     }
 
-    async fn call_partner(&self, tenant: &Tenant, grant: Grant<'_>) -> Result<Minted, IssuerError> {
-        let started = Instant::now();
-        let result = self.issuers.mint(tenant, grant).await;
-        let outcome = result.as_ref().map_or_else(IssuerError::outcome, |_| "ok");
-        self.metrics
-            .observe_upstream(tenant.id.as_str(), outcome, started.elapsed());
-        result
+    /// One partner call with pacing, and retries with jittered exponential backoff for
+    /// transient failures, all before `deadline_ms`. Rejections are never retried.
+    async fn call_partner(
+        &self,
+        tenant: &Tenant,
+        grant: Grant<'_>,
+        deadline_ms: i64,
+    ) -> Result<Minted, IssuerError> {
+        let attempt_timeout = tenant
+            .issuer
+            .timeout_ms
+            .map_or(self.timing.attempt_timeout, Duration::from_millis);
+        let mut attempt = 0;
+        loop {
+            if let Some(interval) = tenant.issuer.min_interval_ms {
+                self.pacer
+                    .take(&tenant.id, interval, deadline_ms)
+                    .await
+                    .map_err(|wait| IssuerError::Paced {
+                        retry_after: wait.as_secs().max(1),
+                    })?;
+            }
+            let left = deadline_ms - now_ms();
+            if left <= 0 {
+                return Err(IssuerError::Timeout);
+            }
+            let timeout = attempt_timeout.min(Duration::from_millis(left as u64));
+            let started = Instant::now();
+            let result = self.issuers.mint(tenant, grant, timeout).await;
+            let outcome = result.as_ref().map_or_else(IssuerError::outcome, |_| "ok");
+            self.metrics
+                .observe_upstream(tenant.id.as_str(), outcome, started.elapsed());
+            match result {
+                Err(e) if e.is_transient() && attempt < RETRIES => {
+                    let cap = 200i64 << attempt;
+                    let backoff = 50 + rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap);
+                    // Worth it only if a meaningful attempt still fits.
+                    if now_ms() + backoff + 250 >= deadline_ms {
+                        return Err(e);
+                    }
+                    tracing::info!(tenant = %tenant.id, attempt, backoff_ms = backoff, error = %e, "retrying the partner");
+                    tokio::time::sleep(Duration::from_millis(backoff as u64)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Mints now, whatever is cached (the admin dry run); the result replaces the cached token.
