@@ -201,7 +201,6 @@ async fn patch_tenant(
         .await?;
     if issuer.is_some() || patch.credentials.is_some() {
         state.broker.forget(&id).await?;
-        state.broker.reset_circuit(&id).await;
     }
     tracing::info!(tenant = %id, "tenant updated");
     Ok(tenant_response(HttpResponse::Ok(), &record))

@@ -460,11 +460,6 @@ impl Broker {
         self.circuits.state(tenant).await
     }
 
-    /// Closes the tenant's circuit (after a credential rotation).
-    pub async fn reset_circuit(&self, tenant: &TenantId) {
-        self.circuits.reset(tenant).await;
-    }
-
     /// Mints (refresh grant first when the last answer carried a refresh token), then writes
     /// the token to the shared cache (fenced: a later token wins), announces it and keeps it in L1.
     async fn mint_and_store(
@@ -588,8 +583,10 @@ impl Broker {
         self.run_flight(tenant, Want::Fresh).await
     }
 
-    /// Drops the tenant's cached token everywhere (credential rotation, spec change, deletion).
+    /// Drops the tenant's cached token everywhere and closes its circuit (credential rotation,
+    /// spec change, creation, deletion: what failed before may work now).
     pub async fn forget(&self, tenant: &TenantId) -> Result<(), BrokerError> {
+        self.circuits.reset(tenant).await;
         self.l1.invalidate(tenant);
         if let Some(l2) = &self.l2 {
             l2.remove(tenant).await?;

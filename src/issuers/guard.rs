@@ -180,6 +180,17 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_resolver_drops_internal_addresses() {
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let result = PublicOnlyResolver.resolve(name).await;
+        assert!(
+            result.is_err(),
+            "localhost resolves only to loopback, which is dropped"
+        );
+    }
+
     #[test]
     fn insecure_mode_allows_local_http_but_not_other_schemes() {
         assert!(check_token_url("http://127.0.0.1:9000/token", true).is_ok());

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod admin;
+mod failures;
 mod flights;
 mod partners;
 mod persistence;
