@@ -13,6 +13,8 @@ use actix_web::{web, App, HttpServer};
 
 use crate::api::problem::ApiError;
 use crate::api::{admin, observe, ops, problem_for_framework_errors, token};
+use crate::audit::Audit;
+use crate::auth::jwt::JwtVerifier;
 use crate::auth::{AdminAuth, Authenticator};
 use crate::broker::{Broker, Timing};
 use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
@@ -25,6 +27,8 @@ use crate::tenants::{StoreError, TenantStore};
 /// Shared state every handler receives.
 pub struct AppState {
     pub broker: Arc<Broker>,
+    pub audit: Arc<Audit>,
+    pub jwt: Option<Arc<JwtVerifier>>,
     pub store: TenantStore,
     pub auth: Authenticator,
     pub admin: AdminAuth,
@@ -50,6 +54,8 @@ pub enum BuildError {
     Store(#[from] StoreError),
     #[error("database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    KeysInUse(String),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("cannot listen: {0}")]
@@ -109,6 +115,61 @@ pub async fn open_store(settings: &Settings) -> Result<TenantStore, BuildError> 
     Ok(store)
 }
 
+/// Refuses a key ring that lacks a key stored credentials still need, naming the rows.
+pub async fn check_keys_in_use(store: &TenantStore) -> Result<(), BuildError> {
+    let mut missing = Vec::new();
+    for (key_id, rows) in store.key_usage().await? {
+        if !store.keys().contains(&key_id) {
+            let sample = store.rows_sealed_with(&key_id, 10).await?;
+            missing.push(format!(
+                "key `{key_id}` still seals {rows} credential row(s) (e.g. {}); put it back in BROKER_ENCRYPTION_KEYS and run `token-broker rekey` before removing it",
+                sample.join(", ")
+            ));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(BuildError::KeysInUse(missing.join("; ")))
+    }
+}
+
+/// `token-broker rekey`: re-seals every stored credential, and every token cached in Redis,
+/// with the active key. Safe to interrupt and run again. Returns (credential rows, cached tokens).
+pub async fn rekey(settings: &Settings) -> Result<(u64, u64), BuildError> {
+    let store = open_store(settings).await?;
+    let rows = store.rekey().await?;
+    let mut tokens = 0;
+    if let Some(url) = &settings.redis_url {
+        let conn =
+            RedisConn::connect(url, settings.redis_timeout.max(Duration::from_secs(1))).await?;
+        let cache = RedisCache::new(
+            conn,
+            &settings.redis_prefix,
+            Arc::new(store.keys().clone()),
+            settings.redis_timeout.max(Duration::from_secs(1)),
+            Duration::from_secs(15),
+        );
+        for tenant in store.tenant_ids().await? {
+            match cache.get(&tenant).await {
+                Ok(Some(token)) => {
+                    cache.put(&tenant, token).await.map_err(|e| {
+                        BuildError::KeysInUse(format!(
+                            "re-sealing the cached token of {tenant}: {e}"
+                        ))
+                    })?;
+                    tokens += 1;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant, error = %e, "cached token not re-sealed")
+                }
+            }
+        }
+    }
+    Ok((rows, tokens))
+}
+
 /// A built, bound, not yet running service.
 pub struct Application {
     port: u16,
@@ -127,7 +188,20 @@ impl Application {
         listener: TcpListener,
     ) -> Result<Self, BuildError> {
         let store = open_store(&settings).await?;
+        check_keys_in_use(&store).await?;
         let metrics = Arc::new(Metrics::new());
+        let audit = Audit::start(
+            store.clone(),
+            settings.audit,
+            settings.audit_queue,
+            settings.audit_retention_days,
+            metrics.clone(),
+        );
+        let jwt = settings.jwt.clone().map(|j| {
+            let v = JwtVerifier::new(j);
+            v.start();
+            v
+        });
         let timing = Timing::from_upstream_timeout(settings.upstream_timeout);
         let shared = match &settings.redis_url {
             Some(url) => {
@@ -174,6 +248,8 @@ impl Application {
         }
         let state = web::Data::new(AppState {
             broker,
+            audit,
+            jwt,
             auth: Authenticator::new(store.clone()),
             admin: AdminAuth::new(settings.admin_token.as_ref()),
             store,
@@ -219,9 +295,12 @@ impl Application {
         self.server.handle()
     }
 
-    /// Serves until SIGTERM/SIGINT, then drains in-flight requests.
+    /// Serves until SIGTERM/SIGINT, then drains in-flight requests and the audit queue.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await?;
+        if !self.state.audit.flush(Duration::from_secs(3)).await {
+            tracing::warn!("the audit queue could not be flushed before exit");
+        }
         self.state.store.close().await;
         Ok(())
     }

@@ -45,6 +45,9 @@ pub struct Settings {
     pub keys: KeySource,
     pub allow_insecure_issuers: bool,
     pub audit: AuditMode,
+    pub audit_queue: usize,
+    pub audit_retention_days: u64,
+    pub jwt: Option<crate::auth::jwt::JwtSettings>,
     pub log_filter: String,
     pub log_format: LogFormat,
     pub workers: usize,
@@ -150,6 +153,37 @@ impl Settings {
                 ))
             }
         };
+        let audit_queue = parse_num(&var, "BROKER_AUDIT_QUEUE", 10_000, 1..=1_000_000)? as usize;
+        let audit_retention_days = parse_num(&var, "BROKER_AUDIT_RETENTION_DAYS", 90, 1..=36_500)?;
+        let jwt = match (
+            var("BROKER_JWT_JWKS_URL"),
+            var("BROKER_JWT_ISSUER"),
+            var("BROKER_JWT_AUDIENCE"),
+        ) {
+            (None, None, None) => None,
+            (Some(jwks_url), Some(issuer), Some(audience)) => {
+                let ok = url::Url::parse(&jwks_url).is_ok_and(|u| {
+                    u.scheme() == "https" || (u.scheme() == "http" && allow_insecure_issuers)
+                });
+                if !ok {
+                    return Err(invalid(
+                        "BROKER_JWT_JWKS_URL",
+                        "expected an https URL (http only with BROKER_ALLOW_INSECURE_ISSUERS=true)",
+                    ));
+                }
+                Some(crate::auth::jwt::JwtSettings {
+                    jwks_url,
+                    issuer,
+                    audience,
+                })
+            }
+            _ => {
+                return Err(invalid(
+                    "BROKER_JWT_JWKS_URL",
+                    "BROKER_JWT_JWKS_URL, BROKER_JWT_ISSUER and BROKER_JWT_AUDIENCE go together: set all three or none",
+                ))
+            }
+        };
         let log_format = match var("BROKER_LOG_FORMAT").as_deref() {
             None | Some("json") => LogFormat::Json,
             Some("pretty") => LogFormat::Pretty,
@@ -182,6 +216,9 @@ impl Settings {
             keys,
             allow_insecure_issuers,
             audit,
+            audit_queue,
+            audit_retention_days,
+            jwt,
             log_filter,
             log_format,
             workers,

@@ -47,6 +47,8 @@ pub enum KeyError {
 pub struct KeyRing {
     active: String,
     keys: HashMap<String, Aes256Gcm>,
+    /// Per key: a subkey for audit fingerprints, derived so the key itself never leaves here.
+    audit_keys: HashMap<String, [u8; 32]>,
 }
 
 impl fmt::Debug for KeyRing {
@@ -67,7 +69,14 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn decode_key(id: &str, b64: &str) -> Result<Aes256Gcm, KeyError> {
+fn derive_audit_key(raw: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(raw).expect("any key length");
+    mac.update(b"token-broker/v1 audit fingerprint");
+    mac.finalize().into_bytes().into()
+}
+
+fn decode_key(id: &str, b64: &str) -> Result<(Aes256Gcm, [u8; 32]), KeyError> {
     let bytes = Zeroizing::new(
         B64.decode(b64.trim())
             .map_err(|_| KeyError::NotBase64 { id: id.to_owned() })?,
@@ -78,16 +87,20 @@ fn decode_key(id: &str, b64: &str) -> Result<Aes256Gcm, KeyError> {
             len: bytes.len(),
         });
     }
-    Ok(Aes256Gcm::new_from_slice(&bytes).expect("length checked"))
+    Ok((
+        Aes256Gcm::new_from_slice(&bytes).expect("length checked"),
+        derive_audit_key(&bytes),
+    ))
 }
 
 impl KeyRing {
     /// A ring holding one key (base64 of 32 bytes) under [`DEFAULT_KEY_ID`].
     pub fn single(b64: &str) -> Result<Self, KeyError> {
-        let cipher = decode_key(DEFAULT_KEY_ID, b64)?;
+        let (cipher, audit) = decode_key(DEFAULT_KEY_ID, b64)?;
         Ok(Self {
             active: DEFAULT_KEY_ID.to_owned(),
             keys: HashMap::from([(DEFAULT_KEY_ID.to_owned(), cipher)]),
+            audit_keys: HashMap::from([(DEFAULT_KEY_ID.to_owned(), audit)]),
         })
     }
 
@@ -95,6 +108,7 @@ impl KeyRing {
     pub fn parse_list(list: &str) -> Result<Self, KeyError> {
         let mut active = None;
         let mut keys = HashMap::new();
+        let mut audit_keys = HashMap::new();
         for (n, entry) in list
             .split(',')
             .map(str::trim)
@@ -106,14 +120,17 @@ impl KeyRing {
             if !valid_id(id) {
                 return Err(KeyError::BadId(id.to_owned()));
             }
-            if keys.insert(id.to_owned(), decode_key(id, b64)?).is_some() {
+            let (cipher, audit) = decode_key(id, b64)?;
+            if keys.insert(id.to_owned(), cipher).is_some() {
                 return Err(KeyError::DuplicateId(id.to_owned()));
             }
+            audit_keys.insert(id.to_owned(), audit);
             active.get_or_insert_with(|| id.to_owned());
         }
         Ok(Self {
             active: active.ok_or(KeyError::Empty)?,
             keys,
+            audit_keys,
         })
     }
 
@@ -126,6 +143,23 @@ impl KeyRing {
 
     pub fn active_id(&self) -> &str {
         &self.active
+    }
+
+    /// A short keyed fingerprint of a token (`<key id>:<hex of 16 bytes of HMAC-SHA256>`):
+    /// stable for one key, useless to anyone without it.
+    pub fn fingerprint(&self, token: &str) -> String {
+        use hmac::Mac;
+        let key = &self.audit_keys[&self.active];
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("any key length");
+        mac.update(token.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        format!("{}:{}", self.active, hex::encode(&tag[..16]))
+    }
+
+    /// Every key id in the ring.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
     }
 
     pub fn contains(&self, id: &str) -> bool {

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use token_broker::app::{open_store, Application};
+use token_broker::app::{open_store, rekey, Application};
 use token_broker::config::Settings;
 use token_broker::telemetry;
 
@@ -53,16 +53,13 @@ fn main() -> ExitCode {
                 tracing::info!("migrations applied");
             }
             Command::Rekey => {
+                let (rows, tokens) = rekey(&settings).await?;
                 let store = open_store(&settings).await?;
-                let changed = store.rekey().await?;
-                let usage = store.key_usage().await?;
-                tracing::info!(
-                    resealed = changed,
-                    active_key = store.keys().active_id(),
-                    "rekey done"
-                );
-                for (key_id, rows) in usage {
-                    println!("key {key_id}: {rows} credential rows");
+                let active = store.keys().active_id().to_owned();
+                tracing::info!(rows, tokens, active_key = %active, "rekey done");
+                println!("re-sealed {rows} credential row(s) and {tokens} cached token(s) with key {active}");
+                for (key_id, n) in store.key_usage().await? {
+                    println!("key {key_id}: {n} credential row(s)");
                 }
             }
         }

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::time::now_ms;
@@ -23,6 +23,8 @@ pub struct Metrics {
     pub tenants: IntGauge,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    pub audit_dropped: IntCounter,
+    pub audit_write_failures: IntCounter,
     expiry_at_ms: Mutex<HashMap<String, i64>>,
 }
 
@@ -95,6 +97,16 @@ impl Metrics {
             &["method", "route"],
         )
         .expect("metric");
+        let audit_dropped = IntCounter::new(
+            "broker_audit_dropped_total",
+            "Audit entries that could not be queued",
+        )
+        .expect("metric");
+        let audit_write_failures = IntCounter::new(
+            "broker_audit_write_failures_total",
+            "Failed audit batch writes (retried)",
+        )
+        .expect("metric");
         for c in [
             Box::new(token_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cache_lookups.clone()),
@@ -104,6 +116,8 @@ impl Metrics {
             Box::new(tenants.clone()),
             Box::new(http_requests.clone()),
             Box::new(http_duration.clone()),
+            Box::new(audit_dropped.clone()),
+            Box::new(audit_write_failures.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -117,6 +131,8 @@ impl Metrics {
             tenants,
             http_requests,
             http_duration,
+            audit_dropped,
+            audit_write_failures,
             expiry_at_ms: Mutex::new(HashMap::new()),
         }
     }

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::problem::ApiError;
-use super::read_json;
+use super::{read_json, request_id_of};
 use crate::app::AppState;
+use crate::audit::Entry;
 use crate::auth::api_keys::ApiKey;
 use crate::auth::Admin;
 use crate::tenants::spec::parse_credentials;
@@ -38,7 +39,30 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(create_caller))
             .route(web::get().to(list_callers)),
     )
-    .service(web::resource("/admin/v1/callers/{caller_id}").route(web::delete().to(delete_caller)));
+    .service(web::resource("/admin/v1/callers/{caller_id}").route(web::delete().to(delete_caller)))
+    .service(web::resource("/admin/v1/audit").route(web::get().to(read_audit)));
+}
+
+/// Records an admin mutation synchronously (the database just took the change, so it takes
+/// this row too); a failure is logged, the change stands.
+async fn audit_admin(
+    state: &AppState,
+    req: &HttpRequest,
+    action: &str,
+    outcome: &str,
+    tenant: Option<&str>,
+    detail: Option<String>,
+) {
+    let mut e = Entry::new("admin", action, outcome);
+    e.caller = Some("admin".into());
+    e.auth_method = Some("admin_token");
+    e.tenant = tenant.map(str::to_owned);
+    e.detail = detail;
+    e.request_id = request_id_of(req);
+    let now = now_ms();
+    if let Err(err) = state.store.insert_audit(&[(e, (now, now, 1))]).await {
+        tracing::error!(action, error = %err, "admin action not audited");
+    }
 }
 
 #[derive(Serialize)]
@@ -102,6 +126,15 @@ async fn create_tenant(
     // A token cached under this id by an earlier tenant of the same name must not survive.
     state.broker.forget(&spec.id).await?;
     tracing::info!(tenant = %spec.id, kind = spec.issuer.kind.as_str(), "tenant created");
+    audit_admin(
+        &state,
+        &req,
+        "tenant.create",
+        "ok",
+        Some(spec.id.as_str()),
+        None,
+    )
+    .await;
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/admin/v1/tenants/{}", spec.id)));
     Ok(tenant_response(builder, &record))
@@ -203,6 +236,23 @@ async fn patch_tenant(
         state.broker.forget(&id).await?;
     }
     tracing::info!(tenant = %id, "tenant updated");
+    let changed: Vec<&str> = [
+        ("display_name", patch.display_name.is_some()),
+        ("issuer", issuer.is_some()),
+        ("credentials", patch.credentials.is_some()),
+    ]
+    .iter()
+    .filter_map(|(n, c)| c.then_some(*n))
+    .collect();
+    audit_admin(
+        &state,
+        &req,
+        "tenant.update",
+        "ok",
+        Some(id.as_str()),
+        Some(format!("changed: {}", changed.join(", "))),
+    )
+    .await;
     Ok(tenant_response(HttpResponse::Ok(), &record))
 }
 
@@ -210,6 +260,7 @@ async fn delete_tenant(
     _: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
     if !state.store.delete_tenant(&id).await? {
@@ -217,6 +268,7 @@ async fn delete_tenant(
     }
     state.broker.forget(&id).await?;
     tracing::info!(tenant = %id, "tenant deleted");
+    audit_admin(&state, &req, "tenant.delete", "ok", Some(id.as_str()), None).await;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -238,6 +290,16 @@ async fn put_credentials(
         .await?;
     state.broker.forget(&id).await?;
     tracing::info!(tenant = %id, "tenant credentials rotated");
+    let fields: Vec<&str> = creds.names().collect();
+    audit_admin(
+        &state,
+        &req,
+        "tenant.credentials",
+        "ok",
+        Some(id.as_str()),
+        Some(format!("fields: {}", fields.join(", "))),
+    )
+    .await;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -245,10 +307,24 @@ async fn test_tenant(
     _: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
     // The minted token replaces the cached one: some partners revoke the previous token.
-    let token = state.broker.mint_now(&id).await?;
+    let result = state.broker.mint_now(&id).await.map_err(ApiError::from);
+    let outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok");
+    if !matches!(result, Err(ApiError::TenantNotFound)) {
+        audit_admin(
+            &state,
+            &req,
+            "tenant.test",
+            outcome,
+            Some(id.as_str()),
+            None,
+        )
+        .await;
+    }
+    let token = result?;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(json!({
@@ -345,6 +421,15 @@ async fn create_caller(
             other => other.into(),
         })?;
     tracing::info!(caller = %record.name, caller_id = %record.id, "caller created");
+    audit_admin(
+        &state,
+        &req,
+        "caller.create",
+        "ok",
+        None,
+        Some(format!("caller {} ({})", record.name, record.id)),
+    )
+    .await;
     let mut view = caller_view(&record);
     view["api_key"] = Value::String(key.expose().to_owned());
     Ok(HttpResponse::Created()
@@ -365,11 +450,96 @@ async fn delete_caller(
     _: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     if path.len() > 64 || !state.store.delete_caller(&path).await? {
         return Err(ApiError::CallerNotFound);
     }
     state.auth.forget_all();
     tracing::info!(caller_id = %path, "caller deleted");
+    audit_admin(
+        &state,
+        &req,
+        "caller.delete",
+        "ok",
+        None,
+        Some(format!("caller {}", path.as_str())),
+    )
+    .await;
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    tenant: Option<String>,
+    caller: Option<String>,
+    limit: Option<String>,
+    before: Option<String>,
+}
+
+async fn read_audit(
+    _: Admin,
+    state: web::Data<AppState>,
+    query: web::Query<AuditQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = match query.limit.as_deref() {
+        None => 100,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid("limit must be a whole number from 1 to 1000", Some("limit"))
+            })?,
+    };
+    let before = match query.before.as_deref() {
+        None => None,
+        Some(v) => Some(
+            v.parse::<i64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ApiError::invalid("before must be an entry id", Some("before")))?,
+        ),
+    };
+    for (name, v) in [("tenant", &query.tenant), ("caller", &query.caller)] {
+        if v.as_ref().is_some_and(|v| v.len() > 256) {
+            return Err(ApiError::invalid(format!("{name} is too long"), Some(name)));
+        }
+    }
+    let rows = state
+        .store
+        .query_audit(
+            query.tenant.as_deref().filter(|t| !t.is_empty()),
+            query.caller.as_deref().filter(|c| !c.is_empty()),
+            before,
+            limit,
+        )
+        .await?;
+    let next_before = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id))
+        .flatten();
+    let entries: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id,
+                "at": rfc3339(r.at_ms),
+                "last_at": rfc3339(r.last_at_ms),
+                "count": r.count,
+                "kind": r.entry.kind,
+                "action": r.entry.action,
+                "outcome": r.entry.outcome,
+                "caller": r.entry.caller,
+                "auth_method": r.entry.auth_method,
+                "tenant": r.entry.tenant,
+                "source": r.entry.source,
+                "fingerprint": r.entry.fingerprint,
+                "detail": r.entry.detail,
+                "request_id": r.entry.request_id,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({"entries": entries, "next_before": next_before})))
 }

@@ -102,6 +102,11 @@ fn request_id(req: &ServiceRequest) -> String {
         })
 }
 
+/// The request id the middleware assigned to `req`.
+pub fn request_id_of(req: &HttpRequest) -> Option<String> {
+    req.extensions().get::<RequestId>().map(|r| r.0.clone())
+}
+
 /// Per-request span, request id echo and HTTP metrics, labelled by route template.
 pub async fn observe(
     req: ServiceRequest,

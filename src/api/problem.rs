@@ -60,6 +60,8 @@ pub enum ApiError {
     LockWaitTimeout(String),
     #[error("{last}; the broker pauses calls to this partner for {retry_after} s")]
     CircuitOpen { last: IssuerError, retry_after: u64 },
+    #[error("the audit trail cannot record this token, so it is not released")]
+    AuditUnavailable,
     #[error("internal error")]
     Internal(String),
 }
@@ -95,6 +97,7 @@ impl ApiError {
             Self::Cache(_) => "cache_unavailable",
             Self::LockWaitTimeout(_) => "upstream_timeout",
             Self::CircuitOpen { last, .. } => last.code(),
+            Self::AuditUnavailable => "audit_unavailable",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -128,6 +131,7 @@ impl ApiError {
             Self::Store(_) | Self::Cache(_) => "Service unavailable",
             Self::LockWaitTimeout(_) => "The partner timed out",
             Self::CircuitOpen { .. } => "The partner's token endpoint is failing",
+            Self::AuditUnavailable => "Audit trail unavailable",
             Self::Internal(_) => "Internal error",
         }
     }
@@ -208,7 +212,9 @@ impl ResponseError for ApiError {
                 IssuerError::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
             },
-            Self::Store(_) | Self::Cache(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Store(_) | Self::Cache(_) | Self::AuditUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::LockWaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::problem::ApiError;
-use super::read_json;
+use super::{read_json, request_id_of};
 use crate::app::AppState;
+use crate::audit::Entry;
 use crate::auth::Caller;
 use crate::tenants::TenantId;
 use crate::time::{now_ms, rfc3339};
@@ -37,11 +38,30 @@ struct TokenAnswer<'a> {
     expires_in: i64,
 }
 
+fn entry(caller: &Caller, action: &str, outcome: &str, tenant: &str, req: &HttpRequest) -> Entry {
+    let mut e = Entry::new("token", action, outcome);
+    e.caller = Some(caller.name.to_string());
+    e.auth_method = Some(caller.method.as_str());
+    e.tenant = Some(tenant.to_owned());
+    e.request_id = request_id_of(req);
+    e
+}
+
 /// Parses the tenant id and checks the caller's scope (403 before any lookup).
-fn authorize(caller: &Caller, raw: &str) -> Result<TenantId, ApiError> {
+fn authorize(
+    state: &AppState,
+    caller: &Caller,
+    raw: &str,
+    action: &str,
+    req: &HttpRequest,
+) -> Result<TenantId, ApiError> {
     let id =
         TenantId::parse(raw).map_err(|e| ApiError::invalid(e.to_string(), Some("tenant_id")))?;
     if !caller.may_fetch(id.as_str()) {
+        let mut e = entry(caller, action, "forbidden", id.as_str(), req);
+        e.kind = "refused";
+        e.detail = Some("tenant outside the caller's scope".into());
+        state.audit.record_best_effort(e);
         return Err(ApiError::Forbidden(id.to_string()));
     }
     Ok(id)
@@ -68,8 +88,9 @@ async fn get_token(
     caller: Caller,
     path: web::Path<String>,
     query: web::Query<TokenQuery>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let id = authorize(&caller, &path)?;
+    let id = authorize(&state, &caller, &path, "token.fetch", &req)?;
     let min_ttl = parse_min_ttl(query.min_ttl.as_deref())?;
     let result = state.broker.token(&id, min_ttl).await;
     let (token, source) = match result {
@@ -79,9 +100,31 @@ async fn get_token(
             if !matches!(e, ApiError::TenantNotFound) {
                 state.metrics.token_request(id.as_str(), e.code());
             }
+            state.audit.record_best_effort(entry(
+                &caller,
+                "token.fetch",
+                e.code(),
+                id.as_str(),
+                &req,
+            ));
             return Err(e);
         }
     };
+    // No audit entry, no token (unless BROKER_AUDIT=best_effort).
+    let mut e = entry(&caller, "token.fetch", "ok", id.as_str(), &req);
+    e.source = Some(source.as_str());
+    e.fingerprint = Some(
+        state
+            .store
+            .keys()
+            .fingerprint(token.access_token.expose_secret()),
+    );
+    if state.audit.record(e).is_err() {
+        state
+            .metrics
+            .token_request(id.as_str(), "audit_unavailable");
+        return Err(ApiError::AuditUnavailable);
+    }
     state.metrics.token_request(id.as_str(), source.as_str());
     tracing::debug!(tenant = %id, caller = %caller.name, source = source.as_str(), "token handed out");
     let body = serde_json::to_string(&TokenAnswer {
@@ -105,7 +148,7 @@ async fn invalidate(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let id = authorize(&caller, &path)?;
+    let id = authorize(&state, &caller, &path, "token.invalidate", &req)?;
     let body = read_json(&req, payload).await?;
     let token = match body.get("access_token") {
         Some(Value::String(t)) if !t.is_empty() && t.len() <= 16 * 1024 => t,
@@ -117,6 +160,15 @@ async fn invalidate(
         }
     };
     let dropped = state.broker.invalidate(&id, token).await?;
+    let mut e = entry(
+        &caller,
+        "token.invalidate",
+        if dropped { "dropped" } else { "stale" },
+        id.as_str(),
+        &req,
+    );
+    e.fingerprint = Some(state.store.keys().fingerprint(token));
+    state.audit.record_best_effort(e);
     tracing::info!(tenant = %id, caller = %caller.name, dropped, "token reported as rejected");
     Ok(HttpResponse::NoContent().finish())
 }

@@ -2,6 +2,7 @@
 //! admin bearer token, as request extractors handlers take as arguments.
 
 pub mod api_keys;
+pub mod jwt;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,10 +148,30 @@ impl FromRequest for Caller {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let state = state(req);
         let token = bearer(req).map(str::to_owned);
+        let tenant = req.match_info().get("tenant_id").map(str::to_owned);
+        let request_id = crate::api::request_id_of(req);
         Box::pin(async move {
-            let token = token.ok_or(ApiError::Unauthorized("missing bearer credentials"))?;
-            let caller = state.auth.api_key(&token).await?;
-            Ok((*caller).clone())
+            let result = match token {
+                None => Err(ApiError::Unauthorized("missing bearer credentials")),
+                Some(t) if t.starts_with(api_keys::PREFIX) => {
+                    state.auth.api_key(&t).await.map(|c| (*c).clone())
+                }
+                Some(t) => match &state.jwt {
+                    Some(v) => v.verify(&t).await.map_err(|reason| {
+                        tracing::info!(reason, "caller JWT refused");
+                        ApiError::Unauthorized("invalid credentials")
+                    }),
+                    None => Err(ApiError::Unauthorized("invalid credentials")),
+                },
+            };
+            if let Err(e @ ApiError::Unauthorized(reason)) = &result {
+                let mut entry = crate::audit::Entry::new("refused", "token.fetch", e.code());
+                entry.tenant = tenant;
+                entry.detail = Some((*reason).to_owned());
+                entry.request_id = request_id;
+                state.audit.record_best_effort(entry);
+            }
+            result
         })
     }
 }
@@ -164,10 +185,23 @@ impl FromRequest for Admin {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let state = state(req);
-        std::future::ready(match bearer(req) {
+        let result = match bearer(req) {
             None => Err(ApiError::Unauthorized("missing bearer credentials")),
             Some(t) if state.admin.verify(t) => Ok(Admin),
             Some(_) => Err(ApiError::Unauthorized("invalid credentials")),
-        })
+        };
+        if let Err(e @ ApiError::Unauthorized(reason)) = &result {
+            let action = format!(
+                "admin {} {}",
+                req.method(),
+                req.match_pattern().unwrap_or_default()
+            );
+            let mut entry = crate::audit::Entry::new("refused", action, e.code());
+            entry.tenant = req.match_info().get("tenant_id").map(str::to_owned);
+            entry.detail = Some((*reason).to_owned());
+            entry.request_id = crate::api::request_id_of(req);
+            state.audit.record_best_effort(entry);
+        }
+        std::future::ready(result)
     }
 }

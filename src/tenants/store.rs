@@ -516,6 +516,184 @@ impl TenantStore {
             .collect()
     }
 
+    /// Up to `limit` `tenant/field` names of credentials sealed with `key_id`.
+    pub async fn rows_sealed_with(
+        &self,
+        key_id: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        sqlx::query(
+            "SELECT tenant_id, field FROM tenant_credentials WHERE key_id = $1 ORDER BY tenant_id, field LIMIT $2",
+        )
+        .bind(key_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(format!(
+                "{}/{}",
+                r.try_get::<String, _>("tenant_id")?,
+                r.try_get::<String, _>("field")?
+            ))
+        })
+        .collect()
+    }
+
+    /// Every tenant id.
+    pub async fn tenant_ids(&self) -> Result<Vec<TenantId>, StoreError> {
+        sqlx::query("SELECT id FROM tenants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let id: String = r.try_get("id")?;
+                TenantId::parse(&id).map_err(|_| StoreError::Corrupt("tenant id".into()))
+            })
+            .collect()
+    }
+
+    // ---- audit ----
+
+    /// Writes coalesced audit rows (entry, (first ms, last ms, count)) in one transaction.
+    pub async fn insert_audit(
+        &self,
+        rows: &[(crate::audit::Entry, (i64, i64, i64))],
+    ) -> Result<(), StoreError> {
+        const COLS: usize = 13;
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(200) {
+            let mut sql = String::from(
+                "INSERT INTO audit_log (at, last_at, count, kind, action, outcome, caller, auth_method, tenant, source, fingerprint, detail, request_id) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('(');
+                for c in 0..COLS {
+                    if c > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&format!("${}", i * COLS + c + 1));
+                }
+                sql.push(')');
+            }
+            let mut q = sqlx::query(&sql);
+            for (e, (first, last, count)) in chunk {
+                q = q
+                    .bind(*first)
+                    .bind(*last)
+                    .bind(*count)
+                    .bind(e.kind)
+                    .bind(e.action.as_str())
+                    .bind(e.outcome.as_str())
+                    .bind(e.caller.as_deref())
+                    .bind(e.auth_method)
+                    .bind(e.tenant.as_deref())
+                    .bind(e.source)
+                    .bind(e.fingerprint.as_deref())
+                    .bind(e.detail.as_deref())
+                    .bind(e.request_id.as_deref());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Audit rows, newest first, optionally for one tenant and/or caller, before row `before`.
+    pub async fn query_audit(
+        &self,
+        tenant: Option<&str>,
+        caller: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<crate::audit::Row>, StoreError> {
+        let mut sql = String::from(
+            "SELECT id, at, last_at, count, kind, action, outcome, caller, auth_method, tenant, source, fingerprint, detail, request_id FROM audit_log WHERE 1 = 1",
+        );
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if tenant.is_some() {
+            sql.push_str(&format!(" AND tenant = {}", next()));
+        }
+        if caller.is_some() {
+            sql.push_str(&format!(" AND caller = {}", next()));
+        }
+        if before.is_some() {
+            sql.push_str(&format!(" AND id < {}", next()));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", next()));
+        let mut q = sqlx::query(&sql);
+        if let Some(t) = tenant {
+            q = q.bind(t);
+        }
+        if let Some(c) = caller {
+            q = q.bind(c);
+        }
+        if let Some(b) = before {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        fn kind(s: String) -> &'static str {
+            match s.as_str() {
+                "token" => "token",
+                "admin" => "admin",
+                _ => "refused",
+            }
+        }
+        fn method(s: Option<String>) -> Option<&'static str> {
+            match s.as_deref() {
+                Some("api_key") => Some("api_key"),
+                Some("jwt") => Some("jwt"),
+                Some("admin_token") => Some("admin_token"),
+                _ => None,
+            }
+        }
+        fn source(s: Option<String>) -> Option<&'static str> {
+            match s.as_deref() {
+                Some("cache") => Some("cache"),
+                Some("minted") => Some("minted"),
+                _ => None,
+            }
+        }
+        rows.iter()
+            .map(|r| {
+                Ok(crate::audit::Row {
+                    id: r.try_get("id")?,
+                    at_ms: r.try_get("at")?,
+                    last_at_ms: r.try_get("last_at")?,
+                    count: r.try_get("count")?,
+                    entry: crate::audit::Entry {
+                        kind: kind(r.try_get("kind")?),
+                        action: r.try_get("action")?,
+                        outcome: r.try_get("outcome")?,
+                        caller: r.try_get("caller")?,
+                        auth_method: method(r.try_get("auth_method")?),
+                        tenant: r.try_get("tenant")?,
+                        source: source(r.try_get("source")?),
+                        fingerprint: r.try_get("fingerprint")?,
+                        detail: r.try_get("detail")?,
+                        request_id: r.try_get("request_id")?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes audit rows last seen before `before_ms`.
+    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM audit_log WHERE last_at < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
     // ---- callers ----
 
     pub async fn create_caller(

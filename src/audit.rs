@@ -1,0 +1,199 @@
+//! The audit trail: who got which tenant's token (by fingerprint, never the token), admin
+//! mutations, refused requests. Written off the hot path through a bounded queue drained in
+//! batches; identical token entries in one batch are coalesced into one row with a count.
+//!
+//! `fail_closed` (default): a token whose entry cannot be queued is not released.
+//! `best_effort`: such entries are dropped, counted and logged. Refused requests are always
+//! recorded best-effort, so a flood of bad credentials cannot block good callers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::AuditMode;
+use crate::metrics::Metrics;
+use crate::tenants::TenantStore;
+use crate::time::now_ms;
+
+/// One audit entry.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Entry {
+    pub kind: &'static str,
+    pub action: String,
+    pub outcome: String,
+    pub caller: Option<String>,
+    pub auth_method: Option<&'static str>,
+    pub tenant: Option<String>,
+    pub source: Option<&'static str>,
+    pub fingerprint: Option<String>,
+    pub detail: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl Entry {
+    pub fn new(kind: &'static str, action: impl Into<String>, outcome: impl Into<String>) -> Self {
+        Self {
+            kind,
+            action: action.into(),
+            outcome: outcome.into(),
+            caller: None,
+            auth_method: None,
+            tenant: None,
+            source: None,
+            fingerprint: None,
+            detail: None,
+            request_id: None,
+        }
+    }
+}
+
+/// A stored row (an entry with its times and count).
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub id: i64,
+    pub at_ms: i64,
+    pub last_at_ms: i64,
+    pub count: i64,
+    pub entry: Entry,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the audit trail cannot take this entry (queue full or writer stopped)")]
+pub struct AuditUnavailable;
+
+// Entries are nearly every message; boxing them would cost an allocation per token handed out.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Entry(i64, Entry),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The audit queue handle.
+pub struct Audit {
+    tx: mpsc::Sender<Msg>,
+    mode: AuditMode,
+    metrics: Arc<Metrics>,
+}
+
+/// Batches are written at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Distinct rows per batch.
+const BATCH_ROWS: usize = 500;
+
+impl Audit {
+    /// Starts the writer. `retention_days` prunes older rows hourly.
+    pub fn start(
+        store: TenantStore,
+        mode: AuditMode,
+        capacity: usize,
+        retention_days: u64,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        tokio::spawn(writer(store.clone(), rx, metrics.clone()));
+        let retention_ms = (retention_days as i64).saturating_mul(86_400_000);
+        tokio::spawn(async move {
+            loop {
+                match store.prune_audit(now_ms() - retention_ms).await {
+                    Ok(n) if n > 0 => tracing::info!(rows = n, "pruned old audit entries"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "audit pruning failed"),
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        });
+        Arc::new(Self { tx, mode, metrics })
+    }
+
+    /// Queues an entry that guards a token: in `fail_closed` mode a full queue is an error.
+    pub fn record(&self, entry: Entry) -> Result<(), AuditUnavailable> {
+        match self.tx.try_send(Msg::Entry(now_ms(), entry)) {
+            Ok(()) => Ok(()),
+            Err(_) if self.mode == AuditMode::BestEffort => {
+                self.dropped();
+                Ok(())
+            }
+            Err(_) => {
+                self.metrics.audit_dropped.inc();
+                Err(AuditUnavailable)
+            }
+        }
+    }
+
+    /// Queues an entry that must never block the request (refusals, failures).
+    pub fn record_best_effort(&self, entry: Entry) {
+        if self.tx.try_send(Msg::Entry(now_ms(), entry)).is_err() {
+            self.dropped();
+        }
+    }
+
+    fn dropped(&self) {
+        let n = self.metrics.audit_dropped.get();
+        self.metrics.audit_dropped.inc();
+        if n.is_power_of_two() || n == 0 {
+            tracing::warn!(
+                dropped_total = n + 1,
+                "audit entries dropped: the audit queue is full"
+            );
+        }
+    }
+
+    /// Writes everything queued so far (on shutdown), waiting at most `within`.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let sent = tokio::time::timeout(within, self.tx.send(Msg::Flush(tx))).await;
+        matches!(sent, Ok(Ok(()))) && matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())))
+    }
+}
+
+/// Drains the queue: coalesces, writes a batch every `FLUSH_EVERY` (or when full), and keeps a
+/// batch that failed to write until the database takes it, so nothing queued is lost while
+/// the queue itself applies back-pressure.
+async fn writer(store: TenantStore, mut rx: mpsc::Receiver<Msg>, metrics: Arc<Metrics>) {
+    let mut batch: HashMap<Entry, (i64, i64, i64)> = HashMap::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let flush_due = tokio::time::sleep(FLUSH_EVERY);
+        tokio::pin!(flush_due);
+        let mut closed = false;
+        while batch.len() < BATCH_ROWS {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(Msg::Entry(at, e)) => {
+                        let slot = batch.entry(e).or_insert((at, at, 0));
+                        slot.1 = slot.1.max(at);
+                        slot.2 += 1;
+                    }
+                    Some(Msg::Flush(done)) => { waiting.push(done); break; }
+                    None => { closed = true; break; }
+                },
+                _ = &mut flush_due => break,
+            }
+        }
+        while !batch.is_empty() {
+            let rows: Vec<(Entry, (i64, i64, i64))> =
+                batch.iter().map(|(e, t)| (e.clone(), *t)).collect();
+            match store.insert_audit(&rows).await {
+                Ok(()) => {
+                    batch.clear();
+                    delay = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    metrics.audit_write_failures.inc();
+                    tracing::warn!(error = %e, rows = rows.len(), "audit write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+        if closed {
+            return;
+        }
+    }
+}
