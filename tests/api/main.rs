@@ -8,6 +8,7 @@ mod flights;
 mod partners;
 mod persistence;
 mod secrets;
+mod security;
 mod token;
 
 /// Runs an async test body once per backend: `backends!(name, body_fn, [Sqlite, PostgresRedis])`.

@@ -1,0 +1,574 @@
+//! Caller JWTs and the RFC 8725 attack set, the audit trail, and online key rotation.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::Method;
+use serde_json::{json, Value};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::backends;
+use crate::helpers::*;
+
+const ISSUER: &str = "https://idp.example.test";
+const AUDIENCE: &str = "token-broker";
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn jwk(name: &str) -> Value {
+    let all: Value = serde_json::from_slice(&fixture("jwks_keys.json")).unwrap();
+    all[name].clone()
+}
+
+fn sign(claims: &Value, alg: Algorithm, pem: &str, kid: Option<&str>) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    let key = match alg {
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&fixture(pem)).unwrap(),
+        _ => EncodingKey::from_rsa_pem(&fixture(pem)).unwrap(),
+    };
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+fn claims(tenants: Value) -> Value {
+    let now = now_s();
+    json!({"sub": "svc-billing", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300, "tenants": tenants})
+}
+
+async fn idp(keys: &[&str]) -> MockServer {
+    let server = MockServer::start().await;
+    publish(&server, keys).await;
+    server
+}
+
+async fn publish(server: &MockServer, keys: &[&str]) {
+    server.reset().await;
+    let doc = json!({"keys": keys.iter().map(|k| jwk(k)).collect::<Vec<_>>()});
+    Mock::given(method("GET"))
+        .and(path("/jwks"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(doc))
+        .mount(server)
+        .await;
+}
+
+async fn partner() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(|_: &wiremock::Request| {
+            ResponseTemplate::new(200).set_body_json(json!({"accessToken": setu_jwt(300)}))
+        })
+        .mount(&server)
+        .await;
+    server
+}
+
+fn with_jwt(env: &mut TestEnv, idp: &MockServer) {
+    env.extra
+        .insert("BROKER_JWT_JWKS_URL".into(), format!("{}/jwks", idp.uri()));
+    env.extra.insert("BROKER_JWT_ISSUER".into(), ISSUER.into());
+    env.extra
+        .insert("BROKER_JWT_AUDIENCE".into(), AUDIENCE.into());
+}
+
+async fn jwt_callers_and_the_attack_set(mut env: TestEnv) {
+    let idp = idp(&["rsa1", "ec1"]).await;
+    with_jwt(&mut env, &idp);
+    let app = env.spawn().await;
+    let partner = partner().await;
+    app.create_tenant(&setu_spec("t1", &partner, "s")).await;
+    app.create_tenant(&setu_spec("t2", &partner, "s")).await;
+
+    let good = sign(
+        &claims(json!(["t1"])),
+        Algorithm::RS256,
+        "rsa1.pem",
+        Some("k1"),
+    );
+    let a = app.get_token("t1", &good).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let es = sign(&claims(json!("*")), Algorithm::ES256, "ec1.pem", Some("e1"));
+    assert_eq!(app.get_token("t2", &es).await.status, 200);
+    let ps = sign(
+        &claims(json!(["t1"])),
+        Algorithm::PS256,
+        "rsa1.pem",
+        Some("k1"),
+    );
+    assert_eq!(app.get_token("t1", &ps).await.status, 200);
+    app.get_token("t2", &good)
+        .await
+        .assert_problem(403, "forbidden");
+    let no_scope = sign(
+        &json!({"sub": "x", "iss": ISSUER, "aud": AUDIENCE, "exp": now_s() + 60}),
+        Algorithm::RS256,
+        "rsa1.pem",
+        Some("k1"),
+    );
+    app.get_token("t1", &no_scope)
+        .await
+        .assert_problem(403, "forbidden");
+
+    let now = now_s();
+    let enc = |v: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+    let alg_none = format!(
+        "{}.{}.",
+        enc(&json!({"alg": "none", "typ": "JWT", "kid": "k1"})),
+        enc(&claims(json!("*")))
+    );
+    let hs_with_public_key = {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(
+            &h,
+            &claims(json!("*")),
+            &EncodingKey::from_secret(&fixture("rsa1.pub.pem")),
+        )
+        .unwrap()
+    };
+    let tampered = {
+        let parts: Vec<&str> = good.split('.').collect();
+        format!("{}.{}.{}", parts[0], enc(&claims(json!("*"))), parts[2])
+    };
+    let mut c = claims(json!("*"));
+    let with = |k: &str, v: Value| {
+        let mut c = claims(json!("*"));
+        c[k] = v;
+        c
+    };
+    c.as_object_mut().unwrap().remove("exp");
+    let cases: Vec<(&str, String)> = vec![
+        ("alg none", alg_none),
+        ("HS256 keyed with the RSA public key", hs_with_public_key),
+        (
+            "valid signature from another key",
+            sign(
+                &claims(json!("*")),
+                Algorithm::RS256,
+                "rsa_other.pem",
+                Some("k1"),
+            ),
+        ),
+        (
+            "unknown kid",
+            sign(
+                &claims(json!("*")),
+                Algorithm::RS256,
+                "rsa1.pem",
+                Some("k9"),
+            ),
+        ),
+        (
+            "no kid",
+            sign(&claims(json!("*")), Algorithm::RS256, "rsa1.pem", None),
+        ),
+        (
+            "RSA key used as ES256 kid",
+            sign(
+                &claims(json!("*")),
+                Algorithm::RS256,
+                "rsa1.pem",
+                Some("e1"),
+            ),
+        ),
+        (
+            "expired",
+            sign(
+                &with("exp", json!(now - 120)),
+                Algorithm::RS256,
+                "rsa1.pem",
+                Some("k1"),
+            ),
+        ),
+        (
+            "nbf in the future",
+            sign(
+                &with("nbf", json!(now + 120)),
+                Algorithm::RS256,
+                "rsa1.pem",
+                Some("k1"),
+            ),
+        ),
+        (
+            "wrong aud",
+            sign(
+                &with("aud", json!("someone-else")),
+                Algorithm::RS256,
+                "rsa1.pem",
+                Some("k1"),
+            ),
+        ),
+        (
+            "wrong iss",
+            sign(
+                &with("iss", json!("https://evil.example")),
+                Algorithm::RS256,
+                "rsa1.pem",
+                Some("k1"),
+            ),
+        ),
+        (
+            "missing exp",
+            sign(&c, Algorithm::RS256, "rsa1.pem", Some("k1")),
+        ),
+        ("payload tampered after signing", tampered),
+        ("not a JWT", "hello-there".into()),
+        ("three dots", "a.b.c".into()),
+    ];
+    for (what, token) in cases {
+        let a = app.get_token("t1", &token).await;
+        assert_eq!(a.status, 401, "{what}: {}", a.text);
+        assert_eq!(a.json()["code"], "unauthorized", "{what}");
+    }
+
+    // A key added at the IdP is accepted without a restart.
+    publish(&idp, &["rsa1", "rsa2", "ec1"]).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let rotated = sign(
+        &claims(json!(["t1"])),
+        Algorithm::RS256,
+        "rsa2.pem",
+        Some("k2"),
+    );
+    let a = app.get_token("t1", &rotated).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    app.stop().await;
+}
+backends!(jwt_callers_and_the_attack_set: Sqlite);
+
+async fn audit_entries(app: &TestApp, query: &str, want: usize) -> Vec<Value> {
+    for _ in 0..40 {
+        let a = app
+            .send(app.admin(Method::GET, &format!("/admin/v1/audit?{query}")))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let entries = a.json()["entries"].as_array().unwrap().clone();
+        if entries.len() >= want {
+            return entries;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("fewer than {want} audit entries for {query}");
+}
+
+async fn the_audit_trail(mut env: TestEnv) {
+    let idp = idp(&["rsa1"]).await;
+    with_jwt(&mut env, &idp);
+    let app = env.spawn().await;
+    let partner = partner().await;
+    app.create_tenant(&setu_spec("audited", &partner, "AUDIT-SECRET-123"))
+        .await;
+    let key = app.create_caller("billing", json!(["audited"])).await;
+    let token = app.get_token("audited", &key).await.json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..5 {
+        app.get_token("audited", &key).await;
+    }
+    let jwt = sign(
+        &claims(json!(["audited"])),
+        Algorithm::RS256,
+        "rsa1.pem",
+        Some("k1"),
+    );
+    assert_eq!(app.get_token("audited", &jwt).await.status, 200);
+    app.get_token("audited", "tbk_not-a-real-key-at-all-000000000000000000000")
+        .await;
+    let other = app.create_caller("other", json!(["elsewhere"])).await;
+    app.get_token("audited", &other)
+        .await
+        .assert_problem(403, "forbidden");
+
+    let entries = audit_entries(&app, "tenant=audited", 5).await;
+    let text = serde_json::to_string(&entries).unwrap();
+    assert!(
+        !text.contains(&token)
+            && !text.contains("AUDIT-SECRET-123")
+            && !text.contains(&key)
+            && !text.contains(&jwt)
+    );
+    let fetches: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["action"] == "token.fetch" && e["outcome"] == "ok")
+        .collect();
+    let by_key: i64 = fetches
+        .iter()
+        .filter(|e| e["caller"] == "billing")
+        .map(|e| e["count"].as_i64().unwrap())
+        .sum();
+    assert_eq!(by_key, 6, "six fetches by the API-key caller: {text}");
+    let first = fetches.iter().find(|e| e["caller"] == "billing").unwrap();
+    assert_eq!(first["auth_method"], "api_key");
+    assert!(first["fingerprint"].as_str().unwrap().len() > 20);
+    assert!(fetches
+        .iter()
+        .any(|e| e["caller"] == "svc-billing" && e["auth_method"] == "jwt"));
+    assert!(entries
+        .iter()
+        .any(|e| e["kind"] == "refused" && e["outcome"] == "unauthorized"));
+    assert!(entries
+        .iter()
+        .any(|e| e["kind"] == "refused" && e["outcome"] == "forbidden"));
+    assert!(entries
+        .iter()
+        .any(|e| e["kind"] == "admin" && e["action"] == "tenant.create"));
+    // Newest first, filterable by caller.
+    let ids: Vec<i64> = entries.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] > w[1]));
+    let mine = audit_entries(&app, "caller=svc-billing", 1).await;
+    assert!(mine.iter().all(|e| e["caller"] == "svc-billing"));
+    app.send(app.admin(Method::GET, "/admin/v1/audit?limit=0"))
+        .await
+        .assert_problem(400, "invalid_request");
+    app.stop().await;
+}
+backends!(the_audit_trail: Sqlite, PostgresRedis);
+
+async fn no_audit_no_token(mut env: TestEnv) {
+    env.extra.insert("BROKER_AUDIT_QUEUE".into(), "4".into());
+    let app = env.spawn().await;
+    let partner = partner().await;
+    app.create_tenant(&setu_spec("guarded", &partner, "s"))
+        .await;
+    let key = app.create_caller("c", json!("*")).await;
+    assert_eq!(app.get_token("guarded", &key).await.status, 200);
+    audit_entries(&app, "tenant=guarded", 1).await;
+
+    // The audit store goes away.
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(&env.database_url).await.unwrap();
+    sqlx::query("ALTER TABLE audit_log RENAME TO audit_log_away")
+        .execute(&db)
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let a = app.get_token("guarded", &key).await;
+        if a.status != 200 {
+            let body = a.assert_problem(503, "audit_unavailable");
+            assert!(body.get("access_token").is_none());
+        }
+        statuses.push(a.status);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let tail = &statuses[statuses.len() - 20..];
+    assert!(
+        tail.iter().all(|s| *s == 503),
+        "once the queue is full no token is released: {statuses:?}"
+    );
+
+    // It comes back: the queued entries are written and tokens flow again.
+    sqlx::query("ALTER TABLE audit_log_away RENAME TO audit_log")
+        .execute(&db)
+        .await
+        .unwrap();
+    let mut ok = false;
+    for _ in 0..60 {
+        if app.get_token("guarded", &key).await.status == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "tokens flow again once the audit store is back");
+    app.stop().await;
+}
+backends!(no_audit_no_token: Sqlite, Postgres);
+
+const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const KEY_B: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
+async fn online_key_rotation(mut env: TestEnv) {
+    env.extra
+        .insert("BROKER_ENCRYPTION_KEYS".into(), format!("k0:{KEY_A}"));
+    let app_a = env.spawn().await;
+    let partner = partner().await;
+    for id in ["r1", "r2", "r3"] {
+        app_a
+            .create_tenant(&setu_spec(id, &partner, &format!("{id}-secret")))
+            .await;
+    }
+    let key = app_a.create_caller("c", json!("*")).await;
+    for id in ["r1", "r2", "r3"] {
+        assert_eq!(app_a.get_token(id, &key).await.status, 200);
+    }
+    let minted_before = partner.received_requests().await.unwrap().len();
+
+    // Steady load across whatever replicas are up, counting every failure.
+    let targets = Arc::new(Mutex::new(vec![app_a.address.clone()]));
+    let (stop, failures, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let load = {
+        let (targets, stop, failures, done, key) = (
+            targets.clone(),
+            stop.clone(),
+            failures.clone(),
+            done.clone(),
+            key.clone(),
+        );
+        let client = reqwest::Client::new();
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let addr = {
+                    let t = targets.lock().unwrap();
+                    t[i % t.len()].clone()
+                };
+                let tenant = ["r1", "r2", "r3"][i % 3];
+                i += 1;
+                let r = client
+                    .get(format!("{addr}/v1/tenants/{tenant}/token"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => {}
+                    _ => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    // Roll: a replica with the new key first, then retire the old one.
+    env.extra.insert(
+        "BROKER_ENCRYPTION_KEYS".into(),
+        format!("k1:{KEY_B},k0:{KEY_A}"),
+    );
+    let app_b = env.spawn().await;
+    targets.lock().unwrap().push(app_b.address.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    targets.lock().unwrap().retain(|a| a != &app_a.address);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    app_a.stop().await;
+    // A credential written now is sealed with k1.
+    let put = app_b
+        .send(
+            app_b
+                .admin(Method::PUT, "/admin/v1/tenants/r3/credentials")
+                .json(&json!({"client_id": "r3-client", "client_secret": "r3-new"})),
+        )
+        .await;
+    assert_eq!(put.status, 204);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Re-seal everything with k1, then drop k0.
+    let (rows, tokens) = token_broker::app::rekey(&env.settings()).await.unwrap();
+    assert!(rows >= 4, "re-sealed {rows} rows");
+    let (again, _) = token_broker::app::rekey(&env.settings()).await.unwrap();
+    assert_eq!(again, 0, "rekey is idempotent");
+    let store = token_broker::app::open_store(&env.settings())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.key_usage().await.unwrap(),
+        vec![("k1".to_string(), 6)]
+    );
+    env.extra
+        .insert("BROKER_ENCRYPTION_KEYS".into(), format!("k1:{KEY_B}"));
+    let app_c = env.spawn().await;
+    targets.lock().unwrap().push(app_c.address.clone());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    let (failures, done) = (failures.load(Ordering::SeqCst), done.load(Ordering::SeqCst));
+    eprintln!("key rotation under load: {done} requests, {failures} failed, {rows} rows and {tokens} cached tokens re-sealed");
+    assert_eq!(failures, 0);
+    assert!(done > 50);
+    // The k1-only replica opened the re-sealed cached tokens instead of minting again
+    // (only r3's rotation minted).
+    assert_eq!(
+        partner.received_requests().await.unwrap().len(),
+        minted_before + 1
+    );
+
+    // A key still in use cannot be dropped silently.
+    env.extra
+        .insert("BROKER_ENCRYPTION_KEYS".into(), format!("k0:{KEY_A}"));
+    let err = token_broker::app::Application::build(env.settings())
+        .await
+        .err()
+        .expect("refuses to start");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("k1") && msg.contains("r1/client_secret"),
+        "{msg}"
+    );
+    app_b.stop().await;
+    app_c.stop().await;
+}
+backends!(online_key_rotation: PostgresRedis);
+
+async fn tampered_or_moved_ciphertexts_fail_closed(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = partner().await;
+    for id in ["victim", "donor", "moved"] {
+        app.create_tenant(&setu_spec(id, &partner, &format!("{id}-secret")))
+            .await;
+    }
+    let key = app.create_caller("c", json!("*")).await;
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(&env.database_url).await.unwrap();
+    use sqlx::Row;
+    let sealed: Vec<u8> = sqlx::query(
+        "SELECT sealed FROM tenant_credentials WHERE tenant_id = $1 AND field = 'client_secret'",
+    )
+    .bind("victim")
+    .fetch_one(&db)
+    .await
+    .unwrap()
+    .get("sealed");
+    let mut flipped = sealed.clone();
+    let last = flipped.len() - 5;
+    flipped[last] ^= 0x01;
+    sqlx::query("UPDATE tenant_credentials SET sealed = $1 WHERE tenant_id = $2 AND field = 'client_secret'")
+        .bind(flipped)
+        .bind("victim")
+        .execute(&db)
+        .await
+        .unwrap();
+    let donor: Vec<u8> = sqlx::query(
+        "SELECT sealed FROM tenant_credentials WHERE tenant_id = $1 AND field = 'client_secret'",
+    )
+    .bind("donor")
+    .fetch_one(&db)
+    .await
+    .unwrap()
+    .get("sealed");
+    sqlx::query("UPDATE tenant_credentials SET sealed = $1 WHERE tenant_id = $2 AND field = 'client_secret'")
+        .bind(donor)
+        .bind("moved")
+        .execute(&db)
+        .await
+        .unwrap();
+    for id in ["victim", "moved"] {
+        let a = app.get_token(id, &key).await;
+        let body = a.assert_problem(503, "credentials_unreadable");
+        assert!(!a.text.contains("secret"), "{body}");
+    }
+    assert_eq!(
+        partner.received_requests().await.unwrap().len(),
+        0,
+        "the partner was not called"
+    );
+    assert_eq!(app.get_token("donor", &key).await.status, 200);
+    app.stop().await;
+}
+backends!(tampered_or_moved_ciphertexts_fail_closed: Sqlite, Postgres);
