@@ -24,6 +24,13 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub audit_dropped: IntCounter,
+    pub lock_degraded: IntCounter,
+    /// Pre-resolved `broker_cache_lookups_total` series (the hot path does no label lookups).
+    pub l1_hit: IntCounter,
+    pub l1_miss: IntCounter,
+    pub l2_hit: IntCounter,
+    pub l2_miss: IntCounter,
+    pub l2_error: IntCounter,
     pub audit_write_failures: IntCounter,
     expiry_at_ms: Mutex<HashMap<String, i64>>,
 }
@@ -107,6 +114,19 @@ impl Metrics {
             "Failed audit batch writes (retried)",
         )
         .expect("metric");
+        let lookup = |layer: &str, result: &str| cache_lookups.with_label_values(&[layer, result]);
+        let (l1_hit, l1_miss, l2_hit, l2_miss, l2_error) = (
+            lookup("l1", "hit"),
+            lookup("l1", "miss"),
+            lookup("l2", "hit"),
+            lookup("l2", "miss"),
+            lookup("l2", "error"),
+        );
+        let lock_degraded = IntCounter::new(
+            "broker_lock_degraded_total",
+            "Mints done without the cross-replica lock because Redis was unavailable",
+        )
+        .expect("metric");
         for c in [
             Box::new(token_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cache_lookups.clone()),
@@ -117,6 +137,7 @@ impl Metrics {
             Box::new(http_requests.clone()),
             Box::new(http_duration.clone()),
             Box::new(audit_dropped.clone()),
+            Box::new(lock_degraded.clone()),
             Box::new(audit_write_failures.clone()),
         ] {
             registry.register(c).expect("unique metric");
@@ -133,6 +154,12 @@ impl Metrics {
             http_duration,
             audit_dropped,
             audit_write_failures,
+            lock_degraded,
+            l1_hit,
+            l1_miss,
+            l2_hit,
+            l2_miss,
+            l2_error,
             expiry_at_ms: Mutex::new(HashMap::new()),
         }
     }
@@ -144,10 +171,6 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[tenant])
             .observe(took.as_secs_f64());
-    }
-
-    pub fn cache_lookup(&self, layer: &str, result: &str) {
-        self.cache_lookups.with_label_values(&[layer, result]).inc();
     }
 
     pub fn token_request(&self, tenant: &str, outcome: &str) {

@@ -60,11 +60,11 @@ pub async fn read_json(req: &HttpRequest, mut payload: web::Payload) -> Result<V
 pub fn problem_for_framework_errors<B: MessageBody + 'static>(
     res: ServiceResponse<B>,
 ) -> actix_web::Result<ErrorHandlerResponse<B>> {
-    let is_problem = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
-    if is_problem {
+    // Our own answers (problems, and JSON such as /readyz's 503) pass through untouched.
+    let ours = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes() == PROBLEM_JSON.as_bytes() || v.as_bytes().starts_with(b"application/json")
+    });
+    if ours {
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }
     let err = match res.status().as_u16() {
@@ -115,10 +115,26 @@ pub async fn observe(
     let started = Instant::now();
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-    let method = req.method().clone();
+    let method: &'static str = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "OTHER",
+    };
     let id = request_id(&req);
     req.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method,
+        route = %route,
+        tenant = tracing::field::Empty,
+        caller = tracing::field::Empty,
+    );
     let mut res = next.call(req).instrument(span.clone()).await?;
     let status = res.status();
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -129,10 +145,10 @@ pub async fn observe(
     if let Some(state) = state {
         let m = &state.metrics;
         m.http_requests
-            .with_label_values(&[method.as_str(), &route, status.as_str()])
+            .with_label_values(&[method, &route, status.as_str()])
             .inc();
         m.http_duration
-            .with_label_values(&[method.as_str(), &route])
+            .with_label_values(&[method, &route])
             .observe(elapsed.as_secs_f64());
     }
     span.in_scope(|| {

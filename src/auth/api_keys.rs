@@ -33,7 +33,12 @@ impl ApiKey {
 
     /// Hex SHA-256 of the key: what the store keeps and looks up by.
     pub fn hash(&self) -> String {
-        hex::encode(Sha256::digest(self.0.expose_secret().as_bytes()))
+        hex::encode(self.digest())
+    }
+
+    /// SHA-256 of the key.
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(self.0.expose_secret().as_bytes()).into()
     }
 
     pub fn expose(&self) -> &str {

@@ -5,7 +5,7 @@ pub mod api_keys;
 pub mod jwt;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest};
@@ -52,15 +52,19 @@ impl Caller {
     }
 }
 
-/// Resolves API keys to callers, with a short in-process cache so the hot path does not
-/// touch the database (a deleted caller stops working here at once, elsewhere within the TTL).
+/// Resolves API keys to callers, with an in-process cache so the hot path does not touch the
+/// database: an answer is trusted for 10 s (a deleted caller stops working here at once,
+/// elsewhere within 10 s), and while the database is unreachable a known caller keeps
+/// working on what was last read, for up to 10 minutes.
 pub struct Authenticator {
     store: TenantStore,
-    known: Cache<String, Option<Arc<Caller>>>,
+    known: Cache<[u8; 32], (Option<Arc<Caller>>, Instant)>,
 }
 
 /// How long a resolved API key is trusted without asking the database again.
 pub const CALLER_CACHE_TTL: Duration = Duration::from_secs(10);
+/// How long a resolved key is kept to ride out a database outage.
+const CALLER_STALE_TTL: Duration = Duration::from_secs(600);
 
 impl Authenticator {
     pub fn new(store: TenantStore) -> Self {
@@ -68,31 +72,43 @@ impl Authenticator {
             store,
             known: Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(CALLER_CACHE_TTL)
+                .time_to_live(CALLER_STALE_TTL)
                 .build(),
         }
     }
 
     pub async fn api_key(&self, presented: &str) -> Result<Arc<Caller>, ApiError> {
         let key = ApiKey::parse(presented).ok_or(ApiError::Unauthorized("invalid credentials"))?;
-        let hash = key.hash();
-        if let Some(hit) = self.known.get(&hash) {
-            return hit.ok_or(ApiError::Unauthorized("invalid credentials"));
+        let digest = key.digest();
+        let held = self.known.get(&digest);
+        if let Some((hit, at)) = &held {
+            if at.elapsed() < CALLER_CACHE_TTL {
+                return hit
+                    .clone()
+                    .ok_or(ApiError::Unauthorized("invalid credentials"));
+            }
         }
-        let found = self
-            .store
-            .caller_by_key_hash(&hash)
-            .await
-            .map_err(ApiError::from)?
-            .map(|c| {
-                Arc::new(Caller {
-                    id: c.id.into(),
-                    name: c.name.into(),
-                    scope: Arc::new(c.scope),
-                    method: AuthMethod::ApiKey,
-                })
-            });
-        self.known.insert(hash, found.clone());
+        let looked_up = match self.store.caller_by_key_hash(&hex::encode(digest)).await {
+            Ok(found) => found,
+            Err(e) => {
+                return match held {
+                    Some((Some(caller), _)) => {
+                        tracing::debug!(error = %e, "caller lookup failed; using the last answer");
+                        Ok(caller)
+                    }
+                    _ => Err(ApiError::from(e)),
+                }
+            }
+        };
+        let found = looked_up.map(|c| {
+            Arc::new(Caller {
+                id: c.id.into(),
+                name: c.name.into(),
+                scope: Arc::new(c.scope),
+                method: AuthMethod::ApiKey,
+            })
+        });
+        self.known.insert(digest, (found.clone(), Instant::now()));
         found.ok_or(ApiError::Unauthorized("invalid credentials"))
     }
 
@@ -164,6 +180,13 @@ impl FromRequest for Caller {
                     None => Err(ApiError::Unauthorized("invalid credentials")),
                 },
             };
+            if let Ok(c) = &result {
+                let span = tracing::Span::current();
+                span.record("caller", &*c.name);
+                if let Some(t) = &tenant {
+                    span.record("tenant", t.as_str());
+                }
+            }
             if let Err(e @ ApiError::Unauthorized(reason)) = &result {
                 let mut entry = crate::audit::Entry::new("refused", "token.fetch", e.code());
                 entry.tenant = tenant;

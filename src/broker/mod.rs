@@ -5,7 +5,7 @@
 pub mod circuit;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,9 @@ impl Source {
 
 type FlightResult = Result<Arc<CachedToken>, BrokerError>;
 
+/// Redis failed on the flight's path: mint without it.
+struct Degrade(CacheError);
+
 /// One in-process mint for a tenant, shared by every request that needs it.
 struct Flight {
     id: u64,
@@ -104,8 +107,9 @@ impl Want {
 const REFRESH_RETRY_MS: i64 = 5_000;
 /// How often a waiter on another replica's mint looks at the shared cache between events.
 const WAIT_POLL: Duration = Duration::from_millis(100);
-/// Bound on L1 entries when Redis is the shared truth (a safety net behind the events).
-pub const L1_MAX_AGE_WITH_REDIS: Duration = Duration::from_secs(15);
+/// With Redis as the shared truth, a held token is re-checked there after this long (a safety
+/// net behind the events); if Redis does not answer, the held token keeps being served.
+pub const L1_REVALIDATE_MS: i64 = 15_000;
 
 /// Time bounds of the token path.
 #[derive(Clone, Copy, Debug)]
@@ -154,6 +158,7 @@ pub struct Broker {
     pacer: circuit::Pacer,
     flights: Mutex<HashMap<TenantId, Flight>>,
     next_flight: AtomicU64,
+    events_gap_at: AtomicI64,
     waiters: Mutex<HashMap<TenantId, Arc<Notify>>>,
     refresh_not_before: Mutex<HashMap<TenantId, i64>>,
 }
@@ -166,7 +171,6 @@ impl Broker {
         metrics: Arc<Metrics>,
         timing: Timing,
     ) -> Arc<Self> {
-        let max_age = l2.as_ref().map(|_| L1_MAX_AGE_WITH_REDIS);
         let (circuits, pacer) = (
             circuit::Circuits::new(l2.clone()),
             circuit::Pacer::new(l2.clone()),
@@ -176,7 +180,7 @@ impl Broker {
         Arc::new(Self {
             store,
             issuers,
-            l1: MemoryCache::new(1_000_000, max_age),
+            l1: MemoryCache::new(1_000_000),
             l2,
             metrics,
             replica: hex::encode(raw),
@@ -185,6 +189,7 @@ impl Broker {
             pacer,
             flights: Mutex::new(HashMap::new()),
             next_flight: AtomicU64::new(1),
+            events_gap_at: AtomicI64::new(0),
             waiters: Mutex::new(HashMap::new()),
             refresh_not_before: Mutex::new(HashMap::new()),
         })
@@ -214,9 +219,10 @@ impl Broker {
         }
     }
 
-    /// After a gap in events: every L1 entry may be stale.
+    /// After a gap in events every held token may be stale: each is re-checked against Redis
+    /// on its next use (and still served if Redis does not answer).
     pub fn on_events_gap(&self) {
-        self.l1.invalidate_all();
+        self.events_gap_at.store(now_ms(), Ordering::Relaxed);
     }
 
     async fn announce(&self, kind: &str, tenant: &TenantId) {
@@ -238,26 +244,50 @@ impl Broker {
     ) -> Result<(Arc<CachedToken>, Source), BrokerError> {
         let min_ttl_ms = (min_ttl_s as i64).saturating_mul(1000);
         let now = now_ms();
-        let mut known = self.l1.get_now(tenant);
-        if let Some(t) = &known {
-            if t.serves(now, min_ttl_ms) {
-                self.metrics.cache_lookup("l1", "hit");
+        let held = self.l1.get_held(tenant);
+        let mut known = held.as_ref().map(|h| h.0.clone());
+        if let Some((t, since)) = &held {
+            // With Redis as the truth, a held token is re-checked there every so often
+            // (events normally tell us sooner); without Redis, L1 is the truth.
+            let fresh = self.l2.is_none()
+                || (now - since < L1_REVALIDATE_MS
+                    && *since > self.events_gap_at.load(Ordering::Relaxed));
+            if fresh && t.serves(now, min_ttl_ms) {
+                self.metrics.l1_hit.inc();
                 self.refresh_ahead(tenant, t, now);
                 return Ok((t.clone(), Source::Cache));
             }
         }
-        self.metrics.cache_lookup("l1", "miss");
+        self.metrics.l1_miss.inc();
         if let Some(l2) = &self.l2 {
-            if let Some(t) = l2.get(tenant).await? {
-                self.metrics.cache_lookup("l2", "hit");
-                let t = self.l1.insert_unless_newer(tenant, t);
-                if t.serves(now, min_ttl_ms) {
-                    self.refresh_ahead(tenant, &t, now);
-                    return Ok((t, Source::Cache));
+            match l2.get(tenant).await {
+                Ok(Some(t)) => {
+                    self.metrics.l2_hit.inc();
+                    let t = self.l1.insert_unless_newer(tenant, t);
+                    self.metrics
+                        .set_token_expiry(tenant.as_str(), t.expires_at_ms);
+                    if t.serves(now, min_ttl_ms) {
+                        self.refresh_ahead(tenant, &t, now);
+                        return Ok((t, Source::Cache));
+                    }
+                    known = Some(t);
                 }
-                known = Some(t);
-            } else {
-                self.metrics.cache_lookup("l2", "miss");
+                Ok(None) => {
+                    self.metrics.l2_miss.inc();
+                    if held.is_some() {
+                        // Dropped or expired in the shared cache: so here too.
+                        self.l1.invalidate(tenant);
+                        known = None;
+                    }
+                }
+                Err(e) => {
+                    self.metrics.l2_error.inc();
+                    // Redis is unreachable: what this process holds is served to its usable end.
+                    if let Some(t) = known.as_ref().filter(|t| t.serves(now, min_ttl_ms)) {
+                        tracing::debug!(tenant = %tenant, error = %e, "shared cache unavailable; serving the held token");
+                        return Ok((t.clone(), Source::Cache));
+                    }
+                }
             }
         }
         // The partner's tokens live about as long as the last one did: if that is shorter
@@ -391,26 +421,29 @@ impl Broker {
         let result = async {
             loop {
                 let woken = notify.notified();
-                let current = l2.get(tenant).await?;
+                let current = match l2.get(tenant).await {
+                    Ok(c) => c,
+                    Err(e) => return Err(Degrade(e)),
+                };
                 if let Some(t) = &current {
                     if want.satisfied_by(t, now_ms()) {
-                        return Ok(self.l1.insert_unless_newer(tenant, t.clone()));
+                        return Ok(Ok(self.l1.insert_unless_newer(tenant, t.clone())));
                     }
                 }
-                self.check_circuit(tenant, want).await?;
-                if let Some(lock) = l2.try_acquire(tenant).await? {
+                if let Err(e) = self.check_circuit(tenant, want).await {
+                    return Ok(Err(e));
+                }
+                let lock = match l2.try_acquire(tenant).await {
+                    Ok(lock) => lock,
+                    Err(e) => return Err(Degrade(e)),
+                };
+                if let Some(lock) = lock {
                     // Another replica may have written between our read and the lock.
-                    let current = match l2.get(tenant).await {
-                        Ok(c) => c.or(current),
-                        Err(e) => {
-                            let _ = l2.release(lock).await;
-                            return Err(e.into());
-                        }
-                    };
+                    let current = l2.get(tenant).await.ok().flatten().or(current);
                     if let Some(t) = &current {
                         if want.satisfied_by(t, now_ms()) {
                             let _ = l2.release(lock).await;
-                            return Ok(self.l1.insert_unless_newer(tenant, t.clone()));
+                            return Ok(Ok(self.l1.insert_unless_newer(tenant, t.clone())));
                         }
                     }
                     let prev = current.or_else(|| self.l1.get_now(tenant));
@@ -418,25 +451,37 @@ impl Broker {
                     if let Err(e) = l2.release(lock).await {
                         tracing::warn!(tenant = %tenant, error = %e, "mint lock release failed; it expires by itself");
                     }
-                    return result;
+                    return Ok(result);
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(BrokerError::LockWaitTimeout(self.timing.lock_wait));
+                    return Ok(Err(BrokerError::LockWaitTimeout(self.timing.lock_wait)));
                 }
                 let _ = tokio::time::timeout(WAIT_POLL.min(left), woken).await;
             }
         }
         .await;
         drop(notify);
-        let mut waiters = self.waiters.lock().expect("waiters");
-        if waiters
-            .get(tenant)
-            .is_some_and(|n| Arc::strong_count(n) == 1)
         {
-            waiters.remove(tenant);
+            let mut waiters = self.waiters.lock().expect("waiters");
+            if waiters
+                .get(tenant)
+                .is_some_and(|n| Arc::strong_count(n) == 1)
+            {
+                waiters.remove(tenant);
+            }
         }
-        result
+        match result {
+            Ok(r) => r,
+            Err(Degrade(e)) => {
+                // Redis is unreachable: this replica mints on its own rather than fail.
+                self.metrics.lock_degraded.inc();
+                tracing::warn!(tenant = %tenant, error = %e, "shared cache unavailable: minting without the cross-replica lock");
+                self.check_circuit(tenant, want).await?;
+                let prev = self.l1.get_now(tenant);
+                self.mint_and_store(tenant, prev.as_deref()).await
+            }
+        }
     }
 
     /// While the tenant's circuit is open, answers with its last problem (the admin dry run,
@@ -473,11 +518,16 @@ impl Broker {
         self.record_outcome(tenant_id, &result).await;
         let token = Arc::new(CachedToken::from_minted(result?));
         let kept = match &self.l2 {
-            Some(l2) => {
-                let kept = l2.put(tenant_id, token.clone()).await?;
-                self.announce("m", tenant_id).await;
-                kept
-            }
+            Some(l2) => match l2.put(tenant_id, token.clone()).await {
+                Ok(kept) => {
+                    self.announce("m", tenant_id).await;
+                    kept
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant_id, error = %e, "minted token not shared: the shared cache is unavailable");
+                    token
+                }
+            },
             None => token,
         };
         let kept = self.l1.insert_unless_newer(tenant_id, kept);

@@ -12,26 +12,28 @@ use super::CachedToken;
 use crate::tenants::TenantId;
 use crate::time::now_ms;
 
-/// Entries live until the token's usable end, and at most `max_age` when set.
-struct UntilUsableEnd {
-    max_age: Option<Duration>,
-}
+/// A held token and when this process last took it from the shared cache (or minted it).
+type Held = (Arc<CachedToken>, i64);
 
-impl Expiry<TenantId, Arc<CachedToken>> for UntilUsableEnd {
+/// Entries live until the token's usable end.
+struct UntilUsableEnd;
+
+impl Expiry<TenantId, Held> for UntilUsableEnd {
     fn expire_after_create(
         &self,
         _key: &TenantId,
-        value: &Arc<CachedToken>,
+        value: &Held,
         _now: Instant,
     ) -> Option<Duration> {
-        let usable = Duration::from_millis((value.usable_until_ms - now_ms()).max(0) as u64);
-        Some(self.max_age.map_or(usable, |m| m.min(usable)))
+        Some(Duration::from_millis(
+            (value.0.usable_until_ms - now_ms()).max(0) as u64,
+        ))
     }
 
     fn expire_after_update(
         &self,
         key: &TenantId,
-        value: &Arc<CachedToken>,
+        value: &Held,
         now: Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
@@ -39,30 +41,35 @@ impl Expiry<TenantId, Arc<CachedToken>> for UntilUsableEnd {
     }
 }
 
-/// Tokens held in this process only.
+/// Tokens held in this process.
 #[derive(Clone)]
 pub struct MemoryCache {
-    inner: Cache<TenantId, Arc<CachedToken>>,
+    inner: Cache<TenantId, Held>,
 }
 
 impl MemoryCache {
-    /// A cache of at most `max_entries` tokens, each kept at most `max_age` when set.
-    pub fn new(max_entries: u64, max_age: Option<Duration>) -> Self {
+    /// A cache of at most `max_entries` tokens.
+    pub fn new(max_entries: u64) -> Self {
         Self {
             inner: Cache::builder()
                 .max_capacity(max_entries)
-                .expire_after(UntilUsableEnd { max_age })
+                .expire_after(UntilUsableEnd)
                 .build(),
         }
     }
 
     /// The held token, without checking its usable end (callers check `serves`).
     pub fn get_now(&self, tenant: &TenantId) -> Option<Arc<CachedToken>> {
+        self.inner.get(tenant).map(|h| h.0)
+    }
+
+    /// The held token and when it was last taken from the shared cache or minted (unix ms).
+    pub fn get_held(&self, tenant: &TenantId) -> Option<Held> {
         self.inner.get(tenant)
     }
 
     pub fn insert(&self, tenant: &TenantId, token: Arc<CachedToken>) {
-        self.inner.insert(tenant.clone(), token);
+        self.inner.insert(tenant.clone(), (token, now_ms()));
     }
 
     /// Inserts `token` unless the held one expires later; returns the token kept.
@@ -75,17 +82,13 @@ impl MemoryCache {
             .inner
             .entry(tenant.clone())
             .and_compute_with(|entry| match entry {
-                Some(e) if e.value().expires_at_ms > token.expires_at_ms => Op::Nop,
-                _ => Op::Put(token.clone()),
+                Some(e) if e.value().0.expires_at_ms > token.expires_at_ms => Op::Nop,
+                _ => Op::Put((token.clone(), now_ms())),
             });
         match result {
-            moka::ops::compute::CompResult::Unchanged(e) => e.into_value(),
+            moka::ops::compute::CompResult::Unchanged(e) => e.into_value().0,
             _ => token,
         }
-    }
-
-    pub fn invalidate_all(&self) {
-        self.inner.invalidate_all();
     }
 
     pub fn invalidate(&self, tenant: &TenantId) {
@@ -97,7 +100,7 @@ impl MemoryCache {
             .inner
             .entry(tenant.clone())
             .and_compute_with(|entry| match entry {
-                Some(e) if e.value().access_token.expose_secret() == access_token => Op::Remove,
+                Some(e) if e.value().0.access_token.expose_secret() == access_token => Op::Remove,
                 _ => Op::Nop,
             });
         matches!(result, moka::ops::compute::CompResult::Removed(_))
@@ -128,7 +131,7 @@ mod tests {
 
     #[test]
     fn compare_and_delete() {
-        let c = MemoryCache::new(100, None);
+        let c = MemoryCache::new(100);
         let t = TenantId::parse("t").unwrap();
         c.insert(&t, token("new", 60_000));
         assert!(!c.remove_if_current(&t, "old"));
@@ -140,7 +143,7 @@ mod tests {
 
     #[test]
     fn a_later_token_is_not_overwritten() {
-        let c = MemoryCache::new(100, None);
+        let c = MemoryCache::new(100);
         let t = TenantId::parse("t").unwrap();
         let newer = token("newer", 60_000);
         c.insert(&t, newer.clone());
@@ -155,7 +158,7 @@ mod tests {
 
     #[test]
     fn entries_end_at_usable_end() {
-        let c = MemoryCache::new(100, None);
+        let c = MemoryCache::new(100);
         let t = TenantId::parse("t").unwrap();
         c.insert(&t, token("x", 50));
         assert!(c.get_now(&t).is_some());

@@ -183,7 +183,15 @@ impl Issuers {
         let req = req.body(prepared.body.to_vec());
         let issued_at_ms = now_ms();
         let started = Instant::now();
-        let result = self.exchange(req).await;
+        let span = tracing::info_span!(
+            "partner_call",
+            tenant = %tenant.id,
+            kind = tenant.issuer.kind.as_str(),
+            grant = match grant { Grant::Initial => "initial", Grant::Refresh(_) => "refresh_token" },
+            status = tracing::field::Empty,
+        );
+        let result = tracing::Instrument::instrument(self.exchange(req), span.clone()).await;
+        let _entered = span.enter();
         let elapsed = started.elapsed();
         let doc = match result {
             Ok(doc) => doc,
@@ -218,6 +226,7 @@ impl Issuers {
     async fn exchange(&self, req: reqwest::RequestBuilder) -> Result<Value, IssuerError> {
         let mut resp = req.send().await.map_err(classify_transport)?;
         let status = resp.status();
+        tracing::Span::current().record("status", status.as_u16());
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)

@@ -5,6 +5,7 @@ mod helpers;
 mod admin;
 mod failures;
 mod flights;
+mod ops;
 mod partners;
 mod persistence;
 mod secrets;

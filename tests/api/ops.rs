@@ -1,0 +1,335 @@
+//! What ops see and run: metrics, readiness, Redis and Postgres outages, logs, shutdown.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::backends;
+use crate::helpers::*;
+
+async fn partner(delay_ms: u64) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(move |_: &wiremock::Request| {
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"accessToken": setu_jwt(300)}))
+                .set_delay(Duration::from_millis(delay_ms))
+        })
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn the_metric_catalog(env: TestEnv) {
+    let app = env.spawn().await;
+    let p = partner(0).await;
+    app.create_tenant(&setu_spec("m1", &p, "s")).await;
+    let key = app.create_caller("c", json!("*")).await;
+    for _ in 0..3 {
+        assert_eq!(app.get_token("m1", &key).await.status, 200);
+    }
+    app.send(app.client.request(
+        Method::from_bytes(b"BREW").unwrap(),
+        format!("{}/healthz", app.address),
+    ))
+    .await;
+    app.get("/no/such/path/123").await;
+    let text = app.get("/metrics").await.text;
+    for family in [
+        "broker_token_requests_total{outcome=\"minted\",tenant=\"m1\"} 1",
+        "broker_token_requests_total{outcome=\"cache\",tenant=\"m1\"} 2",
+        "broker_cache_lookups_total{layer=\"l1\",result=\"hit\"}",
+        "broker_upstream_requests_total{outcome=\"ok\",tenant=\"m1\"} 1",
+        "broker_upstream_request_duration_seconds_bucket{tenant=\"m1\",le=\"10\"} 1",
+        "broker_token_expiry_seconds{tenant=\"m1\"}",
+        "broker_tenants 1",
+        "http_requests_total{method=\"GET\",route=\"/v1/tenants/{tenant_id}/token\",status=\"200\"} 3",
+        "http_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/tenants/{tenant_id}/token\",le=\"0.0001\"}",
+        "http_requests_total{method=\"OTHER\",route=\"/healthz\",status=\"405\"} 1",
+        "http_requests_total{method=\"GET\",route=\"unmatched\",status=\"404\"} 1",
+    ] {
+        assert!(text.contains(family), "missing {family}\n{text}");
+    }
+    assert!(
+        !text.contains("/no/such/path"),
+        "raw paths never become labels"
+    );
+    app.stop().await;
+}
+backends!(the_metric_catalog: Sqlite, PostgresRedis);
+
+async fn redis_outage_and_slowness(mut env: TestEnv) {
+    let Some(mut redis) = OwnRedis::start() else {
+        skip("redis-server on PATH");
+        return;
+    };
+    env.redis_url = Some(redis.url());
+    let app = env.spawn().await;
+    let p = partner(0).await;
+    app.create_tenant(&setu_spec("held", &p, "s")).await;
+    app.create_tenant(&setu_spec("cold", &p, "s")).await;
+    let key = app.create_caller("c", json!("*")).await;
+    let token = app.get_token("held", &key).await.json()["access_token"].clone();
+    assert_eq!(app.get("/readyz").await.status, 200);
+
+    // Paused Redis: cached tokens come from this process at cache-hit speed.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut took = Vec::new();
+    for _ in 0..200 {
+        let t0 = Instant::now();
+        assert_eq!(app.get_token("held", &key).await.status, 200);
+        took.push(t0.elapsed());
+    }
+    took.sort();
+    let p99 = took[took.len() * 99 / 100];
+    eprintln!("token p99 with Redis paused: {p99:?}");
+    assert!(
+        p99 < Duration::from_millis(80),
+        "p99 {p99:?} is past the Redis timeout"
+    );
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+
+    // Stopped Redis: not ready, still alive, held tokens served, a mint still works here.
+    redis.stop();
+    let r = app.get("/readyz").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["checks"]["redis"], "unavailable");
+    assert_eq!(r.json()["checks"]["database"], "ok");
+    assert_eq!(app.get("/healthz").await.status, 200);
+    assert_eq!(
+        app.get_token("held", &key).await.json()["access_token"],
+        token
+    );
+    let cold = app.get_token("cold", &key).await;
+    assert_eq!(
+        cold.status, 200,
+        "a mint works on a single replica without Redis: {}",
+        cold.text
+    );
+    assert!(app
+        .get("/metrics")
+        .await
+        .text
+        .contains("broker_lock_degraded_total 1"));
+
+    // Redis comes back: the broker reconnects by itself.
+    assert!(redis.restart());
+    let mut ready = false;
+    for _ in 0..50 {
+        if app.get("/readyz").await.status == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "readiness recovers when Redis is back");
+    assert_eq!(app.get_token("held", &key).await.status, 200);
+    app.stop().await;
+}
+backends!(redis_outage_and_slowness: Postgres);
+
+async fn postgres_outage(mut env: TestEnv) {
+    let url = url::Url::parse(&env.database_url).unwrap();
+    let proxy = CuttableProxy::start((
+        url.host_str().unwrap().to_owned(),
+        url.port().unwrap_or(5432),
+    ))
+    .await;
+    let mut via = url.clone();
+    via.set_port(Some(proxy.port)).unwrap();
+    env.database_url = via.to_string();
+    let app = env.spawn().await;
+    let p = partner(0).await;
+    app.create_tenant(&setu_spec("pg", &p, "s")).await;
+    let key = app.create_caller("c", json!("*")).await;
+    let token = app.get_token("pg", &key).await.json()["access_token"].clone();
+
+    proxy.cut();
+    assert_eq!(app.get("/healthz").await.status, 200);
+    let r = app.get("/readyz").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["checks"]["database"], "unavailable");
+    tokio::time::sleep(Duration::from_secs(11)).await; // past the caller cache's freshness
+    assert_eq!(
+        app.get_token("pg", &key).await.json()["access_token"],
+        token,
+        "cached tokens are still served"
+    );
+    let w = app.create_tenant(&setu_spec("new", &p, "s")).await;
+    w.assert_problem(503, "database_unavailable");
+    app.stop().await;
+}
+backends!(postgres_outage: Postgres);
+
+async fn sigterm_drains_and_exits_zero(_env: TestEnv) {
+    let p = partner(1500).await;
+    let mut broker = BrokerProcess::start(&[]).await;
+    let app_client = reqwest::Client::new();
+    let admin = |m: Method, path: &str| {
+        app_client
+            .request(m, format!("{}{path}", broker.address))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    assert_eq!(
+        admin(Method::POST, "/admin/v1/tenants")
+            .json(&setu_spec("slow", &p, "s"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let created: serde_json::Value = admin(Method::POST, "/admin/v1/callers")
+        .json(&json!({"name": "c", "tenants": "*"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let in_flight = {
+        let url = format!("{}/v1/tenants/slow/token", broker.address);
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    broker.sigterm();
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        200,
+        "the in-flight request completes"
+    );
+    let status = loop {
+        if let Some(s) = broker.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "exits within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "SIGTERM with a request in flight: exit {status} after {:?}",
+        t0.elapsed()
+    );
+    assert!(status.success());
+    assert!(broker.stderr().contains("token-broker stopped"));
+}
+backends!(sigterm_drains_and_exits_zero: Sqlite);
+
+async fn trace_logs_hold_no_secrets(_env: TestEnv) {
+    let tag = format!("{:x}", rand::random::<u64>());
+    let secret = format!("TRACE-client-secret-{tag}");
+    let password = format!("TRACE-password-{tag}");
+    let refresh = format!("TRACEREFRESH{tag}");
+    let access = comm100_jwt(43200);
+    let p = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": access, "expires_in": 43200, "token_type": "Bearer", "refresh_token": refresh})))
+        .mount(&p)
+        .await;
+    let broker = BrokerProcess::start(&[("RUST_LOG", "trace")]).await;
+    let c = reqwest::Client::new();
+    let admin = |m: Method, path: &str| {
+        c.request(m, format!("{}{path}", broker.address))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    let mut spec = comm100_spec("traced", &p, &password);
+    spec["issuer"]["kind"] = json!("oauth2_password");
+    spec["credentials"] =
+        json!({"client_id": "cid", "client_secret": secret, "username": "u", "password": password});
+    assert_eq!(
+        admin(Method::POST, "/admin/v1/tenants")
+            .json(&spec)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let created: serde_json::Value = admin(Method::POST, "/admin/v1/callers")
+        .json(&json!({"name": "c", "tenants": "*"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let got: serde_json::Value = c
+        .get(format!("{}/v1/tenants/traced/token", broker.address))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["access_token"], access.as_str());
+    c.get(format!(
+        "{}/v1/tenants/traced/token?min_ttl=43199",
+        broker.address
+    ))
+    .bearer_auth(&key)
+    .send()
+    .await
+    .unwrap();
+    admin(Method::POST, "/admin/v1/tenants/traced/test")
+        .send()
+        .await
+        .unwrap();
+    admin(Method::PUT, "/admin/v1/tenants/traced/credentials")
+        .json(&json!({"client_id": "cid", "client_secret": secret, "username": "u", "password": password}))
+        .send()
+        .await
+        .unwrap();
+    c.post(format!(
+        "{}/v1/tenants/traced/token/invalidate",
+        broker.address
+    ))
+    .bearer_auth(&key)
+    .json(&json!({"access_token": access}))
+    .send()
+    .await
+    .unwrap();
+    broker.sigterm();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = broker.stderr();
+    assert!(
+        log.contains("TRACE") && log.len() > 10_000,
+        "trace output was captured ({} bytes)",
+        log.len()
+    );
+    for s in [
+        &secret,
+        &password,
+        &refresh,
+        &access,
+        &key,
+        &ADMIN_TOKEN.to_owned(),
+    ] {
+        assert!(
+            !log.contains(s.as_str()),
+            "a secret appears in trace-level logs"
+        );
+    }
+}
+backends!(trace_logs_hold_no_secrets: Sqlite);
