@@ -12,6 +12,7 @@ use actix_web::middleware::{from_fn, ErrorHandlers};
 use actix_web::{web, App, HttpServer};
 
 use crate::api::problem::ApiError;
+use crate::api::ratelimit::CallerLimiter;
 use crate::api::{admin, observe, ops, problem_for_framework_errors, token};
 use crate::audit::Audit;
 use crate::auth::jwt::JwtVerifier;
@@ -28,6 +29,7 @@ use crate::tenants::{StoreError, TenantStore};
 pub struct AppState {
     pub broker: Arc<Broker>,
     pub audit: Arc<Audit>,
+    pub limiter: CallerLimiter,
     pub jwt: Option<Arc<JwtVerifier>>,
     pub store: TenantStore,
     pub auth: Authenticator,
@@ -249,6 +251,7 @@ impl Application {
         let state = web::Data::new(AppState {
             broker,
             audit,
+            limiter: CallerLimiter::new(settings.caller_rate, settings.caller_burst),
             jwt,
             auth: Authenticator::new(store.clone()),
             admin: AdminAuth::new(settings.admin_token.as_ref()),

@@ -51,6 +51,8 @@ pub struct Settings {
     pub log_filter: String,
     pub log_format: LogFormat,
     pub workers: usize,
+    pub caller_rate: u64,
+    pub caller_burst: u64,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
 }
@@ -194,6 +196,13 @@ impl Settings {
             .map_err(|_| invalid("RUST_LOG", "not a valid tracing filter"))?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let workers = parse_num(&var, "BROKER_WORKERS", cores as u64, 1..=256)? as usize;
+        let caller_rate = parse_num(&var, "BROKER_CALLER_RATE", 1_000, 0..=10_000_000)?;
+        let caller_burst = parse_num(
+            &var,
+            "BROKER_CALLER_BURST",
+            caller_rate.saturating_mul(2),
+            0..=100_000_000,
+        )?;
         let upstream_connect_timeout = Duration::from_millis(parse_num(
             &var,
             "BROKER_UPSTREAM_CONNECT_TIMEOUT_MS",
@@ -222,6 +231,8 @@ impl Settings {
             log_filter,
             log_format,
             workers,
+            caller_rate,
+            caller_burst,
             upstream_connect_timeout,
             upstream_timeout,
         })

@@ -14,7 +14,7 @@ use crate::auth::api_keys::ApiKey;
 use crate::auth::Admin;
 use crate::tenants::spec::parse_credentials;
 use crate::tenants::store::{CallerRecord, Scope, TenantRecord};
-use crate::tenants::{SpecError, TenantId, TenantPatch, TenantSpec};
+use crate::tenants::{SpecError, StoreError, TenantId, TenantPatch, TenantSpec};
 use crate::time::{now_ms, rfc3339};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -93,6 +93,57 @@ fn tenant_response(mut builder: actix_web::HttpResponseBuilder, r: &TenantRecord
         .insert_header((header::ETAG, format!("\"v{}\"", r.version)))
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(tenant_view(r))
+}
+
+/// An `If-Match` header: `*`, or ETags of the form `"v<version>"` (weak or strong).
+struct IfMatch {
+    present: bool,
+    any: bool,
+    versions: Vec<i64>,
+}
+
+impl IfMatch {
+    fn parse(req: &HttpRequest) -> Self {
+        let mut m = Self {
+            present: false,
+            any: false,
+            versions: Vec::new(),
+        };
+        for value in req.headers().get_all(header::IF_MATCH) {
+            m.present = true;
+            for tag in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                if tag == "*" {
+                    m.any = true;
+                } else if let Some(v) = tag
+                    .trim_start_matches("W/")
+                    .strip_prefix("\"v")
+                    .and_then(|t| t.strip_suffix('"'))
+                    .and_then(|n| n.parse().ok())
+                {
+                    m.versions.push(v);
+                }
+            }
+        }
+        m
+    }
+
+    fn is_set(&self) -> bool {
+        self.present
+    }
+
+    /// The single version asked for, if exactly one.
+    fn version(&self) -> Option<i64> {
+        (self.versions.len() == 1 && !self.any).then(|| self.versions[0])
+    }
+
+    /// 412 unless the header is absent, `*`, or names `current`.
+    fn check(&self, current: i64) -> Result<(), ApiError> {
+        if !self.present || self.any || self.versions.contains(&current) {
+            Ok(())
+        } else {
+            Err(ApiError::PreconditionFailed(format!("\"v{current}\"")))
+        }
+    }
 }
 
 /// A tenant id from the path; one that cannot exist is simply not found.
@@ -216,22 +267,42 @@ async fn patch_tenant(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
+    let if_match = IfMatch::parse(&req);
     let body = read_json(&req, payload).await?;
     let patch = TenantPatch::parse(body)?;
-    let current = state.store.tenant(&id).await?;
-    let issuer = patch.merged_issuer(&current.issuer, state.settings.allow_insecure_issuers)?;
-    let effective_issuer = issuer.as_ref().unwrap_or(&current.issuer);
-    let creds = patch.credentials.as_ref().unwrap_or(&current.credentials);
-    effective_issuer.validate_credentials(creds)?;
-    let record = state
-        .store
-        .update_tenant(
-            &id,
-            patch.display_name.as_deref(),
-            issuer.as_ref(),
-            patch.credentials.as_ref(),
-        )
-        .await?;
+    // Read, merge, write only if nobody wrote in between; a lost race is retried (or, when the
+    // client sent If-Match, reported as 412).
+    let mut attempts = 0;
+    let (record, issuer) = loop {
+        attempts += 1;
+        let current = state.store.tenant(&id).await?;
+        if_match.check(current.version)?;
+        let issuer = patch.merged_issuer(&current.issuer, state.settings.allow_insecure_issuers)?;
+        let effective_issuer = issuer.as_ref().unwrap_or(&current.issuer);
+        let creds = patch.credentials.as_ref().unwrap_or(&current.credentials);
+        effective_issuer.validate_credentials(creds)?;
+        match state
+            .store
+            .update_tenant(
+                &id,
+                patch.display_name.as_deref(),
+                issuer.as_ref(),
+                patch.credentials.as_ref(),
+                Some(current.version),
+            )
+            .await
+        {
+            Ok(record) => break (record, issuer),
+            Err(StoreError::VersionConflict) if attempts < 20 && !if_match.is_set() => {
+                let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 1..=10 * attempts);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            Err(StoreError::VersionConflict) if if_match.is_set() => {
+                return Err(ApiError::PreconditionFailed("changed concurrently".into()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if issuer.is_some() || patch.credentials.is_some() {
         state.broker.forget(&id).await?;
     }
@@ -263,8 +334,23 @@ async fn delete_tenant(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
-    if !state.store.delete_tenant(&id).await? {
-        return Err(ApiError::TenantNotFound);
+    let if_match = IfMatch::parse(&req);
+    let expected = match if_match.version() {
+        Some(v) => Some(v),
+        None if if_match.is_set() && !if_match.any => {
+            return Err(ApiError::PreconditionFailed("unrecognised ETag".into()))
+        }
+        None => None,
+    };
+    match state.store.delete_tenant(&id, expected).await {
+        Ok(true) => {}
+        Ok(false) => return Err(ApiError::TenantNotFound),
+        Err(StoreError::VersionConflict) => {
+            return Err(ApiError::PreconditionFailed(
+                "a newer version exists".into(),
+            ))
+        }
+        Err(e) => return Err(e.into()),
     }
     state.broker.forget(&id).await?;
     tracing::info!(tenant = %id, "tenant deleted");
@@ -283,11 +369,21 @@ async fn put_credentials(
     let body = read_json(&req, payload).await?;
     let creds = parse_credentials(body, "credentials")?;
     let record = state.store.tenant_record(&id).await?;
+    let if_match = IfMatch::parse(&req);
+    if_match.check(record.version)?;
     record.issuer.validate_credentials(&creds)?;
-    state
+    // The kind cannot change between the read and the write: the write is fenced on the version.
+    match state
         .store
-        .update_tenant(&id, None, None, Some(&creds))
-        .await?;
+        .update_tenant(&id, None, None, Some(&creds), Some(record.version))
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::VersionConflict) if if_match.is_set() => {
+            return Err(ApiError::PreconditionFailed("changed concurrently".into()))
+        }
+        Err(e) => return Err(e.into()),
+    }
     state.broker.forget(&id).await?;
     tracing::info!(tenant = %id, "tenant credentials rotated");
     let fields: Vec<&str> = creds.names().collect();

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod ops;
 pub mod problem;
+pub mod ratelimit;
 pub mod token;
 
 use std::time::Instant;

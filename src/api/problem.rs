@@ -44,6 +44,8 @@ pub enum ApiError {
     InvalidCaller(SpecError),
     #[error("{0}")]
     Conflict(&'static str),
+    #[error("the tenant changed since the version in If-Match (now {0})")]
+    PreconditionFailed(String),
     #[error("the body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("{0}")]
@@ -60,6 +62,8 @@ pub enum ApiError {
     LockWaitTimeout(String),
     #[error("{last}; the broker pauses calls to this partner for {retry_after} s")]
     CircuitOpen { last: IssuerError, retry_after: u64 },
+    #[error("this caller exceeds its request rate on this replica; retry in {0} s")]
+    CallerRateLimited(u64),
     #[error("the audit trail cannot record this token, so it is not released")]
     AuditUnavailable,
     #[error("internal error")]
@@ -88,6 +92,7 @@ impl ApiError {
             Self::InvalidSpec(_) => "invalid_spec",
             Self::InvalidCaller(_) => "invalid_caller",
             Self::Conflict(_) => "conflict",
+            Self::PreconditionFailed(_) => "precondition_failed",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::MinTtlUnsatisfiable(_) => "min_ttl_unsatisfiable",
@@ -98,6 +103,7 @@ impl ApiError {
             Self::LockWaitTimeout(_) => "upstream_timeout",
             Self::CircuitOpen { last, .. } => last.code(),
             Self::AuditUnavailable => "audit_unavailable",
+            Self::CallerRateLimited(_) => "rate_limited",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -115,6 +121,7 @@ impl ApiError {
             Self::InvalidSpec(_) => "Invalid tenant spec",
             Self::InvalidCaller(_) => "Invalid caller",
             Self::Conflict(_) => "Conflict",
+            Self::PreconditionFailed(_) => "Precondition failed",
             Self::PayloadTooLarge(_) => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",
             Self::MinTtlUnsatisfiable(_) => "min_ttl cannot be satisfied",
@@ -132,6 +139,7 @@ impl ApiError {
             Self::LockWaitTimeout(_) => "The partner timed out",
             Self::CircuitOpen { .. } => "The partner's token endpoint is failing",
             Self::AuditUnavailable => "Audit trail unavailable",
+            Self::CallerRateLimited(_) => "Too many requests",
             Self::Internal(_) => "Internal error",
         }
     }
@@ -172,6 +180,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => Self::TenantNotFound,
             StoreError::Conflict => Self::Conflict("a record with this id already exists"),
+            StoreError::VersionConflict => {
+                Self::Conflict("the tenant changed concurrently; read it again and retry")
+            }
             other => Self::Store(Arc::new(other)),
         }
     }
@@ -203,6 +214,8 @@ impl ResponseError for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::CallerRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Upstream(e) | Self::CircuitOpen { last: e, .. } => match e {
@@ -250,6 +263,9 @@ impl ResponseError for ApiError {
                 if let Some(s) = e.retry_after() {
                     resp.insert_header((header::RETRY_AFTER, s.to_string()));
                 }
+            }
+            Self::CallerRateLimited(s) => {
+                resp.insert_header((header::RETRY_AFTER, s.to_string()));
             }
             Self::CircuitOpen { retry_after, .. } => {
                 resp.insert_header((header::RETRY_AFTER, retry_after.to_string()));

@@ -91,6 +91,12 @@ async fn get_token(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let id = authorize(&state, &caller, &path, "token.fetch", &req)?;
+    if let Err(retry_after) = state.limiter.check(&caller.id) {
+        state
+            .metrics
+            .token_request(id.as_str(), "caller_rate_limited");
+        return Err(ApiError::CallerRateLimited(retry_after));
+    }
     let min_ttl = parse_min_ttl(query.min_ttl.as_deref())?;
     let result = state.broker.token(&id, min_ttl).await;
     let (token, source) = match result {

@@ -20,6 +20,8 @@ pub enum StoreError {
     NotFound,
     #[error("already exists")]
     Conflict,
+    #[error("changed since it was read")]
+    VersionConflict,
     #[error("the database is unavailable")]
     Unavailable(#[source] sqlx::Error),
     #[error("a stored credential does not open ({0})")]
@@ -367,26 +369,43 @@ impl TenantStore {
     }
 
     /// Replaces the display name, issuer and/or credentials in one transaction.
+    /// With `expected_version`, the write happens only if the tenant is still at that version
+    /// (optimistic concurrency); otherwise `VersionConflict` and nothing changes.
     pub async fn update_tenant(
         &self,
         id: &TenantId,
         display_name: Option<&str>,
         issuer: Option<&IssuerSpec>,
         creds: Option<&Credentials>,
+        expected_version: Option<i64>,
     ) -> Result<TenantRecord, StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
+        let mut sql = String::from(
             "UPDATE tenants SET display_name = COALESCE($2, display_name), issuer = COALESCE($3, issuer), version = version + 1, updated_at = $4 WHERE id = $1",
-        )
-        .bind(id.as_str())
-        .bind(display_name)
-        .bind(issuer.map(|i| serde_json::to_string(i).expect("spec serialises")))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        );
+        if expected_version.is_some() {
+            sql.push_str(" AND version = $5");
+        }
+        let mut q = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(display_name)
+            .bind(issuer.map(|i| serde_json::to_string(i).expect("spec serialises")))
+            .bind(now);
+        if let Some(v) = expected_version {
+            q = q.bind(v);
+        }
+        let updated = q.execute(&mut *tx).await?;
         if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+            let exists = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            return Err(if exists.is_some() {
+                StoreError::VersionConflict
+            } else {
+                StoreError::NotFound
+            });
         }
         if let Some(creds) = creds {
             self.write_credentials(&mut tx, id, creds).await?;
@@ -445,9 +464,27 @@ impl TenantStore {
         })
     }
 
-    /// Deletes a tenant and its credentials; false if it did not exist.
-    pub async fn delete_tenant(&self, id: &TenantId) -> Result<bool, StoreError> {
+    /// Deletes a tenant and its credentials; false if it did not exist. With
+    /// `expected_version`, only if the tenant is still at that version.
+    pub async fn delete_tenant(
+        &self,
+        id: &TenantId,
+        expected_version: Option<i64>,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
+        if let Some(v) = expected_version {
+            let row = sqlx::query("SELECT version FROM tenants WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            match row {
+                None => return Ok(false),
+                Some(r) if r.try_get::<i64, _>("version")? != v => {
+                    return Err(StoreError::VersionConflict)
+                }
+                Some(_) => {}
+            }
+        }
         sqlx::query("DELETE FROM tenant_health WHERE tenant_id = $1")
             .bind(id.as_str())
             .execute(&mut *tx)

@@ -202,3 +202,131 @@ async fn tenant_crud_round_trip(env: TestEnv) {
     app.stop().await;
 }
 backends!(tenant_crud_round_trip: Sqlite, Postgres);
+
+async fn concurrent_updates_and_if_match(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = MockServer::start().await;
+    assert_eq!(
+        app.create_tenant(&setu_spec("cc", &partner, "s"))
+            .await
+            .status,
+        201
+    );
+    let etag = app
+        .send(app.admin(Method::GET, "/admin/v1/tenants/cc"))
+        .await
+        .headers["etag"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(etag, "\"v1\"");
+    let patch = |tag: &str, body: serde_json::Value| {
+        app.admin(Method::PATCH, "/admin/v1/tenants/cc")
+            .header("if-match", tag)
+            .json(&body)
+    };
+    let ok = app
+        .send(patch(&etag, json!({"display_name": "First"})))
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    assert_eq!(ok.headers["etag"], "\"v2\"");
+    // A writer holding the old ETag loses, and changes nothing.
+    app.send(patch(&etag, json!({"display_name": "Stale"})))
+        .await
+        .assert_problem(412, "precondition_failed");
+    app.send(
+        app.admin(Method::PUT, "/admin/v1/tenants/cc/credentials")
+            .header("if-match", "\"v1\"")
+            .json(&json!({"client_id": "a", "client_secret": "b"})),
+    )
+    .await
+    .assert_problem(412, "precondition_failed");
+    app.send(
+        app.admin(Method::DELETE, "/admin/v1/tenants/cc")
+            .header("if-match", "\"v1\""),
+    )
+    .await
+    .assert_problem(412, "precondition_failed");
+    let now = app
+        .send(app.admin(Method::GET, "/admin/v1/tenants/cc"))
+        .await
+        .json();
+    assert_eq!(
+        (now["display_name"].as_str(), now["version"].as_i64()),
+        (Some("First"), Some(2))
+    );
+
+    // Twenty concurrent merge patches without If-Match: none is lost.
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let req = app
+                .admin(Method::PATCH, "/admin/v1/tenants/cc")
+                .json(&json!({"display_name": format!("n{i}")}));
+            tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            409 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let now = app
+        .send(app.admin(Method::GET, "/admin/v1/tenants/cc"))
+        .await
+        .json();
+    assert_eq!(
+        now["version"].as_i64().unwrap(),
+        2 + ok,
+        "every accepted write bumped the version once"
+    );
+    assert_eq!(ok, 20, "{ok} of 20 concurrent patches went through");
+    let del = app
+        .send(
+            app.admin(Method::DELETE, "/admin/v1/tenants/cc")
+                .header("if-match", format!("\"v{}\"", 2 + ok)),
+        )
+        .await;
+    assert_eq!(del.status, 204);
+    app.stop().await;
+}
+backends!(concurrent_updates_and_if_match: Sqlite, Postgres);
+
+async fn callers_are_rate_limited(mut env: TestEnv) {
+    env.extra.insert("BROKER_CALLER_RATE".into(), "5".into());
+    env.extra.insert("BROKER_CALLER_BURST".into(), "5".into());
+    let app = env.spawn().await;
+    let partner = MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(|_: &wiremock::Request| {
+            wiremock::ResponseTemplate::new(200)
+                .set_body_json(json!({"accessToken": setu_jwt(300)}))
+        })
+        .mount(&partner)
+        .await;
+    app.create_tenant(&setu_spec("rl", &partner, "s")).await;
+    let (noisy, quiet) = (
+        app.create_caller("noisy", json!("*")).await,
+        app.create_caller("quiet", json!("*")).await,
+    );
+    let mut limited = None;
+    for _ in 0..8 {
+        let a = app.get_token("rl", &noisy).await;
+        if a.status == 429 {
+            limited = Some(a);
+            break;
+        }
+    }
+    let a = limited.expect("the noisy caller is limited after its burst");
+    a.assert_problem(429, "rate_limited");
+    assert!(a.headers.contains_key("retry-after"));
+    assert_eq!(
+        app.get_token("rl", &quiet).await.status,
+        200,
+        "other callers are not starved"
+    );
+    app.stop().await;
+}
+backends!(callers_are_rate_limited: Sqlite);
