@@ -3,6 +3,7 @@
 mod helpers;
 
 mod admin;
+mod contract;
 mod failures;
 mod flights;
 mod ops;

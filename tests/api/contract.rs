@@ -1,0 +1,99 @@
+//! openapi.yaml and the router agree: every route the code registers is in the spec, and
+//! every path and method in the spec is registered (and answers with something other than
+//! "no such route" on a live app).
+
+use std::collections::BTreeSet;
+
+use reqwest::Method;
+
+use crate::backends;
+use crate::helpers::*;
+
+fn spec_routes() -> BTreeSet<(String, String)> {
+    let text =
+        std::fs::read_to_string(format!("{}/openapi.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut out = BTreeSet::new();
+    for (path, item) in doc["paths"].as_mapping().unwrap() {
+        for (method, _) in item.as_mapping().unwrap() {
+            let m = method.as_str().unwrap();
+            if ["get", "post", "put", "patch", "delete", "head", "options"].contains(&m) {
+                out.insert((m.to_uppercase(), path.as_str().unwrap().to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// Routes as registered in `src/api/*.rs`: each `web::resource("…")` with the methods of the
+/// `.route(web::<method>()…)` calls that follow it.
+fn code_routes() -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    let dir = format!("{}/src/api", env!("CARGO_MANIFEST_DIR"));
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let src = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let mut rest = src.as_str();
+        while let Some(at) = rest.find("web::resource(\"") {
+            rest = &rest[at + "web::resource(\"".len()..];
+            let end = rest.find('"').unwrap();
+            let path = rest[..end].to_owned();
+            let scope_end = rest.find("web::resource(\"").unwrap_or(rest.len());
+            let scope = &rest[..scope_end];
+            for m in ["get", "post", "put", "patch", "delete"] {
+                if scope.contains(&format!(".route(web::{m}()")) {
+                    out.insert((m.to_uppercase(), path.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn spec_and_router_list_the_same_routes() {
+    let (spec, code) = (spec_routes(), code_routes());
+    assert!(
+        code.len() >= 16,
+        "found only {} routes in the code",
+        code.len()
+    );
+    let missing_in_spec: Vec<_> = code.difference(&spec).collect();
+    let missing_in_code: Vec<_> = spec.difference(&code).collect();
+    assert!(
+        missing_in_spec.is_empty(),
+        "routes the spec lacks: {missing_in_spec:?}"
+    );
+    assert!(
+        missing_in_code.is_empty(),
+        "spec routes the router lacks: {missing_in_code:?}"
+    );
+}
+
+async fn every_spec_route_is_live(env: TestEnv) {
+    let app = env.spawn().await;
+    for (method, path) in spec_routes() {
+        let concrete = path
+            .replace("{tenant_id}", "some-tenant")
+            .replace("{caller_id}", "cl_x");
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        let a = app
+            .send(
+                app.client
+                    .request(m, format!("{}{concrete}", app.address))
+                    .bearer_auth(ADMIN_TOKEN),
+            )
+            .await;
+        let code = if a.content_type() == "application/problem+json" {
+            a.json()["code"].as_str().unwrap_or("").to_owned()
+        } else {
+            String::new()
+        };
+        assert!(
+            code != "not_found" && code != "method_not_allowed",
+            "{method} {path} is in the spec but the app answers {} {code}",
+            a.status
+        );
+    }
+    app.stop().await;
+}
+backends!(every_spec_route_is_live: Sqlite);
