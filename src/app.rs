@@ -204,7 +204,11 @@ impl Application {
             v.start();
             v
         });
-        let timing = Timing::from_upstream_timeout(settings.upstream_timeout);
+        let timing = Timing {
+            // Without a shared cache the in-process one is the only cache: it stays on.
+            l1_enabled: settings.l1_cache || settings.redis_url.is_none(),
+            ..Timing::from_upstream_timeout(settings.upstream_timeout)
+        };
         let shared = match &settings.redis_url {
             Some(url) => {
                 let conn = RedisConn::connect(url, settings.redis_timeout).await?;

@@ -52,6 +52,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub workers: usize,
     pub caller_rate: u64,
+    pub l1_cache: bool,
     pub caller_burst: u64,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
@@ -196,6 +197,7 @@ impl Settings {
             .map_err(|_| invalid("RUST_LOG", "not a valid tracing filter"))?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let workers = parse_num(&var, "BROKER_WORKERS", cores as u64, 1..=256)? as usize;
+        let l1_cache = parse_bool(&var, "BROKER_L1_CACHE", true)?;
         let caller_rate = parse_num(&var, "BROKER_CALLER_RATE", 1_000, 0..=10_000_000)?;
         let caller_burst = parse_num(
             &var,
@@ -233,6 +235,7 @@ impl Settings {
             workers,
             caller_rate,
             caller_burst,
+            l1_cache,
             upstream_connect_timeout,
             upstream_timeout,
         })

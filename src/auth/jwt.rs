@@ -190,6 +190,11 @@ impl JwtVerifier {
         Ok(parse_jwks(&doc))
     }
 
+    /// Loads keys from a JWKS document already in hand (tests, benchmarks).
+    pub fn load_jwks(&self, doc: &Value) {
+        *self.keys.write().expect("jwks") = Arc::new(parse_jwks(doc));
+    }
+
     fn key(&self, kid: &str) -> Option<Arc<Key>> {
         self.keys.read().expect("jwks").get(kid).cloned()
     }
@@ -203,6 +208,14 @@ impl JwtVerifier {
             }
             self.verified.invalidate(&digest);
         }
+        let (caller, exp) = self.verify_signature(token).await?;
+        self.verified
+            .insert(digest, Arc::new((caller.clone(), exp)));
+        Ok(caller)
+    }
+
+    /// The full check of a token (header, key, signature, claims), without the cache.
+    pub async fn verify_signature(&self, token: &str) -> Result<(Caller, i64), &'static str> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed JWT")?;
         if !ALLOWED.contains(&header.alg) {
             return Err("JWT algorithm not allowed");
@@ -241,9 +254,7 @@ impl JwtVerifier {
             scope: Arc::new(scope_of(claims.tenants)),
             method: AuthMethod::Jwt,
         };
-        self.verified
-            .insert(digest, Arc::new((caller.clone(), claims.exp)));
-        Ok(caller)
+        Ok((caller, claims.exp))
     }
 }
 

@@ -122,6 +122,8 @@ pub struct Timing {
     pub lock_wait: Duration,
     /// The longest a caller is held.
     pub caller_deadline: Duration,
+    /// Whether fetches look in the in-process cache first (with Redis configured).
+    pub l1_enabled: bool,
 }
 
 impl Timing {
@@ -133,6 +135,7 @@ impl Timing {
             mint_budget: t,
             lock_wait: t + Duration::from_secs(6),
             caller_deadline: t + Duration::from_secs(2),
+            l1_enabled: true,
         }
     }
 
@@ -244,7 +247,11 @@ impl Broker {
     ) -> Result<(Arc<CachedToken>, Source), BrokerError> {
         let min_ttl_ms = (min_ttl_s as i64).saturating_mul(1000);
         let now = now_ms();
-        let held = self.l1.get_held(tenant);
+        let held = if self.timing.l1_enabled {
+            self.l1.get_held(tenant)
+        } else {
+            None
+        };
         let mut known = held.as_ref().map(|h| h.0.clone());
         if let Some((t, since)) = &held {
             // With Redis as the truth, a held token is re-checked there every so often

@@ -146,9 +146,22 @@ impl TenantStore {
             Backend::Sqlite => 4,
             Backend::Postgres => 10,
         };
-        let pool = AnyPoolOptions::new()
+        let mut options = AnyPoolOptions::new()
             .max_connections(max)
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(Duration::from_secs(3));
+        if backend == Backend::Sqlite {
+            // WAL lets readers (and other broker processes) work beside the one writer;
+            // synchronous=NORMAL is safe from corruption in WAL mode and spares an fsync per commit.
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    use sqlx::Executor;
+                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
+                        .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options
             .connect(url)
             .await
             .map_err(StoreError::Unavailable)?;

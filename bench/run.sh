@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# The token-path benchmark. One command on a fresh checkout:  bash bench/run.sh
+# Builds the release binary, makes sure Redis answers, starts the broker(s) and a fake partner
+# and IdP, registers tenants and callers, warms tokens, drives wrk, and prints one table (also
+# written to bench/results/). Knobs: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (32),
+# PARTNER_LATENCY_MS (herd, 200), BENCH_TENANTS_RSS (10000), BENCH_TENANTS_MANY (100000),
+# REDIS_URL (redis://127.0.0.1:6379).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DUR="${BENCH_DURATION:-10}"
+CONNS="${BENCH_CONNECTIONS:-32}"
+LAT="${PARTNER_LATENCY_MS:-200}"
+N_RSS="${BENCH_TENANTS_RSS:-10000}"
+N_MANY="${BENCH_TENANTS_MANY:-100000}"
+REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+ADMIN="bench-admin-token"
+
+say() { printf '%s\n' "bench: $*" >&2; }
+
+command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk); }
+python3 -c 'import cryptography' 2>/dev/null || python3 -m pip install -q cryptography
+redis_port="${REDIS_URL##*:}"; redis_port="${redis_port%%/*}"
+if ! (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null; then
+  say "starting redis-server on $redis_port"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no >/dev/null
+  sleep 0.5
+fi
+
+say "building the release binary"
+cargo build --release --quiet
+BIN="$PWD/target/release/token-broker"
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+PP=$(port)
+python3 bench/fake_partner.py "$PP" >"$work/partner.log" 2>&1 &
+pids+=($!)
+PARTNER="http://127.0.0.1:$PP"
+for _ in $(seq 50); do curl -fs "$PARTNER/_count" >/dev/null 2>&1 && break; sleep 0.1; done
+
+# start_broker <name> <port> [VAR=value ...]: runs a broker, waits for /healthz.
+start_broker() {
+  local name=$1 p=$2; shift 2
+  env -i PATH="$PATH" BROKER_LISTEN="127.0.0.1:$p" BROKER_ADMIN_TOKEN="$ADMIN" \
+    BROKER_ALLOW_INSECURE_ISSUERS=true BROKER_CALLER_RATE=100000000 RUST_LOG=warn "$@" \
+    "$BIN" serve >"$work/$name.log" 2>&1 &
+  pids+=($!)
+  echo $! >"$work/$name.pid"
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$p/healthz" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  say "broker $name did not start:"; cat "$work/$name.log" >&2; exit 1
+}
+
+# wrk_run <url> [bearer]: prints "req/s p50_ms p99_ms".
+wrk_run() {
+  local url=$1 auth=${2:-}
+  local out
+  if [ -n "$auth" ]; then
+    out=$(wrk -t1 -c"$CONNS" -d"${DUR}s" --latency -H "authorization: Bearer $auth" "$url")
+  else
+    out=$(wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "$url")
+  fi
+  local non2xx
+  non2xx=$(printf '%s\n' "$out" | awk '/Non-2xx/ {print $NF}')
+  [ -z "$non2xx" ] || { say "wrk saw $non2xx non-2xx answers on $url"; printf '%s\n' "$out" >&2; exit 1; }
+  printf '%s\n' "$out" | python3 -c '
+import re, sys
+t = sys.stdin.read()
+def ms(v):
+    n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", t).group(1)); p99 = ms(re.search(r"99%\s+(\S+)", t).group(1))
+print(f"{rps:.0f} {p50:.3f} {p99:.3f}")'
+}
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$(cat "$work/$1.pid")/status"; }
+
+# --- (a)-(c): one broker on the embedded default, in-process cache, API key and JWT callers.
+P1=$(port)
+start_broker one "$P1" DATABASE_URL="sqlite://$work/one.db" \
+  BROKER_JWT_JWKS_URL="$PARTNER/jwks" BROKER_JWT_ISSUER="https://idp.bench.local" BROKER_JWT_AUDIENCE="token-broker"
+B1="http://127.0.0.1:$P1"
+python3 bench/load.py register --base "$B1" --admin "$ADMIN" --partner "$PARTNER/auth/token" --prefix t --count 1
+KEY=$(python3 bench/load.py caller --base "$B1" --admin "$ADMIN")
+JWT=$(curl -fs "$PARTNER/_jwt?sub=bench-jwt&tenants=t0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+python3 bench/load.py warm --base "$B1" --key "$KEY" --count 1
+curl -fs -o /dev/null -H "authorization: Bearer $JWT" "$B1/v1/tenants/t0/token"
+say "(a) /healthz";                 read -r A_RPS A_P50 A_P99 < <(wrk_run "$B1/healthz")
+say "(b) token, API key, L1";       read -r B_RPS B_P50 B_P99 < <(wrk_run "$B1/v1/tenants/t0/token" "$KEY")
+say "(c) token, JWT, L1";           read -r C_RPS C_P50 C_P99 < <(wrk_run "$B1/v1/tenants/t0/token" "$JWT")
+
+# --- (d): Redis on every fetch (in-process cache off).
+P2=$(port)
+start_broker redis "$P2" DATABASE_URL="sqlite://$work/redis.db" REDIS_URL="$REDIS_URL" \
+  BROKER_REDIS_PREFIX="bench-$RANDOM-d" BROKER_L1_CACHE=false
+B2="http://127.0.0.1:$P2"
+python3 bench/load.py register --base "$B2" --admin "$ADMIN" --partner "$PARTNER/auth/token" --prefix t --count 1
+KEY2=$(python3 bench/load.py caller --base "$B2" --admin "$ADMIN")
+python3 bench/load.py warm --base "$B2" --key "$KEY2" --count 1
+say "(d) token, API key, Redis every fetch"; read -r D_RPS D_P50 D_P99 < <(wrk_run "$B2/v1/tenants/t0/token" "$KEY2")
+kill "$(cat "$work/redis.pid")"
+
+# --- (e): a cold herd across three replicas sharing a database and Redis.
+curl -fs -X POST "$PARTNER/_latency/$LAT" >/dev/null
+PREFIX="bench-$RANDOM-e"
+HERD=()
+for i in 1 2 3; do
+  p=$(port)
+  start_broker "herd$i" "$p" DATABASE_URL="sqlite://$work/herd.db" REDIS_URL="$REDIS_URL" BROKER_REDIS_PREFIX="$PREFIX"
+  HERD+=("http://127.0.0.1:$p")
+done
+python3 bench/load.py register --base "${HERD[0]}" --admin "$ADMIN" --partner "$PARTNER/auth/token" --prefix herd --count 1
+KEY3=$(python3 bench/load.py caller --base "${HERD[0]}" --admin "$ADMIN")
+before=$(curl -fs "$PARTNER/_count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
+say "(e) 1000 callers, cold tenant, 3 replicas, partner latency ${LAT} ms"
+HERD_JSON=$(python3 bench/load.py herd --bases "$(IFS=,; echo "${HERD[*]}")" --key "$KEY3" --tenant herd0 --n 1000)
+after=$(curl -fs "$PARTNER/_count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
+E_CALLS=$((after - before))
+read -r E_OK E_TOKENS E_P99 < <(printf '%s' "$HERD_JSON" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["ok"], d["distinct_tokens"], d["p99_ms"])')
+for i in 1 2 3; do kill "$(cat "$work/herd$i.pid")"; done
+curl -fs -X POST "$PARTNER/_latency/0" >/dev/null
+
+# --- (f): memory with many tenants holding tokens; throughput with many registered.
+P4=$(port)
+start_broker many "$P4" DATABASE_URL="sqlite://$work/many.db"
+B4="http://127.0.0.1:$P4"
+say "(f) registering $N_RSS tenants and warming a token for each"
+python3 bench/load.py register --base "$B4" --admin "$ADMIN" --partner "$PARTNER/auth/token" --prefix t --count "$N_RSS"
+KEY4=$(python3 bench/load.py caller --base "$B4" --admin "$ADMIN")
+python3 bench/load.py warm --base "$B4" --key "$KEY4" --count "$N_RSS"
+sleep 1
+F_RSS_MB=$(( $(rss_kb many) / 1024 ))
+say "(f) registering up to $N_MANY tenants"
+python3 bench/load.py register --base "$B4" --admin "$ADMIN" --partner "$PARTNER/auth/token" --prefix t --start "$N_RSS" --count $((N_MANY - N_RSS)) --concurrency 8
+read -r F_RPS F_P50 F_P99 < <(wrk_run "$B4/v1/tenants/t0/token" "$KEY4")
+
+# --- the table.
+stamp=$(date -u +%Y-%m-%dT%H:%MZ)
+host="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
+report=$(python3 - "$A_RPS" "$A_P50" "$A_P99" "$B_RPS" "$B_P50" "$B_P99" "$C_RPS" "$C_P50" "$C_P99" \
+  "$D_RPS" "$D_P50" "$D_P99" "$E_CALLS" "$E_OK" "$E_TOKENS" "$E_P99" "$LAT" "$F_RSS_MB" "$F_RPS" "$F_P50" "$F_P99" \
+  "$N_RSS" "$N_MANY" "$stamp" "$host" "$DUR" "$CONNS" <<'PY'
+import sys
+(a, a50, a99, b, b50, b99, c, c50, c99, d, d50, d99, ecalls, eok, etok, e99, lat, rss, f, f50, f99,
+ nrss, nmany, stamp, host, dur, conns) = sys.argv[1:]
+a, b, c, d, f = map(float, (a, b, c, d, f))
+ok = lambda cond: "PASS" if cond else "FAIL"
+rows = [
+    ("(a) /healthz, same server", a, a50, a99, 1.0, "the HTTP floor"),
+    ("(b) token, API key, in-process cache", b, b50, b99, b / a, ok(b >= 0.85 * a and float(b99) <= 1.0) + " (>= 0.85 x a, p99 <= 1 ms)"),
+    ("(c) token, JWT caller, in-process cache", c, c50, c99, c / a, ok(c >= 0.75 * a) + " (>= 0.75 x a)"),
+    ("(d) token, API key, Redis on every fetch", d, d50, d99, d / a, ok(d >= 0.55 * a and float(d99) <= 2.0) + " (>= 0.55 x a, p99 <= 2 ms)"),
+    (f"(f) token with {int(nmany):,} tenants registered", f, f50, f99, f / a, ok(f >= 0.9 * b) + f" (within 10 % of b: {f / b:.2f} x b)"),
+]
+out = [f"token-broker benchmark, {stamp}, {host}; wrk -t1 -c{conns} -d{dur}s on the same machine", "",
+       "| case | req/s | p50 ms | p99 ms | x (a) | target |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+for name, rps, p50, p99, ratio, target in rows:
+    out.append(f"| {name} | {rps:,.0f} | {float(p50):.3f} | {float(p99):.3f} | {ratio:.2f} | {target} |")
+out += ["", "| case | figure | target |", "| --- | --- | --- |",
+        f"| (e) cold herd: 1000 callers, 3 replicas, partner {lat} ms | {ecalls} partner call(s), {eok}/1000 ok, {etok} distinct token(s), caller p99 {float(e99):.1f} ms | "
+        + ok(int(ecalls) == 1 and float(e99) <= int(lat) + 50) + f" (exactly 1 call, p99 <= {int(lat) + 50} ms) |",
+        f"| (f) RSS with {int(nrss):,} tenants each holding a cached token | {rss} MiB | " + ok(int(rss) <= 64) + " (<= 64 MiB) |"]
+print("\n".join(out))
+PY
+)
+printf '%s\n' "$report"
+mkdir -p bench/results
+printf '%s\n' "$report" > "bench/results/$(date -u +%Y%m%dT%H%M%SZ).md"
