@@ -4,6 +4,7 @@
 # and IdP, registers tenants and callers, warms tokens, drives wrk, and prints one table (also
 # written to bench/results/). Knobs: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (32),
 # PARTNER_LATENCY_MS (herd, 200), BENCH_TENANTS_RSS (10000), BENCH_TENANTS_MANY (100000),
+# BENCH_WORKERS (BROKER_WORKERS for the brokers; default: the broker's own default, the cores),
 # REDIS_URL (redis://127.0.0.1:6379).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +28,9 @@ if ! (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null; then
   sleep 0.5
 fi
 
-say "building the release binary"
+say "building the release binary and the herd client"
 cargo build --release --quiet
+cargo bench --no-run --quiet --bench herd 2>/dev/null
 BIN="$PWD/target/release/token-broker"
 
 work=$(mktemp -d)
@@ -47,7 +49,8 @@ for _ in $(seq 50); do curl -fs "$PARTNER/_count" >/dev/null 2>&1 && break; slee
 start_broker() {
   local name=$1 p=$2; shift 2
   env -i PATH="$PATH" BROKER_LISTEN="127.0.0.1:$p" BROKER_ADMIN_TOKEN="$ADMIN" \
-    BROKER_ALLOW_INSECURE_ISSUERS=true BROKER_CALLER_RATE=100000000 RUST_LOG=warn "$@" \
+    BROKER_ALLOW_INSECURE_ISSUERS=true BROKER_CALLER_RATE=10000000 RUST_LOG=warn \
+    ${BENCH_WORKERS:+BROKER_WORKERS=$BENCH_WORKERS} "$@" \
     "$BIN" serve >"$work/$name.log" 2>&1 &
   pids+=($!)
   echo $! >"$work/$name.pid"
@@ -71,8 +74,11 @@ wrk_run() {
 import re, sys
 t = sys.stdin.read()
 def ms(v):
-    n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
-    return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[u]
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", v)
+    if not m:
+        sys.exit("unreadable wrk latency " + repr(v) + "\n" + t)
+    n, u = m.groups()
+    return float(n) * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[u]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
 p50 = ms(re.search(r"50%\s+(\S+)", t).group(1)); p99 = ms(re.search(r"99%\s+(\S+)", t).group(1))
 print(f"{rps:.0f} {p50:.3f} {p99:.3f}")'
@@ -118,7 +124,8 @@ python3 bench/load.py register --base "${HERD[0]}" --admin "$ADMIN" --partner "$
 KEY3=$(python3 bench/load.py caller --base "${HERD[0]}" --admin "$ADMIN")
 before=$(curl -fs "$PARTNER/_count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
 say "(e) 1000 callers, cold tenant, 3 replicas, partner latency ${LAT} ms"
-HERD_JSON=$(python3 bench/load.py herd --bases "$(IFS=,; echo "${HERD[*]}")" --key "$KEY3" --tenant herd0 --n 1000)
+HERD_JSON=$(HERD_BASES="$(IFS=,; echo "${HERD[*]}")" HERD_KEY="$KEY3" HERD_TENANT=herd0 HERD_N=1000 \
+  cargo bench --quiet --bench herd 2>/dev/null | tail -n 1)
 after=$(curl -fs "$PARTNER/_count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
 E_CALLS=$((after - before))
 read -r E_OK E_TOKENS E_P99 < <(printf '%s' "$HERD_JSON" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["ok"], d["distinct_tokens"], d["p99_ms"])')
@@ -142,12 +149,13 @@ read -r F_RPS F_P50 F_P99 < <(wrk_run "$B4/v1/tenants/t0/token" "$KEY4")
 # --- the table.
 stamp=$(date -u +%Y-%m-%dT%H:%MZ)
 host="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
+workers="${BENCH_WORKERS:-$(nproc)}"
 report=$(python3 - "$A_RPS" "$A_P50" "$A_P99" "$B_RPS" "$B_P50" "$B_P99" "$C_RPS" "$C_P50" "$C_P99" \
   "$D_RPS" "$D_P50" "$D_P99" "$E_CALLS" "$E_OK" "$E_TOKENS" "$E_P99" "$LAT" "$F_RSS_MB" "$F_RPS" "$F_P50" "$F_P99" \
-  "$N_RSS" "$N_MANY" "$stamp" "$host" "$DUR" "$CONNS" <<'PY'
+  "$N_RSS" "$N_MANY" "$stamp" "$host" "$DUR" "$CONNS" "$workers" <<'PY'
 import sys
 (a, a50, a99, b, b50, b99, c, c50, c99, d, d50, d99, ecalls, eok, etok, e99, lat, rss, f, f50, f99,
- nrss, nmany, stamp, host, dur, conns) = sys.argv[1:]
+ nrss, nmany, stamp, host, dur, conns, workers) = sys.argv[1:]
 a, b, c, d, f = map(float, (a, b, c, d, f))
 ok = lambda cond: "PASS" if cond else "FAIL"
 rows = [
@@ -157,7 +165,7 @@ rows = [
     ("(d) token, API key, Redis on every fetch", d, d50, d99, d / a, ok(d >= 0.55 * a and float(d99) <= 2.0) + " (>= 0.55 x a, p99 <= 2 ms)"),
     (f"(f) token with {int(nmany):,} tenants registered", f, f50, f99, f / a, ok(f >= 0.9 * b) + f" (within 10 % of b: {f / b:.2f} x b)"),
 ]
-out = [f"token-broker benchmark, {stamp}, {host}; wrk -t1 -c{conns} -d{dur}s on the same machine", "",
+out = [f"token-broker benchmark, {stamp}, {host}; {workers} broker worker(s); wrk -t1 -c{conns} -d{dur}s on the same machine", "",
        "| case | req/s | p50 ms | p99 ms | x (a) | target |", "| --- | ---: | ---: | ---: | ---: | --- |"]
 for name, rps, p50, p99, ratio, target in rows:
     out.append(f"| {name} | {rps:,.0f} | {float(p50):.3f} | {float(p99):.3f} | {ratio:.2f} | {target} |")

@@ -6,6 +6,7 @@
 //! `best_effort`: such entries are dropped, counted and logged. Refused requests are always
 //! recorded best-effort, so a flood of bad credentials cannot block good callers.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,23 +18,27 @@ use crate::metrics::Metrics;
 use crate::tenants::TenantStore;
 use crate::time::now_ms;
 
-/// One audit entry.
+/// One audit entry. Shared strings, so building one on the token path allocates nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Entry {
     pub kind: &'static str,
-    pub action: String,
-    pub outcome: String,
-    pub caller: Option<String>,
+    pub action: Cow<'static, str>,
+    pub outcome: Cow<'static, str>,
+    pub caller: Option<Arc<str>>,
     pub auth_method: Option<&'static str>,
-    pub tenant: Option<String>,
+    pub tenant: Option<Arc<str>>,
     pub source: Option<&'static str>,
-    pub fingerprint: Option<String>,
+    pub fingerprint: Option<Arc<str>>,
     pub detail: Option<String>,
     pub request_id: Option<String>,
 }
 
 impl Entry {
-    pub fn new(kind: &'static str, action: impl Into<String>, outcome: impl Into<String>) -> Self {
+    pub fn new(
+        kind: &'static str,
+        action: impl Into<Cow<'static, str>>,
+        outcome: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Self {
             kind,
             action: action.into(),
@@ -77,6 +82,8 @@ pub struct Audit {
     metrics: Arc<Metrics>,
 }
 
+/// How often the writer takes what is queued.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// Batches are written at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// Distinct rows per batch.
@@ -155,23 +162,33 @@ async fn writer(store: TenantStore, mut rx: mpsc::Receiver<Msg>, metrics: Arc<Me
     let mut batch: HashMap<Entry, (i64, i64, i64)> = HashMap::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let mut delay = Duration::from_millis(100);
+    let mut last_write = tokio::time::Instant::now();
+    let mut closed = false;
     loop {
-        let flush_due = tokio::time::sleep(FLUSH_EVERY);
-        tokio::pin!(flush_due);
-        let mut closed = false;
-        while batch.len() < BATCH_ROWS {
-            tokio::select! {
-                msg = rx.recv() => match msg {
-                    Some(Msg::Entry(at, e)) => {
-                        let slot = batch.entry(e).or_insert((at, at, 0));
-                        slot.1 = slot.1.max(at);
-                        slot.2 += 1;
-                    }
-                    Some(Msg::Flush(done)) => { waiting.push(done); break; }
-                    None => { closed = true; break; }
-                },
-                _ = &mut flush_due => break,
+        // The writer drains on a tick instead of waiting on each entry: a parked receiver
+        // would be woken by every token handed out, a cross-thread wake-up per request.
+        tokio::time::sleep(DRAIN_EVERY).await;
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Entry(at, e)) => {
+                    let slot = batch.entry(e).or_insert((at, at, 0));
+                    slot.1 = slot.1.max(at);
+                    slot.2 += 1;
+                }
+                Ok(Msg::Flush(done)) => waiting.push(done),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
             }
+        }
+        let due = last_write.elapsed() >= FLUSH_EVERY
+            || batch.len() >= BATCH_ROWS
+            || !waiting.is_empty()
+            || closed;
+        if !due {
+            continue;
         }
         while !batch.is_empty() {
             let rows: Vec<(Entry, (i64, i64, i64))> =
@@ -189,6 +206,7 @@ async fn writer(store: TenantStore, mut rx: mpsc::Receiver<Msg>, metrics: Arc<Me
                 }
             }
         }
+        last_write = tokio::time::Instant::now();
         for done in waiting.drain(..) {
             let _ = done.send(());
         }

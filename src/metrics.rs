@@ -181,10 +181,13 @@ impl Metrics {
 
     /// Records when the tenant's cached token expires; the gauge counts down at each scrape.
     pub fn set_token_expiry(&self, tenant: &str, expires_at_ms: i64) {
-        self.expiry_at_ms
-            .lock()
-            .expect("expiry map")
-            .insert(tenant.to_owned(), expires_at_ms);
+        let mut map = self.expiry_at_ms.lock().expect("expiry map");
+        match map.get_mut(tenant) {
+            Some(at) => *at = expires_at_ms,
+            None => {
+                map.insert(tenant.to_owned(), expires_at_ms);
+            }
+        }
     }
 
     pub fn clear_token_expiry(&self, tenant: &str) {

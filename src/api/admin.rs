@@ -48,15 +48,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 async fn audit_admin(
     state: &AppState,
     req: &HttpRequest,
-    action: &str,
-    outcome: &str,
+    action: &'static str,
+    outcome: &'static str,
     tenant: Option<&str>,
     detail: Option<String>,
 ) {
     let mut e = Entry::new("admin", action, outcome);
     e.caller = Some("admin".into());
     e.auth_method = Some("admin_token");
-    e.tenant = tenant.map(str::to_owned);
+    e.tenant = tenant.map(Into::into);
     e.detail = detail;
     e.request_id = request_id_of(req);
     let now = now_ms();
@@ -625,11 +625,11 @@ async fn read_audit(
                 "kind": r.entry.kind,
                 "action": r.entry.action,
                 "outcome": r.entry.outcome,
-                "caller": r.entry.caller,
+                "caller": r.entry.caller.as_deref(),
                 "auth_method": r.entry.auth_method,
-                "tenant": r.entry.tenant,
+                "tenant": r.entry.tenant.as_deref(),
                 "source": r.entry.source,
-                "fingerprint": r.entry.fingerprint,
+                "fingerprint": r.entry.fingerprint.as_deref(),
                 "detail": r.entry.detail,
                 "request_id": r.entry.request_id,
             })

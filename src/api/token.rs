@@ -11,6 +11,7 @@ use super::{read_json, request_id_of};
 use crate::app::AppState;
 use crate::audit::Entry;
 use crate::auth::Caller;
+use crate::broker::Source;
 use crate::tenants::TenantId;
 use crate::time::{now_ms, rfc3339};
 
@@ -34,15 +35,21 @@ struct TokenQuery {
 struct TokenAnswer<'a> {
     access_token: &'a str,
     token_type: &'static str,
-    expires_at: String,
+    expires_at: &'a str,
     expires_in: i64,
 }
 
-fn entry(caller: &Caller, action: &str, outcome: &str, tenant: &str, req: &HttpRequest) -> Entry {
+fn entry(
+    caller: &Caller,
+    action: &'static str,
+    outcome: &'static str,
+    tenant: &TenantId,
+    req: &HttpRequest,
+) -> Entry {
     let mut e = Entry::new("token", action, outcome);
-    e.caller = Some(caller.name.to_string());
+    e.caller = Some(caller.name.clone());
     e.auth_method = Some(caller.method.as_str());
-    e.tenant = Some(tenant.to_owned());
+    e.tenant = Some(tenant.shared());
     e.request_id = request_id_of(req);
     e
 }
@@ -52,13 +59,13 @@ fn authorize(
     state: &AppState,
     caller: &Caller,
     raw: &str,
-    action: &str,
+    action: &'static str,
     req: &HttpRequest,
 ) -> Result<TenantId, ApiError> {
     let id =
         TenantId::parse(raw).map_err(|e| ApiError::invalid(e.to_string(), Some("tenant_id")))?;
     if !caller.may_fetch(id.as_str()) {
-        let mut e = entry(caller, action, "forbidden", id.as_str(), req);
+        let mut e = entry(caller, action, "forbidden", &id, req);
         e.kind = "refused";
         e.detail = Some("tenant outside the caller's scope".into());
         state.audit.record_best_effort(e);
@@ -106,37 +113,45 @@ async fn get_token(
             if !matches!(e, ApiError::TenantNotFound) {
                 state.metrics.token_request(id.as_str(), e.code());
             }
-            state.audit.record_best_effort(entry(
-                &caller,
-                "token.fetch",
-                e.code(),
-                id.as_str(),
-                &req,
-            ));
+            state
+                .audit
+                .record_best_effort(entry(&caller, "token.fetch", e.code(), &id, &req));
             return Err(e);
         }
     };
     // No audit entry, no token (unless BROKER_AUDIT=best_effort).
-    let mut e = entry(&caller, "token.fetch", "ok", id.as_str(), &req);
+    // Successful fetches carry no request id: identical ones are coalesced into one row.
+    let mut e = entry(&caller, "token.fetch", "ok", &id, &req);
+    e.request_id = None;
     e.source = Some(source.as_str());
-    e.fingerprint = Some(
-        state
-            .store
-            .keys()
-            .fingerprint(token.access_token.expose_secret()),
-    );
+    e.fingerprint = Some(token.audit_fingerprint(state.store.keys()).clone());
     if state.audit.record(e).is_err() {
         state
             .metrics
             .token_request(id.as_str(), "audit_unavailable");
         return Err(ApiError::AuditUnavailable);
     }
-    state.metrics.token_request(id.as_str(), source.as_str());
+    match source {
+        Source::Cache => token
+            .memo
+            .hit_counter
+            .get_or_init(|| {
+                state
+                    .metrics
+                    .token_requests
+                    .with_label_values(&[id.as_str(), "cache"])
+            })
+            .inc(),
+        Source::Minted => state.metrics.token_request(id.as_str(), source.as_str()),
+    }
     tracing::debug!(tenant = %id, caller = %caller.name, source = source.as_str(), "token handed out");
     let body = serde_json::to_string(&TokenAnswer {
         access_token: token.access_token.expose_secret(),
         token_type: "Bearer",
-        expires_at: rfc3339(token.expires_at_ms),
+        expires_at: token
+            .memo
+            .expires_at
+            .get_or_init(|| rfc3339(token.expires_at_ms)),
         expires_in: ((token.expires_at_ms - now_ms()) / 1000).max(0),
     })
     .expect("serialises");
@@ -170,10 +185,10 @@ async fn invalidate(
         &caller,
         "token.invalidate",
         if dropped { "dropped" } else { "stale" },
-        id.as_str(),
+        &id,
         &req,
     );
-    e.fingerprint = Some(state.store.keys().fingerprint(token));
+    e.fingerprint = Some(state.store.keys().fingerprint(token).into());
     state.audit.record_best_effort(e);
     tracing::info!(tenant = %id, caller = %caller.name, dropped, "token reported as rejected");
     Ok(HttpResponse::NoContent().finish())

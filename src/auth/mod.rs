@@ -189,7 +189,7 @@ impl FromRequest for Caller {
             }
             if let Err(e @ ApiError::Unauthorized(reason)) = &result {
                 let mut entry = crate::audit::Entry::new("refused", "token.fetch", e.code());
-                entry.tenant = tenant;
+                entry.tenant = tenant.map(Into::into);
                 entry.detail = Some((*reason).to_owned());
                 entry.request_id = request_id;
                 state.audit.record_best_effort(entry);
@@ -220,7 +220,7 @@ impl FromRequest for Admin {
                 req.match_pattern().unwrap_or_default()
             );
             let mut entry = crate::audit::Entry::new("refused", action, e.code());
-            entry.tenant = req.match_info().get("tenant_id").map(str::to_owned);
+            entry.tenant = req.match_info().get("tenant_id").map(Into::into);
             entry.detail = Some((*reason).to_owned());
             entry.request_id = crate::api::request_id_of(req);
             state.audit.record_best_effort(entry);

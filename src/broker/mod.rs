@@ -270,7 +270,11 @@ impl Broker {
             match l2.get(tenant).await {
                 Ok(Some(t)) => {
                     self.metrics.l2_hit.inc();
-                    let t = self.l1.insert_unless_newer(tenant, t);
+                    let t = if self.timing.l1_enabled {
+                        self.l1.insert_unless_newer(tenant, t)
+                    } else {
+                        t
+                    };
                     self.metrics
                         .set_token_expiry(tenant.as_str(), t.expires_at_ms);
                     if t.serves(now, min_ttl_ms) {

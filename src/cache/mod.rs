@@ -5,6 +5,8 @@
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
+
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
@@ -24,6 +26,18 @@ pub struct CachedToken {
     pub usable_until_ms: i64,
     /// After this a fetch triggers a renewal.
     pub refresh_at_ms: i64,
+    /// Per-token memos for the hot path, each computed once.
+    pub audit_fp: std::sync::OnceLock<Arc<str>>,
+    pub memo: Memo,
+}
+
+/// What the token path would otherwise recompute on every hit.
+#[derive(Default)]
+pub struct Memo {
+    /// `expires_at` as RFC 3339.
+    pub expires_at: std::sync::OnceLock<String>,
+    /// The tenant's `broker_token_requests_total{outcome="cache"}` series.
+    pub hit_counter: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
 impl CachedToken {
@@ -42,7 +56,15 @@ impl CachedToken {
             expires_at_ms: m.expires_at_ms,
             usable_until_ms,
             refresh_at_ms,
+            audit_fp: Default::default(),
+            memo: Memo::default(),
         }
+    }
+
+    /// The token's keyed audit fingerprint (see `KeyRing::fingerprint`), computed once.
+    pub fn audit_fingerprint(&self, keys: &crate::crypto::KeyRing) -> &Arc<str> {
+        self.audit_fp
+            .get_or_init(|| keys.fingerprint(self.access_token.expose_secret()).into())
     }
 
     /// Whether it may be handed out at `now` to a caller that needs `min_ttl_ms` left.

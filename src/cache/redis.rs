@@ -249,14 +249,17 @@ impl RedisCache {
                 return None;
             }
         };
-        let s: Stored = serde_json::from_slice(&json).ok()?;
+        let mut s: Stored = serde_json::from_slice(&json).ok()?;
+        // Move the secrets out (what is left behind is wiped by Stored's Drop).
         Some(CachedToken {
-            access_token: SecretString::from(s.a.clone()),
-            refresh_token: s.r.clone().map(SecretString::from),
+            access_token: SecretString::from(std::mem::take(&mut s.a)),
+            refresh_token: s.r.take().map(SecretString::from),
             issued_at_ms: s.i,
             expires_at_ms: s.e,
             usable_until_ms: s.u,
             refresh_at_ms: s.f,
+            audit_fp: Default::default(),
+            memo: Default::default(),
         })
     }
 }

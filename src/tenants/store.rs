@@ -188,6 +188,16 @@ impl TenantStore {
         &self.keys
     }
 
+    /// A write transaction. On SQLite it takes the write lock up front (`BEGIN IMMEDIATE`):
+    /// a deferred transaction that reads first cannot wait for the lock once another writer
+    /// has committed, and fails at once with SQLITE_BUSY.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
     /// A cheap round trip for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -244,7 +254,7 @@ impl TenantStore {
     ) -> Result<TenantRecord, StoreError> {
         let now = now_ms();
         let issuer_json = serde_json::to_string(issuer).expect("spec serialises");
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let exists = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
             .bind(id.as_str())
             .fetch_optional(&mut *tx)
@@ -393,7 +403,7 @@ impl TenantStore {
         expected_version: Option<i64>,
     ) -> Result<TenantRecord, StoreError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let mut sql = String::from(
             "UPDATE tenants SET display_name = COALESCE($2, display_name), issuer = COALESCE($3, issuer), version = version + 1, updated_at = $4 WHERE id = $1",
         );
@@ -484,7 +494,7 @@ impl TenantStore {
         id: &TenantId,
         expected_version: Option<i64>,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         if let Some(v) = expected_version {
             let row = sqlx::query("SELECT version FROM tenants WHERE id = $1")
                 .bind(id.as_str())
@@ -611,7 +621,7 @@ impl TenantStore {
         rows: &[(crate::audit::Entry, (i64, i64, i64))],
     ) -> Result<(), StoreError> {
         const COLS: usize = 13;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for chunk in rows.chunks(200) {
             let mut sql = String::from(
                 "INSERT INTO audit_log (at, last_at, count, kind, action, outcome, caller, auth_method, tenant, source, fingerprint, detail, request_id) VALUES ",
@@ -636,8 +646,8 @@ impl TenantStore {
                     .bind(*last)
                     .bind(*count)
                     .bind(e.kind)
-                    .bind(e.action.as_str())
-                    .bind(e.outcome.as_str())
+                    .bind(e.action.as_ref())
+                    .bind(e.outcome.as_ref())
                     .bind(e.caller.as_deref())
                     .bind(e.auth_method)
                     .bind(e.tenant.as_deref())
@@ -720,13 +730,15 @@ impl TenantStore {
                     count: r.try_get("count")?,
                     entry: crate::audit::Entry {
                         kind: kind(r.try_get("kind")?),
-                        action: r.try_get("action")?,
-                        outcome: r.try_get("outcome")?,
-                        caller: r.try_get("caller")?,
+                        action: r.try_get::<String, _>("action")?.into(),
+                        outcome: r.try_get::<String, _>("outcome")?.into(),
+                        caller: r.try_get::<Option<String>, _>("caller")?.map(Into::into),
                         auth_method: method(r.try_get("auth_method")?),
-                        tenant: r.try_get("tenant")?,
+                        tenant: r.try_get::<Option<String>, _>("tenant")?.map(Into::into),
                         source: source(r.try_get("source")?),
-                        fingerprint: r.try_get("fingerprint")?,
+                        fingerprint: r
+                            .try_get::<Option<String>, _>("fingerprint")?
+                            .map(Into::into),
                         detail: r.try_get("detail")?,
                         request_id: r.try_get("request_id")?,
                     },
