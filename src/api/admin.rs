@@ -191,6 +191,20 @@ async fn create_tenant(
     Ok(tenant_response(builder, &record))
 }
 
+/// A page size: 1-1000, default 100.
+fn parse_limit(raw: Option<&str>) -> Result<i64, ApiError> {
+    match raw {
+        None => Ok(100),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid("limit must be a whole number from 1 to 1000", Some("limit"))
+            }),
+    }
+}
+
 #[derive(Deserialize)]
 struct ListQuery {
     limit: Option<String>,
@@ -202,16 +216,7 @@ async fn list_tenants(
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = match query.limit.as_deref() {
-        None => 100,
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid("limit must be a whole number from 1 to 1000", Some("limit"))
-            })?,
-    };
+    let limit = parse_limit(query.limit.as_deref())?;
     let after = query.after.as_deref().filter(|a| !a.is_empty());
     if after.is_some_and(|a| a.len() > 64) {
         return Err(ApiError::invalid(
@@ -578,16 +583,7 @@ async fn read_audit(
     state: web::Data<AppState>,
     query: web::Query<AuditQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = match query.limit.as_deref() {
-        None => 100,
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid("limit must be a whole number from 1 to 1000", Some("limit"))
-            })?,
-    };
+    let limit = parse_limit(query.limit.as_deref())?;
     let before = match query.before.as_deref() {
         None => None,
         Some(v) => Some(
