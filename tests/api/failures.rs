@@ -240,13 +240,7 @@ backends!(transient_failures_are_retried_and_retry_after_is_honoured: Sqlite, Po
 
 async fn min_interval_paces_every_minting_path(env: TestEnv) {
     let app = env.spawn().await;
-    let partner = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(|_: &wiremock::Request| {
-            ResponseTemplate::new(200).set_body_json(json!({"accessToken": setu_jwt(300)}))
-        })
-        .mount(&partner)
-        .await;
+    let partner = setu_partner(300, 0).await;
     let mut spec = setu_spec("paced", &partner, "s");
     spec["issuer"]["min_interval_ms"] = json!(700);
     app.create_tenant(&spec).await;

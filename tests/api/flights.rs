@@ -201,13 +201,7 @@ backends!(invalid_refresh_token_falls_back_to_the_full_grant: Sqlite, PostgresRe
 
 async fn invalidation_reaches_every_replica(env: TestEnv) {
     let (a, b) = (env.spawn().await, env.spawn().await);
-    let partner = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(|_: &wiremock::Request| {
-            ResponseTemplate::new(200).set_body_json(json!({"accessToken": setu_jwt(300)}))
-        })
-        .mount(&partner)
-        .await;
+    let partner = setu_partner(300, 0).await;
     a.create_tenant(&setu_spec("inv", &partner, "s")).await;
     let key = a.create_caller("c", json!("*")).await;
     let t1 = a.get_token("inv", &key).await.json()["access_token"].clone();
@@ -241,13 +235,7 @@ async fn a_dead_lock_holder_delays_but_does_not_block(mut env: TestEnv) {
     env.extra
         .insert("BROKER_UPSTREAM_TIMEOUT_MS".into(), "1000".into());
     let app = env.spawn().await;
-    let partner = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(|_: &wiremock::Request| {
-            ResponseTemplate::new(200).set_body_json(json!({"accessToken": setu_jwt(300)}))
-        })
-        .mount(&partner)
-        .await;
+    let partner = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("orphan", &partner, "s")).await;
     let key = app.create_caller("c", json!("*")).await;
     // A replica took the lock and died: its lock lives out its TTL (here 2 s).

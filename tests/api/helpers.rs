@@ -97,7 +97,7 @@ struct Throwaway {
     url: String,
 }
 
-static REDIS: OnceLock<Option<Throwaway>> = OnceLock::new();
+static REDIS: OnceLock<Option<OwnRedis>> = OnceLock::new();
 
 /// A Redis URL: `REDIS_URL`, else a throwaway `redis-server` from PATH.
 pub fn redis_url() -> Option<String> {
@@ -105,40 +105,9 @@ pub fn redis_url() -> Option<String> {
         return Some(url);
     }
     REDIS
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().ok()?;
-            let port = free_port();
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()?;
-            for _ in 0..50 {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Some(Throwaway {
-                        _child: child,
-                        _dir: dir,
-                        url: format!("redis://127.0.0.1:{port}"),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            None
-        })
+        .get_or_init(OwnRedis::start)
         .as_ref()
-        .map(|t| t.url.clone())
+        .map(OwnRedis::url)
 }
 
 static POSTGRES: OnceLock<Option<Throwaway>> = OnceLock::new();
@@ -503,6 +472,23 @@ pub fn comm100_spec(id: &str, server: &MockServer, password: &str) -> Value {
         "issuer": {"kind": "comm100_partner", "token_url": format!("{}/oauth/token", server.uri())},
         "credentials": {"client_id": "client1", "email": "client1@company.com", "password": password}
     })
+}
+
+/// A fake Setu partner: every POST gets a fresh token living `lifetime` s, after `delay_ms`.
+pub async fn setu_partner(lifetime: i64, delay_ms: u64) -> MockServer {
+    let server = MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(move |_: &wiremock::Request| {
+            wiremock::ResponseTemplate::new(200)
+                .set_body_json(json!({
+                    "accessToken": setu_jwt(lifetime),
+                    "refreshToken": jwt(json!({"exp": now_s() + 1800, "typ": "Refresh"})),
+                }))
+                .set_delay(std::time::Duration::from_millis(delay_ms))
+        })
+        .mount(&server)
+        .await;
+    server
 }
 
 /// The form fields of a request body.

@@ -10,22 +10,9 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::backends;
 use crate::helpers::*;
 
-async fn partner(delay_ms: u64) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(move |_: &wiremock::Request| {
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"accessToken": setu_jwt(300)}))
-                .set_delay(Duration::from_millis(delay_ms))
-        })
-        .mount(&server)
-        .await;
-    server
-}
-
 async fn the_metric_catalog(env: TestEnv) {
     let app = env.spawn().await;
-    let p = partner(0).await;
+    let p = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("m1", &p, "s")).await;
     let key = app.create_caller("c", json!("*")).await;
     for _ in 0..3 {
@@ -68,7 +55,7 @@ async fn redis_outage_and_slowness(mut env: TestEnv) {
     };
     env.redis_url = Some(redis.url());
     let app = env.spawn().await;
-    let p = partner(0).await;
+    let p = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("held", &p, "s")).await;
     app.create_tenant(&setu_spec("cold", &p, "s")).await;
     let key = app.create_caller("c", json!("*")).await;
@@ -150,7 +137,7 @@ async fn postgres_outage(mut env: TestEnv) {
     via.set_port(Some(proxy.port)).unwrap();
     env.database_url = via.to_string();
     let app = env.spawn().await;
-    let p = partner(0).await;
+    let p = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("pg", &p, "s")).await;
     let key = app.create_caller("c", json!("*")).await;
     let token = app.get_token("pg", &key).await.json()["access_token"].clone();
@@ -173,7 +160,7 @@ async fn postgres_outage(mut env: TestEnv) {
 backends!(postgres_outage: Postgres);
 
 async fn sigterm_drains_and_exits_zero(_env: TestEnv) {
-    let p = partner(1500).await;
+    let p = setu_partner(300, 1500).await;
     let mut broker = BrokerProcess::start(&[]).await;
     let app_client = reqwest::Client::new();
     let admin = |m: Method, path: &str| {

@@ -9,13 +9,7 @@ use crate::backends;
 use crate::helpers::*;
 
 async fn tenants_and_callers_survive_a_restart(env: TestEnv) {
-    let partner = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(|_: &wiremock::Request| {
-            ResponseTemplate::new(200).set_body_json(json!({"accessToken": setu_jwt(300)}))
-        })
-        .mount(&partner)
-        .await;
+    let partner = setu_partner(300, 0).await;
     let app = env.spawn().await;
     assert_eq!(
         app.create_tenant(&setu_spec("durable", &partner, "keep-me"))

@@ -62,17 +62,6 @@ async fn publish(server: &MockServer, keys: &[&str]) {
         .await;
 }
 
-async fn partner() -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(|_: &wiremock::Request| {
-            ResponseTemplate::new(200).set_body_json(json!({"accessToken": setu_jwt(300)}))
-        })
-        .mount(&server)
-        .await;
-    server
-}
-
 fn with_jwt(env: &mut TestEnv, idp: &MockServer) {
     env.extra
         .insert("BROKER_JWT_JWKS_URL".into(), format!("{}/jwks", idp.uri()));
@@ -85,7 +74,7 @@ async fn jwt_callers_and_the_attack_set(mut env: TestEnv) {
     let idp = idp(&["rsa1", "ec1"]).await;
     with_jwt(&mut env, &idp);
     let app = env.spawn().await;
-    let partner = partner().await;
+    let partner = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("t1", &partner, "s")).await;
     app.create_tenant(&setu_spec("t2", &partner, "s")).await;
 
@@ -265,7 +254,7 @@ async fn the_audit_trail(mut env: TestEnv) {
     let idp = idp(&["rsa1"]).await;
     with_jwt(&mut env, &idp);
     let app = env.spawn().await;
-    let partner = partner().await;
+    let partner = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("audited", &partner, "AUDIT-SECRET-123"))
         .await;
     let key = app.create_caller("billing", json!(["audited"])).await;
@@ -338,7 +327,7 @@ backends!(the_audit_trail: Sqlite, PostgresRedis);
 async fn no_audit_no_token(mut env: TestEnv) {
     env.extra.insert("BROKER_AUDIT_QUEUE".into(), "4".into());
     let app = env.spawn().await;
-    let partner = partner().await;
+    let partner = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("guarded", &partner, "s"))
         .await;
     let key = app.create_caller("c", json!("*")).await;
@@ -393,7 +382,7 @@ async fn online_key_rotation(mut env: TestEnv) {
     env.extra
         .insert("BROKER_ENCRYPTION_KEYS".into(), format!("k0:{KEY_A}"));
     let app_a = env.spawn().await;
-    let partner = partner().await;
+    let partner = setu_partner(300, 0).await;
     for id in ["r1", "r2", "r3"] {
         app_a
             .create_tenant(&setu_spec(id, &partner, &format!("{id}-secret")))
@@ -518,7 +507,7 @@ backends!(online_key_rotation: PostgresRedis);
 
 async fn tampered_or_moved_ciphertexts_fail_closed(env: TestEnv) {
     let app = env.spawn().await;
-    let partner = partner().await;
+    let partner = setu_partner(300, 0).await;
     for id in ["victim", "donor", "moved"] {
         app.create_tenant(&setu_spec(id, &partner, &format!("{id}-secret")))
             .await;

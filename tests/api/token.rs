@@ -9,21 +9,6 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::backends;
 use crate::helpers::*;
 
-async fn setu_partner(lifetime: i64) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/auth/token"))
-        .respond_with(move |_: &wiremock::Request| {
-            ResponseTemplate::new(200).set_body_json(json!({
-                "accessToken": setu_jwt(lifetime),
-                "refreshToken": jwt(json!({"exp": now_s() + 1800, "typ": "Refresh"})),
-            }))
-        })
-        .mount(&server)
-        .await;
-    server
-}
-
 async fn comm100_partner() -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
@@ -44,7 +29,7 @@ async fn comm100_partner() -> MockServer {
 
 async fn setu_ttl_follows_the_jwt_exp(env: TestEnv) {
     let app = env.spawn().await;
-    let partner = setu_partner(300).await;
+    let partner = setu_partner(300, 0).await;
     let created = app
         .create_tenant(&setu_spec("acme-setu", &partner, "setu-secret"))
         .await;
@@ -136,7 +121,7 @@ backends!(comm100_ttl_follows_expires_in: Sqlite, Postgres, PostgresRedis);
 
 async fn repeated_fetches_mint_once(env: TestEnv) {
     let app = env.spawn().await;
-    let partner = setu_partner(300).await;
+    let partner = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("t1", &partner, "s")).await;
     let key = app.create_caller("c", json!(["t1"])).await;
     let first = app.get_token("t1", &key).await.json()["access_token"].clone();
@@ -218,7 +203,7 @@ backends!(concurrent_cold_fetches_share_one_mint: Sqlite, PostgresRedis);
 
 async fn callers_need_keys_and_scope(env: TestEnv) {
     let app = env.spawn().await;
-    let partner = setu_partner(300).await;
+    let partner = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("mine", &partner, "s")).await;
     app.create_tenant(&setu_spec("theirs", &partner, "s")).await;
     let key = app.create_caller("scoped", json!(["mine"])).await;
@@ -285,7 +270,7 @@ backends!(callers_need_keys_and_scope: Sqlite, PostgresRedis);
 
 async fn min_ttl_and_invalidate(env: TestEnv) {
     let app = env.spawn().await;
-    let partner = setu_partner(300).await;
+    let partner = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("m", &partner, "s")).await;
     let key = app.create_caller("c", json!("*")).await;
     let first = app.get_token("m", &key).await.json();
