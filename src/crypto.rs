@@ -157,11 +157,6 @@ impl KeyRing {
         format!("{}:{}", self.active, hex::encode(&tag[..16]))
     }
 
-    /// Every key id in the ring.
-    pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.keys.keys().map(String::as_str)
-    }
-
     pub fn contains(&self, id: &str) -> bool {
         self.keys.contains_key(id)
     }

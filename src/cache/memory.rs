@@ -68,10 +68,6 @@ impl MemoryCache {
         self.inner.get(tenant)
     }
 
-    pub fn insert(&self, tenant: &TenantId, token: Arc<CachedToken>) {
-        self.inner.insert(tenant.clone(), (token, now_ms()));
-    }
-
     /// Inserts `token` unless the held one expires later; returns the token kept.
     pub fn insert_unless_newer(
         &self,
@@ -105,11 +101,6 @@ impl MemoryCache {
             });
         matches!(result, moka::ops::compute::CompResult::Removed(_))
     }
-
-    pub fn entry_count(&self) -> u64 {
-        self.inner.run_pending_tasks();
-        self.inner.entry_count()
-    }
 }
 
 #[cfg(test)]
@@ -135,7 +126,7 @@ mod tests {
     fn compare_and_delete() {
         let c = MemoryCache::new(100);
         let t = TenantId::parse("t").unwrap();
-        c.insert(&t, token("new", 60_000));
+        c.insert_unless_newer(&t, token("new", 60_000));
         assert!(!c.remove_if_current(&t, "old"));
         assert!(c.get_now(&t).is_some());
         assert!(c.remove_if_current(&t, "new"));
@@ -148,7 +139,7 @@ mod tests {
         let c = MemoryCache::new(100);
         let t = TenantId::parse("t").unwrap();
         let newer = token("newer", 60_000);
-        c.insert(&t, newer.clone());
+        c.insert_unless_newer(&t, newer.clone());
         let kept = c.insert_unless_newer(&t, token("older", 30_000));
         assert!(Arc::ptr_eq(&kept, &newer));
         let newest = token("newest", 90_000);
@@ -162,7 +153,7 @@ mod tests {
     fn entries_end_at_usable_end() {
         let c = MemoryCache::new(100);
         let t = TenantId::parse("t").unwrap();
-        c.insert(&t, token("x", 50));
+        c.insert_unless_newer(&t, token("x", 50));
         assert!(c.get_now(&t).is_some());
         std::thread::sleep(Duration::from_millis(80));
         assert!(c.get_now(&t).is_none());

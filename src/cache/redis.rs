@@ -200,10 +200,6 @@ impl RedisCache {
         format!("{}:{{{}}}:{}", self.prefix, tenant, what)
     }
 
-    pub fn connection(&self) -> RedisConn {
-        self.conn.clone()
-    }
-
     async fn timed<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, RedisError>>,

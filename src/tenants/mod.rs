@@ -89,14 +89,6 @@ impl Credentials {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &SecretString)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl fmt::Debug for Credentials {

@@ -11,7 +11,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{Credentials, IssuerSpec, Tenant, TenantId};
-use crate::crypto::{key_id_of, CryptoError, KeyRing};
+use crate::crypto::{CryptoError, KeyRing};
 use crate::time::now_ms;
 
 #[derive(Debug, thiserror::Error)]
@@ -178,10 +178,6 @@ impl TenantStore {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await,
         }
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     pub fn keys(&self) -> &KeyRing {
@@ -820,22 +816,5 @@ impl TenantStore {
             .await?
             .rows_affected()
             > 0)
-    }
-
-    /// Which key a stored credential was sealed with (for diagnostics and tests).
-    pub async fn credential_key_id(
-        &self,
-        id: &TenantId,
-        field: &str,
-    ) -> Result<String, StoreError> {
-        let sealed: Vec<u8> = sqlx::query(
-            "SELECT sealed FROM tenant_credentials WHERE tenant_id = $1 AND field = $2",
-        )
-        .bind(id.as_str())
-        .bind(field)
-        .fetch_one(&self.pool)
-        .await?
-        .try_get("sealed")?;
-        Ok(key_id_of(&sealed)?.to_owned())
     }
 }

@@ -5,35 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::backends;
 use crate::helpers::*;
-
-async fn fetch_many(apps: &[TestApp], tenant: &str, key: &str, n: usize) -> Vec<Value> {
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let app = &apps[i % apps.len()];
-            let (client, url, key) = (
-                app.client.clone(),
-                format!("{}/v1/tenants/{tenant}/token", app.address),
-                key.to_owned(),
-            );
-            tokio::spawn(async move {
-                let r = client.get(url).bearer_auth(key).send().await.unwrap();
-                assert_eq!(r.status(), 200);
-                r.json::<Value>().await.unwrap()["access_token"].clone()
-            })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(n);
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
-}
 
 async fn cold_herd_across_three_replicas(env: TestEnv) {
     let apps = vec![env.spawn().await, env.spawn().await, env.spawn().await];

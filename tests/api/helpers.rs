@@ -491,6 +491,30 @@ pub async fn setu_partner(lifetime: i64, delay_ms: u64) -> MockServer {
     server
 }
 
+/// `n` concurrent token fetches spread over `apps`; each must answer 200. The tokens, in order.
+pub async fn fetch_many(apps: &[TestApp], tenant: &str, key: &str, n: usize) -> Vec<Value> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let app = &apps[i % apps.len()];
+            let (client, url, key) = (
+                app.client.clone(),
+                format!("{}/v1/tenants/{tenant}/token", app.address),
+                key.to_owned(),
+            );
+            tokio::spawn(async move {
+                let r = client.get(url).bearer_auth(key).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.json::<Value>().await.unwrap()["access_token"].clone()
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 /// The form fields of a request body.
 pub fn form_of(req: &wiremock::Request) -> HashMap<String, String> {
     url::form_urlencoded::parse(&req.body)

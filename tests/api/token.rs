@@ -131,21 +131,8 @@ async fn repeated_fetches_mint_once(env: TestEnv) {
             first
         );
     }
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let (client, url, key) = (
-                app.client.clone(),
-                format!("{}/v1/tenants/t1/token", app.address),
-                key.clone(),
-            );
-            tokio::spawn(async move {
-                let r = client.get(url).bearer_auth(key).send().await.unwrap();
-                r.json::<serde_json::Value>().await.unwrap()["access_token"].clone()
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), first);
+    for token in fetch_many(std::slice::from_ref(&app), "t1", &key, 50).await {
+        assert_eq!(token, first);
     }
     assert_eq!(partner.received_requests().await.unwrap().len(), 1);
 
@@ -176,24 +163,7 @@ async fn concurrent_cold_fetches_share_one_mint(env: TestEnv) {
         .await;
     app.create_tenant(&setu_spec("cold", &partner, "s")).await;
     let key = app.create_caller("c", json!("*")).await;
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let (client, url, key) = (
-                app.client.clone(),
-                format!("{}/v1/tenants/cold/token", app.address),
-                key.clone(),
-            );
-            tokio::spawn(async move {
-                let r = client.get(url).bearer_auth(key).send().await.unwrap();
-                assert_eq!(r.status(), 200);
-                r.json::<serde_json::Value>().await.unwrap()["access_token"].clone()
-            })
-        })
-        .collect();
-    let mut tokens = Vec::new();
-    for t in tasks {
-        tokens.push(t.await.unwrap());
-    }
+    let mut tokens = fetch_many(std::slice::from_ref(&app), "cold", &key, 100).await;
     tokens.dedup();
     assert_eq!(tokens.len(), 1, "every caller gets the same token");
     assert_eq!(partner.received_requests().await.unwrap().len(), 1);
