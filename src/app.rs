@@ -18,7 +18,7 @@ use crate::audit::Audit;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{AdminAuth, Authenticator};
 use crate::broker::{Broker, Timing};
-use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
+use crate::cache::redis::{spawn_listener, RedisCache, RedisConn, Target};
 use crate::config::{KeySource, Settings};
 use crate::crypto::{KeyError, KeyRing};
 use crate::issuers::{IssuerSettings, Issuers};
@@ -58,6 +58,8 @@ pub enum BuildError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     KeysInUse(String),
+    #[error("REDIS_URL: {0}")]
+    Config(String),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("cannot listen: {0}")]
@@ -143,14 +145,15 @@ pub async fn rekey(settings: &Settings) -> Result<(u64, u64), BuildError> {
     let rows = store.rekey().await?;
     let mut tokens = 0;
     if let Some(url) = &settings.redis_url {
+        let target = Target::parse(url).map_err(|m| BuildError::Config(m.into()))?;
         let conn =
-            RedisConn::connect(url, settings.redis_timeout.max(Duration::from_secs(1))).await?;
+            RedisConn::connect(&target, settings.redis_timeout.max(Duration::from_secs(1))).await?;
         let cache = RedisCache::new(
             conn,
             &settings.redis_prefix,
             Arc::new(store.keys().clone()),
             settings.redis_timeout.max(Duration::from_secs(1)),
-            Duration::from_secs(15),
+            None,
         );
         for tenant in store.tenant_ids().await? {
             match cache.get(&tenant).await {
@@ -209,18 +212,25 @@ impl Application {
             l1_enabled: settings.l1_cache || settings.redis_url.is_none(),
             ..Timing::from_upstream_timeout(settings.upstream_timeout)
         };
-        let shared = match &settings.redis_url {
-            Some(url) => {
-                let conn = RedisConn::connect(url, settings.redis_timeout).await?;
+        let target = match &settings.redis_url {
+            Some(url) => Some(Target::parse(url).map_err(|m| BuildError::Config(m.into()))?),
+            None => None,
+        };
+        let shared = match &target {
+            Some(target) => {
+                let conn = RedisConn::connect(target, settings.redis_timeout).await?;
                 Some(RedisCache::new(
                     conn,
                     &settings.redis_prefix,
                     Arc::new(store.keys().clone()),
                     settings.redis_timeout,
-                    timing.lock_ttl(),
+                    Some(metrics.redis_up.clone()),
                 ))
             }
-            None => None,
+            None => {
+                let _ = metrics.dependency_up.remove_label_values(&["redis"]);
+                None
+            }
         };
         let issuers = Issuers::new(&IssuerSettings {
             allow_insecure: settings.allow_insecure_issuers,
@@ -233,23 +243,24 @@ impl Application {
         if settings.allow_insecure_issuers {
             tracing::warn!("BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses");
         }
-        let channel = shared.as_ref().map(RedisCache::events_channel);
-        let broker = Broker::new(store.clone(), issuers, shared, metrics.clone(), timing);
-        if let (Some(url), Some(channel)) = (&settings.redis_url, channel) {
-            let (on_event, on_gap) = (Arc::downgrade(&broker), Arc::downgrade(&broker));
+        let broker = Broker::new(
+            store.clone(),
+            issuers,
+            shared.clone(),
+            metrics.clone(),
+            timing,
+        );
+        if let (Some(target), Some(cache)) = (target, shared) {
+            let on_event = Arc::downgrade(&broker);
             spawn_listener(
-                url,
-                channel,
+                target,
+                cache,
                 move |e| {
                     if let Some(b) = on_event.upgrade() {
                         b.on_event(e)
                     }
                 },
-                move || {
-                    if let Some(b) = on_gap.upgrade() {
-                        b.on_events_gap()
-                    }
-                },
+                || {},
             );
         }
         let state = web::Data::new(AppState {
@@ -257,7 +268,7 @@ impl Application {
             audit,
             limiter: CallerLimiter::new(settings.caller_rate, settings.caller_burst),
             jwt,
-            auth: Authenticator::new(store.clone()),
+            auth: Authenticator::new(store.clone(), Some(metrics.database_up.clone())),
             admin: AdminAuth::new(settings.admin_token.as_ref()),
             store,
             metrics,

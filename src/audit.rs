@@ -99,7 +99,7 @@ impl Audit {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        tokio::spawn(writer(store.clone(), rx, metrics.clone()));
+        tokio::spawn(writer(store.clone(), rx, metrics.clone(), capacity.max(1)));
         let retention_ms = (retention_days as i64).saturating_mul(86_400_000);
         tokio::spawn(async move {
             loop {
@@ -155,20 +155,28 @@ impl Audit {
     }
 }
 
-/// Drains the queue: coalesces, writes a batch every `FLUSH_EVERY` (or when full), and keeps a
-/// batch that failed to write until the database takes it, so nothing queued is lost while
-/// the queue itself applies back-pressure.
-async fn writer(store: TenantStore, mut rx: mpsc::Receiver<Msg>, metrics: Arc<Metrics>) {
+/// Drains the queue: coalesces, writes a batch every `FLUSH_EVERY` (or when full). A batch
+/// the database does not take is kept and retried with backoff while draining goes on, so
+/// entries keep coalescing into it during an outage: the queue fills (and `fail_closed`
+/// refuses tokens) only once `max_pending` distinct rows wait, not after `capacity` entries
+/// that would have merged into a handful of rows.
+async fn writer(
+    store: TenantStore,
+    mut rx: mpsc::Receiver<Msg>,
+    metrics: Arc<Metrics>,
+    max_pending: usize,
+) {
     let mut batch: HashMap<Entry, (i64, i64, i64)> = HashMap::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let mut delay = Duration::from_millis(100);
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut last_write = tokio::time::Instant::now();
     let mut closed = false;
     loop {
         // The writer drains on a tick instead of waiting on each entry: a parked receiver
         // would be woken by every token handed out, a cross-thread wake-up per request.
         tokio::time::sleep(DRAIN_EVERY).await;
-        loop {
+        while batch.len() < max_pending {
             match rx.try_recv() {
                 Ok(Msg::Entry(at, e)) => {
                     let slot = batch.entry(e).or_insert((at, at, 0));
@@ -183,26 +191,48 @@ async fn writer(store: TenantStore, mut rx: mpsc::Receiver<Msg>, metrics: Arc<Me
                 }
             }
         }
+        let now = tokio::time::Instant::now();
+        if retry_at.is_some_and(|at| now < at) && !closed {
+            continue;
+        }
         let due = last_write.elapsed() >= FLUSH_EVERY
             || batch.len() >= BATCH_ROWS
             || !waiting.is_empty()
+            || retry_at.is_some()
             || closed;
         if !due {
             continue;
         }
-        while !batch.is_empty() {
+        if !batch.is_empty() {
             let rows: Vec<(Entry, (i64, i64, i64))> =
                 batch.iter().map(|(e, t)| (e.clone(), *t)).collect();
             match store.insert_audit(&rows).await {
                 Ok(()) => {
                     batch.clear();
                     delay = Duration::from_millis(100);
+                    if retry_at.take().is_some() {
+                        tracing::info!("audit writes succeed again");
+                        metrics.database_up.set(1);
+                    }
                 }
                 Err(e) => {
                     metrics.audit_write_failures.inc();
-                    tracing::warn!(error = %e, rows = rows.len(), "audit write failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    metrics.database_up.set(0);
+                    tracing::warn!(error = %e, rows = rows.len(), "audit write failed; entries keep coalescing until it succeeds");
+                    retry_at = Some(tokio::time::Instant::now() + delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
+                    if closed {
+                        // Shutting down: one last try after the backoff, then give up.
+                        tokio::time::sleep(delay).await;
+                        if store.insert_audit(&rows).await.is_err() {
+                            tracing::error!(
+                                rows = rows.len(),
+                                "audit entries lost at shutdown: the database does not answer"
+                            );
+                        }
+                        return;
+                    }
+                    continue;
                 }
             }
         }

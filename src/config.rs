@@ -100,14 +100,7 @@ impl Settings {
         let backend = Backend::from_url(&database_url).expect("normalised");
         let redis_url = var("REDIS_URL");
         if let Some(url) = &redis_url {
-            for node in url.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
-                    return Err(invalid(
-                        "REDIS_URL",
-                        "expected redis://host:port (or a comma-separated list of node URLs for Redis Cluster)",
-                    ));
-                }
-            }
+            crate::cache::target::Target::parse(url).map_err(|m| invalid("REDIS_URL", m))?;
         }
         let redis_prefix = var("BROKER_REDIS_PREFIX").unwrap_or_else(|| "token-broker".into());
         if redis_prefix.len() > 64 || redis_prefix.contains(['{', '}', ' ']) {
@@ -117,7 +110,7 @@ impl Settings {
             ));
         }
         let redis_timeout =
-            Duration::from_millis(parse_num(&var, "BROKER_REDIS_TIMEOUT_MS", 250, 5..=10_000)?);
+            Duration::from_millis(parse_num(&var, "BROKER_REDIS_TIMEOUT_MS", 80, 5..=10_000)?);
         let admin_token = var("BROKER_ADMIN_TOKEN").map(SecretString::from);
         let keys = if let Some(list) = var("BROKER_ENCRYPTION_KEYS") {
             KeySource::Configured(

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::time::now_ms;
@@ -32,6 +32,10 @@ pub struct Metrics {
     pub l2_miss: IntCounter,
     pub l2_error: IntCounter,
     pub audit_write_failures: IntCounter,
+    /// `broker_dependency_up{dependency}`: 1 while the dependency answers real operations.
+    pub dependency_up: IntGaugeVec,
+    pub redis_up: IntGauge,
+    pub database_up: IntGauge,
     expiry_at_ms: Mutex<HashMap<String, i64>>,
 }
 
@@ -127,8 +131,22 @@ impl Metrics {
             "Mints done without the cross-replica lock because Redis was unavailable",
         )
         .expect("metric");
+        let dependency_up = IntGaugeVec::new(
+            Opts::new(
+                "broker_dependency_up",
+                "1 while the dependency answers real operations, 0 while it is failing",
+            ),
+            &["dependency"],
+        )
+        .expect("metric");
+        let (redis_up, database_up) = (
+            dependency_up.with_label_values(&["redis"]),
+            dependency_up.with_label_values(&["database"]),
+        );
+        database_up.set(1);
         for c in [
-            Box::new(token_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(dependency_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(token_requests.clone()),
             Box::new(cache_lookups.clone()),
             Box::new(upstream_requests.clone()),
             Box::new(upstream_duration.clone()),
@@ -160,6 +178,9 @@ impl Metrics {
             l2_hit,
             l2_miss,
             l2_error,
+            dependency_up,
+            redis_up,
+            database_up,
             expiry_at_ms: Mutex::new(HashMap::new()),
         }
     }

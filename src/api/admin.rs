@@ -175,7 +175,7 @@ async fn create_tenant(
             other => other.into(),
         })?;
     // A token cached under this id by an earlier tenant of the same name must not survive.
-    state.broker.forget(&spec.id).await?;
+    state.broker.forget(&spec.id).await;
     tracing::info!(tenant = %spec.id, kind = spec.issuer.kind.as_str(), "tenant created");
     audit_admin(
         &state,
@@ -309,7 +309,7 @@ async fn patch_tenant(
         }
     };
     if issuer.is_some() || patch.credentials.is_some() {
-        state.broker.forget(&id).await?;
+        state.broker.forget(&id).await;
     }
     tracing::info!(tenant = %id, "tenant updated");
     let changed: Vec<&str> = [
@@ -357,7 +357,7 @@ async fn delete_tenant(
         }
         Err(e) => return Err(e.into()),
     }
-    state.broker.forget(&id).await?;
+    state.broker.forget(&id).await;
     tracing::info!(tenant = %id, "tenant deleted");
     audit_admin(&state, &req, "tenant.delete", "ok", Some(id.as_str()), None).await;
     Ok(HttpResponse::NoContent().finish())
@@ -389,7 +389,7 @@ async fn put_credentials(
         }
         Err(e) => return Err(e.into()),
     }
-    state.broker.forget(&id).await?;
+    state.broker.forget(&id).await;
     tracing::info!(tenant = %id, "tenant credentials rotated");
     let fields: Vec<&str> = creds.names().collect();
     audit_admin(

@@ -19,28 +19,39 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
+/// Ready unless this replica cannot serve tokens at all. A failing dependency that tokens
+/// can be served without (Redis: held tokens and lock-less mints; the database: known
+/// callers and the last credentials read) makes it `degraded`, still 200, so an orchestrator
+/// does not pull every replica at once over an outage they ride out.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let db = matches!(
-        tokio::time::timeout(CHECK_TIMEOUT, state.store.ping()).await,
-        Ok(Ok(()))
+    let (db, redis) = tokio::join!(
+        tokio::time::timeout(CHECK_TIMEOUT, state.store.ping()),
+        tokio::time::timeout(CHECK_TIMEOUT, state.broker.check_shared()),
     );
-    let redis = if state.settings.redis_url.is_some() {
-        Some(matches!(
-            tokio::time::timeout(CHECK_TIMEOUT, state.broker.ping_shared()).await,
-            Ok(Ok(()))
-        ))
-    } else {
-        None
+    let db = matches!(db, Ok(Ok(())));
+    state.metrics.database_up.set(i64::from(db));
+    let redis: Option<Result<(), String>> = match redis {
+        Ok(r) => r,
+        Err(_) => Some(Err("unavailable (check timed out)".into())),
     };
-    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let redis_word = match &redis {
+        None => "not_configured".to_owned(),
+        Some(Ok(())) => "ok".to_owned(),
+        Some(Err(why)) => format!("unavailable: {why}"),
+    };
     let checks = json!({
-        "database": word(db),
-        "redis": redis.map_or("not_configured", word),
+        "database": if db { "ok" } else { "unavailable" },
+        "redis": redis_word,
     });
-    if db && redis.unwrap_or(true) {
-        HttpResponse::Ok().json(json!({"status": "ready", "checks": checks}))
-    } else {
+    let degraded = !db || matches!(redis, Some(Err(_)));
+    // Without the database this replica can still serve callers it already knows.
+    let can_serve = db || state.auth.knows_callers() || state.jwt.is_some();
+    if !can_serve {
         HttpResponse::ServiceUnavailable().json(json!({"status": "unavailable", "checks": checks}))
+    } else if degraded {
+        HttpResponse::Ok().json(json!({"status": "degraded", "checks": checks}))
+    } else {
+        HttpResponse::Ok().json(json!({"status": "ready", "checks": checks}))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod api_keys;
 pub mod jwt;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,8 @@ use subtle::ConstantTimeEq;
 use crate::api::problem::ApiError;
 use crate::app::AppState;
 use crate::tenants::store::Scope;
-use crate::tenants::TenantStore;
+use crate::tenants::{StoreError, TenantStore};
+use crate::time::now_ms;
 use api_keys::ApiKey;
 
 /// How a caller proved who it is.
@@ -59,7 +61,16 @@ impl Caller {
 pub struct Authenticator {
     store: TenantStore,
     known: Cache<[u8; 32], (Option<Arc<Caller>>, Instant)>,
+    /// Unix ms before which a stale answer is served without asking the database (set after
+    /// a failed lookup): one probe per `DB_PROBE_EVERY_MS` finds out when it is back.
+    db_quiet_until: AtomicI64,
+    database_up: Option<prometheus::IntGauge>,
 }
+
+/// While the database fails, how often one caller lookup is tried.
+const DB_PROBE_EVERY_MS: i64 = 1_000;
+/// A caller lookup that takes longer than this counts as failed (the stale answer is served).
+const DB_LOOKUP_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How long a resolved API key is trusted without asking the database again.
 pub const CALLER_CACHE_TTL: Duration = Duration::from_secs(10);
@@ -67,14 +78,39 @@ pub const CALLER_CACHE_TTL: Duration = Duration::from_secs(10);
 const CALLER_STALE_TTL: Duration = Duration::from_secs(600);
 
 impl Authenticator {
-    pub fn new(store: TenantStore) -> Self {
+    pub fn new(store: TenantStore, database_up: Option<prometheus::IntGauge>) -> Self {
         Self {
             store,
             known: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(CALLER_STALE_TTL)
                 .build(),
+            db_quiet_until: AtomicI64::new(0),
+            database_up,
         }
+    }
+
+    /// Whether this replica holds any resolved caller (it can serve them without the database).
+    pub fn knows_callers(&self) -> bool {
+        self.known.run_pending_tasks();
+        self.known.iter().any(|(_, (c, _))| c.is_some())
+    }
+
+    /// True if this request should ask the database: it is not known to be failing, or this
+    /// request won the next probe.
+    fn may_ask_database(&self) -> bool {
+        let now = now_ms();
+        let until = self.db_quiet_until.load(Ordering::Acquire);
+        now >= until
+            && self
+                .db_quiet_until
+                .compare_exchange(
+                    until,
+                    now + DB_PROBE_EVERY_MS,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
     }
 
     pub async fn api_key(&self, presented: &str) -> Result<Arc<Caller>, ApiError> {
@@ -88,16 +124,44 @@ impl Authenticator {
                     .ok_or(ApiError::Unauthorized("invalid credentials"));
             }
         }
-        let looked_up = match self.store.caller_by_key_hash(&hex::encode(digest)).await {
-            Ok(found) => found,
+        let stale = match &held {
+            Some((Some(caller), _)) => Some(caller.clone()),
+            _ => None,
+        };
+        if let Some(caller) = stale.as_ref().filter(|_| !self.may_ask_database()) {
+            // The database is failing and another request is probing it: serve what we know.
+            return Ok(caller.clone());
+        }
+        let lookup = tokio::time::timeout(
+            DB_LOOKUP_TIMEOUT,
+            self.store.caller_by_key_hash(&hex::encode(digest)),
+        )
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+        let looked_up = match lookup {
+            Ok(found) => {
+                if self.db_quiet_until.swap(0, Ordering::AcqRel) != 0 {
+                    if let Some(g) = &self.database_up {
+                        g.set(1);
+                    }
+                }
+                found
+            }
             Err(e) => {
-                return match held {
-                    Some((Some(caller), _)) => {
+                if matches!(e, StoreError::Unavailable(_)) {
+                    self.db_quiet_until
+                        .store(now_ms() + DB_PROBE_EVERY_MS, Ordering::Release);
+                    if let Some(g) = &self.database_up {
+                        g.set(0);
+                    }
+                }
+                return match stale {
+                    Some(caller) => {
                         tracing::debug!(error = %e, "caller lookup failed; using the last answer");
                         Ok(caller)
                     }
-                    _ => Err(ApiError::from(e)),
-                }
+                    None => Err(ApiError::from(e)),
+                };
             }
         };
         let found = looked_up.map(|c| {

@@ -17,6 +17,9 @@ use crate::time::now_ms;
 pub const FIRST_COOLDOWN_MS: i64 = 5_000;
 /// Longest cool-down.
 pub const MAX_COOLDOWN_MS: i64 = 300_000;
+/// While the circuit is open and callers have no usable token, one probe per this interval
+/// (across replicas) is let through to find out whether the partner is back.
+pub const PROBE_EVERY_MS: i64 = 1_000;
 /// How long the failure count is remembered after the cool-down ends.
 const MEMORY_MS: i64 = 600_000;
 
@@ -56,6 +59,7 @@ pub fn cooldown_ms(failures: u32, error: &IssuerError) -> i64 {
 /// Circuit states: in process, and in Redis when configured.
 pub struct Circuits {
     local: Mutex<HashMap<TenantId, CircuitState>>,
+    probes: Mutex<HashMap<TenantId, i64>>,
     redis: Option<RedisCache>,
 }
 
@@ -63,7 +67,30 @@ impl Circuits {
     pub fn new(redis: Option<RedisCache>) -> Self {
         Self {
             local: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashMap::new()),
             redis,
+        }
+    }
+
+    /// Takes the tenant's half-open probe slot: true for at most one caller per
+    /// `PROBE_EVERY_MS` across replicas (per replica while Redis is unavailable).
+    pub async fn try_probe(&self, tenant: &TenantId) -> bool {
+        if let Some(r) = &self.redis {
+            match r.take_slot(tenant, "probe", PROBE_EVERY_MS as u64).await {
+                Ok(wait) => return wait == 0,
+                Err(e) => {
+                    tracing::debug!(tenant = %tenant, error = %e, "shared probe slot unavailable; using this replica's")
+                }
+            }
+        }
+        let now = now_ms();
+        let mut probes = self.probes.lock().expect("probes");
+        match probes.get(tenant) {
+            Some(&next) if now < next => false,
+            _ => {
+                probes.insert(tenant.clone(), now + PROBE_EVERY_MS);
+                true
+            }
         }
     }
 
@@ -141,7 +168,7 @@ impl Pacer {
     ) -> Result<(), Duration> {
         loop {
             let wait_ms = match &self.redis {
-                Some(r) => match r.take_slot(tenant, interval_ms).await {
+                Some(r) => match r.take_slot(tenant, "pace", interval_ms).await {
                     Ok(wait) => wait,
                     Err(e) => {
                         tracing::warn!(tenant = %tenant, error = %e, "shared pacing unavailable; pacing in this replica");

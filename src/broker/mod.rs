@@ -5,7 +5,7 @@
 pub mod circuit;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,12 +13,12 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Notify;
 
 use crate::cache::memory::MemoryCache;
-use crate::cache::redis::RedisCache;
-use crate::cache::{CacheError, CachedToken};
+use crate::cache::redis::{RedisCache, LOCK_TTL};
+use crate::cache::{CacheError, CachedToken, LockToken};
 use crate::issuers::recipes::supports_refresh;
 use crate::issuers::{Grant, IssuerError, Issuers, Minted};
 use crate::metrics::Metrics;
-use crate::tenants::store::StoreError;
+use crate::tenants::store::{SealedTenant, StoreError};
 use crate::tenants::{Tenant, TenantId, TenantStore};
 use crate::time::now_ms;
 
@@ -80,6 +80,7 @@ struct Degrade(CacheError);
 struct Flight {
     id: u64,
     done: Shared<BoxFuture<'static, FlightResult>>,
+    phase: Arc<AtomicU8>,
 }
 
 /// What a flight must produce.
@@ -103,6 +104,11 @@ impl Want {
     }
 }
 
+/// How long an admin change keeps trying to drop the old token from an unreachable Redis
+/// (the longest a partner token is cached is far shorter in practice; after this it expires
+/// by itself).
+const FORGET_RETRY_FOR: Duration = Duration::from_secs(600);
+
 /// How long a failed background refresh waits before the next one.
 const REFRESH_RETRY_MS: i64 = 5_000;
 /// How often a waiter on another replica's mint looks at the shared cache between events.
@@ -118,7 +124,9 @@ pub struct Timing {
     pub attempt_timeout: Duration,
     /// Everything one mint may take: attempts, retries, pacing, the refresh-grant fallback.
     pub mint_budget: Duration,
-    /// How long a flight waits for another replica's lock (longer than the lock's TTL).
+    /// How long a flight waits for another replica's lock: a live holder extends its lock
+    /// for as long as its mint runs (at most `mint_budget`), a dead one loses it within
+    /// `LOCK_TTL`.
     pub lock_wait: Duration,
     /// The longest a caller is held.
     pub caller_deadline: Duration,
@@ -127,25 +135,56 @@ pub struct Timing {
 }
 
 impl Timing {
-    /// Bounds derived from the upstream timeout: the lock outlasts a mint by 5 s, a caller
-    /// waits at most 2 s past a mint's budget.
+    /// Bounds derived from the upstream timeout: a caller waits at most 2 s past a mint's
+    /// budget; a waiter on another replica's lock, a mint's budget plus the lock's life.
     pub fn from_upstream_timeout(t: Duration) -> Self {
         Self {
             attempt_timeout: t,
             mint_budget: t,
-            lock_wait: t + Duration::from_secs(6),
+            lock_wait: t + LOCK_TTL + Duration::from_secs(1),
             caller_deadline: t + Duration::from_secs(2),
             l1_enabled: true,
         }
     }
-
-    pub fn lock_ttl(&self) -> Duration {
-        self.mint_budget + Duration::from_secs(5)
-    }
 }
+
+/// What a flight is doing, so a caller whose deadline passes is told what held it up.
+const PHASE_WORKING: u8 = 0;
+const PHASE_WAITING_FOR_LOCK: u8 = 1;
 
 /// Transient failures are retried this many times within the mint budget.
 const RETRIES: u32 = 2;
+
+/// How many partner attempts one mint may make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tries {
+    /// The first attempt and up to `RETRIES` retries of transient failures.
+    WithRetries,
+    /// One attempt: a half-open probe.
+    Once,
+}
+
+/// Extends the held mint lock every `LOCK_TTL / 4` while the mint runs; abort it when done.
+fn keep_lock(l2: RedisCache, lock: &LockToken) -> tokio::task::JoinHandle<()> {
+    let lock = LockToken {
+        tenant: lock.tenant.clone(),
+        value: lock.value.clone(),
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(LOCK_TTL / 4).await;
+            match l2.extend(&lock).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(tenant = %lock.tenant, "mint lock lost while minting (the fenced write still keeps the newer token)");
+                    return;
+                }
+                // Missed once: the lock outlives three missed extensions.
+                Err(_) => {}
+            }
+        }
+    })
+}
 
 /// The token broker.
 pub struct Broker {
@@ -161,9 +200,10 @@ pub struct Broker {
     pacer: circuit::Pacer,
     flights: Mutex<HashMap<TenantId, Flight>>,
     next_flight: AtomicU64,
-    events_gap_at: AtomicI64,
     waiters: Mutex<HashMap<TenantId, Arc<Notify>>>,
     refresh_not_before: Mutex<HashMap<TenantId, i64>>,
+    /// The last tenant rows read for a mint, still sealed: minting survives a database outage.
+    last_read: moka::sync::Cache<TenantId, Arc<SealedTenant>>,
 }
 
 impl Broker {
@@ -192,9 +232,9 @@ impl Broker {
             pacer,
             flights: Mutex::new(HashMap::new()),
             next_flight: AtomicU64::new(1),
-            events_gap_at: AtomicI64::new(0),
             waiters: Mutex::new(HashMap::new()),
             refresh_not_before: Mutex::new(HashMap::new()),
+            last_read: moka::sync::Cache::new(1_000_000),
         })
     }
 
@@ -222,16 +262,10 @@ impl Broker {
         }
     }
 
-    /// After a gap in events every held token may be stale: each is re-checked against Redis
-    /// on its next use (and still served if Redis does not answer).
-    pub fn on_events_gap(&self) {
-        self.events_gap_at.store(now_ms(), Ordering::Relaxed);
-    }
-
     async fn announce(&self, kind: &str, tenant: &TenantId) {
         if let Some(l2) = &self.l2 {
             if let Err(e) = l2
-                .publish(&format!("{kind} {} {tenant}", self.replica))
+                .publish(tenant, &format!("{kind} {} {tenant}", self.replica))
                 .await
             {
                 tracing::warn!(tenant = %tenant, error = %e, "could not announce a token change");
@@ -256,9 +290,12 @@ impl Broker {
         if let Some((t, since)) = &held {
             // With Redis as the truth, a held token is re-checked there every so often
             // (events normally tell us sooner); without Redis, L1 is the truth.
-            let fresh = self.l2.is_none()
-                || (now - since < L1_REVALIDATE_MS
-                    && *since > self.events_gap_at.load(Ordering::Relaxed));
+            // After a gap in events (a lost subscription, a Redis outage) every held token may
+            // be stale: each is re-checked once (and still served if Redis does not answer).
+            let fresh = match &self.l2 {
+                None => true,
+                Some(l2) => now - since < L1_REVALIDATE_MS && *since > l2.gap_at(),
+            };
             if fresh && t.serves(now, min_ttl_ms) {
                 self.metrics.l1_hit.inc();
                 self.refresh_ahead(tenant, t, now);
@@ -315,10 +352,17 @@ impl Broker {
         let want = Want::Usable { min_ttl_ms };
         let started = now_ms();
         let deadline = Instant::now() + self.timing.caller_deadline;
-        let bounded = |f| async move {
+        let caller_deadline = self.timing.caller_deadline;
+        let bounded = |(f, phase): (_, Arc<AtomicU8>)| async move {
             tokio::time::timeout_at(deadline.into(), f)
                 .await
-                .unwrap_or(Err(BrokerError::Upstream(IssuerError::Timeout)))
+                .unwrap_or_else(|_| {
+                    // Say what held the caller up: another replica's mint, or the partner.
+                    Err(match phase.load(Ordering::Relaxed) {
+                        PHASE_WAITING_FOR_LOCK => BrokerError::LockWaitTimeout(caller_deadline),
+                        _ => BrokerError::Upstream(IssuerError::Timeout),
+                    })
+                })
         };
         let mut token = bounded(self.flight(tenant, want)).await?;
         if !want.satisfied_by(&token, now_ms()) {
@@ -359,7 +403,7 @@ impl Broker {
         let me = self.clone();
         let tenant = tenant.clone();
         tokio::spawn(async move {
-            match me.flight(&tenant, Want::Refreshed).await {
+            match me.flight(&tenant, Want::Refreshed).0.await {
                 Ok(_) => {
                     me.refresh_not_before
                         .lock()
@@ -373,18 +417,24 @@ impl Broker {
         });
     }
 
-    /// Joins the tenant's flight, or starts one.
-    async fn flight(self: &Arc<Self>, tenant: &TenantId, want: Want) -> FlightResult {
-        let done = {
+    /// Joins the tenant's flight, or starts one: its outcome, and what it is doing.
+    fn flight(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        want: Want,
+    ) -> (Shared<BoxFuture<'static, FlightResult>>, Arc<AtomicU8>) {
+        {
             let mut flights = self.flights.lock().expect("flights");
             match flights.get(tenant) {
-                Some(f) => f.done.clone(),
+                Some(f) => (f.done.clone(), f.phase.clone()),
                 None => {
                     let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
                     let me = self.clone();
                     let t = tenant.clone();
+                    let phase = Arc::new(AtomicU8::new(PHASE_WORKING));
+                    let task_phase = phase.clone();
                     let task = tokio::spawn(async move {
-                        let result = me.run_flight(&t, want).await;
+                        let result = me.run_flight(&t, want, &task_phase).await;
                         let mut flights = me.flights.lock().expect("flights");
                         if flights.get(&t).is_some_and(|f| f.id == id) {
                             flights.remove(&t);
@@ -405,21 +455,26 @@ impl Broker {
                         Flight {
                             id,
                             done: done.clone(),
+                            phase: phase.clone(),
                         },
                     );
-                    done
+                    (done, phase)
                 }
             }
-        };
-        done.await
+        }
     }
 
     /// The body of a flight: wait for (or take) the cross-replica lock, mint, write, announce.
-    async fn run_flight(self: &Arc<Self>, tenant: &TenantId, want: Want) -> FlightResult {
+    async fn run_flight(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        want: Want,
+        phase: &AtomicU8,
+    ) -> FlightResult {
         let Some(l2) = &self.l2 else {
-            self.check_circuit(tenant, want).await?;
+            let tries = self.check_circuit(tenant, want).await?;
             let prev = self.l1.get_now(tenant);
-            return self.mint_and_store(tenant, prev.as_deref()).await;
+            return self.mint_and_store(tenant, prev.as_deref(), tries).await;
         };
         let deadline = Instant::now() + self.timing.lock_wait;
         let notify = self
@@ -434,21 +489,36 @@ impl Broker {
                 let woken = notify.notified();
                 let current = match l2.get(tenant).await {
                     Ok(c) => c,
-                    Err(e) => return Err(Degrade(e)),
+                    Err(e) if l2.is_down_for(tenant) || Instant::now() >= deadline => {
+                        return Err(Degrade(e))
+                    }
+                    Err(_) => {
+                        // One slow answer is not an outage: look again shortly.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
                 };
                 if let Some(t) = &current {
                     if want.satisfied_by(t, now_ms()) {
                         return Ok(Ok(self.l1.insert_unless_newer(tenant, t.clone())));
                     }
                 }
-                if let Err(e) = self.check_circuit(tenant, want).await {
-                    return Ok(Err(e));
-                }
+                let tries = match self.check_circuit(tenant, want).await {
+                    Ok(tries) => tries,
+                    Err(e) => return Ok(Err(e)),
+                };
                 let lock = match l2.try_acquire(tenant).await {
                     Ok(lock) => lock,
-                    Err(e) => return Err(Degrade(e)),
+                    Err(e) if l2.is_down_for(tenant) || Instant::now() >= deadline => {
+                        return Err(Degrade(e))
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
                 };
                 if let Some(lock) = lock {
+                    phase.store(PHASE_WORKING, Ordering::Relaxed);
                     // Another replica may have written between our read and the lock.
                     let current = l2.get(tenant).await.ok().flatten().or(current);
                     if let Some(t) = &current {
@@ -458,12 +528,15 @@ impl Broker {
                         }
                     }
                     let prev = current.or_else(|| self.l1.get_now(tenant));
-                    let result = self.mint_and_store(tenant, prev.as_deref()).await;
+                    let keeper = keep_lock(l2.clone(), &lock);
+                    let result = self.mint_and_store(tenant, prev.as_deref(), tries).await;
+                    keeper.abort();
                     if let Err(e) = l2.release(lock).await {
                         tracing::warn!(tenant = %tenant, error = %e, "mint lock release failed; it expires by itself");
                     }
                     return Ok(result);
                 }
+                phase.store(PHASE_WAITING_FOR_LOCK, Ordering::Relaxed);
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Ok(Err(BrokerError::LockWaitTimeout(self.timing.lock_wait)));
@@ -472,6 +545,7 @@ impl Broker {
             }
         }
         .await;
+        phase.store(PHASE_WORKING, Ordering::Relaxed);
         drop(notify);
         {
             let mut waiters = self.waiters.lock().expect("waiters");
@@ -488,26 +562,43 @@ impl Broker {
                 // Redis is unreachable: this replica mints on its own rather than fail.
                 self.metrics.lock_degraded.inc();
                 tracing::warn!(tenant = %tenant, error = %e, "shared cache unavailable: minting without the cross-replica lock");
-                self.check_circuit(tenant, want).await?;
+                let tries = self.check_circuit(tenant, want).await?;
                 let prev = self.l1.get_now(tenant);
-                self.mint_and_store(tenant, prev.as_deref()).await
+                self.mint_and_store(tenant, prev.as_deref(), tries).await
             }
         }
     }
 
-    /// While the tenant's circuit is open, answers with its last problem (the admin dry run,
-    /// `Want::Fresh`, is let through: a success closes the circuit).
-    async fn check_circuit(&self, tenant: &TenantId, want: Want) -> Result<(), BrokerError> {
+    /// While the tenant's circuit is open, answers with its last problem. Two exceptions: the
+    /// admin dry run (`Want::Fresh`) is let through, and when callers are failing for want of
+    /// a usable token, one probe per `circuit::PROBE_EVERY_MS` (across replicas) is let
+    /// through with a single attempt (half-open), so recovery follows the partner's within
+    /// about that interval.
+    async fn check_circuit(&self, tenant: &TenantId, want: Want) -> Result<Tries, BrokerError> {
         if matches!(want, Want::Fresh) {
-            return Ok(());
+            return Ok(Tries::WithRetries);
         }
         let now = now_ms();
         match self.circuits.state(tenant).await {
-            Some(s) if s.is_open(now) => Err(BrokerError::CircuitOpen {
-                retry_after: s.retry_after_s(now),
-                last: s.last_error,
-            }),
-            _ => Ok(()),
+            Some(s) if s.is_open(now) => {
+                // Only a partner that failed transiently is probed early: rejected credentials
+                // wait for an admin, a partner's Retry-After is honoured.
+                let probing = matches!(want, Want::Usable { .. }) && s.last_error.is_transient();
+                if probing && self.circuits.try_probe(tenant).await {
+                    tracing::info!(tenant = %tenant, "circuit open and no usable token: probing the partner once");
+                    return Ok(Tries::Once);
+                }
+                let retry_after = if probing {
+                    (circuit::PROBE_EVERY_MS as u64).div_ceil(1000)
+                } else {
+                    s.retry_after_s(now)
+                };
+                Err(BrokerError::CircuitOpen {
+                    retry_after,
+                    last: s.last_error,
+                })
+            }
+            _ => Ok(Tries::WithRetries),
         }
     }
 
@@ -522,10 +613,13 @@ impl Broker {
         &self,
         tenant_id: &TenantId,
         prev: Option<&CachedToken>,
+        tries: Tries,
     ) -> FlightResult {
-        let tenant = self.store.tenant(tenant_id).await?;
+        let tenant = self.tenant_for_mint(tenant_id).await?;
         let deadline_ms = now_ms() + self.timing.mint_budget.as_millis() as i64;
-        let result = self.mint_at_partner(&tenant, prev, deadline_ms).await;
+        let result = self
+            .mint_at_partner(&tenant, prev, deadline_ms, tries)
+            .await;
         self.record_outcome(tenant_id, &result).await;
         let token = Arc::new(CachedToken::from_minted(result?));
         let kept = match &self.l2 {
@@ -567,13 +661,14 @@ impl Broker {
         tenant: &Tenant,
         prev: Option<&CachedToken>,
         deadline_ms: i64,
+        tries: Tries,
     ) -> Result<Minted, IssuerError> {
         let refresh = prev
             .and_then(|p| p.refresh_token.as_ref())
             .filter(|_| supports_refresh(tenant.issuer.kind));
         if let Some(rt) = refresh {
             match self
-                .call_partner(tenant, Grant::Refresh(rt), deadline_ms)
+                .call_partner(tenant, Grant::Refresh(rt), deadline_ms, tries)
                 .await
             {
                 Ok(mut m) => {
@@ -587,7 +682,8 @@ impl Broker {
                 Err(e) => return Err(e),
             }
         }
-        self.call_partner(tenant, Grant::Initial, deadline_ms).await
+        self.call_partner(tenant, Grant::Initial, deadline_ms, tries)
+            .await
     }
 
     /// One partner call with pacing, and retries with jittered exponential backoff for
@@ -597,7 +693,12 @@ impl Broker {
         tenant: &Tenant,
         grant: Grant<'_>,
         deadline_ms: i64,
+        tries: Tries,
     ) -> Result<Minted, IssuerError> {
+        let retries = match tries {
+            Tries::WithRetries => RETRIES,
+            Tries::Once => 0,
+        };
         let attempt_timeout = tenant
             .issuer
             .timeout_ms
@@ -623,7 +724,7 @@ impl Broker {
             self.metrics
                 .observe_upstream(tenant.id.as_str(), outcome, started.elapsed());
             match result {
-                Err(e) if e.is_transient() && attempt < RETRIES => {
+                Err(e) if e.is_transient() && attempt < retries => {
                     let cap = 200i64 << attempt;
                     let backoff = 50 + rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap);
                     // Worth it only if a meaningful attempt still fits.
@@ -641,20 +742,78 @@ impl Broker {
 
     /// Mints now, whatever is cached (the admin dry run); the result replaces the cached token.
     pub async fn mint_now(self: &Arc<Self>, tenant: &TenantId) -> FlightResult {
-        self.run_flight(tenant, Want::Fresh).await
+        self.run_flight(tenant, Want::Fresh, &AtomicU8::new(PHASE_WORKING))
+            .await
+    }
+
+    /// The tenant as the database has it, with its credentials. While the database cannot be
+    /// reached, the last copy read (kept sealed in memory, opened only here) lets minting go
+    /// on; a tenant the database says is gone is forgotten.
+    async fn tenant_for_mint(&self, id: &TenantId) -> Result<Tenant, BrokerError> {
+        match self.store.sealed_tenant(id).await {
+            Ok(sealed) => {
+                let tenant = self.store.open_tenant(&sealed)?;
+                self.last_read.insert(id.clone(), Arc::new(sealed));
+                Ok(tenant)
+            }
+            Err(StoreError::NotFound) => {
+                self.last_read.invalidate(id);
+                Err(BrokerError::TenantNotFound)
+            }
+            Err(e @ StoreError::Unavailable(_)) => match self.last_read.get(id) {
+                Some(sealed) => {
+                    tracing::warn!(tenant = %id, error = %e, "database unavailable: minting with the tenant's last known credentials");
+                    Ok(self.store.open_tenant(&sealed)?)
+                }
+                None => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Drops the tenant's cached token everywhere and closes its circuit (credential rotation,
-    /// spec change, creation, deletion: what failed before may work now).
-    pub async fn forget(&self, tenant: &TenantId) -> Result<(), BrokerError> {
-        self.circuits.reset(tenant).await;
+    /// spec change, creation, deletion: what failed before may work now). Never fails: the
+    /// change that called it is already committed. Here the token is gone at once; if Redis
+    /// does not answer, dropping it there is retried in the background until it does.
+    pub async fn forget(self: &Arc<Self>, tenant: &TenantId) {
         self.l1.invalidate(tenant);
-        if let Some(l2) = &self.l2 {
-            l2.remove(tenant).await?;
-            self.announce("d", tenant).await;
-        }
+        self.last_read.invalidate(tenant);
         self.metrics.clear_token_expiry(tenant.as_str());
-        Ok(())
+        if self.forget_shared(tenant).await {
+            return;
+        }
+        tracing::warn!(tenant = %tenant, "shared cache unavailable: the cached token will be dropped there when it answers");
+        let me = self.clone();
+        let tenant = tenant.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            let give_up = Instant::now() + FORGET_RETRY_FOR;
+            while Instant::now() < give_up {
+                tokio::time::sleep(delay).await;
+                me.l1.invalidate(&tenant);
+                if me.forget_shared(&tenant).await {
+                    tracing::info!(tenant = %tenant, "cached token dropped from the shared cache");
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            tracing::error!(tenant = %tenant, "could not drop the cached token from the shared cache; it expires by itself");
+        });
+    }
+
+    /// Closes the circuit and drops the shared token; true when Redis took both.
+    async fn forget_shared(&self, tenant: &TenantId) -> bool {
+        self.circuits.reset(tenant).await;
+        match &self.l2 {
+            None => true,
+            Some(l2) => match l2.remove(tenant).await {
+                Ok(()) => {
+                    self.announce("d", tenant).await;
+                    true
+                }
+                Err(_) => false,
+            },
+        }
     }
 
     /// Drops the cached token only if it is still `access_token`; true if dropped.
@@ -673,11 +832,12 @@ impl Broker {
         Ok(dropped)
     }
 
-    /// Whether the shared cache answers (always true without one).
-    pub async fn ping_shared(&self) -> Result<(), BrokerError> {
+    /// The shared cache's health from real key operations: `None` without one, else `Err`
+    /// naming what fails.
+    pub async fn check_shared(&self) -> Option<Result<(), String>> {
         match &self.l2 {
-            Some(l2) => Ok(l2.ping().await?),
-            None => Ok(()),
+            Some(l2) => Some(l2.check().await),
+            None => None,
         }
     }
 }

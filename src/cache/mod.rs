@@ -2,8 +2,10 @@
 //! holds the cross-replica mint lock and the event channel). Each has one implementation, so
 //! the broker uses them directly rather than through traits.
 
+pub mod breaker;
 pub mod memory;
 pub mod redis;
+pub mod target;
 
 use std::sync::Arc;
 

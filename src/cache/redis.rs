@@ -2,86 +2,23 @@
 //! credentials; keys carry the tenant as a hash tag (`{prefix}:{<tenant>}:token`) so every
 //! script touching one tenant stays in one cluster slot. A key lives until the token's usable end.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
 use base64::Engine;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+use redis::{RedisError, Script, Value};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use super::breaker::{Admit, Breaker, DownSlot};
+pub use super::target::{RedisConn, Target};
 use super::{fingerprint, CacheError, CachedToken, LockToken};
 use crate::crypto::KeyRing;
 use crate::tenants::TenantId;
 use crate::time::now_ms;
-
-/// One connection type for a single Redis and for Redis Cluster.
-#[derive(Clone)]
-pub enum RedisConn {
-    Single(Box<ConnectionManager>),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for RedisConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-impl RedisConn {
-    /// Connects to `url`; a comma-separated list of node URLs selects cluster mode.
-    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, RedisError> {
-        let nodes: Vec<&str> = url
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        if nodes.len() > 1 {
-            let client = ClusterClientBuilder::new(nodes)
-                .connection_timeout(timeout.max(Duration::from_secs(1)))
-                .response_timeout(timeout)
-                .build()?;
-            Ok(Self::Cluster(client.get_async_connection().await?))
-        } else {
-            let client = redis::Client::open(url)?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(timeout.max(Duration::from_secs(1)))
-                .set_response_timeout(timeout)
-                .set_number_of_retries(2)
-                .set_max_delay(1000);
-            Ok(Self::Single(Box::new(
-                ConnectionManager::new_with_config(client, config).await?,
-            )))
-        }
-    }
-}
 
 #[derive(Serialize, Deserialize)]
 struct Stored {
@@ -142,38 +79,62 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
+/// Owner-only lock extension: 1 if still ours (and extended), 0 if lost.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+/// How long a mint lock lives unless its holder extends it: short, so a holder that died is
+/// replaced within this, while a live holder extends it every `LOCK_TTL / 4`.
+pub const LOCK_TTL: Duration = Duration::from_millis(2_000);
+
 /// The shared cache, mint lock and event channel.
 #[derive(Clone)]
 pub struct RedisCache {
     conn: RedisConn,
+    cluster: bool,
     prefix: Arc<str>,
     keys: Arc<KeyRing>,
     timeout: Duration,
-    lock_ttl: Duration,
+    breaker: Arc<Breaker>,
+    /// When the view of other replicas' writes last had a gap (a lost subscription, an
+    /// outage): tokens held in memory from before it are re-checked here on next use.
+    gap_at: Arc<AtomicI64>,
+    up: Option<prometheus::IntGauge>,
     remove_if: Arc<Script>,
     put_unless_newer: Arc<Script>,
     release: Arc<Script>,
+    extend: Arc<Script>,
     take_slot: Arc<Script>,
 }
 
 impl RedisCache {
-    /// `lock_ttl` must outlast a partner call (the upstream timeout plus a margin).
+    /// `up` is set to 0 while any slot is failing, 1 otherwise.
     pub fn new(
         conn: RedisConn,
         prefix: &str,
         keys: Arc<KeyRing>,
         timeout: Duration,
-        lock_ttl: Duration,
+        up: Option<prometheus::IntGauge>,
     ) -> Self {
+        if let Some(g) = &up {
+            g.set(1);
+        }
         Self {
+            cluster: matches!(conn, RedisConn::Cluster(_)),
             conn,
             prefix: Arc::from(prefix),
             keys,
             timeout,
-            lock_ttl,
+            breaker: Arc::new(Breaker::new()),
+            gap_at: Arc::new(AtomicI64::new(0)),
+            up,
             remove_if: Arc::new(Script::new(REMOVE_IF)),
             put_unless_newer: Arc::new(Script::new(PUT_UNLESS_NEWER)),
             release: Arc::new(Script::new(RELEASE)),
+            extend: Arc::new(Script::new(EXTEND)),
             take_slot: Arc::new(Script::new(TAKE_SLOT)),
         }
     }
@@ -184,9 +145,10 @@ impl RedisCache {
     }
 
     /// Tells every replica that `tenant`'s shared token changed.
-    pub async fn publish(&self, event: &str) -> Result<(), CacheError> {
+    pub async fn publish(&self, tenant: &TenantId, event: &str) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
         self.timed(
+            self.slot_of(tenant),
             redis::cmd("PUBLISH")
                 .arg(self.events_channel())
                 .arg(event)
@@ -200,16 +162,100 @@ impl RedisCache {
         format!("{}:{{{}}}:{}", self.prefix, tenant, what)
     }
 
+    /// The cluster slot of the tenant's keys (0 on a single node: one breaker for all).
+    pub fn slot_of(&self, tenant: &TenantId) -> u16 {
+        if self.cluster {
+            redis::cluster_routing::get_slot(tenant.as_str().as_bytes())
+        } else {
+            0
+        }
+    }
+
+    /// Marks a gap in what this replica knows of other replicas' writes.
+    pub fn mark_gap(&self) {
+        self.gap_at.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the last gap was (unix ms).
+    pub fn gap_at(&self) -> i64 {
+        self.gap_at.load(Ordering::Relaxed)
+    }
+
+    /// Whether the tenant's slot is known to be down (its calls fail without trying).
+    pub fn is_down_for(&self, tenant: &TenantId) -> bool {
+        self.breaker.is_down(self.slot_of(tenant))
+    }
+
+    /// Whether every slot answered its last call.
+    pub fn is_healthy(&self) -> bool {
+        self.breaker.is_healthy()
+    }
+
+    /// The slots known to be failing.
+    pub fn down_slots(&self) -> Vec<DownSlot> {
+        self.breaker.down_slots()
+    }
+
+    /// Runs one call for `slot` under the breaker and the per-call timeout.
     async fn timed<T>(
         &self,
+        slot: u16,
         f: impl std::future::Future<Output = Result<T, RedisError>>,
     ) -> Result<T, CacheError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r.map_err(CacheError::Unavailable),
-            Err(_) => Err(CacheError::Unavailable(RedisError::from((
+        let admit = self.breaker.admit(slot);
+        if admit == Admit::Refuse {
+            return Err(CacheError::Unavailable(RedisError::from((
                 redis::ErrorKind::IoError,
-                "timed out",
-            )))),
+                "known to be unavailable (waiting for the next probe)",
+            ))));
+        }
+        // A probe abandoned mid-way (its caller went away) must not block the next one.
+        let mut guard = ProbeGuard {
+            breaker: &self.breaker,
+            slot,
+            armed: admit == Admit::Probe,
+        };
+        let result = match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::from((redis::ErrorKind::IoError, "timed out"))),
+        };
+        guard.armed = false;
+        match result {
+            Ok(v) => {
+                if self.breaker.success(slot) {
+                    tracing::info!(slot, "Redis answers again");
+                    self.mark_gap();
+                    self.set_up();
+                }
+                Ok(v)
+            }
+            // A script or type error is a bug, not an outage: it does not open the breaker.
+            Err(e) if e.kind() == redis::ErrorKind::TypeError => Err(CacheError::Unavailable(e)),
+            Err(e) => {
+                let definitive = e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || matches!(
+                        e.kind(),
+                        redis::ErrorKind::ReadOnly
+                            | redis::ErrorKind::ClusterDown
+                            | redis::ErrorKind::MasterDown
+                    );
+                if self
+                    .breaker
+                    .failure(slot, &describe(&e), definitive || admit == Admit::Probe)
+                {
+                    tracing::warn!(slot, error = %e, "Redis call failed: calls for this slot fail fast until a probe succeeds");
+                    self.set_up();
+                }
+                self.conn.suspect();
+                Err(CacheError::Unavailable(e))
+            }
+        }
+    }
+
+    fn set_up(&self) {
+        if let Some(g) = &self.up {
+            g.set(i64::from(self.breaker.is_healthy()));
         }
     }
 
@@ -260,13 +306,52 @@ impl RedisCache {
     }
 }
 
+/// Frees the breaker's probe slot when a probe's future is dropped before it finished.
+struct ProbeGuard<'a> {
+    breaker: &'a Breaker,
+    slot: u16,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.breaker.probe_abandoned(self.slot);
+        }
+    }
+}
+
+/// A short, secret-free description of a Redis failure, for readiness reports.
+fn describe(e: &RedisError) -> String {
+    if e.is_timeout() || e.to_string().contains("timed out") {
+        "timed out".into()
+    } else if e.is_connection_refusal() {
+        "connection refused".into()
+    } else if e.is_connection_dropped() || e.is_io_error() {
+        "connection lost".into()
+    } else {
+        match e.kind() {
+            redis::ErrorKind::ReadOnly => "read-only replica".into(),
+            redis::ErrorKind::ClusterDown => "cluster down".into(),
+            redis::ErrorKind::MasterDown => "primary down".into(),
+            redis::ErrorKind::BusyLoadingError => "loading".into(),
+            redis::ErrorKind::TryAgain => "resharding".into(),
+            redis::ErrorKind::AuthenticationFailed => "authentication failed".into(),
+            _ => e.code().unwrap_or("error").to_ascii_lowercase(),
+        }
+    }
+}
+
 impl RedisCache {
     /// The tenant's token, if one is held (and opens).
     pub async fn get(&self, tenant: &TenantId) -> Result<Option<Arc<CachedToken>>, CacheError> {
         let mut conn = self.conn.clone();
         let key = self.key(tenant, "token");
         let raw: Option<String> = self
-            .timed(redis::cmd("GET").arg(&key).query_async(&mut conn))
+            .timed(
+                self.slot_of(tenant),
+                redis::cmd("GET").arg(&key).query_async(&mut conn),
+            )
             .await?;
         Ok(raw
             .map(Zeroizing::new)
@@ -289,6 +374,7 @@ impl RedisCache {
         let value = Zeroizing::new(self.encode(tenant, &token));
         let kept: Option<String> = self
             .timed(
+                self.slot_of(tenant),
                 self.put_unless_newer
                     .key(self.key(tenant, "token"))
                     .arg(value.as_str())
@@ -305,13 +391,7 @@ impl RedisCache {
 
     /// Drops the tenant's token.
     pub async fn remove(&self, tenant: &TenantId) -> Result<(), CacheError> {
-        let mut conn = self.conn.clone();
-        self.timed(
-            redis::cmd("DEL")
-                .arg(self.key(tenant, "token"))
-                .query_async::<()>(&mut conn),
-        )
-        .await
+        self.delete_key(tenant, "token").await
     }
 
     /// Drops the tenant's token only if it is still `access_token`; true if dropped.
@@ -323,6 +403,7 @@ impl RedisCache {
         let mut conn = self.conn.clone();
         let dropped: i64 = self
             .timed(
+                self.slot_of(tenant),
                 self.remove_if
                     .key(self.key(tenant, "token"))
                     .arg(fingerprint(access_token))
@@ -332,10 +413,98 @@ impl RedisCache {
         Ok(dropped == 1)
     }
 
-    pub async fn ping(&self) -> Result<(), CacheError> {
-        let mut conn = self.conn.clone();
-        self.timed(redis::cmd("PING").query_async::<()>(&mut conn))
-            .await
+    /// A readiness check made of real key operations: a short-lived write to every primary
+    /// (each slot range of a cluster). Its outcome feeds the breaker like any other call.
+    /// `Err` names what fails, e.g. `slot 5461 unreachable (timed out)`.
+    pub async fn check(&self) -> Result<(), String> {
+        let ranges: Vec<(u16, u16)> = match &self.conn {
+            RedisConn::Cluster(c) => {
+                let mut conn = c.clone();
+                let slots = tokio::time::timeout(
+                    self.timeout.max(Duration::from_millis(500)),
+                    redis::cmd("CLUSTER")
+                        .arg("SLOTS")
+                        .query_async::<Value>(&mut conn),
+                )
+                .await;
+                match slots {
+                    Ok(Ok(v)) => {
+                        let ranges = slot_ranges(&v);
+                        if let Some(hole) = first_uncovered(&ranges) {
+                            return Err(format!("slot {hole} not served by any node"));
+                        }
+                        one_range_per_primary(&ranges)
+                    }
+                    Ok(Err(e)) => return Err(format!("cluster unreachable ({})", describe(&e))),
+                    Err(_) => return Err("cluster unreachable (timed out)".into()),
+                }
+            }
+            _ => vec![(0, 0)],
+        };
+        let probes = ranges.iter().map(|&(start, end)| async move {
+            let tag = if self.cluster {
+                tag_in_range(start, end)
+            } else {
+                "readyz".to_owned()
+            };
+            let key = format!("{}:{{{tag}}}:readyz", self.prefix);
+            let slot = if self.cluster {
+                redis::cluster_routing::get_slot(tag.as_bytes())
+            } else {
+                0
+            };
+            let mut conn = self.conn.clone();
+            let result = self
+                .timed(
+                    slot,
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg("1")
+                        .arg("PX")
+                        .arg(5_000)
+                        .query_async::<()>(&mut conn),
+                )
+                .await;
+            (start, result)
+        });
+        for (start, result) in futures_util::future::join_all(probes).await {
+            if let Err(CacheError::Unavailable(e)) = result {
+                let what = if self.cluster {
+                    format!("slot {start} unreachable")
+                } else {
+                    "unreachable".to_owned()
+                };
+                return Err(format!("{what} ({})", describe(&e)));
+            }
+        }
+        // A slot that failed a real call and has not been probed since is still reported.
+        if let Some(d) = self.breaker.down_slots().first() {
+            return Err(if self.cluster {
+                format!("slot {} unreachable ({})", d.slot, d.reason)
+            } else {
+                format!("unreachable ({})", d.reason)
+            });
+        }
+        Ok(())
+    }
+
+    /// Nodes of the cluster as the cluster itself reports them (for the event listener).
+    pub async fn cluster_nodes(&self) -> Vec<String> {
+        let RedisConn::Cluster(c) = &self.conn else {
+            return Vec::new();
+        };
+        let mut conn = c.clone();
+        match tokio::time::timeout(
+            Duration::from_secs(1),
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Value>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(v)) => slot_nodes(&v),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -349,6 +518,7 @@ impl RedisCache {
         let mut conn = self.conn.clone();
         let raw: Option<String> = self
             .timed(
+                self.slot_of(tenant),
                 redis::cmd("GET")
                     .arg(self.key(tenant, what))
                     .query_async(&mut conn),
@@ -366,6 +536,7 @@ impl RedisCache {
     ) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
         self.timed(
+            self.slot_of(tenant),
             redis::cmd("SET")
                 .arg(self.key(tenant, what))
                 .arg(serde_json::to_string(value).expect("serialises"))
@@ -379,6 +550,7 @@ impl RedisCache {
     pub async fn delete_key(&self, tenant: &TenantId, what: &str) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
         self.timed(
+            self.slot_of(tenant),
             redis::cmd("DEL")
                 .arg(self.key(tenant, what))
                 .query_async::<()>(&mut conn),
@@ -386,21 +558,29 @@ impl RedisCache {
         .await
     }
 
-    /// Takes the tenant's next partner-call slot: 0 if taken, else ms until it frees.
-    pub async fn take_slot(&self, tenant: &TenantId, interval_ms: u64) -> Result<u64, CacheError> {
+    /// Takes a slot of the tenant's `what` (`pace`, `probe`) that frees after `interval_ms`:
+    /// 0 if taken, else ms until it frees.
+    pub async fn take_slot(
+        &self,
+        tenant: &TenantId,
+        what: &str,
+        interval_ms: u64,
+    ) -> Result<u64, CacheError> {
         let mut conn = self.conn.clone();
         let wait: i64 = self
             .timed(
+                self.slot_of(tenant),
                 self.take_slot
-                    .key(self.key(tenant, "pace"))
-                    .arg(interval_ms)
+                    .key(self.key(tenant, what))
+                    .arg(interval_ms.max(1))
                     .invoke_async(&mut conn),
             )
             .await?;
         Ok(wait.max(0) as u64)
     }
 
-    /// Takes the tenant's mint lock if it is free (`SET NX PX` with a random value).
+    /// Takes the tenant's mint lock if it is free (`SET NX PX` with a random value). It lives
+    /// `LOCK_TTL` unless extended.
     pub async fn try_acquire(&self, tenant: &TenantId) -> Result<Option<LockToken>, CacheError> {
         let mut raw = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
@@ -408,12 +588,13 @@ impl RedisCache {
         let mut conn = self.conn.clone();
         let ok: Option<String> = self
             .timed(
+                self.slot_of(tenant),
                 redis::cmd("SET")
                     .arg(self.key(tenant, "lock"))
                     .arg(&value)
                     .arg("NX")
                     .arg("PX")
-                    .arg(self.lock_ttl.as_millis() as u64)
+                    .arg(LOCK_TTL.as_millis() as u64)
                     .query_async(&mut conn),
             )
             .await?;
@@ -423,10 +604,27 @@ impl RedisCache {
         }))
     }
 
+    /// Extends the lock by `LOCK_TTL` if it is still ours; false if it was lost.
+    pub async fn extend(&self, lock: &LockToken) -> Result<bool, CacheError> {
+        let mut conn = self.conn.clone();
+        let kept: i64 = self
+            .timed(
+                self.slot_of(&lock.tenant),
+                self.extend
+                    .key(self.key(&lock.tenant, "lock"))
+                    .arg(&lock.value)
+                    .arg(LOCK_TTL.as_millis() as u64)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(kept == 1)
+    }
+
     /// Releases the lock only if it is still ours (it may have expired and been taken over).
     pub async fn release(&self, lock: LockToken) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
         self.timed(
+            self.slot_of(&lock.tenant),
             self.release
                 .key(self.key(&lock.tenant, "lock"))
                 .arg(&lock.value)
@@ -437,34 +635,155 @@ impl RedisCache {
     }
 }
 
-/// Subscribes to the events channel and hands every message to `on_event`; reconnects by
-/// itself, calling `on_reconnect` after a gap (messages may have been missed).
+/// `(start, end, primary)` of every slot range in a `CLUSTER SLOTS` answer, by start.
+fn slot_ranges(v: &Value) -> Vec<(u16, u16, String)> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u16, u16, String)> = items
+        .iter()
+        .filter_map(|item| match item {
+            Value::Array(parts) => match (parts.first(), parts.get(1)) {
+                (Some(Value::Int(a)), Some(Value::Int(b))) => {
+                    let primary = match parts.get(2) {
+                        Some(n) => slot_nodes(&Value::Array(vec![Value::Array(vec![
+                            Value::Int(0),
+                            Value::Int(0),
+                            n.clone(),
+                        ])]))
+                        .pop()
+                        .unwrap_or_default(),
+                        None => String::new(),
+                    };
+                    Some((*a as u16, *b as u16, primary))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The largest range of each primary: one probe per primary covers the cluster.
+fn one_range_per_primary(ranges: &[(u16, u16, String)]) -> Vec<(u16, u16)> {
+    let mut best: std::collections::BTreeMap<&str, (u16, u16)> = Default::default();
+    for (a, b, primary) in ranges {
+        let e = best.entry(primary.as_str()).or_insert((*a, *b));
+        if b - a > e.1 - e.0 {
+            *e = (*a, *b);
+        }
+    }
+    best.into_values().collect()
+}
+
+/// The `redis://host:port` of every node (primaries and replicas) in a `CLUSTER SLOTS` answer.
+fn slot_nodes(v: &Value) -> Vec<String> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in items {
+        let Value::Array(parts) = item else { continue };
+        for node in parts.iter().skip(2) {
+            let Value::Array(n) = node else { continue };
+            let host = match n.first() {
+                Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(Value::SimpleString(h)) => h.clone(),
+                _ => continue,
+            };
+            if let Some(Value::Int(port)) = n.get(1) {
+                let url = format!("redis://{host}:{port}");
+                if !host.is_empty() && !out.contains(&url) {
+                    out.push(url);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The first slot no range covers, if any.
+fn first_uncovered(sorted: &[(u16, u16, String)]) -> Option<u16> {
+    let mut next: u32 = 0;
+    for &(a, b, _) in sorted {
+        if u32::from(a) > next {
+            return Some(next as u16);
+        }
+        next = next.max(u32::from(b) + 1);
+    }
+    (next < 16_384).then_some(next as u16)
+}
+
+/// A hash tag whose slot lies in `start..=end`.
+fn tag_in_range(start: u16, end: u16) -> String {
+    (0u32..)
+        .map(|i| format!("readyz-{i}"))
+        .find(|t| (start..=end).contains(&redis::cluster_routing::get_slot(t.as_bytes())))
+        .expect("some tag lands in every non-empty range")
+}
+
+/// Subscribes to the events channel and hands every message to `on_event`. Reconnects by
+/// itself through any node it knows (the configured ones and, for a cluster, those the
+/// cluster reports; for Sentinel, the current primary), and calls `on_gap` once a new
+/// subscription stands after a lost one (messages may have been missed in between).
 pub fn spawn_listener(
-    url: &str,
-    channel: String,
+    target: Target,
+    cache: RedisCache,
     on_event: impl Fn(&str) + Send + Sync + 'static,
-    on_reconnect: impl Fn() + Send + Sync + 'static,
+    on_gap: impl Fn() + Send + Sync + 'static,
 ) -> tokio::task::JoinHandle<()> {
-    // With a cluster, PUBLISH reaches every node: subscribing on the first one suffices.
-    let node = url
-        .split(',')
-        .map(str::trim)
-        .find(|s| !s.is_empty())
-        .unwrap_or("")
-        .to_owned();
+    let channel = cache.events_channel();
     tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
+        let mut delay = Duration::from_millis(50);
         let mut first = true;
+        let mut known: Vec<String> = match &target {
+            Target::Single(url) => vec![url.clone()],
+            Target::Cluster(nodes) => nodes.clone(),
+            Target::Sentinel { .. } => Vec::new(),
+        };
+        let mut next = 0usize;
         loop {
+            let node = match &target {
+                Target::Sentinel {
+                    sentinels,
+                    master,
+                    password,
+                } => match primary_via_sentinel(sentinels, master, password).await {
+                    Ok(client) => Ok(client),
+                    Err(e) => Err(e),
+                },
+                _ => {
+                    let url = known[next % known.len()].clone();
+                    next = next.wrapping_add(1);
+                    redis::Client::open(url.as_str())
+                }
+            };
+            let mut subscribed = false;
             let result: Result<(), RedisError> = async {
-                let client = redis::Client::open(node.as_str())?;
-                let mut pubsub = client.get_async_pubsub().await?;
+                let client = node?;
+                let mut pubsub =
+                    tokio::time::timeout(Duration::from_secs(1), client.get_async_pubsub())
+                        .await
+                        .map_err(|_| {
+                            RedisError::from((redis::ErrorKind::IoError, "connect timed out"))
+                        })??;
                 pubsub.subscribe(&channel).await?;
+                subscribed = true;
                 if !first {
-                    on_reconnect();
+                    tracing::info!("redis event subscription restored");
+                    on_gap();
                 }
                 first = false;
-                delay = Duration::from_millis(100);
+                delay = Duration::from_millis(50);
+                if target.is_cluster() {
+                    for n in cache.cluster_nodes().await {
+                        if !known.contains(&n) {
+                            known.push(n);
+                        }
+                    }
+                }
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = futures_util::StreamExt::next(&mut messages).await {
                     if let Ok(payload) = msg.get_payload::<String>() {
@@ -474,12 +793,70 @@ pub fn spawn_listener(
                 Ok(())
             }
             .await;
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "redis event subscription lost; reconnecting");
+            match result {
+                Err(e) => {
+                    tracing::debug!(error = %e, "redis event subscription not possible yet; trying the next node")
+                }
+                Ok(()) => tracing::warn!("redis event subscription lost; reconnecting"),
             }
-            on_reconnect();
+            // From now on, writes by other replicas may go unseen: re-check held tokens (once
+            // per lost subscription; failed attempts to subscribe again change nothing).
+            if subscribed {
+                cache.mark_gap();
+            }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
     })
+}
+
+async fn primary_via_sentinel(
+    sentinels: &[String],
+    master: &str,
+    password: &Option<String>,
+) -> Result<redis::Client, RedisError> {
+    let mut s = redis::sentinel::Sentinel::build(sentinels.to_vec())?;
+    let info = redis::sentinel::SentinelNodeConnectionInfo {
+        tls_mode: None,
+        redis_connection_info: password.as_ref().map(|p| redis::RedisConnectionInfo {
+            password: Some(p.clone()),
+            ..Default::default()
+        }),
+    };
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        s.async_master_for(master, Some(&info)),
+    )
+    .await
+    .map_err(|_| RedisError::from((redis::ErrorKind::IoError, "Sentinel did not answer")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncovered_slots_are_found() {
+        let r = |a, b| (a, b, String::new());
+        assert_eq!(
+            first_uncovered(&[r(0, 5460), r(5461, 10922), r(10923, 16383)]),
+            None
+        );
+        assert_eq!(first_uncovered(&[r(0, 5460), r(10923, 16383)]), Some(5461));
+        assert_eq!(first_uncovered(&[r(0, 100)]), Some(101));
+        assert_eq!(first_uncovered(&[]), Some(0));
+        let p = |a, b, n: &str| (a, b, n.to_owned());
+        assert_eq!(
+            one_range_per_primary(&[p(0, 10, "a"), p(11, 5000, "b"), p(5001, 9000, "a")]),
+            vec![(5001, 9000), (11, 5000)]
+        );
+    }
+
+    #[test]
+    fn a_tag_is_found_in_any_range() {
+        for (a, b) in [(0, 5460), (5461, 10922), (16383, 16383), (100, 100)] {
+            let slot = redis::cluster_routing::get_slot(tag_in_range(a, b).as_bytes());
+            assert!((a..=b).contains(&slot));
+        }
+    }
 }

@@ -122,6 +122,12 @@ pub struct CallerRecord {
     pub created_at_ms: i64,
 }
 
+/// A tenant row with its credentials as stored: sealed.
+pub struct SealedTenant {
+    pub record: TenantRecord,
+    sealed: Vec<(String, Vec<u8>)>,
+}
+
 /// The store: a pool plus the key ring that seals credentials.
 #[derive(Clone)]
 pub struct TenantStore {
@@ -316,6 +322,11 @@ impl TenantStore {
 
     /// A tenant with its credentials opened (for minting).
     pub async fn tenant(&self, id: &TenantId) -> Result<Tenant, StoreError> {
+        self.open_tenant(&self.sealed_tenant(id).await?)
+    }
+
+    /// A tenant's row with its credentials still sealed (safe to keep in memory).
+    pub async fn sealed_tenant(&self, id: &TenantId) -> Result<SealedTenant, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
         ))
@@ -326,20 +337,34 @@ impl TenantStore {
             .bind(id.as_str())
             .fetch_all(&self.pool)
             .await?;
-        let mut creds = BTreeMap::new();
+        let mut sealed = Vec::with_capacity(rows.len());
         for r in &rows {
-            let field: String = r.try_get("field")?;
-            let sealed: Vec<u8> = r.try_get("sealed")?;
-            let plain = self.keys.open(id.as_str(), &field, &sealed)?;
+            sealed.push((
+                r.try_get::<String, _>("field")?,
+                r.try_get::<Vec<u8>, _>("sealed")?,
+            ));
+        }
+        Ok(SealedTenant {
+            record: Self::record_from_row(&row, Vec::new())?,
+            sealed,
+        })
+    }
+
+    /// Opens a sealed tenant's credentials.
+    pub fn open_tenant(&self, t: &SealedTenant) -> Result<Tenant, StoreError> {
+        let id = &t.record.id;
+        let mut creds = BTreeMap::new();
+        for (field, sealed) in &t.sealed {
+            let plain = self.keys.open(id.as_str(), field, sealed)?;
             let value = String::from_utf8(plain.to_vec())
                 .map_err(|_| StoreError::Corrupt("credential is not UTF-8".into()))?;
-            creds.insert(field, SecretString::from(value));
+            creds.insert(field.clone(), SecretString::from(value));
         }
-        let rec = Self::record_from_row(&row, Vec::new())?;
+        let rec = &t.record;
         Ok(Tenant {
-            id: rec.id,
-            display_name: rec.display_name,
-            issuer: rec.issuer,
+            id: rec.id.clone(),
+            display_name: rec.display_name.clone(),
+            issuer: rec.issuer.clone(),
             credentials: Credentials::new(creds),
             version: rec.version,
             created_at_ms: rec.created_at_ms,

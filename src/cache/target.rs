@@ -1,0 +1,372 @@
+//! Where Redis is and how to talk to it: one node, a Redis Cluster (a comma-separated list of
+//! node URLs), or a primary found through Redis Sentinel
+//! (`redis+sentinel://[:password@]host1:26379,host2:26379/<master-name>`).
+//! `RedisConn` is one connection type over the three; the Sentinel one finds the primary again
+//! by itself after a failover.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::{
+    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value,
+};
+
+/// A parsed `REDIS_URL`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+        password: Option<String>,
+    },
+}
+
+const SENTINEL_SCHEME: &str = "redis+sentinel://";
+
+impl Target {
+    /// Parses `REDIS_URL`; the error says what is expected (never echoing the value).
+    pub fn parse(url: &str) -> Result<Self, &'static str> {
+        let url = url.trim();
+        if let Some(rest) = url.strip_prefix(SENTINEL_SCHEME) {
+            let (hosts, master) = rest
+                .split_once('/')
+                .ok_or("expected redis+sentinel://host:port[,host:port…]/<master-name>")?;
+            let (password, hosts) = match hosts.rsplit_once('@') {
+                Some((creds, hosts)) => {
+                    let pw = creds.split_once(':').map_or(creds, |(_, p)| p);
+                    (Some(pw.to_owned()).filter(|p| !p.is_empty()), hosts)
+                }
+                None => (None, hosts),
+            };
+            let master = master.trim_end_matches('/');
+            if master.is_empty()
+                || master.len() > 128
+                || !master
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            {
+                return Err("expected a master name of [A-Za-z0-9._-] after the hosts in redis+sentinel://…/<master-name>");
+            }
+            let sentinels: Vec<String> = hosts
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{h}"))
+                .collect();
+            if sentinels.is_empty()
+                || sentinels
+                    .iter()
+                    .any(|s| url::Url::parse(s).map_or(true, |u| u.host_str().is_none()))
+            {
+                return Err("expected host:port of at least one Sentinel in redis+sentinel://…");
+            }
+            return Ok(Self::Sentinel {
+                sentinels,
+                master: master.to_owned(),
+                password,
+            });
+        }
+        let mut nodes: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if nodes.is_empty()
+            || nodes
+                .iter()
+                .any(|n| !(n.starts_with("redis://") || n.starts_with("rediss://")))
+        {
+            return Err("expected redis://host:port, a comma-separated list of node URLs for Redis Cluster, or redis+sentinel://host:port[,host:port…]/<master-name>");
+        }
+        Ok(if nodes.len() > 1 {
+            Self::Cluster(nodes)
+        } else {
+            Self::Single(nodes.remove(0))
+        })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    fn sentinel_node_info(password: &Option<String>) -> SentinelNodeConnectionInfo {
+        SentinelNodeConnectionInfo {
+            tls_mode: None,
+            redis_connection_info: password.as_ref().map(|p| redis::RedisConnectionInfo {
+                password: Some(p.clone()),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// One connection type for a single Redis, Redis Cluster and a Sentinel-managed primary.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(Box<ConnectionManager>),
+    Cluster(ClusterConnection),
+    Sentinel(SentinelConn),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Sentinel(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+            Self::Sentinel(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisConn {
+    /// Connects to `target`. `timeout` bounds each call; connecting may take up to 1 s.
+    pub async fn connect(target: &Target, timeout: Duration) -> Result<Self, RedisError> {
+        let connect_timeout = timeout.max(Duration::from_secs(1));
+        match target {
+            Target::Cluster(nodes) => {
+                // Few, quick retries: the caller's own timeout is short, and a request that
+                // hits a moved or dead slot is retried after the slot map is refreshed.
+                let client = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(connect_timeout)
+                    .retries(3)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .build()?;
+                Ok(Self::Cluster(client.get_async_connection().await?))
+            }
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(connect_timeout)
+                    .set_response_timeout(timeout)
+                    .set_number_of_retries(1)
+                    .set_max_delay(200);
+                Ok(Self::Single(Box::new(
+                    ConnectionManager::new_with_config(client, config).await?,
+                )))
+            }
+            Target::Sentinel {
+                sentinels,
+                master,
+                password,
+            } => {
+                let conn = SentinelConn::new(sentinels, master, password, timeout)?;
+                conn.inner.clone().reconnect_now().await?;
+                Ok(Self::Sentinel(conn))
+            }
+        }
+    }
+
+    /// A call failed in a way that may mean the primary moved: look it up again (Sentinel).
+    pub fn suspect(&self) {
+        if let Self::Sentinel(c) = self {
+            c.inner.clone().reconnect_in_background();
+        }
+    }
+}
+
+/// A connection to the primary Sentinel names, re-resolved after errors.
+#[derive(Clone)]
+pub struct SentinelConn {
+    inner: Arc<SentinelInner>,
+}
+
+struct SentinelInner {
+    sentinel: tokio::sync::Mutex<Sentinel>,
+    master: String,
+    node_info: SentinelNodeConnectionInfo,
+    timeout: Duration,
+    current: RwLock<Option<MultiplexedConnection>>,
+    reconnecting: AtomicBool,
+}
+
+impl SentinelConn {
+    fn new(
+        sentinels: &[String],
+        master: &str,
+        password: &Option<String>,
+        timeout: Duration,
+    ) -> RedisResult<Self> {
+        Ok(Self {
+            inner: Arc::new(SentinelInner {
+                sentinel: tokio::sync::Mutex::new(Sentinel::build(sentinels.to_vec())?),
+                master: master.to_owned(),
+                node_info: Target::sentinel_node_info(password),
+                timeout,
+                current: RwLock::new(None),
+                reconnecting: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn current(&self) -> Option<MultiplexedConnection> {
+        self.inner.current.read().expect("sentinel conn").clone()
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let Some(mut conn) = self.current() else {
+                self.inner.clone().reconnect_in_background();
+                return Err(no_primary());
+            };
+            let r = conn.req_packed_command(cmd).await;
+            if r.as_ref().is_err_and(primary_may_have_moved) {
+                self.inner.clone().reconnect_in_background();
+            }
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let Some(mut conn) = self.current() else {
+                self.inner.clone().reconnect_in_background();
+                return Err(no_primary());
+            };
+            let r = conn.req_packed_commands(cmd, offset, count).await;
+            if r.as_ref().is_err_and(primary_may_have_moved) {
+                self.inner.clone().reconnect_in_background();
+            }
+            r
+        })
+    }
+}
+
+fn no_primary() -> RedisError {
+    RedisError::from((ErrorKind::IoError, "no Redis primary known yet"))
+}
+
+fn primary_may_have_moved(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(e.kind(), ErrorKind::ReadOnly | ErrorKind::MasterDown)
+}
+
+impl SentinelInner {
+    /// Asks the Sentinels for the primary and connects to it.
+    async fn reconnect_now(self: Arc<Self>) -> RedisResult<()> {
+        let bound = self.timeout.max(Duration::from_secs(1));
+        let client = {
+            let mut sentinel = self.sentinel.lock().await;
+            tokio::time::timeout(
+                bound,
+                sentinel.async_master_for(&self.master, Some(&self.node_info)),
+            )
+            .await
+            .map_err(|_| RedisError::from((ErrorKind::IoError, "Sentinel did not answer")))??
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(bound)
+            .set_response_timeout(self.timeout);
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        *self.current.write().expect("sentinel conn") = Some(conn);
+        Ok(())
+    }
+
+    /// One background re-resolution at a time, retried until a primary answers.
+    fn reconnect_in_background(self: Arc<Self>) {
+        if self.reconnecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match self.clone().reconnect_now().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, master = %self.master, "Redis primary not found through Sentinel; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+            self.reconnecting.store(false, Ordering::Release);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_single_cluster_and_sentinel_urls() {
+        assert_eq!(
+            Target::parse("redis://r:6379").unwrap(),
+            Target::Single("redis://r:6379".into())
+        );
+        assert_eq!(
+            Target::parse("redis://a:1, redis://b:2").unwrap(),
+            Target::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
+        assert_eq!(
+            Target::parse("redis+sentinel://s1:26379,s2:26379/mymaster").unwrap(),
+            Target::Sentinel {
+                sentinels: vec!["redis://s1:26379".into(), "redis://s2:26379".into()],
+                master: "mymaster".into(),
+                password: None,
+            }
+        );
+        let Target::Sentinel { password, .. } =
+            Target::parse("redis+sentinel://:pw@s1:26379/m").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(password.as_deref(), Some("pw"));
+        for bad in [
+            "http://x",
+            "redis+sentinel://s1:26379",
+            "redis+sentinel://s1:26379/",
+            "redis+sentinel:///m",
+            "redis+sentinel://s1/m a",
+            "",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
