@@ -219,13 +219,15 @@ impl Application {
         let shared = match &target {
             Some(target) => {
                 let conn = RedisConn::connect(target, settings.redis_timeout).await?;
-                Some(RedisCache::new(
+                let cache = RedisCache::new(
                     conn,
                     &settings.redis_prefix,
                     Arc::new(store.keys().clone()),
                     settings.redis_timeout,
                     Some(metrics.redis_up.clone()),
-                ))
+                );
+                cache.start_prober();
+                Some(cache)
             }
             None => {
                 let _ = metrics.dependency_up.remove_label_values(&["redis"]);

@@ -264,6 +264,52 @@ async fn get_tenant(
         .json(view))
 }
 
+/// What one write to a tenant changes, worked out from its current state.
+struct Change {
+    display_name: Option<String>,
+    issuer: Option<crate::tenants::IssuerSpec>,
+    credentials: Option<crate::tenants::Credentials>,
+}
+
+/// Read, compute the change, write only if nobody wrote in between. A lost race is retried
+/// (last write wins) unless the client sent `If-Match`, which is then answered with 412.
+/// PATCH and PUT `/credentials` behave the same way.
+async fn write_tenant(
+    state: &AppState,
+    id: &TenantId,
+    if_match: &IfMatch,
+    change: impl Fn(&crate::tenants::Tenant) -> Result<Change, ApiError>,
+) -> Result<(TenantRecord, Change), ApiError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let current = state.store.tenant(id).await?;
+        if_match.check(current.version)?;
+        let c = change(&current)?;
+        match state
+            .store
+            .update_tenant(
+                id,
+                c.display_name.as_deref(),
+                c.issuer.as_ref(),
+                c.credentials.as_ref(),
+                Some(current.version),
+            )
+            .await
+        {
+            Ok(record) => return Ok((record, c)),
+            Err(StoreError::VersionConflict) if if_match.is_set() => {
+                return Err(ApiError::PreconditionFailed("changed concurrently".into()))
+            }
+            Err(StoreError::VersionConflict) if attempts < 20 => {
+                let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 1..=10 * attempts);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 async fn patch_tenant(
     _: Admin,
     state: web::Data<AppState>,
@@ -275,47 +321,27 @@ async fn patch_tenant(
     let if_match = IfMatch::parse(&req);
     let body = read_json(&req, payload).await?;
     let patch = TenantPatch::parse(body)?;
-    // Read, merge, write only if nobody wrote in between; a lost race is retried (or, when the
-    // client sent If-Match, reported as 412).
-    let mut attempts = 0;
-    let (record, issuer) = loop {
-        attempts += 1;
-        let current = state.store.tenant(&id).await?;
-        if_match.check(current.version)?;
-        let issuer = patch.merged_issuer(&current.issuer, state.settings.allow_insecure_issuers)?;
+    let allow_insecure = state.settings.allow_insecure_issuers;
+    let (record, change) = write_tenant(&state, &id, &if_match, |current| {
+        let issuer = patch.merged_issuer(&current.issuer, allow_insecure)?;
         let effective_issuer = issuer.as_ref().unwrap_or(&current.issuer);
         let creds = patch.credentials.as_ref().unwrap_or(&current.credentials);
         effective_issuer.validate_credentials(creds)?;
-        match state
-            .store
-            .update_tenant(
-                &id,
-                patch.display_name.as_deref(),
-                issuer.as_ref(),
-                patch.credentials.as_ref(),
-                Some(current.version),
-            )
-            .await
-        {
-            Ok(record) => break (record, issuer),
-            Err(StoreError::VersionConflict) if attempts < 20 && !if_match.is_set() => {
-                let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 1..=10 * attempts);
-                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-            }
-            Err(StoreError::VersionConflict) if if_match.is_set() => {
-                return Err(ApiError::PreconditionFailed("changed concurrently".into()))
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    if issuer.is_some() || patch.credentials.is_some() {
+        Ok(Change {
+            display_name: patch.display_name.clone(),
+            issuer,
+            credentials: patch.credentials.clone(),
+        })
+    })
+    .await?;
+    if change.issuer.is_some() || change.credentials.is_some() {
         state.broker.forget(&id).await;
     }
     tracing::info!(tenant = %id, "tenant updated");
     let changed: Vec<&str> = [
-        ("display_name", patch.display_name.is_some()),
-        ("issuer", issuer.is_some()),
-        ("credentials", patch.credentials.is_some()),
+        ("display_name", change.display_name.is_some()),
+        ("issuer", change.issuer.is_some()),
+        ("credentials", change.credentials.is_some()),
     ]
     .iter()
     .filter_map(|(n, c)| c.then_some(*n))
@@ -373,22 +399,17 @@ async fn put_credentials(
     let id = tenant_id(&path)?;
     let body = read_json(&req, payload).await?;
     let creds = parse_credentials(body, "credentials")?;
-    let record = state.store.tenant_record(&id).await?;
     let if_match = IfMatch::parse(&req);
-    if_match.check(record.version)?;
-    record.issuer.validate_credentials(&creds)?;
     // The kind cannot change between the read and the write: the write is fenced on the version.
-    match state
-        .store
-        .update_tenant(&id, None, None, Some(&creds), Some(record.version))
-        .await
-    {
-        Ok(_) => {}
-        Err(StoreError::VersionConflict) if if_match.is_set() => {
-            return Err(ApiError::PreconditionFailed("changed concurrently".into()))
-        }
-        Err(e) => return Err(e.into()),
-    }
+    let (record, _) = write_tenant(&state, &id, &if_match, |current| {
+        current.issuer.validate_credentials(&creds)?;
+        Ok(Change {
+            display_name: None,
+            issuer: None,
+            credentials: Some(creds.clone()),
+        })
+    })
+    .await?;
     state.broker.forget(&id).await;
     tracing::info!(tenant = %id, "tenant credentials rotated");
     let fields: Vec<&str> = creds.names().collect();
@@ -401,7 +422,9 @@ async fn put_credentials(
         Some(format!("fields: {}", fields.join(", "))),
     )
     .await;
-    Ok(HttpResponse::NoContent().finish())
+    Ok(HttpResponse::NoContent()
+        .insert_header((header::ETAG, format!("\"v{}\"", record.version)))
+        .finish())
 }
 
 async fn test_tenant(

@@ -100,7 +100,7 @@ impl ApiError {
             Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => "credentials_unreadable",
             Self::Store(_) => "database_unavailable",
             Self::Cache(_) => "cache_unavailable",
-            Self::LockWaitTimeout(_) => "upstream_timeout",
+            Self::LockWaitTimeout(_) => "lock_wait_timeout",
             Self::CircuitOpen { last, .. } => last.code(),
             Self::AuditUnavailable => "audit_unavailable",
             Self::CallerRateLimited(_) => "rate_limited",
@@ -136,7 +136,7 @@ impl ApiError {
                 "Stored credentials cannot be read"
             }
             Self::Store(_) | Self::Cache(_) => "Service unavailable",
-            Self::LockWaitTimeout(_) => "The partner timed out",
+            Self::LockWaitTimeout(_) => "Another replica's mint did not finish in time",
             Self::CircuitOpen { .. } => "The partner's token endpoint is failing",
             Self::AuditUnavailable => "Audit trail unavailable",
             Self::CallerRateLimited(_) => "Too many requests",

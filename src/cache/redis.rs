@@ -253,6 +253,49 @@ impl RedisCache {
         }
     }
 
+    /// Probes every slot that is down, every `PROBE_EVERY_MS`, so a slot is found healthy
+    /// again (and `broker_dependency_up` says so) even on a replica that gets no traffic.
+    /// One task per cache, started with it; it ends when every other handle is dropped.
+    pub fn start_prober(&self) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tags: std::collections::HashMap<u16, String> = Default::default();
+            // Only this task holds the breaker: the cache is gone.
+            while Arc::strong_count(&me.breaker) > 1 {
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    super::breaker::PROBE_EVERY_MS as u64,
+                ))
+                .await;
+                for d in me.breaker.down_slots() {
+                    let tag = tags
+                        .entry(d.slot)
+                        .or_insert_with(|| {
+                            if me.cluster {
+                                tag_in_range(d.slot, d.slot)
+                            } else {
+                                "readyz".to_owned()
+                            }
+                        })
+                        .clone();
+                    let key = format!("{}:{{{tag}}}:readyz", me.prefix);
+                    tracing::trace!(slot = d.slot, "probing Redis");
+                    let mut c = me.conn.clone();
+                    let _ = me
+                        .timed(
+                            d.slot,
+                            redis::cmd("SET")
+                                .arg(&key)
+                                .arg("1")
+                                .arg("PX")
+                                .arg(5_000)
+                                .query_async::<()>(&mut c),
+                        )
+                        .await;
+                }
+            }
+        })
+    }
+
     fn set_up(&self) {
         if let Some(g) = &self.up {
             g.set(i64::from(self.breaker.is_healthy()));

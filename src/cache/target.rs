@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
-};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
@@ -113,17 +111,17 @@ impl Target {
 /// One connection type for a single Redis, Redis Cluster and a Sentinel-managed primary.
 #[derive(Clone)]
 pub enum RedisConn {
-    Single(Box<ConnectionManager>),
+    /// One node, fixed or found through Sentinel: a multiplexed connection replaced in the
+    /// background after errors.
+    Node(NodeConn),
     Cluster(ClusterConnection),
-    Sentinel(SentinelConn),
 }
 
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Node(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
-            Self::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -134,17 +132,15 @@ impl ConnectionLike for RedisConn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Node(c) => c.req_packed_commands(cmd, offset, count),
             Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Self::Single(c) => c.get_db(),
+            Self::Node(c) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
-            Self::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -167,72 +163,79 @@ impl RedisConn {
                 Ok(Self::Cluster(client.get_async_connection().await?))
             }
             Target::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(connect_timeout)
-                    .set_response_timeout(timeout)
-                    .set_number_of_retries(1)
-                    .set_max_delay(200);
-                Ok(Self::Single(Box::new(
-                    ConnectionManager::new_with_config(client, config).await?,
-                )))
+                let conn =
+                    NodeConn::new(Source::Fixed(redis::Client::open(url.as_str())?), timeout);
+                conn.inner.clone().reconnect_now().await?;
+                Ok(Self::Node(conn))
             }
             Target::Sentinel {
                 sentinels,
                 master,
                 password,
             } => {
-                let conn = SentinelConn::new(sentinels, master, password, timeout)?;
+                let conn = NodeConn::new(
+                    Source::Sentinel {
+                        sentinel: tokio::sync::Mutex::new(Sentinel::build(sentinels.to_vec())?),
+                        master: master.clone(),
+                        node_info: Target::sentinel_node_info(password),
+                    },
+                    timeout,
+                );
                 conn.inner.clone().reconnect_now().await?;
-                Ok(Self::Sentinel(conn))
+                Ok(Self::Node(conn))
             }
         }
     }
 
-    /// A call failed in a way that may mean the primary moved: look it up again (Sentinel).
+    /// A call failed: the node may be gone or (Sentinel) the primary may have moved. Connect
+    /// again in the background; the current connection serves until a new one stands.
     pub fn suspect(&self) {
-        if let Self::Sentinel(c) = self {
+        if let Self::Node(c) = self {
             c.inner.clone().reconnect_in_background();
         }
     }
 }
 
-/// A connection to the primary Sentinel names, re-resolved after errors.
-#[derive(Clone)]
-pub struct SentinelConn {
-    inner: Arc<SentinelInner>,
+/// Where a node connection goes.
+enum Source {
+    Fixed(redis::Client),
+    Sentinel {
+        sentinel: tokio::sync::Mutex<Sentinel>,
+        master: String,
+        node_info: SentinelNodeConnectionInfo,
+    },
 }
 
-struct SentinelInner {
-    sentinel: tokio::sync::Mutex<Sentinel>,
-    master: String,
-    node_info: SentinelNodeConnectionInfo,
+/// A multiplexed connection to one node, replaced by a background reconnect (one at a time,
+/// retried until it works) after errors. Written here rather than using the crate's
+/// `ConnectionManager`, which can keep a failed reconnect forever when the failure is not an
+/// I/O error (seen with connect timeouts), and which cannot follow a Sentinel failover.
+#[derive(Clone)]
+pub struct NodeConn {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
+    source: Source,
     timeout: Duration,
     current: RwLock<Option<MultiplexedConnection>>,
     reconnecting: AtomicBool,
 }
 
-impl SentinelConn {
-    fn new(
-        sentinels: &[String],
-        master: &str,
-        password: &Option<String>,
-        timeout: Duration,
-    ) -> RedisResult<Self> {
-        Ok(Self {
-            inner: Arc::new(SentinelInner {
-                sentinel: tokio::sync::Mutex::new(Sentinel::build(sentinels.to_vec())?),
-                master: master.to_owned(),
-                node_info: Target::sentinel_node_info(password),
+impl NodeConn {
+    fn new(source: Source, timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(NodeInner {
+                source,
                 timeout,
                 current: RwLock::new(None),
                 reconnecting: AtomicBool::new(false),
             }),
-        })
+        }
     }
 
     fn current(&self) -> Option<MultiplexedConnection> {
-        self.inner.current.read().expect("sentinel conn").clone()
+        self.inner.current.read().expect("node conn").clone()
     }
 
     fn get_db(&self) -> i64 {
@@ -285,26 +288,39 @@ fn primary_may_have_moved(e: &RedisError) -> bool {
         || matches!(e.kind(), ErrorKind::ReadOnly | ErrorKind::MasterDown)
 }
 
-impl SentinelInner {
-    /// Asks the Sentinels for the primary and connects to it.
+impl NodeInner {
+    /// Connects (asking the Sentinels for the primary first) and makes it the connection.
     async fn reconnect_now(self: Arc<Self>) -> RedisResult<()> {
         let bound = self.timeout.max(Duration::from_secs(1));
-        let client = {
-            let mut sentinel = self.sentinel.lock().await;
-            tokio::time::timeout(
-                bound,
-                sentinel.async_master_for(&self.master, Some(&self.node_info)),
-            )
-            .await
-            .map_err(|_| RedisError::from((ErrorKind::IoError, "Sentinel did not answer")))??
+        let client = match &self.source {
+            Source::Fixed(client) => client.clone(),
+            Source::Sentinel {
+                sentinel,
+                master,
+                node_info,
+            } => {
+                let mut sentinel = sentinel.lock().await;
+                tokio::time::timeout(bound, sentinel.async_master_for(master, Some(node_info)))
+                    .await
+                    .map_err(|_| {
+                        RedisError::from((ErrorKind::IoError, "Sentinel did not answer"))
+                    })??
+            }
         };
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(bound)
             .set_response_timeout(self.timeout);
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        *self.current.write().expect("sentinel conn") = Some(conn);
+        let mut conn = tokio::time::timeout(
+            bound,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .map_err(|_| RedisError::from((ErrorKind::IoError, "connect timed out")))??;
+        // It must answer before it replaces a connection that may still work.
+        tokio::time::timeout(bound, redis::cmd("PING").query_async::<()>(&mut conn))
+            .await
+            .map_err(|_| RedisError::from((ErrorKind::IoError, "PING timed out")))??;
+        *self.current.write().expect("node conn") = Some(conn);
         Ok(())
     }
 
@@ -319,7 +335,7 @@ impl SentinelInner {
                 match self.clone().reconnect_now().await {
                     Ok(()) => break,
                     Err(e) => {
-                        tracing::warn!(error = %e, master = %self.master, "Redis primary not found through Sentinel; retrying");
+                        tracing::debug!(error = %e, "Redis reconnect failed; retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(1));
                     }

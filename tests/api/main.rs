@@ -3,8 +3,10 @@
 mod helpers;
 
 mod admin;
+mod cluster;
 mod contract;
 mod failures;
+mod faults;
 mod flights;
 mod ops;
 mod partners;
