@@ -47,7 +47,12 @@ impl CachedToken {
     /// two thirds into the lifetime, pulled earlier by up to a twentieth at random so tenants
     /// minted together do not all refresh in the same second.
     pub fn from_minted(m: Minted) -> Self {
-        let lifetime = (m.expires_at_ms - m.issued_at_ms).max(0);
+        // Expiry is clamped where it is computed; clamping here too keeps this arithmetic
+        // safe whatever builds a `Minted`.
+        let lifetime = m
+            .expires_at_ms
+            .saturating_sub(m.issued_at_ms)
+            .clamp(0, crate::issuers::expiry::MAX_LIFETIME_MS);
         let usable_until_ms = m.expires_at_ms - skew_ms(lifetime);
         let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=lifetime / 20);
         let refresh_at_ms = (m.issued_at_ms + lifetime * 2 / 3 - jitter).min(usable_until_ms);

@@ -47,8 +47,14 @@ pub enum ExpiryError {
     AlreadyExpired,
 }
 
+/// The longest lifetime the broker believes: a partner announcing more (an `expires_in` of
+/// 9e15, a JWT `exp` in the year 2e11) gets its token cached for a year at most, and no
+/// arithmetic on lifetimes can overflow.
+pub const MAX_LIFETIME_MS: i64 = 365 * 86_400_000;
+
 /// `expires_at` in unix ms: the earliest of `sent_at + expires_in` and the JWT `exp`, else
-/// `sent_at + default_ttl`. Lifetimes count from when the request was sent.
+/// `sent_at + default_ttl`, at most `sent_at + MAX_LIFETIME_MS`. Lifetimes count from when
+/// the request was sent.
 pub fn expires_at_ms(
     sent_at_ms: i64,
     expires_in: Option<i64>,
@@ -68,7 +74,7 @@ pub fn expires_at_ms(
     if at <= sent_at_ms {
         return Err(ExpiryError::AlreadyExpired);
     }
-    Ok(at)
+    Ok(at.min(sent_at_ms.saturating_add(MAX_LIFETIME_MS)))
 }
 
 /// How long before `expires_at` the broker stops handing a token out: about the square root
@@ -152,6 +158,27 @@ mod tests {
         assert_eq!(parse_expires_in(&json!(-5)), None);
         assert_eq!(parse_expires_in(&json!("soon")), None);
         assert_eq!(parse_expires_in(&json!(null)), None);
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_clamped_to_a_year() {
+        let sent = 1_700_000_000_000;
+        for (expires_in, exp) in [
+            (Some(9_000_000_000_000_000), None),
+            (Some(i64::MAX), None),
+            (parse_expires_in(&json!(1e300)), None),
+            (None, Some(i64::MAX)),
+        ] {
+            assert_eq!(
+                expires_at_ms(sent, expires_in, exp, None).unwrap(),
+                sent + MAX_LIFETIME_MS
+            );
+        }
+        assert_eq!(
+            expires_at_ms(sent, Some(300), None, None).unwrap(),
+            sent + 300_000,
+            "ordinary lifetimes are untouched"
+        );
     }
 
     #[test]
