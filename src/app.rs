@@ -18,7 +18,7 @@ use crate::audit::Audit;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{AdminAuth, Authenticator};
 use crate::broker::{Broker, Timing};
-use crate::cache::redis::{spawn_listener, RedisCache, RedisConn, Target};
+use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
 use crate::config::{KeySource, Settings};
 use crate::crypto::{KeyError, KeyRing};
 use crate::issuers::{IssuerSettings, Issuers};
@@ -58,8 +58,6 @@ pub enum BuildError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     KeysInUse(String),
-    #[error("REDIS_URL: {0}")]
-    Config(String),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("cannot listen: {0}")]
@@ -144,10 +142,9 @@ pub async fn rekey(settings: &Settings) -> Result<(u64, u64), BuildError> {
     let store = open_store(settings).await?;
     let rows = store.rekey().await?;
     let mut tokens = 0;
-    if let Some(url) = &settings.redis_url {
-        let target = Target::parse(url).map_err(|m| BuildError::Config(m.into()))?;
+    if let Some(target) = &settings.redis {
         let conn =
-            RedisConn::connect(&target, settings.redis_timeout.max(Duration::from_secs(1))).await?;
+            RedisConn::connect(target, settings.redis_timeout.max(Duration::from_secs(1))).await?;
         let cache = RedisCache::new(
             conn,
             &settings.redis_prefix,
@@ -209,14 +206,10 @@ impl Application {
         });
         let timing = Timing {
             // Without a shared cache the in-process one is the only cache: it stays on.
-            l1_enabled: settings.l1_cache || settings.redis_url.is_none(),
+            l1_enabled: settings.l1_cache || settings.redis.is_none(),
             ..Timing::from_upstream_timeout(settings.upstream_timeout)
         };
-        let target = match &settings.redis_url {
-            Some(url) => Some(Target::parse(url).map_err(|m| BuildError::Config(m.into()))?),
-            None => None,
-        };
-        let shared = match &target {
+        let shared = match &settings.redis {
             Some(target) => {
                 let conn = RedisConn::connect(target, settings.redis_timeout).await?;
                 let cache = RedisCache::new(
@@ -252,18 +245,13 @@ impl Application {
             metrics.clone(),
             timing,
         );
-        if let (Some(target), Some(cache)) = (target, shared) {
+        if let (Some(target), Some(cache)) = (settings.redis.clone(), shared) {
             let on_event = Arc::downgrade(&broker);
-            spawn_listener(
-                target,
-                cache,
-                move |e| {
-                    if let Some(b) = on_event.upgrade() {
-                        b.on_event(e)
-                    }
-                },
-                || {},
-            );
+            spawn_listener(target, cache, move |e| {
+                if let Some(b) = on_event.upgrade() {
+                    b.on_event(e)
+                }
+            });
         }
         let state = web::Data::new(AppState {
             broker,

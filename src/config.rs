@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::cache::target::Target;
 use crate::crypto::{KeyError, KeyRing};
 use crate::tenants::store::Backend;
 
@@ -38,7 +39,8 @@ pub enum AuditMode {
 pub struct Settings {
     pub listen: SocketAddr,
     pub database_url: String,
-    pub redis_url: Option<String>,
+    /// `REDIS_URL`, parsed: one node, a cluster, or a Sentinel-managed primary.
+    pub redis: Option<Target>,
     pub redis_prefix: String,
     pub redis_timeout: Duration,
     pub admin_token: Option<SecretString>,
@@ -98,10 +100,9 @@ impl Settings {
             &var("DATABASE_URL").unwrap_or_else(|| "sqlite://token-broker.db?mode=rwc".into()),
         )?;
         let backend = Backend::from_url(&database_url).expect("normalised");
-        let redis_url = var("REDIS_URL");
-        if let Some(url) = &redis_url {
-            crate::cache::target::Target::parse(url).map_err(|m| invalid("REDIS_URL", m))?;
-        }
+        let redis = var("REDIS_URL")
+            .map(|url| Target::parse(&url).map_err(|m| invalid("REDIS_URL", m)))
+            .transpose()?;
         let redis_prefix = var("BROKER_REDIS_PREFIX").unwrap_or_else(|| "token-broker".into());
         if redis_prefix.len() > 64 || redis_prefix.contains(['{', '}', ' ']) {
             return Err(invalid(
@@ -213,7 +214,7 @@ impl Settings {
         Ok(Self {
             listen,
             database_url,
-            redis_url,
+            redis,
             redis_prefix,
             redis_timeout,
             admin_token,
@@ -325,7 +326,7 @@ mod tests {
         assert!(
             matches!(&s.keys, KeySource::KeyFile(p) if p.to_str() == Some("token-broker.db.key"))
         );
-        assert!(s.redis_url.is_none() && s.admin_token.is_none());
+        assert!(s.redis.is_none() && s.admin_token.is_none());
         assert_eq!(s.audit, AuditMode::FailClosed);
     }
 

@@ -48,6 +48,8 @@ pub struct Breaker {
     down: Mutex<HashMap<u16, Down>>,
     /// Consecutive failures of slots not (yet) open.
     suspect: Mutex<HashMap<u16, u32>>,
+    /// Number of suspect slots: a success reads only this when there are none.
+    n_suspect: AtomicUsize,
     /// Number of slots down: the healthy path reads only this.
     n_down: AtomicUsize,
 }
@@ -76,11 +78,10 @@ impl Breaker {
 
     /// A call for `slot` succeeded; returns true if this closed a slot that was down.
     pub fn success(&self, slot: u16) -> bool {
-        {
+        if self.n_suspect.load(Ordering::Acquire) > 0 {
             let mut suspect = self.suspect.lock().expect("breaker");
-            if !suspect.is_empty() {
-                suspect.remove(&slot);
-            }
+            suspect.remove(&slot);
+            self.n_suspect.store(suspect.len(), Ordering::Release);
         }
         if self.n_down.load(Ordering::Acquire) == 0 {
             return false;
@@ -100,10 +101,14 @@ impl Breaker {
             let mut suspect = self.suspect.lock().expect("breaker");
             let n = suspect.entry(slot).or_insert(0);
             *n += 1;
-            if *n < OPEN_AFTER && !definitive {
+            let opens = *n >= OPEN_AFTER || definitive;
+            if opens {
+                suspect.remove(&slot);
+            }
+            self.n_suspect.store(suspect.len(), Ordering::Release);
+            if !opens {
                 return false;
             }
-            suspect.remove(&slot);
         }
         let opened = match down.get_mut(&slot) {
             Some(d) => {

@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::breaker::{Admit, Breaker, DownSlot};
+use super::breaker::{Admit, Breaker};
 pub use super::target::{RedisConn, Target};
 use super::{fingerprint, CacheError, CachedToken, LockToken};
 use crate::crypto::KeyRing;
@@ -94,7 +94,6 @@ pub const LOCK_TTL: Duration = Duration::from_millis(2_000);
 #[derive(Clone)]
 pub struct RedisCache {
     conn: RedisConn,
-    cluster: bool,
     prefix: Arc<str>,
     keys: Arc<KeyRing>,
     timeout: Duration,
@@ -123,7 +122,6 @@ impl RedisCache {
             g.set(1);
         }
         Self {
-            cluster: matches!(conn, RedisConn::Cluster(_)),
             conn,
             prefix: Arc::from(prefix),
             keys,
@@ -162,13 +160,45 @@ impl RedisCache {
         format!("{}:{{{}}}:{}", self.prefix, tenant, what)
     }
 
+    fn is_cluster(&self) -> bool {
+        matches!(self.conn, RedisConn::Cluster(_))
+    }
+
     /// The cluster slot of the tenant's keys (0 on a single node: one breaker for all).
     pub fn slot_of(&self, tenant: &TenantId) -> u16 {
-        if self.cluster {
-            redis::cluster_routing::get_slot(tenant.as_str().as_bytes())
+        self.slot_of_tag(tenant.as_str())
+    }
+
+    fn slot_of_tag(&self, tag: &str) -> u16 {
+        if self.is_cluster() {
+            redis::cluster_routing::get_slot(tag.as_bytes())
         } else {
             0
         }
+    }
+
+    /// A hash tag whose keys land in `start..=end` (any tag on a single node).
+    fn tag_for(&self, start: u16, end: u16) -> String {
+        if self.is_cluster() {
+            tag_in_range(start, end)
+        } else {
+            "readyz".to_owned()
+        }
+    }
+
+    /// One real key operation on the slot of `tag`: a short-lived write, through the breaker.
+    async fn probe(&self, tag: &str) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        self.timed(
+            self.slot_of_tag(tag),
+            redis::cmd("SET")
+                .arg(format!("{}:{{{tag}}}:readyz", self.prefix))
+                .arg("1")
+                .arg("PX")
+                .arg(5_000)
+                .query_async::<()>(&mut conn),
+        )
+        .await
     }
 
     /// Marks a gap in what this replica knows of other replicas' writes.
@@ -189,11 +219,6 @@ impl RedisCache {
     /// Whether every slot answered its last call.
     pub fn is_healthy(&self) -> bool {
         self.breaker.is_healthy()
-    }
-
-    /// The slots known to be failing.
-    pub fn down_slots(&self) -> Vec<DownSlot> {
-        self.breaker.down_slots()
     }
 
     /// Runs one call for `slot` under the breaker and the per-call timeout.
@@ -262,35 +287,14 @@ impl RedisCache {
             let mut tags: std::collections::HashMap<u16, String> = Default::default();
             // Only this task holds the breaker: the cache is gone.
             while Arc::strong_count(&me.breaker) > 1 {
-                tokio::time::sleep(std::time::Duration::from_millis(
-                    super::breaker::PROBE_EVERY_MS as u64,
-                ))
-                .await;
+                tokio::time::sleep(Duration::from_millis(super::breaker::PROBE_EVERY_MS as u64))
+                    .await;
                 for d in me.breaker.down_slots() {
                     let tag = tags
                         .entry(d.slot)
-                        .or_insert_with(|| {
-                            if me.cluster {
-                                tag_in_range(d.slot, d.slot)
-                            } else {
-                                "readyz".to_owned()
-                            }
-                        })
-                        .clone();
-                    let key = format!("{}:{{{tag}}}:readyz", me.prefix);
+                        .or_insert_with(|| me.tag_for(d.slot, d.slot));
                     tracing::trace!(slot = d.slot, "probing Redis");
-                    let mut c = me.conn.clone();
-                    let _ = me
-                        .timed(
-                            d.slot,
-                            redis::cmd("SET")
-                                .arg(&key)
-                                .arg("1")
-                                .arg("PX")
-                                .arg(5_000)
-                                .query_async::<()>(&mut c),
-                        )
-                        .await;
+                    let _ = me.probe(tag).await;
                 }
             }
         })
@@ -485,34 +489,11 @@ impl RedisCache {
             _ => vec![(0, 0)],
         };
         let probes = ranges.iter().map(|&(start, end)| async move {
-            let tag = if self.cluster {
-                tag_in_range(start, end)
-            } else {
-                "readyz".to_owned()
-            };
-            let key = format!("{}:{{{tag}}}:readyz", self.prefix);
-            let slot = if self.cluster {
-                redis::cluster_routing::get_slot(tag.as_bytes())
-            } else {
-                0
-            };
-            let mut conn = self.conn.clone();
-            let result = self
-                .timed(
-                    slot,
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg("1")
-                        .arg("PX")
-                        .arg(5_000)
-                        .query_async::<()>(&mut conn),
-                )
-                .await;
-            (start, result)
+            (start, self.probe(&self.tag_for(start, end)).await)
         });
         for (start, result) in futures_util::future::join_all(probes).await {
             if let Err(CacheError::Unavailable(e)) = result {
-                let what = if self.cluster {
+                let what = if self.is_cluster() {
                     format!("slot {start} unreachable")
                 } else {
                     "unreachable".to_owned()
@@ -522,7 +503,7 @@ impl RedisCache {
         }
         // A slot that failed a real call and has not been probed since is still reported.
         if let Some(d) = self.breaker.down_slots().first() {
-            return Err(if self.cluster {
+            return Err(if self.is_cluster() {
                 format!("slot {} unreachable ({})", d.slot, d.reason)
             } else {
                 format!("unreachable ({})", d.reason)
@@ -687,19 +668,11 @@ fn slot_ranges(v: &Value) -> Vec<(u16, u16, String)> {
         .iter()
         .filter_map(|item| match item {
             Value::Array(parts) => match (parts.first(), parts.get(1)) {
-                (Some(Value::Int(a)), Some(Value::Int(b))) => {
-                    let primary = match parts.get(2) {
-                        Some(n) => slot_nodes(&Value::Array(vec![Value::Array(vec![
-                            Value::Int(0),
-                            Value::Int(0),
-                            n.clone(),
-                        ])]))
-                        .pop()
-                        .unwrap_or_default(),
-                        None => String::new(),
-                    };
-                    Some((*a as u16, *b as u16, primary))
-                }
+                (Some(Value::Int(a)), Some(Value::Int(b))) => Some((
+                    *a as u16,
+                    *b as u16,
+                    parts.get(2).and_then(node_url).unwrap_or_default(),
+                )),
                 _ => None,
             },
             _ => None,
@@ -707,6 +680,20 @@ fn slot_ranges(v: &Value) -> Vec<(u16, u16, String)> {
         .collect();
     out.sort_unstable();
     out
+}
+
+/// `redis://host:port` of one node entry (`[host, port, id, …]`) of `CLUSTER SLOTS`.
+fn node_url(node: &Value) -> Option<String> {
+    let Value::Array(n) = node else { return None };
+    let host = match n.first()? {
+        Value::BulkString(h) => String::from_utf8_lossy(h).into_owned(),
+        Value::SimpleString(h) => h.clone(),
+        _ => return None,
+    };
+    match n.get(1)? {
+        Value::Int(port) if !host.is_empty() => Some(format!("redis://{host}:{port}")),
+        _ => None,
+    }
 }
 
 /// The largest range of each primary: one probe per primary covers the cluster.
@@ -726,21 +713,12 @@ fn slot_nodes(v: &Value) -> Vec<String> {
     let Value::Array(items) = v else {
         return Vec::new();
     };
-    let mut out = Vec::new();
+    let mut out: Vec<String> = Vec::new();
     for item in items {
         let Value::Array(parts) = item else { continue };
-        for node in parts.iter().skip(2) {
-            let Value::Array(n) = node else { continue };
-            let host = match n.first() {
-                Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
-                Some(Value::SimpleString(h)) => h.clone(),
-                _ => continue,
-            };
-            if let Some(Value::Int(port)) = n.get(1) {
-                let url = format!("redis://{host}:{port}");
-                if !host.is_empty() && !out.contains(&url) {
-                    out.push(url);
-                }
+        for url in parts.iter().skip(2).filter_map(node_url) {
+            if !out.contains(&url) {
+                out.push(url);
             }
         }
     }
@@ -769,45 +747,35 @@ fn tag_in_range(start: u16, end: u16) -> String {
 
 /// Subscribes to the events channel and hands every message to `on_event`. Reconnects by
 /// itself through any node it knows (the configured ones and, for a cluster, those the
-/// cluster reports; for Sentinel, the current primary), and calls `on_gap` once a new
-/// subscription stands after a lost one (messages may have been missed in between).
+/// cluster reports; for Sentinel, the current primary). A lost subscription is a gap (writes
+/// by other replicas may go unseen) at the loss and again once it stands again: tokens held
+/// from before either are re-checked on their next use.
 pub fn spawn_listener(
     target: Target,
     cache: RedisCache,
     on_event: impl Fn(&str) + Send + Sync + 'static,
-    on_gap: impl Fn() + Send + Sync + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let channel = cache.events_channel();
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(50);
         let mut first = true;
         let mut known: Vec<String> = match &target {
-            Target::Single(url) => vec![url.clone()],
             Target::Cluster(nodes) => nodes.clone(),
-            Target::Sentinel { .. } => Vec::new(),
+            _ => Vec::new(),
         };
         let mut next = 0usize;
         loop {
-            let node = match &target {
-                Target::Sentinel {
-                    sentinels,
-                    master,
-                    password,
-                } => match primary_via_sentinel(sentinels, master, password).await {
-                    Ok(client) => Ok(client),
-                    Err(e) => Err(e),
-                },
-                _ => {
-                    let url = known[next % known.len()].clone();
+            let client = match target.events_client().await {
+                Some(client) => client,
+                None => {
                     next = next.wrapping_add(1);
-                    redis::Client::open(url.as_str())
+                    redis::Client::open(known[next % known.len()].as_str())
                 }
             };
             let mut subscribed = false;
             let result: Result<(), RedisError> = async {
-                let client = node?;
                 let mut pubsub =
-                    tokio::time::timeout(Duration::from_secs(1), client.get_async_pubsub())
+                    tokio::time::timeout(Duration::from_secs(1), client?.get_async_pubsub())
                         .await
                         .map_err(|_| {
                             RedisError::from((redis::ErrorKind::IoError, "connect timed out"))
@@ -816,15 +784,13 @@ pub fn spawn_listener(
                 subscribed = true;
                 if !first {
                     tracing::info!("redis event subscription restored");
-                    on_gap();
+                    cache.mark_gap();
                 }
                 first = false;
                 delay = Duration::from_millis(50);
-                if target.is_cluster() {
-                    for n in cache.cluster_nodes().await {
-                        if !known.contains(&n) {
-                            known.push(n);
-                        }
+                for n in cache.cluster_nodes().await {
+                    if !known.contains(&n) {
+                        known.push(n);
                     }
                 }
                 let mut messages = pubsub.on_message();
@@ -842,8 +808,7 @@ pub fn spawn_listener(
                 }
                 Ok(()) => tracing::warn!("redis event subscription lost; reconnecting"),
             }
-            // From now on, writes by other replicas may go unseen: re-check held tokens (once
-            // per lost subscription; failed attempts to subscribe again change nothing).
+            // Failed attempts to subscribe again change nothing: only a lost one is a gap.
             if subscribed {
                 cache.mark_gap();
             }
@@ -851,27 +816,6 @@ pub fn spawn_listener(
             delay = (delay * 2).min(Duration::from_secs(2));
         }
     })
-}
-
-async fn primary_via_sentinel(
-    sentinels: &[String],
-    master: &str,
-    password: &Option<String>,
-) -> Result<redis::Client, RedisError> {
-    let mut s = redis::sentinel::Sentinel::build(sentinels.to_vec())?;
-    let info = redis::sentinel::SentinelNodeConnectionInfo {
-        tls_mode: None,
-        redis_connection_info: password.as_ref().map(|p| redis::RedisConnectionInfo {
-            password: Some(p.clone()),
-            ..Default::default()
-        }),
-    };
-    tokio::time::timeout(
-        Duration::from_secs(1),
-        s.async_master_for(master, Some(&info)),
-    )
-    .await
-    .map_err(|_| RedisError::from((redis::ErrorKind::IoError, "Sentinel did not answer")))?
 }
 
 #[cfg(test)]

@@ -93,19 +93,48 @@ impl Target {
         })
     }
 
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
-    }
-
-    fn sentinel_node_info(password: &Option<String>) -> SentinelNodeConnectionInfo {
-        SentinelNodeConnectionInfo {
-            tls_mode: None,
-            redis_connection_info: password.as_ref().map(|p| redis::RedisConnectionInfo {
-                password: Some(p.clone()),
-                ..Default::default()
-            }),
+    /// A client for the node to subscribe to events on: `None` for a cluster (any node will
+    /// do; the listener picks one). For Sentinel, the current primary.
+    pub async fn events_client(&self) -> Option<RedisResult<redis::Client>> {
+        match self {
+            Self::Cluster(_) => None,
+            Self::Single(url) => Some(redis::Client::open(url.as_str())),
+            Self::Sentinel {
+                sentinels,
+                master,
+                password,
+            } => Some(
+                async {
+                    let mut s = Sentinel::build(sentinels.clone())?;
+                    let info = sentinel_node_info(password);
+                    primary_client(&mut s, master, &info, Duration::from_secs(1)).await
+                }
+                .await,
+            ),
         }
     }
+}
+
+fn sentinel_node_info(password: &Option<String>) -> SentinelNodeConnectionInfo {
+    SentinelNodeConnectionInfo {
+        tls_mode: None,
+        redis_connection_info: password.as_ref().map(|p| redis::RedisConnectionInfo {
+            password: Some(p.clone()),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Asks the Sentinels which node is the primary; a client for it.
+async fn primary_client(
+    sentinel: &mut Sentinel,
+    master: &str,
+    info: &SentinelNodeConnectionInfo,
+    bound: Duration,
+) -> RedisResult<redis::Client> {
+    tokio::time::timeout(bound, sentinel.async_master_for(master, Some(info)))
+        .await
+        .map_err(|_| RedisError::from((ErrorKind::IoError, "Sentinel did not answer")))?
 }
 
 /// One connection type for a single Redis, Redis Cluster and a Sentinel-managed primary.
@@ -177,7 +206,7 @@ impl RedisConn {
                     Source::Sentinel {
                         sentinel: tokio::sync::Mutex::new(Sentinel::build(sentinels.to_vec())?),
                         master: master.clone(),
-                        node_info: Target::sentinel_node_info(password),
+                        node_info: sentinel_node_info(password),
                     },
                     timeout,
                 );
@@ -242,17 +271,26 @@ impl NodeConn {
         0
     }
 
+    /// The current connection; none yet starts a reconnect.
+    fn conn(&self) -> RedisResult<MultiplexedConnection> {
+        self.current().ok_or_else(|| {
+            self.inner.clone().reconnect_in_background();
+            no_primary()
+        })
+    }
+
+    /// Passes `r` through, starting a reconnect when it says the node may be gone.
+    fn watch<T>(&self, r: RedisResult<T>) -> RedisResult<T> {
+        if r.as_ref().is_err_and(primary_may_have_moved) {
+            self.inner.clone().reconnect_in_background();
+        }
+        r
+    }
+
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let Some(mut conn) = self.current() else {
-                self.inner.clone().reconnect_in_background();
-                return Err(no_primary());
-            };
-            let r = conn.req_packed_command(cmd).await;
-            if r.as_ref().is_err_and(primary_may_have_moved) {
-                self.inner.clone().reconnect_in_background();
-            }
-            r
+            let r = self.conn()?.req_packed_command(cmd).await;
+            self.watch(r)
         })
     }
 
@@ -263,15 +301,8 @@ impl NodeConn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let Some(mut conn) = self.current() else {
-                self.inner.clone().reconnect_in_background();
-                return Err(no_primary());
-            };
-            let r = conn.req_packed_commands(cmd, offset, count).await;
-            if r.as_ref().is_err_and(primary_may_have_moved) {
-                self.inner.clone().reconnect_in_background();
-            }
-            r
+            let r = self.conn()?.req_packed_commands(cmd, offset, count).await;
+            self.watch(r)
         })
     }
 }
@@ -298,14 +329,7 @@ impl NodeInner {
                 sentinel,
                 master,
                 node_info,
-            } => {
-                let mut sentinel = sentinel.lock().await;
-                tokio::time::timeout(bound, sentinel.async_master_for(master, Some(node_info)))
-                    .await
-                    .map_err(|_| {
-                        RedisError::from((ErrorKind::IoError, "Sentinel did not answer"))
-                    })??
-            }
+            } => primary_client(&mut *sentinel.lock().await, master, node_info, bound).await?,
         };
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(bound)

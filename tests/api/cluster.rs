@@ -8,32 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use serde_json::{json, Value};
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use serde_json::json;
 
 use crate::backends;
 use crate::helpers::*;
 
 const TENANTS: usize = 10;
-
-async fn counting_partner(lifetime_s: i64) -> (MockServer, Arc<AtomicUsize>) {
-    let server = MockServer::start().await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    Mock::given(method("POST"))
-        .respond_with(move |_: &wiremock::Request| {
-            c.fetch_add(1, Ordering::SeqCst);
-            ResponseTemplate::new(200).set_body_json(json!({
-                "access_token": comm100_jwt(lifetime_s),
-                "expires_in": lifetime_s,
-                "token_type": "Bearer",
-            }))
-        })
-        .mount(&server)
-        .await;
-    (server, calls)
-}
 
 fn tenant(i: usize) -> String {
     format!("ct{i}")
@@ -43,14 +23,15 @@ fn tenant(i: usize) -> String {
 async fn setup(
     mut env: TestEnv,
     redis_url: String,
-) -> (Vec<TestApp>, String, Arc<AtomicUsize>, MockServer) {
+) -> (Vec<TestApp>, String, Arc<AtomicUsize>, Partner) {
     env.redis_url = Some(redis_url);
-    env.extra.insert("BROKER_CALLER_RATE".into(), "0".into());
+    unlimited(&mut env);
     let apps = vec![env.spawn().await, env.spawn().await];
-    let (partner, calls) = counting_partner(300).await;
+    let partner = comm100_partner(300, 0).await;
+    let calls = partner.calls.clone();
     for i in 0..TENANTS {
         let a = apps[0]
-            .create_tenant(&comm100_spec(&tenant(i), &partner, "pw"))
+            .create_tenant(&comm100_spec(&tenant(i), &partner.server, "pw"))
             .await;
         assert_eq!(a.status, 201, "{}", a.text);
     }
@@ -102,41 +83,10 @@ async fn recovered(apps: &[TestApp], key: &str, within: Duration) -> Option<Dura
 
 /// Closed-loop fetches of every tenant over both replicas for `run`; (ok, errors).
 async fn fetch_loop(apps: &[TestApp], key: &str, run: Duration) -> (usize, Vec<(u16, String)>) {
-    let until = Instant::now() + run;
-    let tasks: Vec<_> = (0..8)
-        .map(|w| {
-            let app = &apps[w % apps.len()];
-            let (client, base, key) = (app.client.clone(), app.address.clone(), key.to_owned());
-            tokio::spawn(async move {
-                let (mut ok, mut errors) = (0, Vec::new());
-                let mut i = w;
-                while Instant::now() < until {
-                    i += 1;
-                    let r = client
-                        .get(format!("{base}/v1/tenants/{}/token", tenant(i % TENANTS)))
-                        .bearer_auth(&key)
-                        .send()
-                        .await
-                        .unwrap();
-                    let status = r.status().as_u16();
-                    let body: Value = r.json().await.unwrap_or(Value::Null);
-                    if status == 200 {
-                        ok += 1;
-                    } else {
-                        errors.push((status, body["code"].as_str().unwrap_or("").to_owned()));
-                    }
-                }
-                (ok, errors)
-            })
-        })
-        .collect();
-    let (mut ok, mut errors) = (0, Vec::new());
-    for t in tasks {
-        let (o, e) = t.await.unwrap();
-        ok += o;
-        errors.extend(e);
-    }
-    (ok, errors)
+    let names: Vec<String> = (0..TENANTS).map(tenant).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let seen = load(apps, &names, key, 8, run).await;
+    (seen.ok, seen.errors)
 }
 
 async fn cluster_primary_failover(env: TestEnv) {

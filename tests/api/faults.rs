@@ -3,137 +3,14 @@
 //! concurrent admin writes. Each prints what a caller saw (errors, p99, partner calls, time
 //! to recover).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use serde_json::{json, Value};
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use serde_json::json;
 
 use crate::backends;
 use crate::helpers::*;
-
-/// What callers saw while a load ran.
-#[derive(Default, Debug)]
-struct Seen {
-    ok: usize,
-    errors: Vec<(u16, String)>,
-    took: Vec<Duration>,
-}
-
-impl Seen {
-    /// The distinct (status, code) pairs seen, with counts.
-    fn codes(&self) -> Vec<((u16, String), usize)> {
-        let mut m = std::collections::BTreeMap::new();
-        for e in &self.errors {
-            *m.entry(e.clone()).or_insert(0) += 1;
-        }
-        m.into_iter().collect()
-    }
-
-    fn p99(&mut self) -> Duration {
-        self.took.sort();
-        self.took
-            .get(self.took.len().saturating_mul(99) / 100)
-            .copied()
-            .unwrap_or_default()
-    }
-}
-
-/// Closed-loop load far exceeds the default per-caller rate: these tests measure faults.
-fn unlimited(env: &mut TestEnv) {
-    env.extra.insert("BROKER_CALLER_RATE".into(), "0".into());
-}
-
-/// `workers` closed-loop callers over `apps` for `tenants`, for `run`.
-async fn load(
-    apps: &[TestApp],
-    tenants: &[&str],
-    key: &str,
-    workers: usize,
-    run: Duration,
-) -> Seen {
-    let until = Instant::now() + run;
-    let tasks: Vec<_> = (0..workers)
-        .map(|w| {
-            let app = &apps[w % apps.len()];
-            let (client, base, key) = (app.client.clone(), app.address.clone(), key.to_owned());
-            let tenants: Vec<String> = tenants.iter().map(|t| t.to_string()).collect();
-            tokio::spawn(async move {
-                let mut seen = Seen::default();
-                let mut i = w;
-                while Instant::now() < until {
-                    let t = &tenants[i % tenants.len()];
-                    i += 1;
-                    let t0 = Instant::now();
-                    let r = client
-                        .get(format!("{base}/v1/tenants/{t}/token"))
-                        .bearer_auth(&key)
-                        .send()
-                        .await
-                        .unwrap();
-                    let status = r.status().as_u16();
-                    let body: Value = r.json().await.unwrap_or(Value::Null);
-                    seen.took.push(t0.elapsed());
-                    if status == 200 {
-                        seen.ok += 1;
-                    } else {
-                        seen.errors
-                            .push((status, body["code"].as_str().unwrap_or("").to_owned()));
-                    }
-                }
-                seen
-            })
-        })
-        .collect();
-    let mut all = Seen::default();
-    for t in tasks {
-        let s = t.await.unwrap();
-        all.ok += s.ok;
-        all.errors.extend(s.errors);
-        all.took.extend(s.took);
-    }
-    all
-}
-
-/// A Comm100-style partner whose latency, token lifetime and health the test controls.
-struct Partner {
-    server: MockServer,
-    failing: Arc<AtomicBool>,
-    calls: Arc<AtomicUsize>,
-}
-
-async fn partner(lifetime_s: i64, delay_ms: u64) -> Partner {
-    let server = MockServer::start().await;
-    let failing = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (f, c) = (failing.clone(), calls.clone());
-    Mock::given(method("POST"))
-        .respond_with(move |_: &wiremock::Request| {
-            c.fetch_add(1, Ordering::SeqCst);
-            if f.load(Ordering::SeqCst) {
-                return ResponseTemplate::new(500);
-            }
-            ResponseTemplate::new(200)
-                .set_body_json(json!({
-                    "access_token": comm100_jwt(lifetime_s),
-                    "expires_in": lifetime_s,
-                    "token_type": "Bearer",
-                    "refresh_token": "r",
-                    "scope": "x",
-                }))
-                .set_delay(Duration::from_millis(delay_ms))
-        })
-        .mount(&server)
-        .await;
-    Partner {
-        server,
-        failing,
-        calls,
-    }
-}
 
 fn lock_key(env: &TestEnv, tenant: &str) -> String {
     format!("{}:{{{tenant}}}:lock", env.redis_prefix)
@@ -149,7 +26,7 @@ async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
 
 async fn a_dead_lock_holder_is_replaced_within_the_lock_life(env: TestEnv) {
     let apps = vec![env.spawn().await, env.spawn().await];
-    let p = partner(30, 1_000).await;
+    let p = comm100_partner(30, 1_000).await;
     apps[0]
         .create_tenant(&comm100_spec("dead", &p.server, "pw"))
         .await;
@@ -182,7 +59,7 @@ async fn a_caller_held_by_a_live_holder_hears_lock_wait_timeout(mut env: TestEnv
     env.extra
         .insert("BROKER_UPSTREAM_TIMEOUT_MS".into(), "1000".into());
     let app = env.spawn().await;
-    let p = partner(30, 0).await;
+    let p = comm100_partner(30, 0).await;
     app.create_tenant(&comm100_spec("busy", &p.server, "pw"))
         .await;
     let key = app.create_caller("c", json!("*")).await;
@@ -224,7 +101,7 @@ async fn redis_down_costs_callers_nothing(mut env: TestEnv) {
     };
     env.redis_url = Some(redis.url());
     let apps = vec![env.spawn().await, env.spawn().await];
-    let p = partner(300, 50).await;
+    let p = comm100_partner(300, 50).await;
     let tenants = ["r1", "r2", "r3"];
     for t in tenants {
         apps[0]
@@ -295,7 +172,7 @@ async fn an_admin_write_while_redis_stalls_is_committed_and_audited(mut env: Tes
     };
     env.redis_url = Some(redis.url());
     let app = env.spawn().await;
-    let p = partner(300, 0).await;
+    let p = comm100_partner(300, 0).await;
     app.create_tenant(&comm100_spec("stall", &p.server, "pw"))
         .await;
     let key = app.create_caller("c", json!("*")).await;
@@ -361,18 +238,10 @@ backends!(an_admin_write_while_redis_stalls_is_committed_and_audited: PostgresRe
 
 async fn postgres_down_known_callers_and_mints_go_on(mut env: TestEnv) {
     unlimited(&mut env);
-    let url = url::Url::parse(&env.database_url).unwrap();
-    let proxy = CuttableProxy::start((
-        url.host_str().unwrap().to_owned(),
-        url.port().unwrap_or(5432),
-    ))
-    .await;
-    let mut via = url.clone();
-    via.set_port(Some(proxy.port)).unwrap();
-    env.database_url = via.to_string();
+    let proxy = env.database_through_cuttable_proxy().await;
     let apps = vec![env.spawn().await, env.spawn().await];
     // 4 s tokens: the outage outlives several, so minting must go on without the database.
-    let p = partner(4, 20).await;
+    let p = comm100_partner(4, 20).await;
     apps[0]
         .create_tenant(&comm100_spec("pg1", &p.server, "pw"))
         .await;
@@ -459,7 +328,7 @@ backends!(postgres_down_known_callers_and_mints_go_on: PostgresRedis);
 async fn a_partner_that_comes_back_is_used_within_two_seconds(mut env: TestEnv) {
     unlimited(&mut env);
     let apps = vec![env.spawn().await, env.spawn().await];
-    let p = partner(3, 0).await;
+    let p = comm100_partner(3, 0).await;
     apps[0]
         .create_tenant(&comm100_spec("flap", &p.server, "pw"))
         .await;
@@ -500,7 +369,7 @@ backends!(a_partner_that_comes_back_is_used_within_two_seconds: PostgresRedis);
 
 async fn concurrent_credential_writes_all_land(env: TestEnv) {
     let apps = vec![env.spawn().await, env.spawn().await];
-    let p = partner(300, 0).await;
+    let p = comm100_partner(300, 0).await;
     apps[0]
         .create_tenant(&comm100_spec("race", &p.server, "pw"))
         .await;
@@ -530,7 +399,7 @@ async fn concurrent_credential_writes_all_land(env: TestEnv) {
         .send(
             apps[0]
                 .admin(Method::PUT, "/admin/v1/tenants/race/credentials")
-                .insert_header_if_match("\"v1\"")
+                .header("if-match", "\"v1\"")
                 .json(&json!({"client_id": "c", "email": "a@b.c", "password": "x"})),
         )
         .await;
@@ -541,12 +410,62 @@ async fn concurrent_credential_writes_all_land(env: TestEnv) {
 }
 backends!(concurrent_credential_writes_all_land: PostgresRedis, Sqlite);
 
-trait IfMatchExt {
-    fn insert_header_if_match(self, v: &str) -> Self;
-}
+async fn outage_reports_never_carry_secrets(mut env: TestEnv) {
+    const REDIS_PW: &str = "PLANTED-REDIS-PASSWORD-7f3a";
+    const PARTNER_PW: &str = "PLANTED-PARTNER-PASSWORD-91c4";
+    let mut redis = RedisNode::spawn(&["--requirepass", REDIS_PW]);
+    env.redis_url = Some(format!("redis://:{REDIS_PW}@127.0.0.1:{}", redis.port));
+    let app = env.spawn().await;
+    let p = comm100_partner(300, 0).await;
+    app.create_tenant(&comm100_spec("quiet", &p.server, PARTNER_PW))
+        .await;
+    app.create_tenant(&comm100_spec("cold", &p.server, PARTNER_PW))
+        .await;
+    let key = app.create_caller("c", json!("*")).await;
+    assert_eq!(app.get_token("quiet", &key).await.status, 200);
 
-impl IfMatchExt for reqwest::RequestBuilder {
-    fn insert_header_if_match(self, v: &str) -> Self {
-        self.header("if-match", v)
+    // Redis goes away: every answer that now reports a failure is collected.
+    redis.kill();
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.push(app.get_token("quiet", &key).await.text);
     }
+    seen.push(app.get_token("cold", &key).await.text);
+    seen.push(app.get("/readyz").await.text);
+    seen.push(app.get("/metrics").await.text);
+    seen.push(
+        app.send(
+            app.client
+                .post(format!("{}/v1/tenants/quiet/token/invalidate", app.address))
+                .bearer_auth(&key)
+                .json(&json!({"access_token": "x"})),
+        )
+        .await
+        .text,
+    );
+    for path in [
+        "/admin/v1/tenants/quiet",
+        "/admin/v1/tenants",
+        "/admin/v1/audit",
+    ] {
+        seen.push(app.send(app.admin(Method::GET, path)).await.text);
+    }
+    // A partner that rejects: its error body must not echo the credentials either.
+    p.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    seen.push(
+        app.send(app.admin(Method::POST, "/admin/v1/tenants/quiet/test"))
+            .await
+            .text,
+    );
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    seen.push(app.get("/readyz").await.text);
+    seen.push(captured_logs());
+    let all = seen.join("\n");
+    assert!(all.contains("unavailable"), "the outage was reported");
+    for secret in [REDIS_PW, PARTNER_PW] {
+        assert!(!all.contains(secret), "{secret} leaked");
+    }
+    app.stop().await;
 }
+backends!(outage_reports_never_carry_secrets: PostgresRedis);

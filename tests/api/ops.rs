@@ -140,15 +140,7 @@ async fn redis_outage_and_slowness(mut env: TestEnv) {
 backends!(redis_outage_and_slowness: Postgres);
 
 async fn postgres_outage(mut env: TestEnv) {
-    let url = url::Url::parse(&env.database_url).unwrap();
-    let proxy = CuttableProxy::start((
-        url.host_str().unwrap().to_owned(),
-        url.port().unwrap_or(5432),
-    ))
-    .await;
-    let mut via = url.clone();
-    via.set_port(Some(proxy.port)).unwrap();
-    env.database_url = via.to_string();
+    let proxy = env.database_through_cuttable_proxy().await;
     let app = env.spawn().await;
     let p = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("pg", &p, "s")).await;
