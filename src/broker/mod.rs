@@ -489,11 +489,11 @@ impl Broker {
                 let woken = notify.notified();
                 let current = match l2.get(tenant).await {
                     Ok(c) => c,
-                    Err(e) if l2.is_down_for(tenant) || Instant::now() >= deadline => {
+                    Err(e) if l2.outage_confirmed_for(tenant) || Instant::now() >= deadline => {
                         return Err(Degrade(e))
                     }
                     Err(_) => {
-                        // One slow answer is not an outage: look again shortly.
+                        // Not (yet) a confirmed outage: look again shortly.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }
@@ -509,7 +509,7 @@ impl Broker {
                 };
                 let lock = match l2.try_acquire(tenant).await {
                     Ok(lock) => lock,
-                    Err(e) if l2.is_down_for(tenant) || Instant::now() >= deadline => {
+                    Err(e) if l2.outage_confirmed_for(tenant) || Instant::now() >= deadline => {
                         return Err(Degrade(e))
                     }
                     Err(_) => {

@@ -15,6 +15,10 @@ pub const PROBE_EVERY_MS: i64 = 250;
 /// Consecutive failures (timeouts) that open a slot; a refused or dropped connection opens it
 /// at once. One slow answer on a busy machine is not an outage.
 pub const OPEN_AFTER: u32 = 3;
+/// A slot opened by timeouts alone counts as a confirmed outage (one worth minting without the
+/// cross-replica lock for) only after it has stayed down this long: a starved process sees
+/// timeouts too, and a duplicate mint costs the partner a call.
+pub const CONFIRM_MS: i64 = 500;
 
 /// What a call may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +34,8 @@ pub enum Admit {
 #[derive(Clone, Debug)]
 struct Down {
     since_ms: i64,
+    /// Opened by a refused or dropped connection (no doubt it is down).
+    definitive: bool,
     next_probe_ms: i64,
     probing: bool,
     reason: String,
@@ -122,6 +128,7 @@ impl Breaker {
                     slot,
                     Down {
                         since_ms: now,
+                        definitive,
                         next_probe_ms: now + PROBE_EVERY_MS,
                         probing: false,
                         reason: reason.to_owned(),
@@ -145,6 +152,18 @@ impl Breaker {
     pub fn is_down(&self, slot: u16) -> bool {
         self.n_down.load(Ordering::Acquire) > 0
             && self.down.lock().expect("breaker").contains_key(&slot)
+    }
+
+    /// Whether `slot` is down beyond doubt: opened by a refused or dropped connection, or
+    /// down for `CONFIRM_MS`.
+    pub fn outage_confirmed(&self, slot: u16) -> bool {
+        self.n_down.load(Ordering::Acquire) > 0
+            && self
+                .down
+                .lock()
+                .expect("breaker")
+                .get(&slot)
+                .is_some_and(|d| d.definitive || now_ms() - d.since_ms >= CONFIRM_MS)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -185,6 +204,9 @@ mod tests {
         );
         assert!(!b.failure(7, "timed out", false), "already open");
         assert!(b.is_down(7) && !b.is_down(8));
+        assert!(!b.outage_confirmed(7), "timeouts alone: not yet confirmed");
+        b.down.lock().unwrap().get_mut(&7).unwrap().since_ms -= CONFIRM_MS;
+        assert!(b.outage_confirmed(7), "confirmed once it stays down");
         assert_eq!(b.admit(8), Admit::Go, "other slots are not affected");
         assert_eq!(b.admit(7), Admit::Refuse, "no probe before the interval");
         b.down.lock().unwrap().get_mut(&7).unwrap().next_probe_ms = 0;

@@ -211,9 +211,10 @@ impl RedisCache {
         self.gap_at.load(Ordering::Relaxed)
     }
 
-    /// Whether the tenant's slot is known to be down (its calls fail without trying).
-    pub fn is_down_for(&self, tenant: &TenantId) -> bool {
-        self.breaker.is_down(self.slot_of(tenant))
+    /// Whether the tenant's slot is down beyond doubt (see `breaker::CONFIRM_MS`): only then
+    /// is a mint without the cross-replica lock worth its risk of a duplicate.
+    pub fn outage_confirmed_for(&self, tenant: &TenantId) -> bool {
+        self.breaker.outage_confirmed(self.slot_of(tenant))
     }
 
     /// Whether every slot answered its last call.
@@ -278,17 +279,28 @@ impl RedisCache {
         }
     }
 
-    /// Probes every slot that is down, every `PROBE_EVERY_MS`, so a slot is found healthy
-    /// again (and `broker_dependency_up` says so) even on a replica that gets no traffic.
-    /// One task per cache, started with it; it ends when every other handle is dropped.
+    /// Keeps the breaker true on a replica that gets no traffic: every slot that is down is
+    /// probed every `PROBE_EVERY_MS` (so it is found healthy again), and while all is healthy
+    /// the readiness check runs every `WATCH_EVERY` ticks (so an outage is noticed, and
+    /// `broker_dependency_up` says so, without a request to notice it). One task per cache,
+    /// started with it; it ends when every other handle is dropped.
     pub fn start_prober(&self) -> tokio::task::JoinHandle<()> {
+        const WATCH_EVERY: u32 = 20; // ticks of PROBE_EVERY_MS: 5 s
         let me = self.clone();
         tokio::spawn(async move {
             let mut tags: std::collections::HashMap<u16, String> = Default::default();
+            let mut tick = 0u32;
             // Only this task holds the breaker: the cache is gone.
             while Arc::strong_count(&me.breaker) > 1 {
                 tokio::time::sleep(Duration::from_millis(super::breaker::PROBE_EVERY_MS as u64))
                     .await;
+                tick = tick.wrapping_add(1);
+                if me.breaker.is_healthy() {
+                    if tick % WATCH_EVERY == 0 {
+                        let _ = me.check().await;
+                    }
+                    continue;
+                }
                 for d in me.breaker.down_slots() {
                     let tag = tags
                         .entry(d.slot)

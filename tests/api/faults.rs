@@ -469,3 +469,48 @@ async fn outage_reports_never_carry_secrets(mut env: TestEnv) {
     app.stop().await;
 }
 backends!(outage_reports_never_carry_secrets: PostgresRedis);
+
+/// The `broker_dependency_up{dependency="redis"}` value, if the series exists.
+async fn redis_up(app: &TestApp) -> Option<bool> {
+    app.get("/metrics")
+        .await
+        .text
+        .lines()
+        .find(|l| l.starts_with("broker_dependency_up{dependency=\"redis\"}"))
+        .map(|l| l.ends_with(" 1"))
+}
+
+async fn an_idle_replica_notices_an_outage_by_itself(mut env: TestEnv) {
+    let Some(mut redis) = OwnRedis::start() else {
+        panic!("redis-server must be on PATH for this test (apt-get install redis-server)");
+    };
+    env.redis_url = Some(redis.url());
+    let app = env.spawn().await;
+    assert_eq!(redis_up(&app).await, Some(true));
+    // No request touches Redis from here on; the gauge must follow the outage anyway.
+    redis.stop();
+    let t0 = Instant::now();
+    while redis_up(&app).await != Some(false) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "outage never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let noticed = t0.elapsed();
+    assert!(redis.restart());
+    let t1 = Instant::now();
+    while redis_up(&app).await != Some(true) {
+        assert!(
+            t1.elapsed() < Duration::from_secs(5),
+            "recovery never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "idle replica: outage noticed after {noticed:?}, recovery after {:?}",
+        t1.elapsed()
+    );
+    app.stop().await;
+}
+backends!(an_idle_replica_notices_an_outage_by_itself: PostgresRedis);
