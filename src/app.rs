@@ -16,7 +16,7 @@ use crate::api::ratelimit::CallerLimiter;
 use crate::api::{admin, observe, ops, problem_for_framework_errors, token};
 use crate::audit::Audit;
 use crate::auth::jwt::JwtVerifier;
-use crate::auth::{AdminAuth, Authenticator};
+use crate::auth::{Authenticator, StaticToken};
 use crate::broker::{Broker, Timing};
 use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
 use crate::config::{KeySource, Settings};
@@ -33,7 +33,9 @@ pub struct AppState {
     pub jwt: Option<Arc<JwtVerifier>>,
     pub store: TenantStore,
     pub auth: Authenticator,
-    pub admin: AdminAuth,
+    pub admin: StaticToken,
+    /// `BROKER_METRICS_TOKEN`: `/metrics` is open unless it is set.
+    pub metrics_token: StaticToken,
     pub metrics: Arc<Metrics>,
     pub settings: Arc<Settings>,
 }
@@ -86,6 +88,7 @@ pub fn load_keys(source: &KeySource) -> Result<KeyRing, BuildError> {
             } else {
                 tracing::warn!(key_file = %shown, "no BROKER_ENCRYPTION_KEY set: using the key file beside the database; for production set BROKER_ENCRYPTION_KEY from a secret store");
             }
+            refuse_loose_key_file(path).map_err(io)?;
             let content = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
             KeyRing::single(content.trim()).map_err(|source| BuildError::KeyFileContent {
                 path: shown.clone(),
@@ -93,6 +96,26 @@ pub fn load_keys(source: &KeySource) -> Result<KeyRing, BuildError> {
             })
         }
     }
+}
+
+/// Refuses a key file that group or others may read or write (what OpenSSH does with private
+/// keys): whoever can read it and the database file reads every stored credential.
+fn refuse_loose_key_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "mode {mode:04o} lets other users read the key that unlocks every stored credential; run `chmod 600` on it (or set BROKER_ENCRYPTION_KEY) and start again"
+                ),
+            ));
+        }
+    }
+    let _ = path;
+    Ok(())
 }
 
 fn write_key_file(path: &Path, key_b64: &str) -> std::io::Result<()> {
@@ -207,6 +230,7 @@ impl Application {
         let timing = Timing {
             // Without a shared cache the in-process one is the only cache: it stays on.
             l1_enabled: settings.l1_cache || settings.redis.is_none(),
+            default_min_interval_ms: settings.default_min_interval_ms,
             ..Timing::from_upstream_timeout(settings.upstream_timeout)
         };
         let shared = match &settings.redis {
@@ -232,8 +256,8 @@ impl Application {
             connect_timeout: settings.upstream_connect_timeout,
             request_timeout: settings.upstream_timeout,
         });
-        if settings.admin_token.is_none() {
-            tracing::warn!("BROKER_ADMIN_TOKEN is not set: the admin API answers 401 to everyone");
+        if settings.admin_token.is_none() && settings.admin_jwt.is_none() {
+            tracing::warn!("neither BROKER_ADMIN_TOKEN nor BROKER_ADMIN_JWT_AUDIENCE is set: the admin API is disabled (it answers 401 saying so)");
         }
         if settings.allow_insecure_issuers {
             tracing::warn!("BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses");
@@ -259,7 +283,8 @@ impl Application {
             limiter: CallerLimiter::new(settings.caller_rate, settings.caller_burst),
             jwt,
             auth: Authenticator::new(store.clone(), Some(metrics.database_up.clone())),
-            admin: AdminAuth::new(settings.admin_token.as_ref()),
+            admin: StaticToken::new(settings.admin_token.as_ref()),
+            metrics_token: StaticToken::new(settings.metrics_token.as_ref()),
             store,
             metrics,
             settings: Arc::new(settings.clone()),

@@ -3,19 +3,26 @@
 //! batches; identical token entries in one batch are coalesced into one row with a count.
 //!
 //! `fail_closed` (default): a token whose entry cannot be queued is not released.
-//! `best_effort`: such entries are dropped, counted and logged. Refused requests are always
-//! recorded best-effort, so a flood of bad credentials cannot block good callers.
+//! `best_effort`: such entries are dropped, counted and logged.
+//!
+//! Refused requests and failures take a separate path: a bounded map that coalesces them
+//! (same action, outcome, tenant, caller, detail) into one row per flush, keeping the first
+//! request id; new kinds of rows are dropped once it holds `SIDE_ROWS`. A flood of bad
+//! credentials therefore costs a few rows a second and never takes a slot a token entry
+//! needs. A tenant id is stored only if it is a valid `TenantId`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::AuditMode;
 use crate::metrics::Metrics;
-use crate::tenants::TenantStore;
+use crate::tenants::{TenantId, TenantStore};
 use crate::time::now_ms;
 
 /// One audit entry. Shared strings, so building one on the token path allocates nothing.
@@ -75,12 +82,20 @@ enum Msg {
     Flush(oneshot::Sender<()>),
 }
 
+/// Best-effort entries waiting for the next flush: entry (without request id) to
+/// (first at, last at, count, first request id).
+type Side = HashMap<Entry, (i64, i64, i64, Option<String>)>;
+
 /// The audit queue handle.
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
+    side: Arc<Mutex<Side>>,
     mode: AuditMode,
     metrics: Arc<Metrics>,
 }
+
+/// Distinct best-effort rows held between two flushes.
+pub const SIDE_ROWS: usize = 1_000;
 
 /// How often the writer takes what is queued.
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
@@ -99,7 +114,14 @@ impl Audit {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        tokio::spawn(writer(store.clone(), rx, metrics.clone(), capacity.max(1)));
+        let side = Arc::new(Mutex::new(Side::new()));
+        tokio::spawn(writer(
+            store.clone(),
+            rx,
+            side.clone(),
+            metrics.clone(),
+            capacity.max(1),
+        ));
         let retention_ms = (retention_days as i64).saturating_mul(86_400_000);
         tokio::spawn(async move {
             loop {
@@ -111,7 +133,12 @@ impl Audit {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
         });
-        Arc::new(Self { tx, mode, metrics })
+        Arc::new(Self {
+            tx,
+            side,
+            mode,
+            metrics,
+        })
     }
 
     /// Queues an entry that guards a token: in `fail_closed` mode a full queue is an error.
@@ -129,10 +156,32 @@ impl Audit {
         }
     }
 
-    /// Queues an entry that must never block the request (refusals, failures).
-    pub fn record_best_effort(&self, entry: Entry) {
-        if self.tx.try_send(Msg::Entry(now_ms(), entry)).is_err() {
-            self.dropped();
+    /// Records an entry that must never block the request (refusals, failures) on the side
+    /// path: coalesced, bounded, dropped first, never in the token entries' queue.
+    pub fn record_best_effort(&self, mut entry: Entry) {
+        if entry
+            .tenant
+            .as_deref()
+            .is_some_and(|t| TenantId::parse(t).is_err())
+        {
+            entry.tenant = None;
+        }
+        let request_id = entry.request_id.take();
+        let at = now_ms();
+        let mut side = self.side.lock().expect("audit side path");
+        let len = side.len();
+        match side.get_mut(&entry) {
+            Some(row) => {
+                row.1 = row.1.max(at);
+                row.2 += 1;
+            }
+            None if len < SIDE_ROWS => {
+                side.insert(entry, (at, at, 1, request_id));
+            }
+            None => {
+                drop(side);
+                self.dropped();
+            }
         }
     }
 
@@ -163,6 +212,7 @@ impl Audit {
 async fn writer(
     store: TenantStore,
     mut rx: mpsc::Receiver<Msg>,
+    side: Arc<Mutex<Side>>,
     metrics: Arc<Metrics>,
     max_pending: usize,
 ) {
@@ -202,6 +252,18 @@ async fn writer(
             || closed;
         if !due {
             continue;
+        }
+        // Side-path rows join the batch only while it has room (a database outage makes the
+        // side path drop new kinds of refusals, never the token entries' rows).
+        if batch.len() < max_pending {
+            let taken = std::mem::take(&mut *side.lock().expect("audit side path"));
+            for (mut e, (first, last, count, request_id)) in taken {
+                e.request_id = request_id;
+                let slot = batch.entry(e).or_insert((first, last, 0));
+                slot.0 = slot.0.min(first);
+                slot.1 = slot.1.max(last);
+                slot.2 += count;
+            }
         }
         if !batch.is_empty() {
             let rows: Vec<(Entry, (i64, i64, i64))> =

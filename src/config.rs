@@ -58,6 +58,20 @@ pub struct Settings {
     pub caller_burst: u64,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    /// `BROKER_DEFAULT_MIN_INTERVAL_MS`: partner call spacing for tenants that set none.
+    pub default_min_interval_ms: u64,
+    /// `BROKER_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer token.
+    pub metrics_token: Option<SecretString>,
+    /// Admin JWTs (`BROKER_ADMIN_JWT_AUDIENCE`, with the `BROKER_JWT_*` IdP settings).
+    pub admin_jwt: Option<AdminJwtSettings>,
+}
+
+/// Named admins: JWTs from the callers' IdP with an admin audience and a role claim.
+#[derive(Clone, Debug)]
+pub struct AdminJwtSettings {
+    pub audience: String,
+    /// Claim holding the roles: a name, or a dotted path such as `realm_access.roles`.
+    pub role_claim: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +225,32 @@ impl Settings {
             10_000,
             100..=120_000,
         )?);
+        let default_min_interval_ms = parse_num(
+            &var,
+            "BROKER_DEFAULT_MIN_INTERVAL_MS",
+            crate::broker::DEFAULT_MIN_INTERVAL_MS,
+            0..=3_600_000,
+        )?;
+        let metrics_token = var("BROKER_METRICS_TOKEN").map(SecretString::from);
+        let admin_jwt = match var("BROKER_ADMIN_JWT_AUDIENCE") {
+            None => None,
+            Some(_) if jwt.is_none() => {
+                return Err(invalid(
+                    "BROKER_ADMIN_JWT_AUDIENCE",
+                    "admin JWTs are checked against the IdP in BROKER_JWT_JWKS_URL and BROKER_JWT_ISSUER: set those too",
+                ))
+            }
+            Some(audience) if jwt.as_ref().is_some_and(|j| j.audience == audience) => {
+                return Err(invalid(
+                    "BROKER_ADMIN_JWT_AUDIENCE",
+                    "must differ from BROKER_JWT_AUDIENCE, so a caller's token is never an admin's",
+                ))
+            }
+            Some(audience) => Some(AdminJwtSettings {
+                audience,
+                role_claim: var("BROKER_ADMIN_ROLE_CLAIM").unwrap_or_else(|| "roles".into()),
+            }),
+        };
         Ok(Self {
             listen,
             database_url,
@@ -232,6 +272,9 @@ impl Settings {
             l1_cache,
             upstream_connect_timeout,
             upstream_timeout,
+            default_min_interval_ms,
+            metrics_token,
+            admin_jwt,
         })
     }
 }

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub l2_miss: IntCounter,
     pub l2_error: IntCounter,
     pub audit_write_failures: IntCounter,
+    /// `broker_invalidations_total{tenant,outcome}`: callers' reports of rejected tokens.
+    pub invalidations: IntCounterVec,
     /// `broker_dependency_up{dependency}`: 1 while the dependency answers real operations.
     pub dependency_up: IntGaugeVec,
     pub redis_up: IntGauge,
@@ -118,6 +120,14 @@ impl Metrics {
             "Failed audit batch writes (retried)",
         )
         .expect("metric");
+        let invalidations = IntCounterVec::new(
+            Opts::new(
+                "broker_invalidations_total",
+                "Callers' reports of rejected tokens, by tenant and outcome (dropped, stale, throttled)",
+            ),
+            &["tenant", "outcome"],
+        )
+        .expect("metric");
         let lookup = |layer: &str, result: &str| cache_lookups.with_label_values(&[layer, result]);
         let (l1_hit, l1_miss, l2_hit, l2_miss, l2_error) = (
             lookup("l1", "hit"),
@@ -157,6 +167,7 @@ impl Metrics {
             Box::new(audit_dropped.clone()),
             Box::new(lock_degraded.clone()),
             Box::new(audit_write_failures.clone()),
+            Box::new(invalidations.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -172,6 +183,7 @@ impl Metrics {
             http_duration,
             audit_dropped,
             audit_write_failures,
+            invalidations,
             lock_degraded,
             l1_hit,
             l1_miss,
@@ -192,6 +204,12 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[tenant])
             .observe(took.as_secs_f64());
+    }
+
+    pub fn invalidation(&self, tenant: &str, outcome: &str) {
+        self.invalidations
+            .with_label_values(&[tenant, outcome])
+            .inc();
     }
 
     pub fn token_request(&self, tenant: &str, outcome: &str) {

@@ -47,6 +47,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// this row too); a failure is logged, the change stands.
 async fn audit_admin(
     state: &AppState,
+    admin: &Admin,
     req: &HttpRequest,
     action: &'static str,
     outcome: &'static str,
@@ -54,8 +55,8 @@ async fn audit_admin(
     detail: Option<String>,
 ) {
     let mut e = Entry::new("admin", action, outcome);
-    e.caller = Some("admin".into());
-    e.auth_method = Some("admin_token");
+    e.caller = Some(admin.name.clone());
+    e.auth_method = Some(admin.method);
     e.tenant = tenant.map(Into::into);
     e.detail = detail;
     e.request_id = request_id_of(req);
@@ -152,7 +153,7 @@ fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
 }
 
 async fn create_tenant(
-    _: Admin,
+    admin: Admin,
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
@@ -179,6 +180,7 @@ async fn create_tenant(
     tracing::info!(tenant = %spec.id, kind = spec.issuer.kind.as_str(), "tenant created");
     audit_admin(
         &state,
+        &admin,
         &req,
         "tenant.create",
         "ok",
@@ -311,7 +313,7 @@ async fn write_tenant(
 }
 
 async fn patch_tenant(
-    _: Admin,
+    admin: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,
@@ -348,6 +350,7 @@ async fn patch_tenant(
     .collect();
     audit_admin(
         &state,
+        &admin,
         &req,
         "tenant.update",
         "ok",
@@ -359,7 +362,7 @@ async fn patch_tenant(
 }
 
 async fn delete_tenant(
-    _: Admin,
+    admin: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,
@@ -385,12 +388,21 @@ async fn delete_tenant(
     }
     state.broker.forget(&id).await;
     tracing::info!(tenant = %id, "tenant deleted");
-    audit_admin(&state, &req, "tenant.delete", "ok", Some(id.as_str()), None).await;
+    audit_admin(
+        &state,
+        &admin,
+        &req,
+        "tenant.delete",
+        "ok",
+        Some(id.as_str()),
+        None,
+    )
+    .await;
     Ok(HttpResponse::NoContent().finish())
 }
 
 async fn put_credentials(
-    _: Admin,
+    admin: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,
@@ -415,6 +427,7 @@ async fn put_credentials(
     let fields: Vec<&str> = creds.names().collect();
     audit_admin(
         &state,
+        &admin,
         &req,
         "tenant.credentials",
         "ok",
@@ -428,7 +441,7 @@ async fn put_credentials(
 }
 
 async fn test_tenant(
-    _: Admin,
+    admin: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,
@@ -440,6 +453,7 @@ async fn test_tenant(
     if !matches!(result, Err(ApiError::TenantNotFound)) {
         audit_admin(
             &state,
+            &admin,
             &req,
             "tenant.test",
             outcome,
@@ -521,7 +535,7 @@ fn parse_caller(body: Value) -> Result<(String, Scope), ApiError> {
 }
 
 async fn create_caller(
-    _: Admin,
+    admin: Admin,
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
@@ -547,6 +561,7 @@ async fn create_caller(
     tracing::info!(caller = %record.name, caller_id = %record.id, "caller created");
     audit_admin(
         &state,
+        &admin,
         &req,
         "caller.create",
         "ok",
@@ -571,7 +586,7 @@ async fn list_callers(_: Admin, state: web::Data<AppState>) -> Result<HttpRespon
 }
 
 async fn delete_caller(
-    _: Admin,
+    admin: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,
@@ -583,6 +598,7 @@ async fn delete_caller(
     tracing::info!(caller_id = %path, "caller deleted");
     audit_admin(
         &state,
+        &admin,
         &req,
         "caller.delete",
         "ok",

@@ -24,25 +24,28 @@ use problem::{ApiError, PROBLEM_JSON};
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// Reads a JSON body: 415 for a non-JSON content type, 413 past the cap, 400 if malformed.
-pub async fn read_json(req: &HttpRequest, mut payload: web::Payload) -> Result<Value, ApiError> {
-    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-        let essence = ct.split(';').next().unwrap_or("").trim();
-        if !(essence == "application/json" || essence.ends_with("+json")) {
-            return Err(ApiError::UnsupportedMediaType(
-                "send the body as application/json",
-            ));
-        }
+/// How long a request body may take to arrive, whole: a client trickling an authenticated
+/// body a byte at a time holds a connection and a task only this long.
+pub const BODY_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads a JSON body: 415 unless the content type is JSON (it is required), 413 past the cap,
+/// 408 if it does not arrive within `BODY_READ_DEADLINE`, 400 if malformed.
+pub async fn read_json(req: &HttpRequest, payload: web::Payload) -> Result<Value, ApiError> {
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if !(essence == "application/json" || essence.ends_with("+json")) {
+        return Err(ApiError::UnsupportedMediaType(
+            "send the body as application/json (Content-Type is required)",
+        ));
     }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| ApiError::invalid("the body could not be read", None))?;
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = tokio::time::timeout(BODY_READ_DEADLINE, read_capped(payload))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(BODY_READ_DEADLINE.as_secs()))??;
     let body = zeroize::Zeroizing::new(body.to_vec());
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::InvalidJson(format!(
@@ -55,6 +58,18 @@ pub async fn read_json(req: &HttpRequest, mut payload: web::Payload) -> Result<V
             e.column()
         ))
     })
+}
+
+async fn read_capped(mut payload: web::Payload) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| ApiError::invalid("the body could not be read", None))?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Replaces framework error answers (unknown route, wrong method, bad query) with problems.

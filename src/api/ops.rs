@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
+use crate::api::problem::ApiError;
 use crate::app::AppState;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -55,11 +56,20 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+/// The Prometheus exposition; with `BROKER_METRICS_TOKEN` set, only for that bearer token
+/// (tenant ids are labels, and the broker does not tell strangers which tenants exist).
+async fn metrics(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    if state.metrics_token.is_set()
+        && !crate::auth::bearer(&req).is_some_and(|t| state.metrics_token.verify(t))
+    {
+        return Err(ApiError::Unauthorized(
+            "/metrics wants the bearer token set in BROKER_METRICS_TOKEN",
+        ));
+    }
     if let Ok(Ok(n)) = tokio::time::timeout(CHECK_TIMEOUT, state.store.count_tenants()).await {
         state.metrics.tenants.set(n);
     }
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.metrics.render())
+        .body(state.metrics.render()))
 }

@@ -50,6 +50,16 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0}")]
     UnsupportedMediaType(&'static str),
+    #[error("the body did not arrive within {0} s")]
+    BodyTimeout(u64),
+    #[error("this token was handed out {age_s} s ago and a token of this tenant was already dropped as rejected in the last {window_s} s: the partner's 401 is most likely not this token's fault (check the scope, the partner environment, the request); it stays cached")]
+    InvalidateThrottled {
+        age_s: u64,
+        window_s: u64,
+        retry_after: u64,
+    },
+    #[error("{0}")]
+    AdminForbidden(&'static str),
     #[error("{0}")]
     MinTtlUnsatisfiable(String),
     #[error(transparent)]
@@ -95,6 +105,9 @@ impl ApiError {
             Self::PreconditionFailed(_) => "precondition_failed",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::BodyTimeout(_) => "body_timeout",
+            Self::InvalidateThrottled { .. } => "invalidate_throttled",
+            Self::AdminForbidden(_) => "admin_forbidden",
             Self::MinTtlUnsatisfiable(_) => "min_ttl_unsatisfiable",
             Self::Upstream(e) => e.code(),
             Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => "credentials_unreadable",
@@ -124,6 +137,9 @@ impl ApiError {
             Self::PreconditionFailed(_) => "Precondition failed",
             Self::PayloadTooLarge(_) => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",
+            Self::BodyTimeout(_) => "Request body too slow",
+            Self::InvalidateThrottled { .. } => "Token too young to drop again",
+            Self::AdminForbidden(_) => "Not allowed for this admin role",
             Self::MinTtlUnsatisfiable(_) => "min_ttl cannot be satisfied",
             Self::Upstream(IssuerError::RejectedCredentials { .. }) => {
                 "The partner rejected the credentials"
@@ -204,7 +220,9 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::AdminForbidden(_) => StatusCode::FORBIDDEN,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::InvalidateThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TenantNotFound | Self::CallerNotFound | Self::RouteNotFound => {
                 StatusCode::NOT_FOUND
             }
@@ -264,7 +282,7 @@ impl ResponseError for ApiError {
                     resp.insert_header((header::RETRY_AFTER, s.to_string()));
                 }
             }
-            Self::CallerRateLimited(s) => {
+            Self::CallerRateLimited(s) | Self::InvalidateThrottled { retry_after: s, .. } => {
                 resp.insert_header((header::RETRY_AFTER, s.to_string()));
             }
             Self::CircuitOpen { retry_after, .. } => {

@@ -11,7 +11,7 @@ use super::{read_json, request_id_of};
 use crate::app::AppState;
 use crate::audit::Entry;
 use crate::auth::Caller;
-use crate::broker::Source;
+use crate::broker::{Invalidation, Source};
 use crate::tenants::TenantId;
 use crate::time::{now_ms, rfc3339};
 
@@ -99,9 +99,12 @@ async fn get_token(
 ) -> Result<HttpResponse, ApiError> {
     let id = authorize(&state, &caller, &path, "token.fetch", &req)?;
     if let Err(retry_after) = state.limiter.check(&caller.id) {
-        state
-            .metrics
-            .token_request(id.as_str(), "caller_rate_limited");
+        // Before any lookup: only a tenant known to exist gets a series.
+        if state.broker.knows_tenant(&id) {
+            state
+                .metrics
+                .token_request(id.as_str(), "caller_rate_limited");
+        }
         return Err(ApiError::CallerRateLimited(retry_after));
     }
     let min_ttl = parse_min_ttl(query.min_ttl.as_deref())?;
@@ -180,18 +183,26 @@ async fn invalidate(
             ))
         }
     };
-    let dropped = state.broker.invalidate(&id, token).await?;
-    let mut e = entry(
-        &caller,
-        "token.invalidate",
-        if dropped { "dropped" } else { "stale" },
-        &id,
-        &req,
-    );
+    let outcome = state.broker.invalidate(&id, token).await?;
+    if !matches!(outcome, Invalidation::Stale) || state.broker.knows_tenant(&id) {
+        state.metrics.invalidation(id.as_str(), outcome.as_str());
+    }
+    let mut e = entry(&caller, "token.invalidate", outcome.as_str(), &id, &req);
     e.fingerprint = Some(state.store.keys().fingerprint(token).into());
     state.audit.record_best_effort(e);
-    tracing::info!(tenant = %id, caller = %caller.name, dropped, "token reported as rejected");
-    Ok(HttpResponse::NoContent().finish())
+    tracing::info!(tenant = %id, caller = %caller.name, outcome = outcome.as_str(), "token reported as rejected");
+    match outcome {
+        Invalidation::Throttled {
+            age_s,
+            window_s,
+            retry_after_s,
+        } => Err(ApiError::InvalidateThrottled {
+            age_s,
+            window_s,
+            retry_after: retry_after_s,
+        }),
+        _ => Ok(HttpResponse::NoContent().finish()),
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,21 @@
-//! JWT callers from the organisation's IdP: RS256, ES256 and PS256 only; `exp`, `iss` and
-//! `aud` required, `nbf` honoured, 15 s leeway. `kid` is only ever a key into the in-memory key
-//! map; `jku`/`x5u` are ignored. The JWKS is fetched at start, on a schedule, and on an unknown
-//! `kid` (at most once a second, so garbage kids cannot make the broker hammer the IdP).
+//! JWTs from the organisation's IdP, for callers and (with their own audience) named admins:
+//! RS256, ES256 and PS256 only; `exp`, `iss`, `aud` and `sub` required, `nbf` honoured, 15 s
+//! leeway; a `crit` header is refused (the broker understands no extension). `kid` is only
+//! ever a key into the in-memory key map; `jku`/`x5u`/`jwk` are ignored.
+//!
+//! The JWKS is fetched at start, on a schedule, and on an unknown `kid`: one fetch at a time,
+//! at most one a second, shared by every request waiting for it (at most `MAX_WAITERS`; more
+//! are refused at once), and a kid the fetched set still lacks is remembered as unknown for
+//! `UNKNOWN_KID_TTL`. Junk kids therefore cost the IdP one request a second and a caller with
+//! a freshly rotated key waits for one fetch, not behind every junk token.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -27,6 +37,12 @@ const REFETCH_SPACING: Duration = Duration::from_secs(1);
 /// Scheduled JWKS refresh.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
 const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Requests that may wait for one JWKS fetch at the same time.
+pub const MAX_WAITERS: usize = 64;
+/// How long a kid the IdP's set lacks is refused without another fetch.
+pub const UNKNOWN_KID_TTL: Duration = Duration::from_secs(60);
+/// The longest a request waits for a JWKS fetch.
+const FETCH_WAIT: Duration = Duration::from_secs(6);
 
 /// Where caller JWTs come from.
 #[derive(Clone, Debug)]
@@ -45,8 +61,22 @@ struct Key {
 struct Claims {
     sub: String,
     exp: i64,
-    #[serde(default)]
-    tenants: Option<Value>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+/// A named admin from an IdP token.
+#[derive(Clone, Debug)]
+pub struct AdminClaims {
+    pub sub: String,
+    /// The values of the role claim (strings only).
+    pub roles: Vec<String>,
+}
+
+#[derive(Default)]
+struct FetchState {
+    running: bool,
+    last_at: Option<Instant>,
 }
 
 /// Verifies caller JWTs against the IdP's JWKS.
@@ -54,7 +84,11 @@ pub struct JwtVerifier {
     settings: JwtSettings,
     client: reqwest::Client,
     keys: RwLock<Arc<HashMap<String, Arc<Key>>>>,
-    fetch: tokio::sync::Mutex<Option<Instant>>,
+    fetch: Mutex<FetchState>,
+    /// Counts completed fetches; requests waiting for keys watch it.
+    fetched: tokio::sync::watch::Sender<u64>,
+    waiting: AtomicUsize,
+    unknown_kids: Cache<String, ()>,
     /// Verified tokens by SHA-256, so a caller's repeated token costs one hash, not a signature check.
     verified: Cache<[u8; 32], Arc<(Caller, i64)>>,
 }
@@ -117,10 +151,17 @@ impl JwtVerifier {
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
                 .build()
                 .expect("the TLS backend initialises"),
             keys: RwLock::new(Arc::new(HashMap::new())),
-            fetch: tokio::sync::Mutex::new(None),
+            fetch: Mutex::new(FetchState::default()),
+            fetched: tokio::sync::watch::channel(0).0,
+            waiting: AtomicUsize::new(0),
+            unknown_kids: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(UNKNOWN_KID_TTL)
+                .build(),
             verified: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
@@ -134,34 +175,76 @@ impl JwtVerifier {
         tokio::spawn(async move {
             loop {
                 let Some(me) = weak.upgrade() else { return };
-                me.refetch(false).await;
+                me.schedule_fetch();
                 drop(me);
                 tokio::time::sleep(REFRESH_EVERY).await;
             }
         });
     }
 
-    /// Fetches the JWKS; with `spaced`, waits out the minimum spacing since the last fetch.
-    async fn refetch(&self, spaced: bool) {
-        let mut last = self.fetch.lock().await;
-        if spaced {
-            if let Some(at) = *last {
-                let since = at.elapsed();
-                if since < REFETCH_SPACING {
-                    tokio::time::sleep(REFETCH_SPACING - since).await;
+    /// Starts a fetch unless one is running; it begins once `REFETCH_SPACING` has passed
+    /// since the last one.
+    fn schedule_fetch(self: &Arc<Self>) {
+        let delay = {
+            let mut st = self.fetch.lock().expect("jwks fetch state");
+            if st.running {
+                return;
+            }
+            st.running = true;
+            st.last_at.map_or(Duration::ZERO, |at| {
+                REFETCH_SPACING.saturating_sub(at.elapsed())
+            })
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let result = me.download().await;
+            match result {
+                Ok(keys) => {
+                    tracing::debug!(keys = keys.len(), "caller JWKS loaded");
+                    *me.keys.write().expect("jwks") = Arc::new(keys);
+                    // Kids now known are known; the rest are learnt again as they come.
+                    me.unknown_kids.invalidate_all();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "caller JWKS could not be fetched; keeping the keys held")
                 }
             }
-        }
-        *last = Some(Instant::now());
-        match self.download().await {
-            Ok(keys) => {
-                tracing::debug!(keys = keys.len(), "caller JWKS loaded");
-                *self.keys.write().expect("jwks") = Arc::new(keys);
+            {
+                let mut st = me.fetch.lock().expect("jwks fetch state");
+                st.running = false;
+                st.last_at = Some(Instant::now());
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "caller JWKS could not be fetched; keeping the keys held")
+            me.fetched.send_modify(|n| *n += 1);
+        });
+    }
+
+    /// The key for a kid not held: waits for the next fetch, shared with every other request
+    /// waiting for one; refused at once if the kid was recently missing or too many wait.
+    async fn key_after_fetch(self: &Arc<Self>, kid: &str) -> Option<Arc<Key>> {
+        if self.unknown_kids.contains_key(kid) {
+            return None;
+        }
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITERS {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let _waiting = Waiting(&self.waiting);
+        let mut rx = self.fetched.subscribe();
+        rx.borrow_and_update();
+        self.schedule_fetch();
+        let _ = tokio::time::timeout(FETCH_WAIT, rx.changed()).await;
+        let key = self.key(kid);
+        if key.is_none() {
+            self.unknown_kids.insert(kid.to_owned(), ());
+        }
+        key
     }
 
     async fn download(&self) -> Result<HashMap<String, Arc<Key>>, String> {
@@ -200,7 +283,7 @@ impl JwtVerifier {
     }
 
     /// The caller a JWT stands for, or why it is refused (a fixed reason, never token content).
-    pub async fn verify(&self, token: &str) -> Result<Caller, &'static str> {
+    pub async fn verify(self: &Arc<Self>, token: &str) -> Result<Caller, &'static str> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.verified.get(&digest) {
             if now_ms() < hit.1 * 1000 + LEEWAY_S as i64 * 1000 {
@@ -214,8 +297,52 @@ impl JwtVerifier {
         Ok(caller)
     }
 
-    /// The full check of a token (header, key, signature, claims), without the cache.
-    pub async fn verify_signature(&self, token: &str) -> Result<(Caller, i64), &'static str> {
+    /// The full check of a caller token (header, key, signature, claims), without the cache.
+    pub async fn verify_signature(
+        self: &Arc<Self>,
+        token: &str,
+    ) -> Result<(Caller, i64), &'static str> {
+        let mut claims = self.check(token, &self.settings.audience).await?;
+        let caller = Caller {
+            id: format!("jwt:{}", claims.sub).into(),
+            name: claims.sub.into(),
+            scope: Arc::new(scope_of(claims.rest.remove("tenants"))),
+            method: AuthMethod::Jwt,
+        };
+        Ok((caller, claims.exp))
+    }
+
+    /// Checks an admin token: the same rules as for callers, with the admin audience; the
+    /// roles are read from `role_claim` (a name or a dotted path; an array of strings or a
+    /// space-separated string).
+    pub async fn verify_admin(
+        self: &Arc<Self>,
+        token: &str,
+        audience: &str,
+        role_claim: &str,
+    ) -> Result<AdminClaims, &'static str> {
+        let claims = self.check(token, audience).await?;
+        let mut at = claims.rest.get(role_claim.split('.').next().unwrap_or(""));
+        for part in role_claim.split('.').skip(1) {
+            at = at.and_then(|v| v.get(part));
+        }
+        let roles = match at {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+            _ => Vec::new(),
+        };
+        Ok(AdminClaims {
+            sub: claims.sub,
+            roles,
+        })
+    }
+
+    /// Header, key, signature and registered claims of `token` for `audience`.
+    async fn check(self: &Arc<Self>, token: &str, audience: &str) -> Result<Claims, &'static str> {
+        refuse_crit(token)?;
         let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed JWT")?;
         if !ALLOWED.contains(&header.alg) {
             return Err("JWT algorithm not allowed");
@@ -226,10 +353,7 @@ impl JwtVerifier {
         }
         let key = match self.key(kid) {
             Some(k) => k,
-            None => {
-                self.refetch(true).await;
-                self.key(kid).ok_or("unknown JWT key")?
-            }
+            None => self.key_after_fetch(kid).await.ok_or("unknown JWT key")?,
         };
         if !key.algorithms.contains(&header.alg) {
             return Err("JWT algorithm does not match its key");
@@ -240,22 +364,31 @@ impl JwtVerifier {
         v.validate_exp = true;
         v.validate_nbf = true;
         v.set_issuer(&[&self.settings.issuer]);
-        v.set_audience(&[&self.settings.audience]);
+        v.set_audience(&[audience]);
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let data =
             jsonwebtoken::decode::<Claims>(token, &key.decoding, &v).map_err(|_| "JWT rejected")?;
-        let claims = data.claims;
-        if !valid_name(&claims.sub) {
-            return Err("JWT sub is not a usable caller name");
+        if !valid_name(&data.claims.sub) {
+            return Err("JWT sub is not a usable name");
         }
-        let caller = Caller {
-            id: format!("jwt:{}", claims.sub).into(),
-            name: claims.sub.into(),
-            scope: Arc::new(scope_of(claims.tenants)),
-            method: AuthMethod::Jwt,
-        };
-        Ok((caller, claims.exp))
+        Ok(data.claims)
     }
+}
+
+/// RFC 7515 §4.1.11: a header naming critical extensions the recipient does not understand
+/// must be refused; the broker understands none.
+fn refuse_crit(token: &str) -> Result<(), &'static str> {
+    let head = token.split('.').next().unwrap_or("");
+    if head.len() > 8 * 1024 {
+        return Err("malformed JWT");
+    }
+    let raw = B64URL.decode(head).map_err(|_| "malformed JWT")?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&raw).map_err(|_| "malformed JWT")?;
+    if header.contains_key("crit") {
+        return Err("JWT crit header names an extension the broker does not understand");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -288,5 +421,18 @@ mod tests {
         );
         assert_eq!(scope_of(None), Scope::Tenants(vec![]));
         assert_eq!(scope_of(Some(json!("a"))), Scope::Tenants(vec![]));
+    }
+
+    #[test]
+    fn crit_headers_are_refused() {
+        let enc = |h: Value| B64URL.encode(h.to_string());
+        let with = format!(
+            "{}.e30.sig",
+            enc(json!({"alg": "RS256", "kid": "k", "crit": ["exp"], "exp": 1}))
+        );
+        assert!(refuse_crit(&with).is_err());
+        let without = format!("{}.e30.sig", enc(json!({"alg": "RS256", "kid": "k"})));
+        assert!(refuse_crit(&without).is_ok());
+        assert!(refuse_crit("!!.e30.sig").is_err());
     }
 }

@@ -182,12 +182,17 @@ impl Authenticator {
     }
 }
 
-/// The admin bearer token, kept as its SHA-256 and compared in constant time.
-pub struct AdminAuth(Option<[u8; 32]>);
+/// A static bearer token (the admin token, the metrics token), kept as its SHA-256 and
+/// compared in constant time.
+pub struct StaticToken(Option<[u8; 32]>);
 
-impl AdminAuth {
+impl StaticToken {
     pub fn new(token: Option<&SecretString>) -> Self {
         Self(token.map(|t| Sha256::digest(t.expose_secret().as_bytes()).into()))
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
     }
 
     pub fn verify(&self, presented: &str) -> bool {
@@ -263,32 +268,122 @@ impl FromRequest for Caller {
     }
 }
 
-/// Proof that the request carries the admin token.
-pub struct Admin;
+/// Role values in the admin role claim.
+pub const ADMIN_ROLE: &str = "token-broker-admin";
+pub const AUDITOR_ROLE: &str = "token-broker-auditor";
+
+/// What an admin may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminRole {
+    /// Everything.
+    Admin,
+    /// Read tenants, callers and the audit trail; change nothing.
+    Auditor,
+}
+
+/// An authenticated admin: the static token (`admin-token`, for bootstrap and break-glass)
+/// or a named person from the IdP. Handlers take it as an argument; auditors get past the
+/// extractor only on reads (GET, HEAD).
+#[derive(Clone, Debug)]
+pub struct Admin {
+    /// Recorded in the audit trail: `admin-token`, or the JWT's `sub`.
+    pub name: Arc<str>,
+    /// `admin_token` or `jwt`.
+    pub method: &'static str,
+    pub role: AdminRole,
+}
+
+impl Admin {
+    fn static_token() -> Self {
+        Self {
+            name: "admin-token".into(),
+            method: "admin_token",
+            role: AdminRole::Admin,
+        }
+    }
+}
+
+fn looks_like_jwt(t: &str) -> bool {
+    t.len() <= 16 * 1024 && t.bytes().filter(|&b| b == b'.').count() == 2
+}
 
 impl FromRequest for Admin {
     type Error = ApiError;
-    type Future = std::future::Ready<Result<Self, Self::Error>>;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let state = state(req);
-        let result = match bearer(req) {
-            None => Err(ApiError::Unauthorized("missing bearer credentials")),
-            Some(t) if state.admin.verify(t) => Ok(Admin),
-            Some(_) => Err(ApiError::Unauthorized("invalid credentials")),
-        };
-        if let Err(e @ ApiError::Unauthorized(reason)) = &result {
-            let action = format!(
-                "admin {} {}",
-                req.method(),
-                req.match_pattern().unwrap_or_default()
-            );
-            let mut entry = crate::audit::Entry::new("refused", action, e.code());
-            entry.tenant = req.match_info().get("tenant_id").map(Into::into);
-            entry.detail = Some((*reason).to_owned());
-            entry.request_id = crate::api::request_id_of(req);
-            state.audit.record_best_effort(entry);
-        }
-        std::future::ready(result)
+        let token = bearer(req).map(str::to_owned);
+        let req = req.clone();
+        Box::pin(async move {
+            let result = match (token, &state.settings.admin_jwt, &state.jwt) {
+                (None, _, _) => Err(ApiError::Unauthorized("missing bearer credentials")),
+                (Some(t), _, _) if state.admin.verify(&t) => Ok(Admin::static_token()),
+                (Some(t), Some(cfg), Some(verifier)) if looks_like_jwt(&t) => {
+                    match verifier
+                        .verify_admin(&t, &cfg.audience, &cfg.role_claim)
+                        .await
+                    {
+                        Ok(claims) => {
+                            let role = if claims.roles.iter().any(|r| r == ADMIN_ROLE) {
+                                Some(AdminRole::Admin)
+                            } else if claims.roles.iter().any(|r| r == AUDITOR_ROLE) {
+                                Some(AdminRole::Auditor)
+                            } else {
+                                None
+                            };
+                            match role {
+                                Some(role) => Ok(Admin {
+                                    name: claims.sub.into(),
+                                    method: "jwt",
+                                    role,
+                                }),
+                                None => Err(ApiError::AdminForbidden(
+                                    "the token carries neither the token-broker-admin nor the token-broker-auditor role",
+                                )),
+                            }
+                        }
+                        Err(reason) => {
+                            tracing::info!(reason, "admin JWT refused");
+                            Err(ApiError::Unauthorized("invalid credentials"))
+                        }
+                    }
+                }
+                (Some(_), _, _) if !state.admin.is_set() && state.settings.admin_jwt.is_none() => {
+                    Err(ApiError::Unauthorized(
+                        "the admin API is disabled: start the broker with BROKER_ADMIN_TOKEN (or BROKER_ADMIN_JWT_AUDIENCE) set",
+                    ))
+                }
+                (Some(_), _, _) => Err(ApiError::Unauthorized("invalid credentials")),
+            };
+            let result = result.and_then(|admin| {
+                let reads = matches!(req.method().as_str(), "GET" | "HEAD");
+                if admin.role == AdminRole::Auditor && !reads {
+                    Err(ApiError::AdminForbidden(
+                        "the token-broker-auditor role may read but not change anything",
+                    ))
+                } else {
+                    Ok(admin)
+                }
+            });
+            match &result {
+                Ok(admin) => {
+                    tracing::Span::current().record("caller", &*admin.name);
+                }
+                Err(e) => {
+                    let action = format!(
+                        "admin {} {}",
+                        req.method(),
+                        req.match_pattern().unwrap_or_default()
+                    );
+                    let mut entry = crate::audit::Entry::new("refused", action, e.code());
+                    entry.tenant = req.match_info().get("tenant_id").map(Into::into);
+                    entry.detail = Some(e.to_string());
+                    entry.request_id = crate::api::request_id_of(&req);
+                    state.audit.record_best_effort(entry);
+                }
+            }
+            result
+        })
     }
 }

@@ -144,9 +144,10 @@ impl Circuits {
     }
 }
 
-/// Per-tenant pacing of partner calls.
+/// Per-tenant pacing of partner calls (and of young-token drops), shared through Redis when
+/// configured, else per process.
 pub struct Pacer {
-    local: Mutex<HashMap<TenantId, i64>>,
+    local: Mutex<HashMap<(TenantId, &'static str), i64>>,
     redis: Option<RedisCache>,
 }
 
@@ -167,16 +168,7 @@ impl Pacer {
         deadline_ms: i64,
     ) -> Result<(), Duration> {
         loop {
-            let wait_ms = match &self.redis {
-                Some(r) => match r.take_slot(tenant, "pace", interval_ms).await {
-                    Ok(wait) => wait,
-                    Err(e) => {
-                        tracing::warn!(tenant = %tenant, error = %e, "shared pacing unavailable; pacing in this replica");
-                        self.take_local(tenant, interval_ms)
-                    }
-                },
-                None => self.take_local(tenant, interval_ms),
-            };
+            let wait_ms = self.try_take(tenant, "pace", interval_ms).await;
             if wait_ms == 0 {
                 return Ok(());
             }
@@ -187,12 +179,28 @@ impl Pacer {
         }
     }
 
-    fn take_local(&self, tenant: &TenantId, interval_ms: u64) -> u64 {
+    /// Takes the tenant's `what` slot if it is free (it stays taken `interval_ms`); else how
+    /// many ms until it frees.
+    pub async fn try_take(&self, tenant: &TenantId, what: &'static str, interval_ms: u64) -> u64 {
+        match &self.redis {
+            Some(r) => match r.take_slot(tenant, what, interval_ms).await {
+                Ok(wait) => wait,
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant, error = %e, what, "shared pacing unavailable; pacing in this replica");
+                    self.take_local(tenant, what, interval_ms)
+                }
+            },
+            None => self.take_local(tenant, what, interval_ms),
+        }
+    }
+
+    fn take_local(&self, tenant: &TenantId, what: &'static str, interval_ms: u64) -> u64 {
         let now = now_ms();
         let mut map = self.local.lock().expect("pacer");
-        let next = map.get(tenant).copied().unwrap_or(0);
+        let key = (tenant.clone(), what);
+        let next = map.get(&key).copied().unwrap_or(0);
         if now >= next {
-            map.insert(tenant.clone(), now + interval_ms as i64);
+            map.insert(key, now + interval_ms as i64);
             0
         } else {
             (next - now) as u64
@@ -235,8 +243,8 @@ mod tests {
     fn local_pacing() {
         let p = Pacer::new(None);
         let t = TenantId::parse("t").unwrap();
-        assert_eq!(p.take_local(&t, 1000), 0);
-        let wait = p.take_local(&t, 1000);
+        assert_eq!(p.take_local(&t, "pace", 1000), 0);
+        let wait = p.take_local(&t, "pace", 1000);
         assert!(wait > 900 && wait <= 1000, "{wait}");
     }
 }

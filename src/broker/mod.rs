@@ -117,6 +117,38 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 /// net behind the events); if Redis does not answer, the held token keeps being served.
 pub const L1_REVALIDATE_MS: i64 = 15_000;
 
+/// The default ceiling on a tenant's partner calls: one a second, shared by every replica.
+pub const DEFAULT_MIN_INTERVAL_MS: u64 = 1_000;
+/// A token younger than this (or than 5 % of its lifetime, if longer) is dropped by a
+/// caller's report at most once per window (see `Broker::invalidate`).
+pub const INVALIDATE_MIN_AGE_MS: i64 = 10_000;
+
+/// What a caller's report of a rejected token did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The token was the current one and is gone: the next fetch mints.
+    Dropped,
+    /// The token was not (or no longer) the current one: nothing to drop.
+    Stale,
+    /// The token is current but young, and a young token of this tenant was dropped within
+    /// the window already: it stays.
+    Throttled {
+        age_s: u64,
+        window_s: u64,
+        retry_after_s: u64,
+    },
+}
+
+impl Invalidation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dropped => "dropped",
+            Self::Stale => "stale",
+            Self::Throttled { .. } => "throttled",
+        }
+    }
+}
+
 /// Time bounds of the token path.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
@@ -132,6 +164,9 @@ pub struct Timing {
     pub caller_deadline: Duration,
     /// Whether fetches look in the in-process cache first (with Redis configured).
     pub l1_enabled: bool,
+    /// The minimum interval between partner calls of a tenant whose spec sets no
+    /// `min_interval_ms` (`BROKER_DEFAULT_MIN_INTERVAL_MS`; 0 turns the default off).
+    pub default_min_interval_ms: u64,
 }
 
 impl Timing {
@@ -144,6 +179,7 @@ impl Timing {
             lock_wait: t + LOCK_TTL + Duration::from_secs(1),
             caller_deadline: t + Duration::from_secs(2),
             l1_enabled: true,
+            default_min_interval_ms: DEFAULT_MIN_INTERVAL_MS,
         }
     }
 }
@@ -704,14 +740,19 @@ impl Broker {
             .timeout_ms
             .map_or(self.timing.attempt_timeout, Duration::from_millis);
         let mut attempt = 0;
+        let interval = tenant
+            .issuer
+            .min_interval_ms
+            .unwrap_or(self.timing.default_min_interval_ms);
+        let mut last_error = None;
         loop {
-            if let Some(interval) = tenant.issuer.min_interval_ms {
-                self.pacer
-                    .take(&tenant.id, interval, deadline_ms)
-                    .await
-                    .map_err(|wait| IssuerError::Paced {
+            if interval > 0 {
+                if let Err(wait) = self.pacer.take(&tenant.id, interval, deadline_ms).await {
+                    // A retry that finds no call slot in time reports what it retried.
+                    return Err(last_error.unwrap_or(IssuerError::Paced {
                         retry_after: wait.as_secs().max(1),
-                    })?;
+                    }));
+                }
             }
             let left = deadline_ms - now_ms();
             if left <= 0 {
@@ -734,6 +775,7 @@ impl Broker {
                     tracing::info!(tenant = %tenant.id, attempt, backoff_ms = backoff, error = %e, "retrying the partner");
                     tokio::time::sleep(Duration::from_millis(backoff as u64)).await;
                     attempt += 1;
+                    last_error = Some(e);
                 }
                 other => return other,
             }
@@ -816,12 +858,45 @@ impl Broker {
         }
     }
 
-    /// Drops the cached token only if it is still `access_token`; true if dropped.
+    /// A caller's report that the partner rejected `access_token`. A token that is not the
+    /// current one is stale (nothing happens). The current token is dropped, unless it is
+    /// younger than the tenant's minimum age (`invalidate_min_age_ms`, else 10 s or 5 % of
+    /// its lifetime, whichever is longer) and a young token of this tenant was already
+    /// dropped within that window, across replicas: a caller whose 401 has another cause
+    /// then cannot make the broker mint in a loop. Concurrent reports of one token drop it
+    /// once (compare-and-delete).
     pub async fn invalidate(
         &self,
         tenant: &TenantId,
         access_token: &str,
-    ) -> Result<bool, BrokerError> {
+    ) -> Result<Invalidation, BrokerError> {
+        let current = match &self.l2 {
+            Some(l2) => match l2.get(tenant).await {
+                Ok(t) => t,
+                Err(_) => self.l1.get_held(tenant).map(|h| h.0),
+            },
+            None => self.l1.get_held(tenant).map(|h| h.0),
+        };
+        let reported = crate::cache::fingerprint(access_token);
+        if let Some(token) = current.filter(|t| t.fingerprint() == reported) {
+            let now = now_ms();
+            let age = (now - token.issued_at_ms).max(0);
+            let min_age = self.invalidate_min_age(tenant, &token).await;
+            if age < min_age {
+                let wait = self
+                    .pacer
+                    .try_take(tenant, "invalidate", min_age as u64)
+                    .await;
+                if wait > 0 {
+                    let retry_ms = (wait as i64).min(min_age - age).max(1);
+                    return Ok(Invalidation::Throttled {
+                        age_s: (age / 1000) as u64,
+                        window_s: ((min_age + 999) / 1000) as u64,
+                        retry_after_s: ((retry_ms + 999) / 1000) as u64,
+                    });
+                }
+            }
+        }
         let mut dropped = self.l1.remove_if_current(tenant, access_token);
         if let Some(l2) = &self.l2 {
             if l2.remove_if_current(tenant, access_token).await? {
@@ -829,7 +904,35 @@ impl Broker {
                 self.announce("d", tenant).await;
             }
         }
-        Ok(dropped)
+        Ok(if dropped {
+            Invalidation::Dropped
+        } else {
+            Invalidation::Stale
+        })
+    }
+
+    /// The age below which a token of `tenant` is protected from repeated drops.
+    async fn invalidate_min_age(&self, tenant: &TenantId, token: &CachedToken) -> i64 {
+        let configured = match self.last_read.get(tenant) {
+            Some(sealed) => sealed.record.issuer.invalidate_min_age_ms,
+            None => match self.store.tenant_record(tenant).await {
+                Ok(record) => record.issuer.invalidate_min_age_ms,
+                Err(_) => None,
+            },
+        };
+        match configured {
+            Some(ms) => ms as i64,
+            None => {
+                let lifetime = (token.expires_at_ms - token.issued_at_ms).max(0);
+                INVALIDATE_MIN_AGE_MS.max(lifetime / 20)
+            }
+        }
+    }
+
+    /// Whether the tenant is known to exist (a cached token or a recent read), so metrics
+    /// may carry its id as a label; unknown ids never create series.
+    pub fn knows_tenant(&self, tenant: &TenantId) -> bool {
+        self.last_read.contains_key(tenant) || self.l1.get_held(tenant).is_some()
     }
 
     /// The shared cache's health from real key operations: `None` without one, else `Err`

@@ -100,6 +100,17 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || ip.is_loopback()
         || ip.is_multicast()
         || s[0..6] == [0, 0, 0, 0, 0, 0]
+        // IPv4-translated (SIIT) ::ffff:0:a.b.c.d
+        || s[0..5] == [0, 0, 0, 0, 0xffff] && s[5] == 0
+        // Local-use NAT64 64:ff9b:1::/48: reaches whatever IPv4 network the translator serves.
+        || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1)
+        // 6to4 2002::/16 and Teredo 2001::/32 carry an IPv4 address of the relay's choosing.
+        || s[0] == 0x2002
+        || (s[0] == 0x2001 && s[1] == 0)
+        // Discard-only 100::/64, ORCHID 2001:10::/28 and 2001:20::/28.
+        || s[0..4] == [0x100, 0, 0, 0]
+        || (s[0] == 0x2001 && (s[1] & 0xffe0) == 0x0020)
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0010)
         || (s[0] & 0xfe00) == 0xfc00
         || (s[0] & 0xffc0) == 0xfe80
         || (s[0] & 0xffc0) == 0xfec0
@@ -156,6 +167,17 @@ mod tests {
             "https://100.64.0.1/",
             "https://[fd00:ec2::254]/",
             "https://[fe80::1]/",
+            // IPv6 forms that embed or reach an IPv4 address.
+            "https://[::ffff:0:7f00:1]/",
+            "https://[64:ff9b::7f00:1]/",
+            "https://[64:ff9b::a9fe:a9fe]/",
+            "https://[64:ff9b:1::5db8:d822]/",
+            "https://[2002:7f00:1::1]/",
+            "https://[2002:5db8:d822::1]/",
+            "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+            "https://[::7f00:1]/",
+            "https://[100::1]/",
+            "https://[2001:10::1]/",
             "https://0.0.0.0/",
             "https://metadata.google.internal/",
             "https://intranet/",
@@ -175,6 +197,7 @@ mod tests {
             "https://partner.comm100.io/oauth/token",
             "https://93.184.216.34/token",
             "https://[2606:2800:220:1:248:1893:25c8:1946]/t",
+            "https://[64:ff9b::5db8:d822]/t",
         ] {
             assert!(check_token_url(ok, false).is_ok(), "{ok}");
         }

@@ -136,6 +136,10 @@ impl Default for IssuerSettings {
 }
 
 /// The outbound client shared by every tenant.
+/// The longest partner `Retry-After` the broker honours or passes on (the circuit's cap):
+/// a partner announcing `99999999` must not tell callers to go away for three years.
+pub const MAX_RETRY_AFTER_S: u64 = 300;
+
 #[derive(Clone)]
 pub struct Issuers {
     client: reqwest::Client,
@@ -148,6 +152,9 @@ impl Issuers {
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy from the environment would see the real target instead of the address
+            // guard: partner calls always go direct.
+            .no_proxy()
             .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(60));
         if !settings.allow_insecure {
@@ -231,7 +238,8 @@ impl Issuers {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| s.min(MAX_RETRY_AFTER_S));
         let content_type = resp
             .headers()
             .get(CONTENT_TYPE)

@@ -122,6 +122,11 @@ pub struct IssuerSpec {
     /// second per client id); applies to every path that mints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_interval_ms: Option<u64>,
+    /// A token younger than this is dropped by callers' reports at most once per this window
+    /// (default: 10 s or 5 % of the token's lifetime, whichever is longer; 0 honours every
+    /// report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalidate_min_age_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_method: Option<AuthMethod>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,13 +164,16 @@ impl IssuerSpec {
                 "must be between 100 and 60000",
             ));
         }
-        if self
-            .min_interval_ms
-            .is_some_and(|t| !(1..=3_600_000).contains(&t))
-        {
+        if self.invalidate_min_age_ms.is_some_and(|t| t > 3_600_000) {
+            return Err(SpecError::new(
+                "issuer.invalidate_min_age_ms",
+                "must be between 0 and 3600000",
+            ));
+        }
+        if self.min_interval_ms.is_some_and(|t| t > 3_600_000) {
             return Err(SpecError::new(
                 "issuer.min_interval_ms",
-                "must be between 1 and 3600000",
+                "must be between 0 and 3600000",
             ));
         }
         let oauth_only = [

@@ -8,6 +8,7 @@ mod contract;
 mod failures;
 mod faults;
 mod flights;
+mod hostile;
 mod ops;
 mod partners;
 mod persistence;

@@ -572,3 +572,249 @@ async fn tampered_or_moved_ciphertexts_fail_closed(env: TestEnv) {
     app.stop().await;
 }
 backends!(tampered_or_moved_ciphertexts_fail_closed: Sqlite, Postgres);
+
+/// A token signed by a known key whose header lists `crit` extensions.
+fn sign_with_crit(claims: &Value) -> String {
+    let enc = |v: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+    let head = enc(&json!({"alg": "RS256", "typ": "JWT", "kid": "k1", "crit": ["exp"]}));
+    let message = format!("{head}.{}", enc(claims));
+    let key = EncodingKey::from_rsa_pem(&fixture("rsa1.pem")).unwrap();
+    let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::RS256).unwrap();
+    format!("{message}.{sig}")
+}
+
+/// 30 tokens with junk kids and a caller whose key the IdP just rotated in, all at once: the
+/// JWKS is fetched once or twice for all of them, the real caller waits for one fetch, and the
+/// junk kids are then refused without fetching. A `crit` header is refused.
+async fn jwks_refetches_are_shared_and_junk_kids_remembered(mut env: TestEnv) {
+    let idp = idp(&["rsa1"]).await;
+    with_jwt(&mut env, &idp);
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    app.create_tenant(&setu_spec("t1", &partner, "s")).await;
+    let good = sign(
+        &claims(json!("*")),
+        Algorithm::RS256,
+        "rsa1.pem",
+        Some("k1"),
+    );
+    assert_eq!(app.get_token("t1", &good).await.status, 200);
+    app.get_token("t1", &sign_with_crit(&claims(json!("*"))))
+        .await
+        .assert_problem(401, "unauthorized");
+
+    publish(&idp, &["rsa1", "rsa2"]).await;
+    let junk: Vec<String> = (0..30)
+        .map(|i| {
+            sign(
+                &claims(json!("*")),
+                Algorithm::RS256,
+                "rsa1.pem",
+                Some(&format!("junk-{i}")),
+            )
+        })
+        .collect();
+    let rotated = sign(
+        &claims(json!("*")),
+        Algorithm::RS256,
+        "rsa2.pem",
+        Some("k2"),
+    );
+    let t0 = std::time::Instant::now();
+    let junk_calls: Vec<_> = junk
+        .iter()
+        .map(|t| {
+            let (client, url, t) = (
+                app.client.clone(),
+                format!("{}/v1/tenants/t1/token", app.address),
+                t.clone(),
+            );
+            tokio::spawn(async move {
+                client
+                    .get(url)
+                    .bearer_auth(t)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let a = app.get_token("t1", &rotated).await;
+    let waited = t0.elapsed();
+    assert_eq!(a.status, 200, "{}", a.text);
+    for c in junk_calls {
+        assert_eq!(c.await.unwrap(), 401);
+    }
+    let fetches = idp.received_requests().await.unwrap().len();
+    eprintln!("rotated key accepted after {waited:?} behind 30 junk kids; {fetches} JWKS fetches");
+    assert!(waited < Duration::from_millis(2_500), "{waited:?}");
+    assert!(fetches <= 2, "{fetches} JWKS fetches");
+
+    // The same junk again: refused at once, no fetch.
+    let t0 = std::time::Instant::now();
+    for t in &junk[..10] {
+        assert_eq!(app.get_token("t1", t).await.status, 401);
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(idp.received_requests().await.unwrap().len(), fetches);
+    app.stop().await;
+}
+backends!(jwks_refetches_are_shared_and_junk_kids_remembered: Sqlite);
+
+const ADMIN_AUDIENCE: &str = "token-broker-admin-api";
+
+fn admin_claims(sub: &str, roles: Value) -> Value {
+    let now = now_s();
+    json!({"sub": sub, "iss": ISSUER, "aud": ADMIN_AUDIENCE, "iat": now, "exp": now + 300, "roles": roles})
+}
+
+/// Named admins: IdP JWTs with the admin audience and a role; auditors read only; every
+/// change is audited with the admin's `sub`; the static token is recorded as `admin-token`.
+async fn named_admins_from_the_idp(mut env: TestEnv) {
+    let idp = idp(&["rsa1", "ec1"]).await;
+    with_jwt(&mut env, &idp);
+    env.extra
+        .insert("BROKER_ADMIN_JWT_AUDIENCE".into(), ADMIN_AUDIENCE.into());
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    let as_admin = |token: &str, m: Method, p: &str| {
+        app.client
+            .request(m, format!("{}{p}", app.address))
+            .bearer_auth(token)
+    };
+    let alice = sign(
+        &admin_claims("alice@example.com", json!(["token-broker-admin", "other"])),
+        Algorithm::RS256,
+        "rsa1.pem",
+        Some("k1"),
+    );
+    let bob = sign(
+        &admin_claims("bob@example.com", json!("token-broker-auditor")),
+        Algorithm::ES256,
+        "ec1.pem",
+        Some("e1"),
+    );
+    let nobody = sign(
+        &admin_claims("eve@example.com", json!(["viewer"])),
+        Algorithm::RS256,
+        "rsa1.pem",
+        Some("k1"),
+    );
+    let created = app
+        .send(
+            as_admin(&alice, Method::POST, "/admin/v1/tenants")
+                .json(&setu_spec("named", &partner, "s")),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    assert_eq!(
+        app.send(as_admin(&bob, Method::GET, "/admin/v1/tenants"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.send(as_admin(&bob, Method::GET, "/admin/v1/audit"))
+            .await
+            .status,
+        200
+    );
+    app.send(as_admin(&bob, Method::DELETE, "/admin/v1/tenants/named"))
+        .await
+        .assert_problem(403, "admin_forbidden");
+    app.send(
+        as_admin(&bob, Method::POST, "/admin/v1/callers")
+            .json(&json!({"name": "x", "tenants": "*"})),
+    )
+    .await
+    .assert_problem(403, "admin_forbidden");
+    app.send(as_admin(&nobody, Method::GET, "/admin/v1/tenants"))
+        .await
+        .assert_problem(403, "admin_forbidden");
+    // The same attacks as for callers, and a caller's token (wrong audience) carrying the role.
+    let mut caller_token = claims(json!("*"));
+    caller_token["roles"] = json!(["token-broker-admin"]);
+    let mut expired = admin_claims("alice@example.com", json!(["token-broker-admin"]));
+    expired["exp"] = json!(now_s() - 120);
+    let enc = |v: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+    for (what, token) in [
+        (
+            "caller audience",
+            sign(&caller_token, Algorithm::RS256, "rsa1.pem", Some("k1")),
+        ),
+        (
+            "expired",
+            sign(&expired, Algorithm::RS256, "rsa1.pem", Some("k1")),
+        ),
+        (
+            "other key",
+            sign(
+                &admin_claims("alice@example.com", json!(["token-broker-admin"])),
+                Algorithm::RS256,
+                "rsa_other.pem",
+                Some("k1"),
+            ),
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                enc(&json!({"alg": "none", "kid": "k1"})),
+                enc(&admin_claims(
+                    "alice@example.com",
+                    json!(["token-broker-admin"])
+                ))
+            ),
+        ),
+        (
+            "crit",
+            sign_with_crit(&admin_claims(
+                "alice@example.com",
+                json!(["token-broker-admin"]),
+            )),
+        ),
+    ] {
+        let a = app
+            .send(
+                as_admin(&token, Method::POST, "/admin/v1/callers")
+                    .json(&json!({"name": "y", "tenants": "*"})),
+            )
+            .await;
+        assert_eq!(a.status, 401, "{what}: {}", a.text);
+    }
+    // An admin token is not a caller token either.
+    app.get_token("named", &alice)
+        .await
+        .assert_problem(401, "unauthorized");
+    // The static token still works, recorded as admin-token.
+    assert_eq!(
+        app.send(app.admin(Method::DELETE, "/admin/v1/tenants/named"))
+            .await
+            .status,
+        204
+    );
+    let entries = audit_entries(&app, "tenant=named", 2).await;
+    let create = entries
+        .iter()
+        .find(|e| e["action"] == "tenant.create")
+        .expect("create audited");
+    assert_eq!(create["caller"], "alice@example.com");
+    assert_eq!(create["auth_method"], "jwt");
+    let delete = entries
+        .iter()
+        .find(|e| e["action"] == "tenant.delete")
+        .expect("delete audited");
+    assert_eq!(delete["caller"], "admin-token");
+    assert_eq!(delete["auth_method"], "admin_token");
+    let text = serde_json::to_string(&entries).unwrap();
+    assert!(!text.contains(&alice) && !text.contains(ADMIN_TOKEN));
+    app.stop().await;
+}
+backends!(named_admins_from_the_idp: Sqlite, PostgresRedis);
