@@ -303,8 +303,11 @@ async fn write_tenant(
             Err(StoreError::VersionConflict) if if_match.is_set() => {
                 return Err(ApiError::PreconditionFailed("changed concurrently".into()))
             }
-            Err(StoreError::VersionConflict) if attempts < 20 => {
-                let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 1..=10 * attempts);
+            // Each round one writer wins; with dozens writing at once a loser may need many
+            // rounds (20 ran out once in 60 concurrent writes over two replicas).
+            Err(StoreError::VersionConflict) if attempts < 64 => {
+                let pause =
+                    rand::Rng::gen_range(&mut rand::thread_rng(), 1..=(10 * attempts).min(200));
                 tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
             }
             Err(e) => return Err(e.into()),

@@ -50,6 +50,8 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0}")]
     UnsupportedMediaType(&'static str),
+    #[error("the request path is longer than {0} bytes")]
+    UriTooLong(usize),
     #[error("the body did not arrive within {0} s")]
     BodyTimeout(u64),
     #[error("this token was handed out {age_s} s ago and a token of this tenant was already dropped as rejected in the last {window_s} s: the partner's 401 is most likely not this token's fault (check the scope, the partner environment, the request); it stays cached")]
@@ -106,6 +108,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::BodyTimeout(_) => "body_timeout",
+            Self::UriTooLong(_) => "uri_too_long",
             Self::InvalidateThrottled { .. } => "invalidate_throttled",
             Self::AdminForbidden(_) => "admin_forbidden",
             Self::MinTtlUnsatisfiable(_) => "min_ttl_unsatisfiable",
@@ -138,6 +141,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",
             Self::BodyTimeout(_) => "Request body too slow",
+            Self::UriTooLong(_) => "URI too long",
             Self::InvalidateThrottled { .. } => "Token too young to drop again",
             Self::AdminForbidden(_) => "Not allowed for this admin role",
             Self::MinTtlUnsatisfiable(_) => "min_ttl cannot be satisfied",
@@ -222,6 +226,7 @@ impl ResponseError for ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) | Self::AdminForbidden(_) => StatusCode::FORBIDDEN,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             Self::InvalidateThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TenantNotFound | Self::CallerNotFound | Self::RouteNotFound => {
                 StatusCode::NOT_FOUND

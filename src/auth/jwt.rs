@@ -39,8 +39,10 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 /// Requests that may wait for one JWKS fetch at the same time.
 pub const MAX_WAITERS: usize = 64;
-/// How long a kid the IdP's set lacks is refused without another fetch.
-pub const UNKNOWN_KID_TTL: Duration = Duration::from_secs(60);
+/// How long a kid the IdP's set lacks is refused without another fetch: long enough that
+/// repeated junk costs nothing, short enough that a token signed with a key the IdP publishes
+/// a moment later is accepted soon (keys already held are found before this is consulted).
+pub const UNKNOWN_KID_TTL: Duration = Duration::from_secs(10);
 /// The longest a request waits for a JWKS fetch.
 const FETCH_WAIT: Duration = Duration::from_secs(6);
 
@@ -203,8 +205,6 @@ impl JwtVerifier {
                 Ok(keys) => {
                     tracing::debug!(keys = keys.len(), "caller JWKS loaded");
                     *me.keys.write().expect("jwks") = Arc::new(keys);
-                    // Kids now known are known; the rest are learnt again as they come.
-                    me.unknown_kids.invalidate_all();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "caller JWKS could not be fetched; keeping the keys held")

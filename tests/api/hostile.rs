@@ -23,8 +23,8 @@ fn db_bytes(env: &TestEnv) -> u64 {
         .sum()
 }
 
-/// Unauthenticated requests at full speed (a 24,000-character tenant segment, a fresh request
-/// id each) while a real caller fetches: the caller sees only 200s, even with a token-entry
+/// Unauthenticated requests at full speed (a 24,000-character tenant segment or an invalid
+/// tenant id that differs every time, a fresh request id each) while a real caller fetches: the caller sees only 200s, even with a token-entry
 /// queue of 64, and the database grows by a few rows a second, not one per request.
 async fn an_unauthenticated_flood_neither_blocks_callers_nor_fills_the_disk(mut env: TestEnv) {
     env.extra.insert("BROKER_AUDIT_QUEUE".into(), "64".into());
@@ -41,15 +41,26 @@ async fn an_unauthenticated_flood_neither_blocks_callers_nor_fills_the_disk(mut 
     let until = Instant::now() + Duration::from_secs(4);
     let flood: Vec<_> = (0..24)
         .map(|i| {
-            let (client, url, sent) = (
+            let (client, long_url, address, sent) = (
                 app.client.clone(),
                 format!("{}/v1/tenants/{long}/token", app.address),
+                app.address.clone(),
                 sent.clone(),
             );
             let junk_key = format!("tbk_{}", "A".repeat(49));
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while Instant::now() < until {
+                    // Every fourth request has the 24,000-character segment (refused before
+                    // routing), the others an invalid tenant id that differs every time.
+                    let (url, want) = if n % 4 == 0 {
+                        (long_url.clone(), 414)
+                    } else {
+                        (
+                            format!("{address}/v1/tenants/Not-A-Tenant-{i}-{n}/token"),
+                            401,
+                        )
+                    };
                     let mut req = client
                         .get(&url)
                         .header("x-request-id", format!("flood-{i}-{n}"));
@@ -59,7 +70,7 @@ async fn an_unauthenticated_flood_neither_blocks_callers_nor_fills_the_disk(mut 
                         _ => req.bearer_auth(&junk_key),
                     };
                     if let Ok(r) = req.send().await {
-                        assert_eq!(r.status(), 401);
+                        assert_eq!(r.status(), want);
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
                     n += 1;
@@ -108,7 +119,7 @@ async fn an_unauthenticated_flood_neither_blocks_callers_nor_fills_the_disk(mut 
     assert!(!refused.is_empty(), "{audit}");
     let counted: i64 = refused.iter().map(|e| e["count"].as_i64().unwrap()).sum();
     assert!(
-        refused.len() < 200 && counted as usize >= flooded / 2,
+        refused.len() < 200 && counted as usize >= flooded / 2 - flooded / 8,
         "{} refusal rows for {counted} refusals",
         refused.len()
     );
