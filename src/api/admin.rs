@@ -39,7 +39,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(create_caller))
             .route(web::get().to(list_callers)),
     )
-    .service(web::resource("/admin/v1/callers/{caller_id}").route(web::delete().to(delete_caller)))
+    .service(
+        web::resource("/admin/v1/callers/{caller_id}")
+            .route(web::patch().to(patch_caller))
+            .route(web::delete().to(delete_caller)),
+    )
+    .service(
+        web::resource("/admin/v1/callers/{caller_id}/rotate-key")
+            .route(web::post().to(rotate_caller_key)),
+    )
     .service(web::resource("/admin/v1/audit").route(web::get().to(read_audit)));
 }
 
@@ -230,7 +238,16 @@ async fn list_tenants(
     let next_after = (records.len() as i64 == limit)
         .then(|| records.last().map(|r| r.id.to_string()))
         .flatten();
-    let views: Vec<_> = records.iter().map(tenant_view).collect();
+    let now = now_ms();
+    let healths =
+        futures_util::future::join_all(records.iter().map(|r| health_view(&state, &r.id, now)))
+            .await;
+    let mut views = Vec::with_capacity(records.len());
+    for (r, health) in records.iter().zip(healths) {
+        let mut view = serde_json::to_value(tenant_view(r)).expect("serialises");
+        view["health"] = health?;
+        views.push(view);
+    }
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(json!({"tenants": views, "next_after": next_after})))
@@ -243,11 +260,19 @@ async fn get_tenant(
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
     let record = state.store.tenant_record(&id).await?;
-    let health = state.store.health(&id).await?;
-    let circuit = state.broker.circuit_state(&id).await;
-    let now = now_ms();
     let mut view = serde_json::to_value(tenant_view(&record)).expect("serialises");
-    view["health"] = json!({
+    view["health"] = health_view(&state, &id, now_ms()).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::ETAG, format!("\"v{}\"", record.version)))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(view))
+}
+
+/// A tenant's last partner outcomes and circuit, as the tenant views show them.
+async fn health_view(state: &AppState, id: &TenantId, now: i64) -> Result<Value, ApiError> {
+    let (health, circuit) = tokio::join!(state.store.health(id), state.broker.circuit_state(id));
+    let health = health?;
+    Ok(json!({
         "last_success_at": health.last_success_at_ms.map(rfc3339),
         "last_error": health.last_error_at_ms.map(|at| json!({
             "at": rfc3339(at),
@@ -259,11 +284,7 @@ async fn get_tenant(
             "failures": c.failures,
             "retry_after": c.is_open(now).then(|| c.retry_after_s(now)),
         })),
-    });
-    Ok(HttpResponse::Ok()
-        .insert_header((header::ETAG, format!("\"v{}\"", record.version)))
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(view))
+    }))
 }
 
 /// What one write to a tenant changes, worked out from its current state.
@@ -488,17 +509,19 @@ fn caller_error(field: &str, message: &str) -> ApiError {
     ApiError::InvalidCaller(SpecError::new(field, message))
 }
 
-fn parse_caller(body: Value) -> Result<(String, Scope), ApiError> {
+/// A caller body: `name` and `tenants`, both required on create, either on PATCH.
+fn parse_caller(body: Value, partial: bool) -> Result<(Option<String>, Option<Scope>), ApiError> {
     let Value::Object(mut obj) = body else {
         return Err(caller_error("", "must be a JSON object"));
     };
     let name = match obj.remove("name") {
+        None if partial => None,
         Some(Value::String(n))
             if (1..=64).contains(&n.len())
                 && n.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) =>
         {
-            n
+            Some(n)
         }
         _ => {
             return Err(caller_error(
@@ -508,7 +531,8 @@ fn parse_caller(body: Value) -> Result<(String, Scope), ApiError> {
         }
     };
     let scope = match obj.remove("tenants") {
-        Some(Value::String(s)) if s == "*" => Scope::All,
+        None if partial => None,
+        Some(Value::String(s)) if s == "*" => Some(Scope::All),
         Some(Value::Array(items)) if (1..=1000).contains(&items.len()) => {
             let mut ids = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
@@ -519,7 +543,7 @@ fn parse_caller(body: Value) -> Result<(String, Scope), ApiError> {
             }
             ids.sort();
             ids.dedup();
-            Scope::Tenants(ids)
+            Some(Scope::Tenants(ids))
         }
         _ => {
             return Err(caller_error(
@@ -534,7 +558,38 @@ fn parse_caller(body: Value) -> Result<(String, Scope), ApiError> {
             "unknown field; expected name, tenants",
         ));
     }
+    if partial && name.is_none() && scope.is_none() {
+        return Err(caller_error(
+            "",
+            "nothing to change; send name and/or tenants",
+        ));
+    }
     Ok((name, scope))
+}
+
+/// 422 unless every tenant in the scope is registered (`*` is always allowed).
+async fn check_scope(state: &AppState, scope: &Scope) -> Result<(), ApiError> {
+    let Scope::Tenants(ids) = scope else {
+        return Ok(());
+    };
+    let known = state.store.existing_tenants(ids).await?;
+    match ids.iter().position(|id| !known.contains(id)) {
+        None => Ok(()),
+        Some(i) => Err(caller_error(
+            &format!("tenants.{i}"),
+            &format!("no tenant with id {}", ids[i]),
+        )),
+    }
+}
+
+fn name_taken(e: crate::tenants::StoreError) -> ApiError {
+    match e {
+        crate::tenants::StoreError::Conflict => {
+            ApiError::Conflict("a caller with this name already exists")
+        }
+        crate::tenants::StoreError::NotFound => ApiError::CallerNotFound,
+        other => other.into(),
+    }
 }
 
 async fn create_caller(
@@ -544,7 +599,10 @@ async fn create_caller(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_json(&req, payload).await?;
-    let (name, scope) = parse_caller(body)?;
+    let (Some(name), Some(scope)) = parse_caller(body, false)? else {
+        unreachable!("parse_caller requires both on create");
+    };
+    check_scope(&state, &scope).await?;
     let key = ApiKey::generate();
     let id = {
         let mut raw = [0u8; 8];
@@ -555,12 +613,7 @@ async fn create_caller(
         .store
         .create_caller(&id, &name, &key.hash(), &scope)
         .await
-        .map_err(|e| match e {
-            crate::tenants::StoreError::Conflict => {
-                ApiError::Conflict("a caller with this name already exists")
-            }
-            other => other.into(),
-        })?;
+        .map_err(name_taken)?;
     tracing::info!(caller = %record.name, caller_id = %record.id, "caller created");
     audit_admin(
         &state,
@@ -586,6 +639,136 @@ async fn list_callers(_: Admin, state: web::Data<AppState>) -> Result<HttpRespon
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(json!({ "callers": views })))
+}
+
+/// `PATCH /admin/v1/callers/{id}`: a new name and/or scope; the key stays.
+async fn patch_caller(
+    admin: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    if path.len() > 64 {
+        return Err(ApiError::CallerNotFound);
+    }
+    let body = read_json(&req, payload).await?;
+    let (name, scope) = parse_caller(body, true)?;
+    if let Some(scope) = &scope {
+        check_scope(&state, scope).await?;
+    }
+    let record = state
+        .store
+        .update_caller(&path, name.as_deref(), scope.as_ref())
+        .await
+        .map_err(name_taken)?;
+    state.auth.forget_all();
+    let changed: Vec<&str> = [
+        name.as_ref().map(|_| "name"),
+        scope.as_ref().map(|_| "tenants"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    audit_admin(
+        &state,
+        &admin,
+        &req,
+        "caller.update",
+        "ok",
+        None,
+        Some(format!(
+            "caller {} ({}): {}",
+            record.name,
+            record.id,
+            changed.join(", ")
+        )),
+    )
+    .await;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(caller_view(&record)))
+}
+
+/// Longest grace period for a rotated key (7 days).
+pub const MAX_KEY_GRACE_S: u64 = 7 * 86_400;
+
+/// `POST /admin/v1/callers/{id}/rotate-key`: a new key, shown once; the old one keeps working
+/// for `grace_seconds` (default 0) so services can roll.
+async fn rotate_caller_key(
+    admin: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    if path.len() > 64 {
+        return Err(ApiError::CallerNotFound);
+    }
+    // The body is optional: no body (Content-Length 0) means no grace.
+    let headers = req.headers();
+    let has_body = headers.contains_key(header::CONTENT_TYPE)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let grace_s = if has_body {
+        let body = read_json(&req, payload).await?;
+        let Value::Object(mut obj) = body else {
+            return Err(caller_error("", "must be a JSON object"));
+        };
+        let grace = match obj.remove("grace_seconds") {
+            None => 0,
+            Some(v) => v
+                .as_u64()
+                .filter(|g| *g <= MAX_KEY_GRACE_S)
+                .ok_or_else(|| {
+                    caller_error(
+                        "grace_seconds",
+                        &format!("must be a whole number of seconds from 0 to {MAX_KEY_GRACE_S}"),
+                    )
+                })?,
+        };
+        if let Some(k) = obj.keys().next() {
+            return Err(caller_error(
+                &k.chars().take(64).collect::<String>(),
+                "unknown field; expected grace_seconds",
+            ));
+        }
+        grace
+    } else {
+        0
+    };
+    let key = ApiKey::generate();
+    let record = state
+        .store
+        .rotate_caller_key(&path, &key.hash(), grace_s as i64 * 1000)
+        .await
+        .map_err(name_taken)?;
+    state.auth.forget_all();
+    tracing::info!(caller = %record.name, caller_id = %record.id, grace_s, "caller key rotated");
+    audit_admin(
+        &state,
+        &admin,
+        &req,
+        "caller.rotate_key",
+        "ok",
+        None,
+        Some(format!(
+            "caller {} ({}): old key valid for {grace_s} s more",
+            record.name, record.id
+        )),
+    )
+    .await;
+    let mut view = caller_view(&record);
+    view["api_key"] = Value::String(key.expose().to_owned());
+    view["previous_key_expires_at"] = if grace_s > 0 {
+        Value::String(rfc3339(now_ms() + grace_s as i64 * 1000))
+    } else {
+        Value::Null
+    };
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(view))
 }
 
 async fn delete_caller(

@@ -110,6 +110,7 @@ pub const ROUTES: &[&str] = &[
     "/admin/v1/tenants/{tenant_id}/test",
     "/admin/v1/callers",
     "/admin/v1/callers/{caller_id}",
+    "/admin/v1/callers/{caller_id}/rotate-key",
     "/admin/v1/audit",
     "/healthz",
     "/readyz",

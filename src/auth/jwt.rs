@@ -308,6 +308,7 @@ impl JwtVerifier {
             name: claims.sub.into(),
             scope: Arc::new(scope_of(claims.rest.remove("tenants"))),
             method: AuthMethod::Jwt,
+            key_expires_at_ms: None,
         };
         Ok((caller, claims.exp))
     }

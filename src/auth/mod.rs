@@ -46,6 +46,8 @@ pub struct Caller {
     pub name: Arc<str>,
     pub scope: Arc<Scope>,
     pub method: AuthMethod,
+    /// For a rotated-out API key in its grace period: when it stops working (unix ms).
+    pub key_expires_at_ms: Option<i64>,
 }
 
 impl Caller {
@@ -117,6 +119,12 @@ impl Authenticator {
         let key = ApiKey::parse(presented).ok_or(ApiError::Unauthorized("invalid credentials"))?;
         let digest = key.digest();
         let held = self.known.get(&digest);
+        // A rotated-out key stops at the end of its grace period, cached or not.
+        let held = held.filter(|(hit, _)| {
+            hit.as_ref()
+                .and_then(|c| c.key_expires_at_ms)
+                .map_or(true, |until| now_ms() < until)
+        });
         if let Some((hit, at)) = &held {
             if at.elapsed() < CALLER_CACHE_TTL {
                 return hit
@@ -170,6 +178,7 @@ impl Authenticator {
                 name: c.name.into(),
                 scope: Arc::new(c.scope),
                 method: AuthMethod::ApiKey,
+                key_expires_at_ms: c.key_expires_at_ms,
             })
         });
         self.known.insert(digest, (found.clone(), Instant::now()));

@@ -120,6 +120,8 @@ pub struct CallerRecord {
     pub name: String,
     pub scope: Scope,
     pub created_at_ms: i64,
+    /// Set when the record was found by a rotated-out key: when that key stops working.
+    pub key_expires_at_ms: Option<i64>,
 }
 
 /// A tenant row with its credentials as stored: sealed.
@@ -802,6 +804,7 @@ impl TenantStore {
             name: name.to_owned(),
             scope: scope.clone(),
             created_at_ms: now,
+            key_expires_at_ms: None,
         })
     }
 
@@ -812,6 +815,7 @@ impl TenantStore {
             name: r.try_get("name")?,
             scope: Scope::from_json(&tenants)?,
             created_at_ms: r.try_get("created_at")?,
+            key_expires_at_ms: None,
         })
     }
 
@@ -824,14 +828,102 @@ impl TenantStore {
             .collect()
     }
 
+    /// The caller whose current key, or previous key still in its grace period, has this hash.
     pub async fn caller_by_key_hash(&self, hash: &str) -> Result<Option<CallerRecord>, StoreError> {
-        sqlx::query("SELECT id, name, tenants, created_at FROM callers WHERE key_hash = $1")
-            .bind(hash)
+        let Some(row) = sqlx::query(
+            "SELECT id, name, tenants, created_at, key_hash, previous_key_expires_at FROM callers WHERE key_hash = $1 OR (previous_key_hash = $1 AND previous_key_expires_at > $2)",
+        )
+        .bind(hash)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let mut record = Self::caller_from_row(&row)?;
+        let current: String = row.try_get("key_hash")?;
+        if current != hash {
+            record.key_expires_at_ms = row.try_get("previous_key_expires_at")?;
+        }
+        Ok(Some(record))
+    }
+
+    /// Changes a caller's name and/or scope; `NotFound` if there is no such caller,
+    /// `Conflict` if the name is taken.
+    pub async fn update_caller(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        scope: Option<&Scope>,
+    ) -> Result<CallerRecord, StoreError> {
+        let done = sqlx::query(
+            "UPDATE callers SET name = COALESCE($1, name), tenants = COALESCE($2, tenants), updated_at = $3 WHERE id = $4",
+        )
+        .bind(name)
+        .bind(scope.map(|s| s.to_json().to_string()))
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        self.caller(id).await
+    }
+
+    /// Gives a caller a new key; the old one keeps working for `grace_ms` (0: not at all).
+    pub async fn rotate_caller_key(
+        &self,
+        id: &str,
+        new_hash: &str,
+        grace_ms: i64,
+    ) -> Result<CallerRecord, StoreError> {
+        let now = now_ms();
+        let done = if grace_ms > 0 {
+            sqlx::query(
+                "UPDATE callers SET previous_key_hash = key_hash, previous_key_expires_at = $1, key_hash = $2, updated_at = $3 WHERE id = $4",
+            )
+            .bind(now + grace_ms)
+        } else {
+            sqlx::query(
+                "UPDATE callers SET previous_key_hash = NULL, previous_key_expires_at = $1, key_hash = $2, updated_at = $3 WHERE id = $4",
+            )
+            .bind(None::<i64>)
+        }
+        .bind(new_hash)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        self.caller(id).await
+    }
+
+    pub async fn caller(&self, id: &str) -> Result<CallerRecord, StoreError> {
+        sqlx::query("SELECT id, name, tenants, created_at FROM callers WHERE id = $1")
+            .bind(id)
             .fetch_optional(&self.pool)
             .await?
             .as_ref()
             .map(Self::caller_from_row)
-            .transpose()
+            .transpose()?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// Which of `ids` are registered tenants.
+    pub async fn existing_tenants(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let all = self.tenant_ids().await?;
+        let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        Ok(all
+            .into_iter()
+            .map(|t| t.to_string())
+            .filter(|t| wanted.contains(t.as_str()))
+            .collect())
     }
 
     pub async fn delete_caller(&self, id: &str) -> Result<bool, StoreError> {

@@ -330,3 +330,147 @@ async fn callers_are_rate_limited(mut env: TestEnv) {
     app.stop().await;
 }
 backends!(callers_are_rate_limited: Sqlite);
+
+/// Callers can be renamed, rescoped and given a new key without being deleted; the old key
+/// keeps working through an optional grace period; scopes name registered tenants only.
+async fn caller_lifecycle(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    app.create_tenant(&setu_spec("alpha", &partner, "s")).await;
+    app.create_tenant(&setu_spec("beta", &partner, "s")).await;
+
+    // Unknown tenants in a scope: 422 naming the entry; "*" stays allowed.
+    let a = app
+        .send(
+            app.admin(Method::POST, "/admin/v1/callers")
+                .json(&json!({"name": "svc", "tenants": ["alpha", "ghost"]})),
+        )
+        .await;
+    let body = a.assert_problem(422, "invalid_caller");
+    assert_eq!(body["field"], "tenants.1", "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("ghost"));
+    let created = app
+        .send(
+            app.admin(Method::POST, "/admin/v1/callers")
+                .json(&json!({"name": "svc", "tenants": ["alpha"]})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    let key = created.json()["api_key"].as_str().unwrap().to_owned();
+    assert_eq!(app.get_token("alpha", &key).await.status, 200);
+    app.get_token("beta", &key)
+        .await
+        .assert_problem(403, "forbidden");
+
+    // PATCH: new scope and name, same key.
+    let path = format!("/admin/v1/callers/{id}");
+    app.send(
+        app.admin(Method::PATCH, &path)
+            .json(&json!({"tenants": ["ghost"]})),
+    )
+    .await
+    .assert_problem(422, "invalid_caller");
+    app.send(app.admin(Method::PATCH, &path).json(&json!({})))
+        .await
+        .assert_problem(422, "invalid_caller");
+    app.create_caller("taken", json!("*")).await;
+    app.send(
+        app.admin(Method::PATCH, &path)
+            .json(&json!({"name": "taken"})),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    app.send(
+        app.admin(Method::PATCH, "/admin/v1/callers/cl_nope")
+            .json(&json!({"name": "x"})),
+    )
+    .await
+    .assert_problem(404, "caller_not_found");
+    let patched = app
+        .send(
+            app.admin(Method::PATCH, &path)
+                .json(&json!({"name": "svc-renamed", "tenants": ["beta"]})),
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{}", patched.text);
+    assert_eq!(patched.json()["name"], "svc-renamed");
+    assert_eq!(patched.json()["tenants"], json!(["beta"]));
+    assert!(patched.json().get("api_key").is_none());
+    assert_eq!(app.get_token("beta", &key).await.status, 200);
+    app.get_token("alpha", &key)
+        .await
+        .assert_problem(403, "forbidden");
+
+    // Rotate without grace: the new key works, the old one at once no longer.
+    let rotate = format!("/admin/v1/callers/{id}/rotate-key");
+    let r = app.send(app.admin(Method::POST, &rotate)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let key2 = r.json()["api_key"].as_str().unwrap().to_owned();
+    assert_ne!(key2, key);
+    assert!(r.json()["previous_key_expires_at"].is_null());
+    assert_eq!(app.get_token("beta", &key2).await.status, 200);
+    app.get_token("beta", &key)
+        .await
+        .assert_problem(401, "unauthorized");
+
+    // Rotate with a 2 s grace: both work, then only the new one.
+    let r = app
+        .send(
+            app.admin(Method::POST, &rotate)
+                .json(&json!({"grace_seconds": 2})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let key3 = r.json()["api_key"].as_str().unwrap().to_owned();
+    assert!(r.json()["previous_key_expires_at"].is_string());
+    assert_eq!(app.get_token("beta", &key2).await.status, 200);
+    assert_eq!(app.get_token("beta", &key3).await.status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(2_300)).await;
+    app.get_token("beta", &key2)
+        .await
+        .assert_problem(401, "unauthorized");
+    assert_eq!(app.get_token("beta", &key3).await.status, 200);
+    app.send(
+        app.admin(Method::POST, &rotate)
+            .json(&json!({"grace_seconds": 999999999})),
+    )
+    .await
+    .assert_problem(422, "invalid_caller");
+    app.send(app.admin(Method::POST, "/admin/v1/callers/cl_nope/rotate-key"))
+        .await
+        .assert_problem(404, "caller_not_found");
+
+    // Audited, without any key.
+    let audit = app
+        .send(app.admin(Method::GET, "/admin/v1/audit?limit=100"))
+        .await;
+    let text = audit.text.clone();
+    let entries = audit.json()["entries"].as_array().unwrap().clone();
+    for action in ["caller.update", "caller.rotate_key"] {
+        assert!(
+            entries.iter().any(|e| e["action"] == action),
+            "{action} not audited"
+        );
+    }
+    for k in [&key, &key2, &key3] {
+        assert!(!text.contains(k.as_str()));
+    }
+
+    // The tenant list shows each tenant's health.
+    let list = app
+        .send(app.admin(Method::GET, "/admin/v1/tenants"))
+        .await
+        .json();
+    let beta = list["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "beta")
+        .unwrap()
+        .clone();
+    assert!(beta["health"]["last_success_at"].is_string(), "{beta}");
+    assert!(beta["health"].get("circuit").is_some(), "{beta}");
+    app.stop().await;
+}
+backends!(caller_lifecycle: Sqlite, PostgresRedis);

@@ -274,6 +274,8 @@ async fn the_audit_trail(mut env: TestEnv) {
     assert_eq!(app.get_token("audited", &jwt).await.status, 200);
     app.get_token("audited", "tbk_not-a-real-key-at-all-000000000000000000000")
         .await;
+    app.create_tenant(&setu_spec("elsewhere", &partner, "s"))
+        .await;
     let other = app.create_caller("other", json!(["elsewhere"])).await;
     app.get_token("audited", &other)
         .await
