@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # Validates what can be validated without a Docker engine or a cluster: every YAML parses, the
-# Grafana dashboard is JSON with panels, the alert rules pass promtool (when installed), and the
-# Kubernetes manifests pass kubernetes-validate's bundled schemas (CRDs are skipped).
+# Grafana dashboard is JSON with panels, the alert rules pass `promtool check rules` and their
+# unit tests (`promtool test rules prometheus/alerts_test.yml`), and the Kubernetes manifests
+# pass kubernetes-validate's bundled schemas (CRDs are skipped).
+# With REQUIRE_TOOLS=1 (as in CI) a missing tool is an error, not a skip.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+missing() {
+  if [ "${REQUIRE_TOOLS:-0}" = 1 ]; then
+    echo "validate: $1 is required (REQUIRE_TOOLS=1) but not installed" >&2
+    exit 1
+  fi
+  echo "$1 not installed: $2"
+}
 
 python3 - <<'PY'
 import glob, json, sys, yaml
@@ -22,8 +32,9 @@ PY
 
 if command -v promtool >/dev/null; then
   promtool check rules prometheus/alerts.yml
+  promtool test rules prometheus/alerts_test.yml
 else
-  echo "promtool not installed: alert rules checked as YAML only"
+  missing promtool "alert rules checked as YAML only"
 fi
 
 if command -v kubernetes-validate >/dev/null; then
@@ -32,5 +43,5 @@ if command -v kubernetes-validate >/dev/null; then
     kubernetes-validate --strict "$f"
   done
 else
-  echo "kubernetes-validate not installed: manifests checked as YAML only"
+  missing kubernetes-validate "manifests checked as YAML only"
 fi

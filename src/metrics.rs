@@ -34,6 +34,10 @@ pub struct Metrics {
     pub audit_write_failures: IntCounter,
     /// `broker_invalidations_total{tenant,outcome}`: callers' reports of rejected tokens.
     pub invalidations: IntCounterVec,
+    /// `broker_circuit_open{tenant}`: 1 from a failed mint until a successful one.
+    circuit_open: IntGaugeVec,
+    /// `broker_last_mint_success_timestamp_seconds{tenant}`.
+    last_mint_success: IntGaugeVec,
     /// `broker_dependency_up{dependency}`: 1 while the dependency answers real operations.
     pub dependency_up: IntGaugeVec,
     pub redis_up: IntGauge,
@@ -128,6 +132,30 @@ impl Metrics {
             &["tenant", "outcome"],
         )
         .expect("metric");
+        let circuit_open = IntGaugeVec::new(
+            Opts::new(
+                "broker_circuit_open",
+                "1 while the tenant's partner calls are paused or probed after a failed mint, 0 once one succeeds",
+            ),
+            &["tenant"],
+        )
+        .expect("metric");
+        let last_mint_success = IntGaugeVec::new(
+            Opts::new(
+                "broker_last_mint_success_timestamp_seconds",
+                "Unix time of the tenant's last successful mint by this replica",
+            ),
+            &["tenant"],
+        )
+        .expect("metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("broker_build_info", "Always 1; the version that runs"),
+            &["version"],
+        )
+        .expect("metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let lookup = |layer: &str, result: &str| cache_lookups.with_label_values(&[layer, result]);
         let (l1_hit, l1_miss, l2_hit, l2_miss, l2_error) = (
             lookup("l1", "hit"),
@@ -168,9 +196,19 @@ impl Metrics {
             Box::new(lock_degraded.clone()),
             Box::new(audit_write_failures.clone()),
             Box::new(invalidations.clone()),
+            Box::new(circuit_open.clone()),
+            Box::new(last_mint_success.clone()),
+            Box::new(build_info),
         ] {
             registry.register(c).expect("unique metric");
         }
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
         Self {
             registry,
             token_requests,
@@ -184,6 +222,8 @@ impl Metrics {
             audit_dropped,
             audit_write_failures,
             invalidations,
+            circuit_open,
+            last_mint_success,
             lock_degraded,
             l1_hit,
             l1_miss,
@@ -204,6 +244,40 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[tenant])
             .observe(took.as_secs_f64());
+    }
+
+    /// A mint of `tenant` succeeded (`true`) or failed.
+    pub fn mint_outcome(&self, tenant: &str, ok: bool) {
+        if ok {
+            self.last_mint_success
+                .with_label_values(&[tenant])
+                .set(now_ms() / 1000);
+        }
+        self.circuit_open
+            .with_label_values(&[tenant])
+            .set(i64::from(!ok));
+    }
+
+    /// Tenants this replica last saw failing (their circuit gauge is 1).
+    pub fn circuits_flagged(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for family in prometheus::core::Collector::collect(&self.circuit_open) {
+            for m in family.get_metric() {
+                if m.get_gauge().get_value() >= 1.0 {
+                    if let Some(l) = m.get_label().iter().find(|l| l.get_name() == "tenant") {
+                        out.push(l.get_value().to_owned());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Sets the tenant's circuit gauge to what the shared circuit state says.
+    pub fn set_circuit_open(&self, tenant: &str, open: bool) {
+        self.circuit_open
+            .with_label_values(&[tenant])
+            .set(i64::from(open));
     }
 
     pub fn invalidation(&self, tenant: &str, outcome: &str) {
@@ -229,28 +303,32 @@ impl Metrics {
         }
     }
 
+    /// Drops every per-tenant series of a tenant whose token was dropped or that is gone.
     pub fn clear_token_expiry(&self, tenant: &str) {
         self.expiry_at_ms.lock().expect("expiry map").remove(tenant);
         let _ = self.token_expiry.remove_label_values(&[tenant]);
+    }
+
+    /// Forgets a deleted tenant's gauges.
+    pub fn forget_tenant(&self, tenant: &str) {
+        self.clear_token_expiry(tenant);
+        let _ = self.circuit_open.remove_label_values(&[tenant]);
+        let _ = self.last_mint_success.remove_label_values(&[tenant]);
     }
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let now = now_ms();
         {
-            let mut map = self.expiry_at_ms.lock().expect("expiry map");
-            map.retain(|tenant, at| {
-                let left = (*at - now) / 1000;
-                if left <= 0 {
-                    let _ = self.token_expiry.remove_label_values(&[tenant]);
-                    false
-                } else {
-                    self.token_expiry
-                        .with_label_values(&[tenant])
-                        .set(left as f64);
-                    true
-                }
-            });
+            let map = self.expiry_at_ms.lock().expect("expiry map");
+            // An expired token stays visible at 0 until a new one arrives (or the tenant's
+            // token is dropped): an alert on "< 60" must see it reach zero.
+            for (tenant, at) in map.iter() {
+                let left = ((*at - now) / 1000).max(0);
+                self.token_expiry
+                    .with_label_values(&[tenant])
+                    .set(left as f64);
+            }
         }
         let mut out = Vec::with_capacity(8 * 1024);
         TextEncoder::new()

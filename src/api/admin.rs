@@ -411,6 +411,7 @@ async fn delete_tenant(
         Err(e) => return Err(e.into()),
     }
     state.broker.forget(&id).await;
+    state.metrics.forget_tenant(id.as_str());
     tracing::info!(tenant = %id, "tenant deleted");
     audit_admin(
         &state,

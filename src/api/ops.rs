@@ -66,6 +66,7 @@ async fn metrics(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRes
             "/metrics wants the bearer token set in BROKER_METRICS_TOKEN",
         ));
     }
+    let _ = tokio::time::timeout(CHECK_TIMEOUT, state.broker.refresh_circuit_gauges()).await;
     if let Ok(Ok(n)) = tokio::time::timeout(CHECK_TIMEOUT, state.store.count_tenants()).await {
         state.metrics.tenants.set(n);
     }

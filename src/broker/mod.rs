@@ -682,11 +682,13 @@ impl Broker {
         match result {
             Ok(_) => {
                 self.circuits.reset(tenant).await;
+                self.metrics.mint_outcome(tenant.as_str(), true);
                 self.store.record_health(tenant, None).await;
             }
             Err(IssuerError::Paced { .. }) => {}
             Err(e) => {
                 self.circuits.record_failure(tenant, e).await;
+                self.metrics.mint_outcome(tenant.as_str(), false);
                 self.store.record_health(tenant, Some(e)).await;
             }
         }
@@ -841,6 +843,24 @@ impl Broker {
             }
             tracing::error!(tenant = %tenant, "could not drop the cached token from the shared cache; it expires by itself");
         });
+    }
+
+    /// Before a scrape: a tenant this replica saw failing whose shared circuit has since
+    /// closed (another replica minted, an admin changed it) shows 0 again.
+    pub async fn refresh_circuit_gauges(&self) {
+        for raw in self.metrics.circuits_flagged() {
+            let Ok(tenant) = TenantId::parse(&raw) else {
+                continue;
+            };
+            if self
+                .circuits
+                .state(&tenant)
+                .await
+                .map_or(true, |s| s.failures == 0)
+            {
+                self.metrics.set_circuit_open(&raw, false);
+            }
+        }
     }
 
     /// Closes the circuit and drops the shared token; true when Redis took both.

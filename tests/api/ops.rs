@@ -327,3 +327,69 @@ async fn trace_logs_hold_no_secrets(_env: TestEnv) {
     }
 }
 backends!(trace_logs_hold_no_secrets: Sqlite);
+
+fn series(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The gauges the alerts stand on: the circuit gauge goes to 1 on a failed mint and back to 0
+/// on a successful one; the last success is a timestamp; an expired token's gauge stays at 0;
+/// build info and process metrics are there.
+async fn alert_gauges_follow_the_code(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = comm100_partner(2, 0).await;
+    app.create_tenant(&comm100_spec("gauged", &partner.server, "pw"))
+        .await;
+    let key = app.create_caller("c", json!("*")).await;
+    partner
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(app.get_token("gauged", &key).await.status, 503);
+    let m = app.get("/metrics").await.text;
+    assert_eq!(
+        series(&m, "broker_circuit_open{tenant=\"gauged\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        series(
+            &m,
+            "broker_last_mint_success_timestamp_seconds{tenant=\"gauged\"}"
+        ),
+        None
+    );
+    partner
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let tested = app
+        .send(app.admin(Method::POST, "/admin/v1/tenants/gauged/test"))
+        .await;
+    assert_eq!(tested.status, 200, "{}", tested.text);
+    let m = app.get("/metrics").await.text;
+    assert_eq!(
+        series(&m, "broker_circuit_open{tenant=\"gauged\"}"),
+        Some(0.0)
+    );
+    let at = series(
+        &m,
+        "broker_last_mint_success_timestamp_seconds{tenant=\"gauged\"}",
+    )
+    .unwrap();
+    assert!((at - now_s() as f64).abs() < 5.0, "{at}");
+    assert!(series(&m, "broker_build_info{version=").is_some(), "{m}");
+    assert!(series(&m, "process_resident_memory_bytes").unwrap() > 1e6);
+    assert!(series(&m, "process_open_fds").is_some());
+    // The 2 s token runs out: the gauge stays, at 0.
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    let m = app.get("/metrics").await.text;
+    assert_eq!(
+        series(&m, "broker_token_expiry_seconds{tenant=\"gauged\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    app.stop().await;
+}
+backends!(alert_gauges_follow_the_code: Sqlite, PostgresRedis);
