@@ -1,4 +1,4 @@
-//! The `token-broker` command line: `serve`, `migrate`, `rekey`.
+//! The `token-broker` command line: `serve`, `migrate`, `rekey`, `ready`.
 
 use std::process::ExitCode;
 
@@ -24,10 +24,57 @@ enum Command {
     Migrate,
     /// Re-seal every stored credential with the active key, then report keys still in use.
     Rekey,
+    /// Exit 0 if the broker's `/readyz` answers 200 (for container health checks in images
+    /// without curl). Reads no other configuration.
+    Ready {
+        /// Default: http://127.0.0.1:<port of BROKER_LISTEN, else 8080>/readyz
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+/// `token-broker ready`: one GET with a 3 s timeout.
+fn ready(url: Option<String>) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        let port = std::env::var("BROKER_LISTEN")
+            .ok()
+            .and_then(|l| l.rsplit(':').next().map(str::to_owned))
+            .unwrap_or_else(|| "8080".into());
+        format!("http://127.0.0.1:{port}/readyz")
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let status = runtime.block_on(async {
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(3))
+            .build()
+            .expect("the TLS backend initialises")
+            .get(&url)
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    match status {
+        Ok(s) if s.is_success() => ExitCode::SUCCESS,
+        Ok(s) => {
+            eprintln!("token-broker: {url} answered {s}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("token-broker: {url}: {}", e.without_url());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Ready { url } = cli.command {
+        return ready(url);
+    }
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => {
@@ -62,6 +109,7 @@ fn main() -> ExitCode {
                     println!("key {key_id}: {n} credential row(s)");
                 }
             }
+            Command::Ready { .. } => unreachable!("handled before the configuration is read"),
         }
         Ok::<(), Box<dyn std::error::Error>>(())
     });

@@ -393,3 +393,33 @@ async fn alert_gauges_follow_the_code(env: TestEnv) {
     app.stop().await;
 }
 backends!(alert_gauges_follow_the_code: Sqlite, PostgresRedis);
+
+/// `token-broker ready` (the image's health check) exits 0 when /readyz answers 200, 1 when
+/// nothing answers.
+#[tokio::test]
+async fn the_ready_command_checks_readyz() {
+    let broker = BrokerProcess::start(&[]).await;
+    let bin = env!("CARGO_BIN_EXE_token-broker");
+    let ok = std::process::Command::new(bin)
+        .args(["ready", "--url", &format!("{}/readyz", broker.address)])
+        .env_clear()
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let port = broker.address.rsplit(':').next().unwrap().to_owned();
+    let by_listen = std::process::Command::new(bin)
+        .arg("ready")
+        .env_clear()
+        .env("BROKER_LISTEN", format!("0.0.0.0:{port}"))
+        .status()
+        .unwrap();
+    assert!(by_listen.success(), "the port is taken from BROKER_LISTEN");
+    drop(broker);
+    let down = std::process::Command::new(bin)
+        .args(["ready", "--url", &format!("http://127.0.0.1:{port}/readyz")])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("readyz"));
+}
