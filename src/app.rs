@@ -13,7 +13,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::api::problem::ApiError;
 use crate::api::ratelimit::CallerLimiter;
-use crate::api::{admin, observe, ops, problem_for_framework_errors, token};
+use crate::api::{admin, observe, ops, problem_for_framework_errors, token, AppState};
 use crate::audit::Audit;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{Authenticator, StaticToken};
@@ -24,21 +24,6 @@ use crate::crypto::{KeyError, KeyRing};
 use crate::issuers::{IssuerSettings, Issuers};
 use crate::metrics::Metrics;
 use crate::tenants::{StoreError, TenantStore};
-
-/// Shared state every handler receives.
-pub struct AppState {
-    pub broker: Arc<Broker>,
-    pub audit: Arc<Audit>,
-    pub limiter: CallerLimiter,
-    pub jwt: Option<Arc<JwtVerifier>>,
-    pub store: TenantStore,
-    pub auth: Authenticator,
-    pub admin: StaticToken,
-    /// `BROKER_METRICS_TOKEN`: `/metrics` is open unless it is set.
-    pub metrics_token: StaticToken,
-    pub metrics: Arc<Metrics>,
-    pub settings: Arc<Settings>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -216,7 +201,7 @@ impl Application {
         check_keys_in_use(&store).await?;
         let metrics = Arc::new(Metrics::new());
         let audit = Audit::start(
-            store.clone(),
+            store.db().clone(),
             settings.audit,
             settings.audit_queue,
             settings.audit_retention_days,

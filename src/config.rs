@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+pub use crate::audit::AuditMode;
 use crate::cache::target::Target;
 use crate::crypto::{KeyError, KeyRing};
-use crate::tenants::store::Backend;
+use crate::db::Backend;
+pub use crate::telemetry::LogFormat;
 
 /// Where the encryption key ring comes from.
 #[derive(Clone, Debug)]
@@ -20,18 +22,6 @@ pub enum KeySource {
     KeyFile(PathBuf),
     /// In-memory SQLite without a key: a throwaway key for this process.
     Ephemeral,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Pretty,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AuditMode {
-    FailClosed,
-    BestEffort,
 }
 
 /// Validated configuration.

@@ -207,7 +207,8 @@ impl KeyRing {
 }
 
 /// The id of the key a ciphertext was sealed with.
-pub fn key_id_of(sealed: &[u8]) -> Result<&str, CryptoError> {
+#[cfg(test)]
+fn key_id_of(sealed: &[u8]) -> Result<&str, CryptoError> {
     split(sealed).map(|(id, _, _)| id)
 }
 

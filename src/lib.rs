@@ -8,6 +8,8 @@ pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod crypto;
+pub mod db;
+pub mod egress;
 pub mod issuers;
 pub mod metrics;
 pub mod telemetry;

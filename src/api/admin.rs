@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::problem::ApiError;
+use super::AppState;
 use super::{read_json, request_id_of};
-use crate::app::AppState;
 use crate::audit::Entry;
 use crate::auth::api_keys::ApiKey;
 use crate::auth::Admin;
@@ -69,7 +69,7 @@ async fn audit_admin(
     e.detail = detail;
     e.request_id = request_id_of(req);
     let now = now_ms();
-    if let Err(err) = state.store.insert_audit(&[(e, (now, now, 1))]).await {
+    if let Err(err) = crate::audit::store::insert(state.store.db(), &[(e, (now, now, 1))]).await {
         tracing::error!(action, error = %err, "admin action not audited");
     }
 }
@@ -824,15 +824,14 @@ async fn read_audit(
             return Err(ApiError::invalid(format!("{name} is too long"), Some(name)));
         }
     }
-    let rows = state
-        .store
-        .query_audit(
-            query.tenant.as_deref().filter(|t| !t.is_empty()),
-            query.caller.as_deref().filter(|c| !c.is_empty()),
-            before,
-            limit,
-        )
-        .await?;
+    let rows = crate::audit::store::query(
+        state.store.db(),
+        query.tenant.as_deref().filter(|t| !t.is_empty()),
+        query.caller.as_deref().filter(|c| !c.is_empty()),
+        before,
+        limit,
+    )
+    .await?;
     let next_before = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|r| r.id))
         .flatten();

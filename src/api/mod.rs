@@ -2,11 +2,13 @@
 //! (JSON bodies with limits, problem rendering for framework errors, request spans) is here.
 
 pub mod admin;
+pub mod extract;
 pub mod ops;
 pub mod problem;
 pub mod ratelimit;
 pub mod token;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
@@ -18,8 +20,30 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tracing::Instrument;
 
-use crate::app::AppState;
+use crate::audit::Audit;
+use crate::auth::jwt::JwtVerifier;
+use crate::auth::{Authenticator, StaticToken};
+use crate::broker::Broker;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::tenants::TenantStore;
 use problem::{ApiError, PROBLEM_JSON};
+use ratelimit::CallerLimiter;
+
+/// Shared state every handler receives.
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub audit: Arc<Audit>,
+    pub limiter: CallerLimiter,
+    pub jwt: Option<Arc<JwtVerifier>>,
+    pub store: TenantStore,
+    pub auth: Authenticator,
+    pub admin: StaticToken,
+    /// `BROKER_METRICS_TOKEN`: `/metrics` is open unless it is set.
+    pub metrics_token: StaticToken,
+    pub metrics: Arc<Metrics>,
+    pub settings: Arc<Settings>,
+}
 
 /// Longest request path accepted (the longest real one is under 200 bytes).
 pub const MAX_PATH_BYTES: usize = 2048;

@@ -5,8 +5,8 @@ use std::time::Duration;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
+use super::AppState;
 use crate::api::problem::ApiError;
-use crate::app::AppState;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/healthz").route(web::get().to(healthz)))
@@ -60,7 +60,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 /// (tenant ids are labels, and the broker does not tell strangers which tenants exist).
 async fn metrics(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     if state.metrics_token.is_set()
-        && !crate::auth::bearer(&req).is_some_and(|t| state.metrics_token.verify(t))
+        && !super::extract::bearer(&req).is_some_and(|t| state.metrics_token.verify(t))
     {
         return Err(ApiError::Unauthorized(
             "/metrics wants the bearer token set in BROKER_METRICS_TOKEN",

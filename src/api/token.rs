@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::problem::ApiError;
+use super::AppState;
 use super::{read_json, request_id_of};
-use crate::app::AppState;
 use crate::audit::Entry;
 use crate::auth::Caller;
 use crate::broker::{Invalidation, Source};

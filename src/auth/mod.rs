@@ -1,5 +1,5 @@
-//! Caller identity: API keys (and, where configured, JWTs) for the token endpoint and the
-//! admin bearer token, as request extractors handlers take as arguments.
+//! Caller and admin identity: API keys, caller JWTs, the static admin token and named admins'
+//! roles. Free of HTTP: `api::extract` turns requests into these identities.
 
 pub mod api_keys;
 pub mod jwt;
@@ -8,20 +8,27 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::dev::Payload;
-use actix_web::{web, FromRequest, HttpRequest};
-use futures_util::future::LocalBoxFuture;
 use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::api::problem::ApiError;
-use crate::app::AppState;
 use crate::tenants::store::Scope;
 use crate::tenants::{StoreError, TenantStore};
 use crate::time::now_ms;
 use api_keys::ApiKey;
+
+/// Why a credential was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The credential is missing, malformed, unknown or expired (the reason is fixed text,
+    /// never credential content).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The caller could not be looked up (and none was known from before).
+    #[error(transparent)]
+    Store(StoreError),
+}
 
 /// How a caller proved who it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,8 +122,8 @@ impl Authenticator {
                 .is_ok()
     }
 
-    pub async fn api_key(&self, presented: &str) -> Result<Arc<Caller>, ApiError> {
-        let key = ApiKey::parse(presented).ok_or(ApiError::Unauthorized("invalid credentials"))?;
+    pub async fn api_key(&self, presented: &str) -> Result<Arc<Caller>, AuthError> {
+        let key = ApiKey::parse(presented).ok_or(AuthError::Unauthorized("invalid credentials"))?;
         let digest = key.digest();
         let held = self.known.get(&digest);
         // A rotated-out key stops at the end of its grace period, cached or not.
@@ -129,7 +136,7 @@ impl Authenticator {
             if at.elapsed() < CALLER_CACHE_TTL {
                 return hit
                     .clone()
-                    .ok_or(ApiError::Unauthorized("invalid credentials"));
+                    .ok_or(AuthError::Unauthorized("invalid credentials"));
             }
         }
         let stale = match &held {
@@ -168,7 +175,7 @@ impl Authenticator {
                         tracing::debug!(error = %e, "caller lookup failed; using the last answer");
                         Ok(caller)
                     }
-                    None => Err(ApiError::from(e)),
+                    None => Err(AuthError::Store(e)),
                 };
             }
         };
@@ -182,7 +189,7 @@ impl Authenticator {
             })
         });
         self.known.insert(digest, (found.clone(), Instant::now()));
-        found.ok_or(ApiError::Unauthorized("invalid credentials"))
+        found.ok_or(AuthError::Unauthorized("invalid credentials"))
     }
 
     /// Forgets every cached key (after a caller is deleted).
@@ -215,68 +222,6 @@ impl StaticToken {
     }
 }
 
-/// The bearer credential of a request, if it has one.
-pub fn bearer(req: &HttpRequest) -> Option<&str> {
-    let value = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, rest) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| rest.trim())
-        .filter(|t| !t.is_empty())
-}
-
-fn state(req: &HttpRequest) -> web::Data<AppState> {
-    req.app_data::<web::Data<AppState>>()
-        .expect("AppState is registered")
-        .clone()
-}
-
-impl FromRequest for Caller {
-    type Error = ApiError;
-    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let state = state(req);
-        let token = bearer(req).map(str::to_owned);
-        let tenant = req.match_info().get("tenant_id").map(str::to_owned);
-        let request_id = crate::api::request_id_of(req);
-        Box::pin(async move {
-            let result = match token {
-                None => Err(ApiError::Unauthorized("missing bearer credentials")),
-                Some(t) if t.starts_with(api_keys::PREFIX) => {
-                    state.auth.api_key(&t).await.map(|c| (*c).clone())
-                }
-                Some(t) => match &state.jwt {
-                    Some(v) => v.verify(&t).await.map_err(|reason| {
-                        tracing::info!(reason, "caller JWT refused");
-                        ApiError::Unauthorized("invalid credentials")
-                    }),
-                    None => Err(ApiError::Unauthorized("invalid credentials")),
-                },
-            };
-            if let Ok(c) = &result {
-                let span = tracing::Span::current();
-                span.record("caller", &*c.name);
-                if let Some(t) = &tenant {
-                    span.record("tenant", t.as_str());
-                }
-            }
-            if let Err(e @ ApiError::Unauthorized(reason)) = &result {
-                let mut entry = crate::audit::Entry::new("refused", "token.fetch", e.code());
-                entry.tenant = tenant.map(Into::into);
-                entry.detail = Some((*reason).to_owned());
-                entry.request_id = request_id;
-                state.audit.record_best_effort(entry);
-            }
-            result
-        })
-    }
-}
-
 /// Role values in the admin role claim.
 pub const ADMIN_ROLE: &str = "token-broker-admin";
 pub const AUDITOR_ROLE: &str = "token-broker-auditor";
@@ -303,96 +248,11 @@ pub struct Admin {
 }
 
 impl Admin {
-    fn static_token() -> Self {
+    pub fn static_token() -> Self {
         Self {
             name: "admin-token".into(),
             method: "admin_token",
             role: AdminRole::Admin,
         }
-    }
-}
-
-fn looks_like_jwt(t: &str) -> bool {
-    t.len() <= 16 * 1024 && t.bytes().filter(|&b| b == b'.').count() == 2
-}
-
-impl FromRequest for Admin {
-    type Error = ApiError;
-    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let state = state(req);
-        let token = bearer(req).map(str::to_owned);
-        let req = req.clone();
-        Box::pin(async move {
-            let result = match (token, &state.settings.admin_jwt, &state.jwt) {
-                (None, _, _) => Err(ApiError::Unauthorized("missing bearer credentials")),
-                (Some(t), _, _) if state.admin.verify(&t) => Ok(Admin::static_token()),
-                (Some(t), Some(cfg), Some(verifier)) if looks_like_jwt(&t) => {
-                    match verifier
-                        .verify_admin(&t, &cfg.audience, &cfg.role_claim)
-                        .await
-                    {
-                        Ok(claims) => {
-                            let role = if claims.roles.iter().any(|r| r == ADMIN_ROLE) {
-                                Some(AdminRole::Admin)
-                            } else if claims.roles.iter().any(|r| r == AUDITOR_ROLE) {
-                                Some(AdminRole::Auditor)
-                            } else {
-                                None
-                            };
-                            match role {
-                                Some(role) => Ok(Admin {
-                                    name: claims.sub.into(),
-                                    method: "jwt",
-                                    role,
-                                }),
-                                None => Err(ApiError::AdminForbidden(
-                                    "the token carries neither the token-broker-admin nor the token-broker-auditor role",
-                                )),
-                            }
-                        }
-                        Err(reason) => {
-                            tracing::info!(reason, "admin JWT refused");
-                            Err(ApiError::Unauthorized("invalid credentials"))
-                        }
-                    }
-                }
-                (Some(_), _, _) if !state.admin.is_set() && state.settings.admin_jwt.is_none() => {
-                    Err(ApiError::Unauthorized(
-                        "the admin API is disabled: start the broker with BROKER_ADMIN_TOKEN (or BROKER_ADMIN_JWT_AUDIENCE) set",
-                    ))
-                }
-                (Some(_), _, _) => Err(ApiError::Unauthorized("invalid credentials")),
-            };
-            let result = result.and_then(|admin| {
-                let reads = matches!(req.method().as_str(), "GET" | "HEAD");
-                if admin.role == AdminRole::Auditor && !reads {
-                    Err(ApiError::AdminForbidden(
-                        "the token-broker-auditor role may read but not change anything",
-                    ))
-                } else {
-                    Ok(admin)
-                }
-            });
-            match &result {
-                Ok(admin) => {
-                    tracing::Span::current().record("caller", &*admin.name);
-                }
-                Err(e) => {
-                    let action = format!(
-                        "admin {} {}",
-                        req.method(),
-                        req.match_pattern().unwrap_or_default()
-                    );
-                    let mut entry = crate::audit::Entry::new("refused", action, e.code());
-                    entry.tenant = req.match_info().get("tenant_id").map(Into::into);
-                    entry.detail = Some(e.to_string());
-                    entry.request_id = crate::api::request_id_of(&req);
-                    state.audit.record_best_effort(entry);
-                }
-            }
-            result
-        })
     }
 }

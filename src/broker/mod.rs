@@ -689,7 +689,9 @@ impl Broker {
             Err(e) => {
                 self.circuits.record_failure(tenant, e).await;
                 self.metrics.mint_outcome(tenant.as_str(), false);
-                self.store.record_health(tenant, Some(e)).await;
+                self.store
+                    .record_health(tenant, Some((e.code(), &e.to_string())))
+                    .await;
             }
         }
     }

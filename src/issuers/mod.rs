@@ -2,9 +2,7 @@
 //! classification of every upstream outcome.
 
 pub mod expiry;
-pub mod guard;
 pub mod recipes;
-pub mod template;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -125,16 +123,6 @@ pub struct IssuerSettings {
     pub request_timeout: Duration,
 }
 
-impl Default for IssuerSettings {
-    fn default() -> Self {
-        Self {
-            allow_insecure: false,
-            connect_timeout: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
 /// The outbound client shared by every tenant.
 /// The longest partner `Retry-After` the broker honours or passes on (the circuit's cap):
 /// a partner announcing `99999999` must not tell callers to go away for three years.
@@ -160,7 +148,7 @@ impl Issuers {
         if !settings.allow_insecure {
             builder = builder
                 .https_only(true)
-                .dns_resolver(Arc::new(guard::PublicOnlyResolver));
+                .dns_resolver(Arc::new(crate::egress::PublicOnlyResolver));
         }
         Self {
             client: builder.build().expect("the TLS backend initialises"),
@@ -175,7 +163,7 @@ impl Issuers {
         grant: Grant<'_>,
         timeout: Duration,
     ) -> Result<Minted, IssuerError> {
-        let url = guard::check_token_url(&tenant.issuer.token_url, self.allow_insecure)
+        let url = crate::egress::check_token_url(&tenant.issuer.token_url, self.allow_insecure)
             .map_err(|e| IssuerError::Blocked(e.to_string()))?;
         let prepared = recipes::prepare(tenant, &grant).map_err(IssuerError::Recipe)?;
         let mut req = self
@@ -327,7 +315,7 @@ impl Issuers {
 fn classify_transport(e: reqwest::Error) -> IssuerError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(s) = source {
-        if s.is::<guard::BlockedAddress>() {
+        if s.is::<crate::egress::BlockedAddress>() {
             return IssuerError::Blocked(s.to_string());
         }
         source = s.source();

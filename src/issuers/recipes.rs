@@ -9,7 +9,7 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::expiry::parse_expires_in;
-use super::template;
+use crate::tenants::template;
 use crate::tenants::{AuthMethod, BodyType, IssuerKind, IssuerSpec, Tenant};
 
 /// Which grant to ask for.

@@ -3,6 +3,7 @@
 
 pub mod spec;
 pub mod store;
+pub mod template;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -7,8 +7,9 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::template;
 use super::{Credentials, TenantId};
-use crate::issuers::{guard, template};
+use crate::egress as guard;
 
 /// A spec that does not validate: `field` is a dotted path into the submitted JSON.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

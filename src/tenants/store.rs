@@ -4,60 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
 use super::{Credentials, IssuerSpec, Tenant, TenantId};
-use crate::crypto::{CryptoError, KeyRing};
+use crate::crypto::KeyRing;
+use crate::db::Db;
 use crate::time::now_ms;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("not found")]
-    NotFound,
-    #[error("already exists")]
-    Conflict,
-    #[error("changed since it was read")]
-    VersionConflict,
-    #[error("the database is unavailable")]
-    Unavailable(#[source] sqlx::Error),
-    #[error("a stored credential does not open ({0})")]
-    Crypto(#[from] CryptoError),
-    #[error("a stored record is corrupt: {0}")]
-    Corrupt(String),
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::RowNotFound => Self::NotFound,
-            sqlx::Error::Database(d) if d.is_unique_violation() => Self::Conflict,
-            _ => Self::Unavailable(e),
-        }
-    }
-}
-
-/// Which SQL backend a URL selects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl Backend {
-    pub fn from_url(url: &str) -> Option<Self> {
-        if url.starts_with("sqlite:") {
-            Some(Self::Sqlite)
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Some(Self::Postgres)
-        } else {
-            None
-        }
-    }
-}
+pub use crate::db::{Backend, StoreError};
 
 /// A tenant's public record (what admins see): no credential values.
 #[derive(Clone, Debug)]
@@ -130,86 +87,56 @@ pub struct SealedTenant {
     sealed: Vec<(String, Vec<u8>)>,
 }
 
-/// The store: a pool plus the key ring that seals credentials.
+/// The tenant and caller store: the database handle plus the key ring that seals credentials.
 #[derive(Clone)]
 pub struct TenantStore {
+    db: Db,
     pool: AnyPool,
     keys: Arc<KeyRing>,
-    backend: Backend,
 }
-
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 const TENANT_COLUMNS: &str = "id, display_name, issuer, version, created_at, updated_at";
 
 impl TenantStore {
     /// Connects (without migrating).
     pub async fn connect(url: &str, keys: Arc<KeyRing>) -> Result<Self, StoreError> {
-        sqlx::any::install_default_drivers();
-        let backend = Backend::from_url(url).ok_or_else(|| {
-            StoreError::Corrupt("DATABASE_URL must start with sqlite: or postgres://".into())
-        })?;
-        let max = match backend {
-            Backend::Sqlite => 4,
-            Backend::Postgres => 10,
-        };
-        let mut options = AnyPoolOptions::new()
-            .max_connections(max)
-            .acquire_timeout(Duration::from_secs(3));
-        if backend == Backend::Sqlite {
-            // WAL lets readers (and other broker processes) work beside the one writer;
-            // synchronous=NORMAL is safe from corruption in WAL mode and spares an fsync per commit.
-            options = options.after_connect(|conn, _| {
-                Box::pin(async move {
-                    use sqlx::Executor;
-                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
-                        .await?;
-                    Ok(())
-                })
-            });
-        }
-        let pool = options
-            .connect(url)
-            .await
-            .map_err(StoreError::Unavailable)?;
-        Ok(Self {
-            pool,
+        let db = Db::connect(url).await?;
+        Ok(Self::new(db, keys))
+    }
+
+    pub fn new(db: Db, keys: Arc<KeyRing>) -> Self {
+        Self {
+            pool: db.pool().clone(),
+            db,
             keys,
-            backend,
-        })
+        }
+    }
+
+    /// The database handle (shared with the audit trail).
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     /// Applies the backend's migrations.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        match self.backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await,
-        }
+        self.db.migrate().await
     }
 
     pub fn keys(&self) -> &KeyRing {
         &self.keys
     }
 
-    /// A write transaction. On SQLite it takes the write lock up front (`BEGIN IMMEDIATE`):
-    /// a deferred transaction that reads first cannot wait for the lock once another writer
-    /// has committed, and fails at once with SQLITE_BUSY.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
-        }
+        self.db.begin_write().await
     }
 
     /// A cheap round trip for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.db.ping().await
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.db.close().await;
     }
 
     fn seal_all(&self, id: &TenantId, creds: &Credentials) -> Vec<(String, String, Vec<u8>)> {
@@ -460,9 +387,10 @@ impl TenantStore {
         self.tenant_record(id).await
     }
 
-    /// Records the outcome of a mint (`None`: success). Failures to record are only logged:
-    /// bookkeeping must not fail a mint.
-    pub async fn record_health(&self, id: &TenantId, error: Option<&crate::issuers::IssuerError>) {
+    /// Records the outcome of a mint (`None`: success; else the problem code and an
+    /// operator-facing detail). Failures to record are only logged: bookkeeping must not fail
+    /// a mint.
+    pub async fn record_health(&self, id: &TenantId, error: Option<(&str, &str)>) {
         let now = now_ms();
         let result = match error {
             None => {
@@ -480,8 +408,8 @@ impl TenantStore {
                 )
                 .bind(id.as_str())
                 .bind(now)
-                .bind(e.code())
-                .bind(e.to_string())
+                .bind(e.0)
+                .bind(e.1)
                 .execute(&self.pool)
                 .await
             }
@@ -634,149 +562,6 @@ impl TenantStore {
                 TenantId::parse(&id).map_err(|_| StoreError::Corrupt("tenant id".into()))
             })
             .collect()
-    }
-
-    // ---- audit ----
-
-    /// Writes coalesced audit rows (entry, (first ms, last ms, count)) in one transaction.
-    pub async fn insert_audit(
-        &self,
-        rows: &[(crate::audit::Entry, (i64, i64, i64))],
-    ) -> Result<(), StoreError> {
-        const COLS: usize = 13;
-        let mut tx = self.begin_write().await?;
-        for chunk in rows.chunks(200) {
-            let mut sql = String::from(
-                "INSERT INTO audit_log (at, last_at, count, kind, action, outcome, caller, auth_method, tenant, source, fingerprint, detail, request_id) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push('(');
-                for c in 0..COLS {
-                    if c > 0 {
-                        sql.push_str(", ");
-                    }
-                    sql.push_str(&format!("${}", i * COLS + c + 1));
-                }
-                sql.push(')');
-            }
-            let mut q = sqlx::query(&sql);
-            for (e, (first, last, count)) in chunk {
-                q = q
-                    .bind(*first)
-                    .bind(*last)
-                    .bind(*count)
-                    .bind(e.kind)
-                    .bind(e.action.as_ref())
-                    .bind(e.outcome.as_ref())
-                    .bind(e.caller.as_deref())
-                    .bind(e.auth_method)
-                    .bind(e.tenant.as_deref())
-                    .bind(e.source)
-                    .bind(e.fingerprint.as_deref())
-                    .bind(e.detail.as_deref())
-                    .bind(e.request_id.as_deref());
-            }
-            q.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Audit rows, newest first, optionally for one tenant and/or caller, before row `before`.
-    pub async fn query_audit(
-        &self,
-        tenant: Option<&str>,
-        caller: Option<&str>,
-        before: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<crate::audit::Row>, StoreError> {
-        let mut sql = String::from(
-            "SELECT id, at, last_at, count, kind, action, outcome, caller, auth_method, tenant, source, fingerprint, detail, request_id FROM audit_log WHERE 1 = 1",
-        );
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            format!("${n}")
-        };
-        if tenant.is_some() {
-            sql.push_str(&format!(" AND tenant = {}", next()));
-        }
-        if caller.is_some() {
-            sql.push_str(&format!(" AND caller = {}", next()));
-        }
-        if before.is_some() {
-            sql.push_str(&format!(" AND id < {}", next()));
-        }
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", next()));
-        let mut q = sqlx::query(&sql);
-        if let Some(t) = tenant {
-            q = q.bind(t);
-        }
-        if let Some(c) = caller {
-            q = q.bind(c);
-        }
-        if let Some(b) = before {
-            q = q.bind(b);
-        }
-        let rows = q.bind(limit).fetch_all(&self.pool).await?;
-        fn kind(s: String) -> &'static str {
-            match s.as_str() {
-                "token" => "token",
-                "admin" => "admin",
-                _ => "refused",
-            }
-        }
-        fn method(s: Option<String>) -> Option<&'static str> {
-            match s.as_deref() {
-                Some("api_key") => Some("api_key"),
-                Some("jwt") => Some("jwt"),
-                Some("admin_token") => Some("admin_token"),
-                _ => None,
-            }
-        }
-        fn source(s: Option<String>) -> Option<&'static str> {
-            match s.as_deref() {
-                Some("cache") => Some("cache"),
-                Some("minted") => Some("minted"),
-                _ => None,
-            }
-        }
-        rows.iter()
-            .map(|r| {
-                Ok(crate::audit::Row {
-                    id: r.try_get("id")?,
-                    at_ms: r.try_get("at")?,
-                    last_at_ms: r.try_get("last_at")?,
-                    count: r.try_get("count")?,
-                    entry: crate::audit::Entry {
-                        kind: kind(r.try_get("kind")?),
-                        action: r.try_get::<String, _>("action")?.into(),
-                        outcome: r.try_get::<String, _>("outcome")?.into(),
-                        caller: r.try_get::<Option<String>, _>("caller")?.map(Into::into),
-                        auth_method: method(r.try_get("auth_method")?),
-                        tenant: r.try_get::<Option<String>, _>("tenant")?.map(Into::into),
-                        source: source(r.try_get("source")?),
-                        fingerprint: r
-                            .try_get::<Option<String>, _>("fingerprint")?
-                            .map(Into::into),
-                        detail: r.try_get("detail")?,
-                        request_id: r.try_get("request_id")?,
-                    },
-                })
-            })
-            .collect()
-    }
-
-    /// Deletes audit rows last seen before `before_ms`.
-    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM audit_log WHERE last_at < $1")
-            .bind(before_ms)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
     }
 
     // ---- callers ----

@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{json, Value};
-use token_broker::app::{AppState, Application};
+use token_broker::api::AppState;
+use token_broker::app::Application;
 use token_broker::config::Settings;
 use wiremock::MockServer;
 

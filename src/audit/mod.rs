@@ -11,6 +11,8 @@
 //! credentials therefore costs a few rows a second and never takes a slot a token entry
 //! needs. A tenant id is stored only if it is a valid `TenantId`.
 
+pub mod store;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,9 +22,9 @@ use std::sync::Mutex;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::AuditMode;
+use crate::db::Db;
 use crate::metrics::Metrics;
-use crate::tenants::{TenantId, TenantStore};
+use crate::tenants::TenantId;
 use crate::time::now_ms;
 
 /// One audit entry. Shared strings, so building one on the token path allocates nothing.
@@ -86,6 +88,13 @@ enum Msg {
 /// (first at, last at, count, first request id).
 type Side = HashMap<Entry, (i64, i64, i64, Option<String>)>;
 
+/// What happens to a token whose audit entry cannot be queued (`BROKER_AUDIT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditMode {
+    FailClosed,
+    BestEffort,
+}
+
 /// The audit queue handle.
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
@@ -107,7 +116,7 @@ const BATCH_ROWS: usize = 500;
 impl Audit {
     /// Starts the writer. `retention_days` prunes older rows hourly.
     pub fn start(
-        store: TenantStore,
+        db: Db,
         mode: AuditMode,
         capacity: usize,
         retention_days: u64,
@@ -116,7 +125,7 @@ impl Audit {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let side = Arc::new(Mutex::new(Side::new()));
         tokio::spawn(writer(
-            store.clone(),
+            db.clone(),
             rx,
             side.clone(),
             metrics.clone(),
@@ -125,7 +134,7 @@ impl Audit {
         let retention_ms = (retention_days as i64).saturating_mul(86_400_000);
         tokio::spawn(async move {
             loop {
-                match store.prune_audit(now_ms() - retention_ms).await {
+                match store::prune(&db, now_ms() - retention_ms).await {
                     Ok(n) if n > 0 => tracing::info!(rows = n, "pruned old audit entries"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "audit pruning failed"),
@@ -210,7 +219,7 @@ impl Audit {
 /// refuses tokens) only once `max_pending` distinct rows wait, not after `capacity` entries
 /// that would have merged into a handful of rows.
 async fn writer(
-    store: TenantStore,
+    db: Db,
     mut rx: mpsc::Receiver<Msg>,
     side: Arc<Mutex<Side>>,
     metrics: Arc<Metrics>,
@@ -268,7 +277,7 @@ async fn writer(
         if !batch.is_empty() {
             let rows: Vec<(Entry, (i64, i64, i64))> =
                 batch.iter().map(|(e, t)| (e.clone(), *t)).collect();
-            match store.insert_audit(&rows).await {
+            match store::insert(&db, &rows).await {
                 Ok(()) => {
                     batch.clear();
                     delay = Duration::from_millis(100);
@@ -286,7 +295,7 @@ async fn writer(
                     if closed {
                         // Shutting down: one last try after the backoff, then give up.
                         tokio::time::sleep(delay).await;
-                        if store.insert_audit(&rows).await.is_err() {
+                        if store::insert(&db, &rows).await.is_err() {
                             tracing::error!(
                                 rows = rows.len(),
                                 "audit entries lost at shutdown: the database does not answer"

@@ -1,0 +1,160 @@
+//! Request extractors: the `Caller` of the token endpoints and the `Admin` of the admin API,
+//! from the bearer credential, with refusals audited. Identity rules live in `auth`.
+
+use actix_web::dev::Payload;
+use actix_web::{web, FromRequest, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+
+use super::problem::ApiError;
+use super::AppState;
+use crate::auth::{api_keys, Admin, AdminRole, Caller, ADMIN_ROLE, AUDITOR_ROLE};
+
+/// The bearer credential of a request, if it has one.
+pub fn bearer(req: &HttpRequest) -> Option<&str> {
+    let value = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn state(req: &HttpRequest) -> web::Data<AppState> {
+    req.app_data::<web::Data<AppState>>()
+        .expect("AppState is registered")
+        .clone()
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = state(req);
+        let token = bearer(req).map(str::to_owned);
+        let tenant = req.match_info().get("tenant_id").map(str::to_owned);
+        let request_id = super::request_id_of(req);
+        Box::pin(async move {
+            let result = match token {
+                None => Err(ApiError::Unauthorized("missing bearer credentials")),
+                Some(t) if t.starts_with(api_keys::PREFIX) => state
+                    .auth
+                    .api_key(&t)
+                    .await
+                    .map(|c| (*c).clone())
+                    .map_err(ApiError::from),
+                Some(t) => match &state.jwt {
+                    Some(v) => v.verify(&t).await.map_err(|reason| {
+                        tracing::info!(reason, "caller JWT refused");
+                        ApiError::Unauthorized("invalid credentials")
+                    }),
+                    None => Err(ApiError::Unauthorized("invalid credentials")),
+                },
+            };
+            if let Ok(c) = &result {
+                let span = tracing::Span::current();
+                span.record("caller", &*c.name);
+                if let Some(t) = &tenant {
+                    span.record("tenant", t.as_str());
+                }
+            }
+            if let Err(e @ ApiError::Unauthorized(reason)) = &result {
+                let mut entry = crate::audit::Entry::new("refused", "token.fetch", e.code());
+                entry.tenant = tenant.map(Into::into);
+                entry.detail = Some((*reason).to_owned());
+                entry.request_id = request_id;
+                state.audit.record_best_effort(entry);
+            }
+            result
+        })
+    }
+}
+
+fn looks_like_jwt(t: &str) -> bool {
+    t.len() <= 16 * 1024 && t.bytes().filter(|&b| b == b'.').count() == 2
+}
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = state(req);
+        let token = bearer(req).map(str::to_owned);
+        let req = req.clone();
+        Box::pin(async move {
+            let result = match (token, &state.settings.admin_jwt, &state.jwt) {
+                (None, _, _) => Err(ApiError::Unauthorized("missing bearer credentials")),
+                (Some(t), _, _) if state.admin.verify(&t) => Ok(Admin::static_token()),
+                (Some(t), Some(cfg), Some(verifier)) if looks_like_jwt(&t) => {
+                    match verifier
+                        .verify_admin(&t, &cfg.audience, &cfg.role_claim)
+                        .await
+                    {
+                        Ok(claims) => {
+                            let role = if claims.roles.iter().any(|r| r == ADMIN_ROLE) {
+                                Some(AdminRole::Admin)
+                            } else if claims.roles.iter().any(|r| r == AUDITOR_ROLE) {
+                                Some(AdminRole::Auditor)
+                            } else {
+                                None
+                            };
+                            match role {
+                                Some(role) => Ok(Admin {
+                                    name: claims.sub.into(),
+                                    method: "jwt",
+                                    role,
+                                }),
+                                None => Err(ApiError::AdminForbidden(
+                                    "the token carries neither the token-broker-admin nor the token-broker-auditor role",
+                                )),
+                            }
+                        }
+                        Err(reason) => {
+                            tracing::info!(reason, "admin JWT refused");
+                            Err(ApiError::Unauthorized("invalid credentials"))
+                        }
+                    }
+                }
+                (Some(_), _, _) if !state.admin.is_set() && state.settings.admin_jwt.is_none() => {
+                    Err(ApiError::Unauthorized(
+                        "the admin API is disabled: start the broker with BROKER_ADMIN_TOKEN (or BROKER_ADMIN_JWT_AUDIENCE) set",
+                    ))
+                }
+                (Some(_), _, _) => Err(ApiError::Unauthorized("invalid credentials")),
+            };
+            let result = result.and_then(|admin| {
+                let reads = matches!(req.method().as_str(), "GET" | "HEAD");
+                if admin.role == AdminRole::Auditor && !reads {
+                    Err(ApiError::AdminForbidden(
+                        "the token-broker-auditor role may read but not change anything",
+                    ))
+                } else {
+                    Ok(admin)
+                }
+            });
+            match &result {
+                Ok(admin) => {
+                    tracing::Span::current().record("caller", &*admin.name);
+                }
+                Err(e) => {
+                    let action = format!(
+                        "admin {} {}",
+                        req.method(),
+                        req.match_pattern().unwrap_or_default()
+                    );
+                    let mut entry = crate::audit::Entry::new("refused", action, e.code());
+                    entry.tenant = req.match_info().get("tenant_id").map(Into::into);
+                    entry.detail = Some(e.to_string());
+                    entry.request_id = super::request_id_of(&req);
+                    state.audit.record_best_effort(entry);
+                }
+            }
+            result
+        })
+    }
+}

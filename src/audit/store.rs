@@ -1,0 +1,144 @@
+//! The audit trail's rows in the database: batched inserts, newest-first queries, pruning.
+
+use sqlx::Row as _;
+
+use super::{Entry, Row};
+use crate::db::{Db, StoreError};
+
+/// Writes coalesced audit rows (entry, (first ms, last ms, count)) in one transaction.
+pub async fn insert(db: &Db, rows: &[(Entry, (i64, i64, i64))]) -> Result<(), StoreError> {
+    const COLS: usize = 13;
+    let mut tx = db.begin_write().await?;
+    for chunk in rows.chunks(200) {
+        let mut sql = String::from(
+            "INSERT INTO audit_log (at, last_at, count, kind, action, outcome, caller, auth_method, tenant, source, fingerprint, detail, request_id) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for c in 0..COLS {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("${}", i * COLS + c + 1));
+            }
+            sql.push(')');
+        }
+        let mut q = sqlx::query(&sql);
+        for (e, (first, last, count)) in chunk {
+            q = q
+                .bind(*first)
+                .bind(*last)
+                .bind(*count)
+                .bind(e.kind)
+                .bind(e.action.as_ref())
+                .bind(e.outcome.as_ref())
+                .bind(e.caller.as_deref())
+                .bind(e.auth_method)
+                .bind(e.tenant.as_deref())
+                .bind(e.source)
+                .bind(e.fingerprint.as_deref())
+                .bind(e.detail.as_deref())
+                .bind(e.request_id.as_deref());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Audit rows, newest first, optionally for one tenant and/or caller, before row `before`.
+pub async fn query(
+    db: &Db,
+    tenant: Option<&str>,
+    caller: Option<&str>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Row>, StoreError> {
+    let mut sql = String::from(
+        "SELECT id, at, last_at, count, kind, action, outcome, caller, auth_method, tenant, source, fingerprint, detail, request_id FROM audit_log WHERE 1 = 1",
+    );
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        format!("${n}")
+    };
+    if tenant.is_some() {
+        sql.push_str(&format!(" AND tenant = {}", next()));
+    }
+    if caller.is_some() {
+        sql.push_str(&format!(" AND caller = {}", next()));
+    }
+    if before.is_some() {
+        sql.push_str(&format!(" AND id < {}", next()));
+    }
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", next()));
+    let mut q = sqlx::query(&sql);
+    if let Some(t) = tenant {
+        q = q.bind(t);
+    }
+    if let Some(c) = caller {
+        q = q.bind(c);
+    }
+    if let Some(b) = before {
+        q = q.bind(b);
+    }
+    let rows = q.bind(limit).fetch_all(db.pool()).await?;
+    fn kind(s: String) -> &'static str {
+        match s.as_str() {
+            "token" => "token",
+            "admin" => "admin",
+            _ => "refused",
+        }
+    }
+    fn method(s: Option<String>) -> Option<&'static str> {
+        match s.as_deref() {
+            Some("api_key") => Some("api_key"),
+            Some("jwt") => Some("jwt"),
+            Some("admin_token") => Some("admin_token"),
+            _ => None,
+        }
+    }
+    fn source(s: Option<String>) -> Option<&'static str> {
+        match s.as_deref() {
+            Some("cache") => Some("cache"),
+            Some("minted") => Some("minted"),
+            _ => None,
+        }
+    }
+    rows.iter()
+        .map(|r| {
+            Ok(Row {
+                id: r.try_get("id")?,
+                at_ms: r.try_get("at")?,
+                last_at_ms: r.try_get("last_at")?,
+                count: r.try_get("count")?,
+                entry: Entry {
+                    kind: kind(r.try_get("kind")?),
+                    action: r.try_get::<String, _>("action")?.into(),
+                    outcome: r.try_get::<String, _>("outcome")?.into(),
+                    caller: r.try_get::<Option<String>, _>("caller")?.map(Into::into),
+                    auth_method: method(r.try_get("auth_method")?),
+                    tenant: r.try_get::<Option<String>, _>("tenant")?.map(Into::into),
+                    source: source(r.try_get("source")?),
+                    fingerprint: r
+                        .try_get::<Option<String>, _>("fingerprint")?
+                        .map(Into::into),
+                    detail: r.try_get("detail")?,
+                    request_id: r.try_get("request_id")?,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Deletes audit rows last seen before `before_ms`.
+pub async fn prune(db: &Db, before_ms: i64) -> Result<u64, StoreError> {
+    Ok(sqlx::query("DELETE FROM audit_log WHERE last_at < $1")
+        .bind(before_ms)
+        .execute(db.pool())
+        .await?
+        .rows_affected())
+}
