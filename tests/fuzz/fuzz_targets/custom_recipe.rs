@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use token_broker::issuers::{recipes, template};
+use token_broker::issuers::recipes;
+use token_broker::tenants::template;
 use token_broker::tenants::{Credentials, Tenant, TenantId};
 
 fuzz_target!(|data: &[u8]| {

@@ -1,0 +1,198 @@
+//! The tree's layering, checked from the source (see ARCHITECTURE.md): the top-level modules
+//! under `src/` import each other without a cycle, nothing but `app` (and `main`) imports
+//! `app`, nothing below `api` imports `api`, and only `main.rs`, `app.rs`, `telemetry.rs`
+//! and `src/api/` mention actix-web.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// The top-level module a file belongs to (`main` and `lib` for the crate roots).
+fn module_of(file: &Path) -> String {
+    let rel = file.strip_prefix(src()).unwrap();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
+    first.trim_end_matches(".rs").to_owned()
+}
+
+fn ident(s: &str) -> String {
+    s.chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// Top-level modules a file's text refers to through `crate::…` (paths and `use` groups).
+fn references(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("crate::") {
+        rest = &rest[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let mut end = group.len();
+            let mut level = 0;
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => level += 1,
+                    '}' if level == 0 => {
+                        end = i;
+                        break;
+                    }
+                    '}' => level -= 1,
+                    _ => {}
+                }
+            }
+            let mut depth = 0;
+            let mut item = String::new();
+            for c in group[..end].chars().chain(std::iter::once(',')) {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        let name = ident(item.trim());
+                        if !name.is_empty() && name != "self" {
+                            out.insert(name);
+                        }
+                        item.clear();
+                    }
+                    _ => item.push(c),
+                }
+            }
+        } else {
+            let name = ident(rest);
+            if !name.is_empty() {
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in files {
+        let m = module_of(&f);
+        let text = std::fs::read_to_string(&f).unwrap();
+        let refs = g.entry(m.clone()).or_default();
+        for r in references(&text) {
+            if r != m {
+                refs.insert(r);
+            }
+        }
+    }
+    g
+}
+
+fn find_cycle(g: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        n: &str,
+        g: &BTreeMap<String, BTreeSet<String>>,
+        state: &mut BTreeMap<String, u8>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        match state.get(n) {
+            Some(2) => return None,
+            Some(1) => {
+                let start = path.iter().position(|p| p == n).unwrap();
+                let mut cycle = path[start..].to_vec();
+                cycle.push(n.to_owned());
+                return Some(cycle);
+            }
+            _ => {}
+        }
+        state.insert(n.to_owned(), 1);
+        path.push(n.to_owned());
+        for d in g.get(n).into_iter().flatten() {
+            if let Some(c) = visit(d, g, state, path) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        state.insert(n.to_owned(), 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for n in g.keys() {
+        if let Some(c) = visit(n, g, &mut state, &mut Vec::new()) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+#[test]
+fn the_reference_scanner_reads_paths_and_groups() {
+    let refs =
+        references("use crate::a::b;\nuse crate::{c, d::{e, f}, self};\nlet x = crate::g::h();");
+    assert_eq!(
+        refs.into_iter().collect::<Vec<_>>(),
+        ["a", "c", "d", "g"].map(String::from)
+    );
+    let mut g = BTreeMap::new();
+    g.insert("x".to_owned(), BTreeSet::from(["y".to_owned()]));
+    g.insert("y".to_owned(), BTreeSet::from(["x".to_owned()]));
+    assert!(find_cycle(&g).is_some(), "the cycle finder finds a cycle");
+}
+
+#[test]
+fn top_level_modules_import_each_other_without_a_cycle() {
+    let g = graph();
+    assert!(g.len() > 10, "expected the whole tree, got {:?}", g.keys());
+    if let Some(cycle) = find_cycle(&g) {
+        panic!("import cycle: {}", cycle.join(" -> "));
+    }
+    for (m, deps) in &g {
+        if !matches!(m.as_str(), "main" | "lib") && m != "app" {
+            assert!(!deps.contains("app"), "{m} imports app");
+        }
+        if !matches!(m.as_str(), "main" | "lib" | "app" | "api") {
+            assert!(!deps.contains("api"), "{m} imports api (only app may)");
+        }
+    }
+}
+
+#[test]
+fn only_the_http_edge_mentions_actix_web() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let allowed = |f: &Path| {
+        let rel = f
+            .strip_prefix(src())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        matches!(rel.as_str(), "main.rs" | "app.rs" | "telemetry.rs") || rel.starts_with("api/")
+    };
+    let offenders: Vec<String> = files
+        .iter()
+        .filter(|f| !allowed(f))
+        .filter(|f| {
+            let t = std::fs::read_to_string(f).unwrap();
+            t.contains("actix_web") || t.contains("actix-web")
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "actix-web outside the HTTP edge: {offenders:?}"
+    );
+}
