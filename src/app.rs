@@ -45,6 +45,12 @@ pub enum BuildError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     KeysInUse(String),
+    #[error("re-sealing the cached token of {tenant}: {source}")]
+    RekeyCache {
+        tenant: String,
+        #[source]
+        source: crate::cache::CacheError,
+    },
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("cannot listen: {0}")]
@@ -163,11 +169,13 @@ pub async fn rekey(settings: &Settings) -> Result<(u64, u64), BuildError> {
         for tenant in store.tenant_ids().await? {
             match cache.get(&tenant).await {
                 Ok(Some(token)) => {
-                    cache.put(&tenant, token).await.map_err(|e| {
-                        BuildError::KeysInUse(format!(
-                            "re-sealing the cached token of {tenant}: {e}"
-                        ))
-                    })?;
+                    cache
+                        .put(&tenant, token)
+                        .await
+                        .map_err(|source| BuildError::RekeyCache {
+                            tenant: tenant.to_string(),
+                            source,
+                        })?;
                     tokens += 1;
                 }
                 Ok(None) => {}

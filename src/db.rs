@@ -23,6 +23,8 @@ pub enum StoreError {
     Crypto(#[from] CryptoError),
     #[error("a stored record is corrupt: {0}")]
     Corrupt(String),
+    #[error("DATABASE_URL must start with sqlite: or postgres://")]
+    UnsupportedUrl,
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -68,9 +70,7 @@ impl Db {
     /// Connects (without migrating).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
-        let backend = Backend::from_url(url).ok_or_else(|| {
-            StoreError::Corrupt("DATABASE_URL must start with sqlite: or postgres://".into())
-        })?;
+        let backend = Backend::from_url(url).ok_or_else(|| StoreError::UnsupportedUrl)?;
         let max = match backend {
             Backend::Sqlite => 4,
             Backend::Postgres => 10,

@@ -49,7 +49,7 @@ impl FromRequest for Caller {
                     .map_err(ApiError::from),
                 Some(t) => match &state.jwt {
                     Some(v) => v.verify(&t).await.map_err(|reason| {
-                        tracing::info!(reason, "caller JWT refused");
+                        tracing::info!(reason = %reason, "caller JWT refused");
                         ApiError::Unauthorized("invalid credentials")
                     }),
                     None => Err(ApiError::Unauthorized("invalid credentials")),
@@ -115,7 +115,7 @@ impl FromRequest for Admin {
                             }
                         }
                         Err(reason) => {
-                            tracing::info!(reason, "admin JWT refused");
+                            tracing::info!(reason = %reason, "admin JWT refused");
                             Err(ApiError::Unauthorized("invalid credentials"))
                         }
                     }

@@ -124,43 +124,12 @@ impl ApiError {
         }
     }
 
+    /// The title: the table's, except where the same code has a more precise one.
     fn title(&self) -> &'static str {
         match self {
-            Self::Unauthorized(_) => "Authentication required",
-            Self::Forbidden(_) => "Forbidden",
-            Self::TenantNotFound => "Tenant not found",
-            Self::CallerNotFound => "Caller not found",
-            Self::RouteNotFound => "Not found",
-            Self::MethodNotAllowed => "Method not allowed",
-            Self::InvalidJson(_) => "Malformed JSON",
-            Self::InvalidRequest { .. } => "Invalid request",
-            Self::InvalidSpec(_) => "Invalid tenant spec",
-            Self::InvalidCaller(_) => "Invalid caller",
-            Self::Conflict(_) => "Conflict",
-            Self::PreconditionFailed(_) => "Precondition failed",
-            Self::PayloadTooLarge(_) => "Payload too large",
-            Self::UnsupportedMediaType(_) => "Unsupported media type",
-            Self::BodyTimeout(_) => "Request body too slow",
-            Self::UriTooLong(_) => "URI too long",
-            Self::InvalidateThrottled { .. } => "Token too young to drop again",
-            Self::AdminForbidden(_) => "Not allowed for this admin role",
-            Self::MinTtlUnsatisfiable(_) => "min_ttl cannot be satisfied",
-            Self::Upstream(IssuerError::RejectedCredentials { .. }) => {
-                "The partner rejected the credentials"
-            }
-            Self::Upstream(IssuerError::RateLimited { .. }) => "The partner is throttling",
-            Self::Upstream(IssuerError::Timeout) => "The partner timed out",
-            Self::Upstream(IssuerError::Unavailable(_)) => "The partner is unavailable",
-            Self::Upstream(_) => "The partner's token endpoint failed",
-            Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => {
-                "Stored credentials cannot be read"
-            }
-            Self::Store(_) | Self::Cache(_) => "Service unavailable",
-            Self::LockWaitTimeout(_) => "Another replica's mint did not finish in time",
             Self::CircuitOpen { .. } => "The partner's token endpoint is failing",
-            Self::AuditUnavailable => "Audit trail unavailable",
-            Self::CallerRateLimited(_) => "Too many requests",
-            Self::Internal(_) => "Internal error",
+            Self::Upstream(IssuerError::Paced { .. }) => "The partner's token endpoint failed",
+            other => entry(other.code()).2,
         }
     }
 
@@ -177,6 +146,82 @@ impl ApiError {
             other => other.to_string(),
         }
     }
+}
+
+/// The one table of problem codes: code, HTTP status, title. Codes are a contract: add
+/// freely, never rename. `ApiError::code` says which row an error is.
+pub const PROBLEMS: &[(&str, u16, &str)] = &[
+    ("unauthorized", 401, "Authentication required"),
+    ("forbidden", 403, "Forbidden"),
+    ("admin_forbidden", 403, "Not allowed for this admin role"),
+    ("tenant_not_found", 404, "Tenant not found"),
+    ("caller_not_found", 404, "Caller not found"),
+    ("not_found", 404, "Not found"),
+    ("method_not_allowed", 405, "Method not allowed"),
+    ("body_timeout", 408, "Request body too slow"),
+    ("invalid_json", 400, "Malformed JSON"),
+    ("invalid_request", 400, "Invalid request"),
+    ("invalid_spec", 422, "Invalid tenant spec"),
+    ("invalid_caller", 422, "Invalid caller"),
+    ("min_ttl_unsatisfiable", 422, "min_ttl cannot be satisfied"),
+    ("conflict", 409, "Conflict"),
+    ("precondition_failed", 412, "Precondition failed"),
+    ("payload_too_large", 413, "Payload too large"),
+    ("uri_too_long", 414, "URI too long"),
+    ("unsupported_media_type", 415, "Unsupported media type"),
+    ("rate_limited", 429, "Too many requests"),
+    ("invalidate_throttled", 429, "Token too young to drop again"),
+    (
+        "upstream_rejected_credentials",
+        502,
+        "The partner rejected the credentials",
+    ),
+    (
+        "upstream_rejected_request",
+        502,
+        "The partner's token endpoint failed",
+    ),
+    (
+        "upstream_bad_response",
+        502,
+        "The partner's token endpoint failed",
+    ),
+    (
+        "upstream_token_expiry_unknown",
+        502,
+        "The partner's token endpoint failed",
+    ),
+    (
+        "upstream_address_blocked",
+        502,
+        "The partner's token endpoint failed",
+    ),
+    ("recipe_error", 502, "The partner's token endpoint failed"),
+    ("upstream_rate_limited", 503, "The partner is throttling"),
+    ("upstream_unavailable", 503, "The partner is unavailable"),
+    ("upstream_timeout", 504, "The partner timed out"),
+    (
+        "lock_wait_timeout",
+        504,
+        "Another replica's mint did not finish in time",
+    ),
+    (
+        "credentials_unreadable",
+        503,
+        "Stored credentials cannot be read",
+    ),
+    ("database_unavailable", 503, "Service unavailable"),
+    ("cache_unavailable", 503, "Service unavailable"),
+    ("audit_unavailable", 503, "Audit trail unavailable"),
+    ("internal_error", 500, "Internal error"),
+];
+
+fn entry(code: &str) -> (&'static str, u16, &'static str) {
+    PROBLEMS
+        .iter()
+        .find(|(c, _, _)| *c == code)
+        .copied()
+        .unwrap_or(("internal_error", 500, "Internal error"))
 }
 
 impl From<BrokerError> for ApiError {
@@ -231,38 +276,7 @@ struct Problem<'a> {
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        match self {
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) | Self::AdminForbidden(_) => StatusCode::FORBIDDEN,
-            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::UriTooLong(_) => StatusCode::URI_TOO_LONG,
-            Self::InvalidateThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::TenantNotFound | Self::CallerNotFound | Self::RouteNotFound => {
-                StatusCode::NOT_FOUND
-            }
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::InvalidJson(_) | Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::InvalidSpec(_) | Self::InvalidCaller(_) | Self::MinTtlUnsatisfiable(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::CallerRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Upstream(e) | Self::CircuitOpen { last: e, .. } => match e {
-                IssuerError::RateLimited { .. }
-                | IssuerError::Paced { .. }
-                | IssuerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                IssuerError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                _ => StatusCode::BAD_GATEWAY,
-            },
-            Self::Store(_) | Self::Cache(_) | Self::AuditUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::LockWaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        StatusCode::from_u16(entry(self.code()).1).expect("the table holds valid statuses")
     }
 
     fn error_response(&self) -> HttpResponse<BoxBody> {
@@ -305,5 +319,59 @@ impl ResponseError for ApiError {
             _ => {}
         }
         resp.body(serde_json::to_string(&body).expect("problem serialises"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_one_row_and_the_spec_lists_it() {
+        let spec =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for (code, status, title) in PROBLEMS {
+            assert!(seen.insert(*code), "{code} twice");
+            assert!(StatusCode::from_u16(*status).is_ok() && !title.is_empty());
+            assert!(spec.contains(code), "openapi.yaml does not list {code}");
+        }
+    }
+
+    #[test]
+    fn statuses_and_titles_users_see_are_unchanged() {
+        let cases: Vec<(ApiError, u16, &str)> = vec![
+            (ApiError::Unauthorized("x"), 401, "Authentication required"),
+            (
+                ApiError::AdminForbidden("x"),
+                403,
+                "Not allowed for this admin role",
+            ),
+            (ApiError::UriTooLong(1), 414, "URI too long"),
+            (
+                ApiError::Upstream(IssuerError::Timeout),
+                504,
+                "The partner timed out",
+            ),
+            (
+                ApiError::Upstream(IssuerError::Paced { retry_after: 1 }),
+                503,
+                "The partner's token endpoint failed",
+            ),
+            (
+                ApiError::CircuitOpen {
+                    last: IssuerError::Timeout,
+                    retry_after: 5,
+                },
+                504,
+                "The partner's token endpoint is failing",
+            ),
+            (ApiError::AuditUnavailable, 503, "Audit trail unavailable"),
+            (ApiError::Internal("x".into()), 500, "Internal error"),
+        ];
+        for (e, status, title) in cases {
+            assert_eq!(e.status_code().as_u16(), status, "{e:?}");
+            assert_eq!(e.title(), title, "{e:?}");
+        }
     }
 }

@@ -46,6 +46,27 @@ pub const UNKNOWN_KID_TTL: Duration = Duration::from_secs(10);
 /// The longest a request waits for a JWKS fetch.
 const FETCH_WAIT: Duration = Duration::from_secs(6);
 
+/// Why a JWT was refused: fixed reasons, never token content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("malformed JWT")]
+    Malformed,
+    #[error("JWT algorithm not allowed")]
+    AlgorithmNotAllowed,
+    #[error("JWT has no kid")]
+    NoKid,
+    #[error("unknown JWT key")]
+    UnknownKey,
+    #[error("JWT algorithm does not match its key")]
+    AlgorithmMismatch,
+    #[error("JWT rejected")]
+    Rejected,
+    #[error("JWT sub is not a usable name")]
+    BadSub,
+    #[error("JWT crit header names an extension the broker does not understand")]
+    Crit,
+}
+
 /// Where caller JWTs come from.
 #[derive(Clone, Debug)]
 pub struct JwtSettings {
@@ -283,7 +304,7 @@ impl JwtVerifier {
     }
 
     /// The caller a JWT stands for, or why it is refused (a fixed reason, never token content).
-    pub async fn verify(self: &Arc<Self>, token: &str) -> Result<Caller, &'static str> {
+    pub async fn verify(self: &Arc<Self>, token: &str) -> Result<Caller, JwtError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.verified.get(&digest) {
             if now_ms() < hit.1 * 1000 + LEEWAY_S as i64 * 1000 {
@@ -301,7 +322,7 @@ impl JwtVerifier {
     pub async fn verify_signature(
         self: &Arc<Self>,
         token: &str,
-    ) -> Result<(Caller, i64), &'static str> {
+    ) -> Result<(Caller, i64), JwtError> {
         let mut claims = self.check(token, &self.settings.audience).await?;
         let caller = Caller {
             id: format!("jwt:{}", claims.sub).into(),
@@ -321,7 +342,7 @@ impl JwtVerifier {
         token: &str,
         audience: &str,
         role_claim: &str,
-    ) -> Result<AdminClaims, &'static str> {
+    ) -> Result<AdminClaims, JwtError> {
         let claims = self.check(token, audience).await?;
         let mut at = claims.rest.get(role_claim.split('.').next().unwrap_or(""));
         for part in role_claim.split('.').skip(1) {
@@ -342,22 +363,25 @@ impl JwtVerifier {
     }
 
     /// Header, key, signature and registered claims of `token` for `audience`.
-    async fn check(self: &Arc<Self>, token: &str, audience: &str) -> Result<Claims, &'static str> {
+    async fn check(self: &Arc<Self>, token: &str, audience: &str) -> Result<Claims, JwtError> {
         refuse_crit(token)?;
-        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed JWT")?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
         if !ALLOWED.contains(&header.alg) {
-            return Err("JWT algorithm not allowed");
+            return Err(JwtError::AlgorithmNotAllowed);
         }
-        let kid = header.kid.as_deref().ok_or("JWT has no kid")?;
+        let kid = header.kid.as_deref().ok_or(JwtError::NoKid)?;
         if kid.len() > 256 {
-            return Err("unknown JWT key");
+            return Err(JwtError::UnknownKey);
         }
         let key = match self.key(kid) {
             Some(k) => k,
-            None => self.key_after_fetch(kid).await.ok_or("unknown JWT key")?,
+            None => self
+                .key_after_fetch(kid)
+                .await
+                .ok_or(JwtError::UnknownKey)?,
         };
         if !key.algorithms.contains(&header.alg) {
-            return Err("JWT algorithm does not match its key");
+            return Err(JwtError::AlgorithmMismatch);
         }
         let mut v = Validation::new(header.alg);
         v.algorithms = vec![header.alg];
@@ -367,10 +391,10 @@ impl JwtVerifier {
         v.set_issuer(&[&self.settings.issuer]);
         v.set_audience(&[audience]);
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &key.decoding, &v).map_err(|_| "JWT rejected")?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &v)
+            .map_err(|_| JwtError::Rejected)?;
         if !valid_name(&data.claims.sub) {
-            return Err("JWT sub is not a usable name");
+            return Err(JwtError::BadSub);
         }
         Ok(data.claims)
     }
@@ -378,16 +402,16 @@ impl JwtVerifier {
 
 /// RFC 7515 §4.1.11: a header naming critical extensions the recipient does not understand
 /// must be refused; the broker understands none.
-fn refuse_crit(token: &str) -> Result<(), &'static str> {
+fn refuse_crit(token: &str) -> Result<(), JwtError> {
     let head = token.split('.').next().unwrap_or("");
     if head.len() > 8 * 1024 {
-        return Err("malformed JWT");
+        return Err(JwtError::Malformed);
     }
-    let raw = B64URL.decode(head).map_err(|_| "malformed JWT")?;
+    let raw = B64URL.decode(head).map_err(|_| JwtError::Malformed)?;
     let header: serde_json::Map<String, Value> =
-        serde_json::from_slice(&raw).map_err(|_| "malformed JWT")?;
+        serde_json::from_slice(&raw).map_err(|_| JwtError::Malformed)?;
     if header.contains_key("crit") {
-        return Err("JWT crit header names an extension the broker does not understand");
+        return Err(JwtError::Crit);
     }
     Ok(())
 }
