@@ -91,156 +91,31 @@ impl Settings {
 
     /// Reads settings through `get` (the environment, or a map in tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let var = |k: &str| {
+        let lookup = |k: &str| {
             get(k)
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
+        let var: Var<'_> = &lookup;
         let listen = var("BROKER_LISTEN")
             .unwrap_or_else(|| "127.0.0.1:8080".into())
             .parse()
             .map_err(|_| invalid("BROKER_LISTEN", "expected host:port such as 0.0.0.0:8080"))?;
-        let database_url = normalise_database_url(
-            &var("DATABASE_URL").unwrap_or_else(|| "sqlite://token-broker.db?mode=rwc".into()),
-        )?;
-        let backend = Backend::from_url(&database_url).expect("normalised");
-        let redis = var("REDIS_URL")
-            .map(|url| Target::parse(&url).map_err(|m| invalid("REDIS_URL", m)))
-            .transpose()?;
-        let redis_prefix = var("BROKER_REDIS_PREFIX").unwrap_or_else(|| "token-broker".into());
-        if redis_prefix.len() > 64 || redis_prefix.contains(['{', '}', ' ']) {
-            return Err(invalid(
-                "BROKER_REDIS_PREFIX",
-                "at most 64 characters, without braces or spaces",
-            ));
-        }
-        let redis_timeout =
-            Duration::from_millis(parse_num(&var, "BROKER_REDIS_TIMEOUT_MS", 80, 5..=10_000)?);
+        let (database_url, keys) = store_section(var)?;
+        let (redis, redis_prefix, redis_timeout) = redis_section(var)?;
         let admin_token = var("BROKER_ADMIN_TOKEN").map(SecretString::from);
-        let keys = if let Some(list) = var("BROKER_ENCRYPTION_KEYS") {
-            KeySource::Configured(
-                KeyRing::parse_list(&list)
-                    .map_err(|source| ConfigError::Key { list: true, source })?,
-            )
-        } else if let Some(key) = var("BROKER_ENCRYPTION_KEY") {
-            KeySource::Configured(KeyRing::single(&key).map_err(|source| ConfigError::Key {
-                list: false,
-                source,
-            })?)
-        } else {
-            match (backend, sqlite_path(&database_url)) {
-                (Backend::Postgres, _) => {
-                    return Err(invalid(
-                        "BROKER_ENCRYPTION_KEY",
-                        "required with Postgres: set it to base64 of 32 random bytes (openssl rand -base64 32)",
-                    ))
-                }
-                (Backend::Sqlite, Some(db)) => {
-                    let mut file = db.into_os_string();
-                    file.push(".key");
-                    KeySource::KeyFile(file.into())
-                }
-                (Backend::Sqlite, None) => KeySource::Ephemeral,
-            }
-        };
         let allow_insecure_issuers = parse_bool(&var, "BROKER_ALLOW_INSECURE_ISSUERS", false)?;
-        let audit = match var("BROKER_AUDIT").as_deref() {
-            None | Some("fail_closed") => AuditMode::FailClosed,
-            Some("best_effort") => AuditMode::BestEffort,
-            Some(_) => {
-                return Err(invalid(
-                    "BROKER_AUDIT",
-                    "expected fail_closed or best_effort",
-                ))
-            }
-        };
-        let audit_queue = parse_num(&var, "BROKER_AUDIT_QUEUE", 10_000, 1..=1_000_000)? as usize;
-        let audit_retention_days = parse_num(&var, "BROKER_AUDIT_RETENTION_DAYS", 90, 1..=36_500)?;
-        let jwt = match (
-            var("BROKER_JWT_JWKS_URL"),
-            var("BROKER_JWT_ISSUER"),
-            var("BROKER_JWT_AUDIENCE"),
-        ) {
-            (None, None, None) => None,
-            (Some(jwks_url), Some(issuer), Some(audience)) => {
-                let ok = url::Url::parse(&jwks_url).is_ok_and(|u| {
-                    u.scheme() == "https" || (u.scheme() == "http" && allow_insecure_issuers)
-                });
-                if !ok {
-                    return Err(invalid(
-                        "BROKER_JWT_JWKS_URL",
-                        "expected an https URL (http only with BROKER_ALLOW_INSECURE_ISSUERS=true)",
-                    ));
-                }
-                Some(crate::auth::jwt::JwtSettings {
-                    jwks_url,
-                    issuer,
-                    audience,
-                })
-            }
-            _ => {
-                return Err(invalid(
-                    "BROKER_JWT_JWKS_URL",
-                    "BROKER_JWT_JWKS_URL, BROKER_JWT_ISSUER and BROKER_JWT_AUDIENCE go together: set all three or none",
-                ))
-            }
-        };
-        let log_format = match var("BROKER_LOG_FORMAT").as_deref() {
-            None | Some("json") => LogFormat::Json,
-            Some("pretty") => LogFormat::Pretty,
-            Some(_) => return Err(invalid("BROKER_LOG_FORMAT", "expected json or pretty")),
-        };
-        let log_filter = var("RUST_LOG").unwrap_or_else(|| "info".into());
-        tracing_subscriber::EnvFilter::try_new(&log_filter)
-            .map_err(|_| invalid("RUST_LOG", "not a valid tracing filter"))?;
+        let (audit, audit_queue, audit_retention_days) = audit_section(var)?;
+        let jwt = jwt_section(var, allow_insecure_issuers)?;
+        let admin_jwt = admin_jwt_section(var, jwt.as_ref())?;
+        let (log_filter, log_format) = log_section(var)?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let workers = parse_num(&var, "BROKER_WORKERS", cores as u64, 1..=256)? as usize;
         let l1_cache = parse_bool(&var, "BROKER_L1_CACHE", true)?;
-        let caller_rate = parse_num(&var, "BROKER_CALLER_RATE", 1_000, 0..=10_000_000)?;
-        let caller_burst = parse_num(
-            &var,
-            "BROKER_CALLER_BURST",
-            caller_rate.saturating_mul(2),
-            0..=100_000_000,
-        )?;
-        let upstream_connect_timeout = Duration::from_millis(parse_num(
-            &var,
-            "BROKER_UPSTREAM_CONNECT_TIMEOUT_MS",
-            3_000,
-            100..=60_000,
-        )?);
-        let upstream_timeout = Duration::from_millis(parse_num(
-            &var,
-            "BROKER_UPSTREAM_TIMEOUT_MS",
-            10_000,
-            100..=120_000,
-        )?);
-        let default_min_interval_ms = parse_num(
-            &var,
-            "BROKER_DEFAULT_MIN_INTERVAL_MS",
-            crate::broker::DEFAULT_MIN_INTERVAL_MS,
-            0..=3_600_000,
-        )?;
+        let (caller_rate, caller_burst) = callers_section(var)?;
+        let (upstream_connect_timeout, upstream_timeout, default_min_interval_ms) =
+            upstream_section(var)?;
         let metrics_token = var("BROKER_METRICS_TOKEN").map(SecretString::from);
-        let admin_jwt = match var("BROKER_ADMIN_JWT_AUDIENCE") {
-            None => None,
-            Some(_) if jwt.is_none() => {
-                return Err(invalid(
-                    "BROKER_ADMIN_JWT_AUDIENCE",
-                    "admin JWTs are checked against the IdP in BROKER_JWT_JWKS_URL and BROKER_JWT_ISSUER: set those too",
-                ))
-            }
-            Some(audience) if jwt.as_ref().is_some_and(|j| j.audience == audience) => {
-                return Err(invalid(
-                    "BROKER_ADMIN_JWT_AUDIENCE",
-                    "must differ from BROKER_JWT_AUDIENCE, so a caller's token is never an admin's",
-                ))
-            }
-            Some(audience) => Some(AdminJwtSettings {
-                audience,
-                role_claim: var("BROKER_ADMIN_ROLE_CLAIM").unwrap_or_else(|| "roles".into()),
-            }),
-        };
         Ok(Self {
             listen,
             database_url,
@@ -267,6 +142,194 @@ impl Settings {
             admin_jwt,
         })
     }
+}
+
+/// The environment, trimmed, with empty values as unset.
+type Var<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// `DATABASE_URL` and the encryption keys (which depend on the backend).
+fn store_section(var: Var<'_>) -> Result<(String, KeySource), ConfigError> {
+    let database_url = normalise_database_url(
+        &var("DATABASE_URL").unwrap_or_else(|| "sqlite://token-broker.db?mode=rwc".into()),
+    )?;
+    let backend = Backend::from_url(&database_url).expect("normalised");
+    let keys = if let Some(list) = var("BROKER_ENCRYPTION_KEYS") {
+        KeySource::Configured(
+            KeyRing::parse_list(&list).map_err(|source| ConfigError::Key { list: true, source })?,
+        )
+    } else if let Some(key) = var("BROKER_ENCRYPTION_KEY") {
+        KeySource::Configured(KeyRing::single(&key).map_err(|source| ConfigError::Key {
+            list: false,
+            source,
+        })?)
+    } else {
+        match (backend, sqlite_path(&database_url)) {
+            (Backend::Postgres, _) => {
+                return Err(invalid(
+                    "BROKER_ENCRYPTION_KEY",
+                    "required with Postgres: set it to base64 of 32 random bytes (openssl rand -base64 32)",
+                ))
+            }
+            (Backend::Sqlite, Some(db)) => {
+                let mut file = db.into_os_string();
+                file.push(".key");
+                KeySource::KeyFile(file.into())
+            }
+            (Backend::Sqlite, None) => KeySource::Ephemeral,
+        }
+    };
+    Ok((database_url, keys))
+}
+
+/// `REDIS_URL`, `BROKER_REDIS_PREFIX`, `BROKER_REDIS_TIMEOUT_MS`.
+fn redis_section(var: Var<'_>) -> Result<(Option<Target>, String, Duration), ConfigError> {
+    let redis = var("REDIS_URL")
+        .map(|url| Target::parse(&url).map_err(|m| invalid("REDIS_URL", m)))
+        .transpose()?;
+    let redis_prefix = var("BROKER_REDIS_PREFIX").unwrap_or_else(|| "token-broker".into());
+    if redis_prefix.len() > 64 || redis_prefix.contains(['{', '}', ' ']) {
+        return Err(invalid(
+            "BROKER_REDIS_PREFIX",
+            "at most 64 characters, without braces or spaces",
+        ));
+    }
+    let redis_timeout =
+        Duration::from_millis(parse_num(&var, "BROKER_REDIS_TIMEOUT_MS", 80, 5..=10_000)?);
+    Ok((redis, redis_prefix, redis_timeout))
+}
+
+/// `BROKER_AUDIT`, `BROKER_AUDIT_QUEUE`, `BROKER_AUDIT_RETENTION_DAYS`.
+fn audit_section(var: Var<'_>) -> Result<(AuditMode, usize, u64), ConfigError> {
+    let audit = match var("BROKER_AUDIT").as_deref() {
+        None | Some("fail_closed") => AuditMode::FailClosed,
+        Some("best_effort") => AuditMode::BestEffort,
+        Some(_) => {
+            return Err(invalid(
+                "BROKER_AUDIT",
+                "expected fail_closed or best_effort",
+            ))
+        }
+    };
+    let audit_queue = parse_num(&var, "BROKER_AUDIT_QUEUE", 10_000, 1..=1_000_000)? as usize;
+    let audit_retention_days = parse_num(&var, "BROKER_AUDIT_RETENTION_DAYS", 90, 1..=36_500)?;
+    Ok((audit, audit_queue, audit_retention_days))
+}
+
+/// `BROKER_JWT_JWKS_URL`, `BROKER_JWT_ISSUER`, `BROKER_JWT_AUDIENCE`: all three or none.
+fn jwt_section(
+    var: Var<'_>,
+    allow_insecure_issuers: bool,
+) -> Result<Option<crate::auth::jwt::JwtSettings>, ConfigError> {
+    let jwt = match (
+        var("BROKER_JWT_JWKS_URL"),
+        var("BROKER_JWT_ISSUER"),
+        var("BROKER_JWT_AUDIENCE"),
+    ) {
+        (None, None, None) => None,
+        (Some(jwks_url), Some(issuer), Some(audience)) => {
+            let ok = url::Url::parse(&jwks_url).is_ok_and(|u| {
+                u.scheme() == "https" || (u.scheme() == "http" && allow_insecure_issuers)
+            });
+            if !ok {
+                return Err(invalid(
+                    "BROKER_JWT_JWKS_URL",
+                    "expected an https URL (http only with BROKER_ALLOW_INSECURE_ISSUERS=true)",
+                ));
+            }
+            Some(crate::auth::jwt::JwtSettings {
+                jwks_url,
+                issuer,
+                audience,
+            })
+        }
+        _ => {
+            return Err(invalid(
+                "BROKER_JWT_JWKS_URL",
+                "BROKER_JWT_JWKS_URL, BROKER_JWT_ISSUER and BROKER_JWT_AUDIENCE go together: set all three or none",
+            ))
+        }
+    };
+    Ok(jwt)
+}
+
+/// `BROKER_ADMIN_JWT_AUDIENCE`, `BROKER_ADMIN_ROLE_CLAIM` (needs the IdP settings).
+fn admin_jwt_section(
+    var: Var<'_>,
+    jwt: Option<&crate::auth::jwt::JwtSettings>,
+) -> Result<Option<AdminJwtSettings>, ConfigError> {
+    let admin_jwt = match var("BROKER_ADMIN_JWT_AUDIENCE") {
+        None => None,
+        Some(_) if jwt.is_none() => {
+            return Err(invalid(
+                "BROKER_ADMIN_JWT_AUDIENCE",
+                "admin JWTs are checked against the IdP in BROKER_JWT_JWKS_URL and BROKER_JWT_ISSUER: set those too",
+            ))
+        }
+        Some(audience) if jwt.is_some_and(|j| j.audience == audience) => {
+            return Err(invalid(
+                "BROKER_ADMIN_JWT_AUDIENCE",
+                "must differ from BROKER_JWT_AUDIENCE, so a caller's token is never an admin's",
+            ))
+        }
+        Some(audience) => Some(AdminJwtSettings {
+            audience,
+            role_claim: var("BROKER_ADMIN_ROLE_CLAIM").unwrap_or_else(|| "roles".into()),
+        }),
+    };
+    Ok(admin_jwt)
+}
+
+/// `RUST_LOG`, `BROKER_LOG_FORMAT`.
+fn log_section(var: Var<'_>) -> Result<(String, LogFormat), ConfigError> {
+    let log_format = match var("BROKER_LOG_FORMAT").as_deref() {
+        None | Some("json") => LogFormat::Json,
+        Some("pretty") => LogFormat::Pretty,
+        Some(_) => return Err(invalid("BROKER_LOG_FORMAT", "expected json or pretty")),
+    };
+    let log_filter = var("RUST_LOG").unwrap_or_else(|| "info".into());
+    tracing_subscriber::EnvFilter::try_new(&log_filter)
+        .map_err(|_| invalid("RUST_LOG", "not a valid tracing filter"))?;
+    Ok((log_filter, log_format))
+}
+
+/// `BROKER_CALLER_RATE`, `BROKER_CALLER_BURST`.
+fn callers_section(var: Var<'_>) -> Result<(u64, u64), ConfigError> {
+    let caller_rate = parse_num(&var, "BROKER_CALLER_RATE", 1_000, 0..=10_000_000)?;
+    let caller_burst = parse_num(
+        &var,
+        "BROKER_CALLER_BURST",
+        caller_rate.saturating_mul(2),
+        0..=100_000_000,
+    )?;
+    Ok((caller_rate, caller_burst))
+}
+
+/// `BROKER_UPSTREAM_CONNECT_TIMEOUT_MS`, `BROKER_UPSTREAM_TIMEOUT_MS`,
+/// `BROKER_DEFAULT_MIN_INTERVAL_MS`.
+fn upstream_section(var: Var<'_>) -> Result<(Duration, Duration, u64), ConfigError> {
+    let upstream_connect_timeout = Duration::from_millis(parse_num(
+        &var,
+        "BROKER_UPSTREAM_CONNECT_TIMEOUT_MS",
+        3_000,
+        100..=60_000,
+    )?);
+    let upstream_timeout = Duration::from_millis(parse_num(
+        &var,
+        "BROKER_UPSTREAM_TIMEOUT_MS",
+        10_000,
+        100..=120_000,
+    )?);
+    let default_min_interval_ms = parse_num(
+        &var,
+        "BROKER_DEFAULT_MIN_INTERVAL_MS",
+        crate::broker::DEFAULT_MIN_INTERVAL_MS,
+        0..=3_600_000,
+    )?;
+    Ok((
+        upstream_connect_timeout,
+        upstream_timeout,
+        default_min_interval_ms,
+    ))
 }
 
 fn parse_num(

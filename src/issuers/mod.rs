@@ -219,9 +219,9 @@ impl Issuers {
     }
 
     async fn exchange(&self, req: reqwest::RequestBuilder) -> Result<Value, IssuerError> {
-        let mut resp = req.send().await.map_err(classify_transport)?;
-        let status = resp.status();
-        tracing::Span::current().record("status", status.as_u16());
+        let resp = req.send().await.map_err(classify_transport)?;
+        let status = resp.status().as_u16();
+        tracing::Span::current().record("status", status);
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)
@@ -239,32 +239,12 @@ impl Issuers {
                     .trim()
                     .to_ascii_lowercase()
             });
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_ANSWER_BYTES as u64)
-        {
-            return Err(IssuerError::BadResponse(format!(
-                "the answer is larger than {} KiB",
-                MAX_ANSWER_BYTES / 1024
-            )));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(classify_transport)? {
-            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(IssuerError::BadResponse(format!(
-                    "the answer is larger than {} KiB",
-                    MAX_ANSWER_BYTES / 1024
-                )));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let body = zeroize::Zeroizing::new(body);
+        let body = read_capped(resp).await?;
         let doc: Option<Value> = serde_json::from_slice(&body).ok();
-        let code = status.as_u16();
-        if status.is_success() {
+        if (200..300).contains(&status) {
             return doc.ok_or_else(|| {
                 IssuerError::BadResponse(format!(
-                    "HTTP {code} but the answer is not JSON (content-type {})",
+                    "HTTP {status} but the answer is not JSON (content-type {})",
                     content_type.as_deref().unwrap_or("missing")
                 ))
             });
@@ -272,43 +252,62 @@ impl Issuers {
         let error = doc
             .as_ref()
             .and_then(|d| d.get("error"))
-            .and_then(Value::as_str)
-            .filter(|e| {
-                (1..=64).contains(&e.len())
-                    && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-            })
-            .map(str::to_owned);
-        Err(match code {
-            429 => IssuerError::RateLimited { retry_after },
-            401 | 403 => IssuerError::RejectedCredentials {
-                status: code,
-                error,
-            },
-            400..=499
-                if matches!(
-                    error.as_deref(),
-                    Some(
-                        "invalid_client"
-                            | "invalid_grant"
-                            | "unauthorized_client"
-                            | "access_denied"
-                    )
-                ) =>
-            {
-                IssuerError::RejectedCredentials {
-                    status: code,
-                    error,
-                }
-            }
-            400..=499 => IssuerError::RejectedRequest {
-                status: code,
-                error,
-            },
-            300..=399 => IssuerError::BadResponse(format!(
-                "HTTP {code} redirect (redirects are not followed)"
-            )),
-            _ => IssuerError::Unavailable(format!("HTTP {code}")),
+            .and_then(Value::as_str);
+        Err(classify(status, error, retry_after))
+    }
+}
+
+/// The partner's answer body, refused past `MAX_ANSWER_BYTES` (announced or received).
+async fn read_capped(
+    mut resp: reqwest::Response,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, IssuerError> {
+    let too_large = || {
+        IssuerError::BadResponse(format!(
+            "the answer is larger than {} KiB",
+            MAX_ANSWER_BYTES / 1024
+        ))
+    };
+    if resp
+        .content_length()
+        .is_some_and(|l| l > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = zeroize::Zeroizing::new(Vec::new());
+    while let Some(chunk) = resp.chunk().await.map_err(classify_transport)? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// What a non-2xx answer means: the status, the OAuth `error` code if the body had a sane one
+/// (lower-case letters and `_`, at most 64; anything else is ignored, never echoed), and the
+/// clamped `Retry-After`.
+pub fn classify(status: u16, error: Option<&str>, retry_after: Option<u64>) -> IssuerError {
+    let error = error
+        .filter(|e| {
+            (1..=64).contains(&e.len()) && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
         })
+        .map(str::to_owned);
+    match status {
+        429 => IssuerError::RateLimited { retry_after },
+        401 | 403 => IssuerError::RejectedCredentials { status, error },
+        400..=499
+            if matches!(
+                error.as_deref(),
+                Some("invalid_client" | "invalid_grant" | "unauthorized_client" | "access_denied")
+            ) =>
+        {
+            IssuerError::RejectedCredentials { status, error }
+        }
+        400..=499 => IssuerError::RejectedRequest { status, error },
+        300..=399 => IssuerError::BadResponse(format!(
+            "HTTP {status} redirect (redirects are not followed)"
+        )),
+        _ => IssuerError::Unavailable(format!("HTTP {status}")),
     }
 }
 
@@ -326,5 +325,70 @@ fn classify_transport(e: reqwest::Error) -> IssuerError {
         IssuerError::Unavailable("connection failed".into())
     } else {
         IssuerError::Unavailable("the connection broke".into())
+    }
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified_by_status_and_oauth_error() {
+        let cases: &[(u16, Option<&str>, Option<u64>, &str)] = &[
+            (429, None, Some(30), "upstream_rate_limited"),
+            (401, None, None, "upstream_rejected_credentials"),
+            (403, Some("whatever"), None, "upstream_rejected_credentials"),
+            (
+                400,
+                Some("invalid_client"),
+                None,
+                "upstream_rejected_credentials",
+            ),
+            (
+                400,
+                Some("invalid_grant"),
+                None,
+                "upstream_rejected_credentials",
+            ),
+            (
+                400,
+                Some("unauthorized_client"),
+                None,
+                "upstream_rejected_credentials",
+            ),
+            (
+                400,
+                Some("access_denied"),
+                None,
+                "upstream_rejected_credentials",
+            ),
+            (
+                400,
+                Some("invalid_scope"),
+                None,
+                "upstream_rejected_request",
+            ),
+            (
+                400,
+                Some("Invalid Client <script>"),
+                None,
+                "upstream_rejected_request",
+            ),
+            (404, None, None, "upstream_rejected_request"),
+            (302, None, None, "upstream_bad_response"),
+            (500, None, None, "upstream_unavailable"),
+            (503, Some("invalid_client"), None, "upstream_unavailable"),
+        ];
+        for (status, error, retry, code) in cases {
+            assert_eq!(
+                classify(*status, *error, *retry).code(),
+                *code,
+                "{status} {error:?}"
+            );
+        }
+        assert_eq!(classify(429, None, Some(30)).retry_after(), Some(30));
+        // An error code that is not a plain OAuth code is dropped, never echoed.
+        let odd = classify(400, Some("Invalid Client <script>"), None).to_string();
+        assert!(!odd.contains("script"), "{odd}");
     }
 }
