@@ -43,6 +43,20 @@ pub struct Metrics {
     pub redis_up: IntGauge,
     pub database_up: IntGauge,
     expiry_at_ms: Mutex<HashMap<String, i64>>,
+    /// Tenants with a `broker_circuit_open` series.
+    circuit_series: Mutex<std::collections::HashSet<String>>,
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("metric")
+}
+
+fn int_gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("metric")
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("metric")
 }
 
 impl Default for Metrics {
@@ -54,30 +68,21 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let token_requests = IntCounterVec::new(
-            Opts::new(
-                "broker_token_requests_total",
-                "Token fetches by tenant and outcome",
-            ),
+        let token_requests = counter_vec(
+            "broker_token_requests_total",
+            "Token fetches by tenant and outcome",
             &["tenant", "outcome"],
-        )
-        .expect("metric");
-        let cache_lookups = IntCounterVec::new(
-            Opts::new(
-                "broker_cache_lookups_total",
-                "Token cache lookups by layer and result",
-            ),
+        );
+        let cache_lookups = counter_vec(
+            "broker_cache_lookups_total",
+            "Token cache lookups by layer and result",
             &["layer", "result"],
-        )
-        .expect("metric");
-        let upstream_requests = IntCounterVec::new(
-            Opts::new(
-                "broker_upstream_requests_total",
-                "Token requests sent to partners, by tenant and outcome",
-            ),
+        );
+        let upstream_requests = counter_vec(
+            "broker_upstream_requests_total",
+            "Token requests sent to partners, by tenant and outcome",
             &["tenant", "outcome"],
-        )
-        .expect("metric");
+        );
         let upstream_duration = HistogramVec::new(
             HistogramOpts::new(
                 "broker_upstream_request_duration_seconds",
@@ -96,14 +101,11 @@ impl Metrics {
         )
         .expect("metric");
         let tenants = IntGauge::new("broker_tenants", "Registered tenants").expect("metric");
-        let http_requests = IntCounterVec::new(
-            Opts::new(
-                "http_requests_total",
-                "HTTP requests by method, route and status",
-            ),
+        let http_requests = counter_vec(
+            "http_requests_total",
+            "HTTP requests by method, route and status",
             &["method", "route", "status"],
-        )
-        .expect("metric");
+        );
         let http_duration = HistogramVec::new(
             HistogramOpts::new("http_request_duration_seconds", "HTTP request latency").buckets(
                 vec![
@@ -114,45 +116,26 @@ impl Metrics {
             &["method", "route"],
         )
         .expect("metric");
-        let audit_dropped = IntCounter::new(
+        let audit_dropped = counter(
             "broker_audit_dropped_total",
             "Audit entries that could not be queued",
-        )
-        .expect("metric");
-        let audit_write_failures = IntCounter::new(
+        );
+        let audit_write_failures = counter(
             "broker_audit_write_failures_total",
             "Failed audit batch writes (retried)",
-        )
-        .expect("metric");
-        let invalidations = IntCounterVec::new(
-            Opts::new(
-                "broker_invalidations_total",
-                "Callers' reports of rejected tokens, by tenant and outcome (dropped, stale, throttled)",
-            ),
-            &["tenant", "outcome"],
-        )
-        .expect("metric");
-        let circuit_open = IntGaugeVec::new(
-            Opts::new(
-                "broker_circuit_open",
-                "1 while the tenant's partner calls are paused or probed after a failed mint, 0 once one succeeds",
-            ),
+        );
+        let invalidations = counter_vec("broker_invalidations_total", "Callers' reports of rejected tokens, by tenant and outcome (dropped, stale, throttled)", &["tenant", "outcome"]);
+        let circuit_open = int_gauge_vec("broker_circuit_open", "1 while the tenant's partner calls are paused or probed after a failed mint, 0 once one succeeds", &["tenant"]);
+        let last_mint_success = int_gauge_vec(
+            "broker_last_mint_success_timestamp_seconds",
+            "Unix time of the tenant's last successful mint by this replica",
             &["tenant"],
-        )
-        .expect("metric");
-        let last_mint_success = IntGaugeVec::new(
-            Opts::new(
-                "broker_last_mint_success_timestamp_seconds",
-                "Unix time of the tenant's last successful mint by this replica",
-            ),
-            &["tenant"],
-        )
-        .expect("metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new("broker_build_info", "Always 1; the version that runs"),
+        );
+        let build_info = int_gauge_vec(
+            "broker_build_info",
+            "Always 1; the version that runs",
             &["version"],
-        )
-        .expect("metric");
+        );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -164,19 +147,15 @@ impl Metrics {
             lookup("l2", "miss"),
             lookup("l2", "error"),
         );
-        let lock_degraded = IntCounter::new(
+        let lock_degraded = counter(
             "broker_lock_degraded_total",
             "Mints done without the cross-replica lock because Redis was unavailable",
-        )
-        .expect("metric");
-        let dependency_up = IntGaugeVec::new(
-            Opts::new(
-                "broker_dependency_up",
-                "1 while the dependency answers real operations, 0 while it is failing",
-            ),
+        );
+        let dependency_up = int_gauge_vec(
+            "broker_dependency_up",
+            "1 while the dependency answers real operations, 0 while it is failing",
             &["dependency"],
-        )
-        .expect("metric");
+        );
         let (redis_up, database_up) = (
             dependency_up.with_label_values(&["redis"]),
             dependency_up.with_label_values(&["database"]),
@@ -234,6 +213,7 @@ impl Metrics {
             redis_up,
             database_up,
             expiry_at_ms: Mutex::new(HashMap::new()),
+            circuit_series: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -247,15 +227,23 @@ impl Metrics {
     }
 
     /// A mint of `tenant` succeeded (`true`) or failed.
+    /// The circuit series exists only for tenants that ever failed here (a healthy tenant
+    /// costs no series): set to 1 on failure, back to 0 on success.
     pub fn mint_outcome(&self, tenant: &str, ok: bool) {
         if ok {
             self.last_mint_success
                 .with_label_values(&[tenant])
                 .set(now_ms() / 1000);
         }
-        self.circuit_open
-            .with_label_values(&[tenant])
-            .set(i64::from(!ok));
+        let mut failed = self.circuit_series.lock().expect("circuit series");
+        if !ok && !failed.contains(tenant) {
+            failed.insert(tenant.to_owned());
+        }
+        if failed.contains(tenant) {
+            self.circuit_open
+                .with_label_values(&[tenant])
+                .set(i64::from(!ok));
+        }
     }
 
     /// Tenants this replica last saw failing (their circuit gauge is 1).
@@ -313,6 +301,10 @@ impl Metrics {
     pub fn forget_tenant(&self, tenant: &str) {
         self.clear_token_expiry(tenant);
         let _ = self.circuit_open.remove_label_values(&[tenant]);
+        self.circuit_series
+            .lock()
+            .expect("circuit series")
+            .remove(tenant);
         let _ = self.last_mint_success.remove_label_values(&[tenant]);
     }
 
