@@ -205,102 +205,10 @@ impl Application {
         settings: Settings,
         listener: TcpListener,
     ) -> Result<Self, BuildError> {
-        let store = open_store(&settings).await?;
-        check_keys_in_use(&store).await?;
-        let metrics = Arc::new(Metrics::new());
-        let audit = Audit::start(
-            store.db().clone(),
-            settings.audit,
-            settings.audit_queue,
-            settings.audit_retention_days,
-            metrics.clone(),
-        );
-        let jwt = settings.jwt.clone().map(|j| {
-            let v = JwtVerifier::new(j);
-            v.start();
-            v
-        });
-        let timing = Timing {
-            // Without a shared cache the in-process one is the only cache: it stays on.
-            l1_enabled: settings.l1_cache || settings.redis.is_none(),
-            default_min_interval_ms: settings.default_min_interval_ms,
-            ..Timing::from_upstream_timeout(settings.upstream_timeout)
-        };
-        let shared = match &settings.redis {
-            Some(target) => {
-                let conn = RedisConn::connect(target, settings.redis_timeout).await?;
-                let cache = RedisCache::new(
-                    conn,
-                    &settings.redis_prefix,
-                    Arc::new(store.keys().clone()),
-                    settings.redis_timeout,
-                    Some(metrics.redis_up.clone()),
-                );
-                cache.start_prober();
-                Some(cache)
-            }
-            None => {
-                let _ = metrics.dependency_up.remove_label_values(&["redis"]);
-                None
-            }
-        };
-        let issuers = Issuers::new(&IssuerSettings {
-            allow_insecure: settings.allow_insecure_issuers,
-            connect_timeout: settings.upstream_connect_timeout,
-            request_timeout: settings.upstream_timeout,
-        });
-        if settings.admin_token.is_none() && settings.admin_jwt.is_none() {
-            tracing::warn!("neither BROKER_ADMIN_TOKEN nor BROKER_ADMIN_JWT_AUDIENCE is set: the admin API is disabled (it answers 401 saying so)");
-        }
-        if settings.allow_insecure_issuers {
-            tracing::warn!("BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses");
-        }
-        let broker = Broker::new(
-            store.clone(),
-            issuers,
-            shared.clone(),
-            metrics.clone(),
-            timing,
-        );
-        if let (Some(target), Some(cache)) = (settings.redis.clone(), shared) {
-            let on_event = Arc::downgrade(&broker);
-            spawn_listener(target, cache, move |e| {
-                if let Some(b) = on_event.upgrade() {
-                    b.on_event(e)
-                }
-            });
-        }
-        let state = web::Data::new(AppState {
-            broker,
-            audit,
-            limiter: CallerLimiter::new(settings.caller_rate, settings.caller_burst),
-            jwt,
-            auth: Authenticator::new(store.clone(), Some(metrics.database_up.clone())),
-            admin: StaticToken::new(settings.admin_token.as_ref()),
-            metrics_token: StaticToken::new(settings.metrics_token.as_ref()),
-            store,
-            metrics,
-            settings: Arc::new(settings.clone()),
-        });
+        let workers = settings.workers;
+        let state = build_state(settings).await?;
         let port = listener.local_addr()?.port();
-        let app_state = state.clone();
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(app_state.clone())
-                .wrap(ErrorHandlers::new().default_handler(problem_for_framework_errors))
-                .wrap(from_fn(observe))
-                .configure(token::routes)
-                .configure(admin::routes)
-                .configure(ops::routes)
-                .default_service(web::to(|| async {
-                    Err::<web::Json<()>, _>(ApiError::RouteNotFound)
-                }))
-        })
-        .workers(settings.workers)
-        .shutdown_timeout(10)
-        .client_request_timeout(Duration::from_secs(10))
-        .listen(listener)?
-        .run();
+        let server = serve(state.clone(), listener, workers)?;
         tracing::info!(port, "token-broker listening");
         Ok(Self {
             port,
@@ -330,4 +238,116 @@ impl Application {
         self.state.store.close().await;
         Ok(())
     }
+}
+
+/// Everything a replica holds: store, metrics, audit, JWT verifier, shared cache and its event
+/// listener, broker, authenticators.
+async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildError> {
+    let store = open_store(&settings).await?;
+    check_keys_in_use(&store).await?;
+    let metrics = Arc::new(Metrics::new());
+    let audit = Audit::start(
+        store.db().clone(),
+        settings.audit,
+        settings.audit_queue,
+        settings.audit_retention_days,
+        metrics.clone(),
+    );
+    let jwt = settings.jwt.clone().map(|j| {
+        let v = JwtVerifier::new(j);
+        v.start();
+        v
+    });
+    let timing = Timing {
+        // Without a shared cache the in-process one is the only cache: it stays on.
+        l1_enabled: settings.l1_cache || settings.redis.is_none(),
+        default_min_interval_ms: settings.default_min_interval_ms,
+        ..Timing::from_upstream_timeout(settings.upstream_timeout)
+    };
+    let shared = match &settings.redis {
+        Some(target) => {
+            let conn = RedisConn::connect(target, settings.redis_timeout).await?;
+            let cache = RedisCache::new(
+                conn,
+                &settings.redis_prefix,
+                Arc::new(store.keys().clone()),
+                settings.redis_timeout,
+                Some(metrics.redis_up.clone()),
+            );
+            cache.start_prober();
+            Some(cache)
+        }
+        None => {
+            let _ = metrics.dependency_up.remove_label_values(&["redis"]);
+            None
+        }
+    };
+    let issuers = Issuers::new(&IssuerSettings {
+        allow_insecure: settings.allow_insecure_issuers,
+        connect_timeout: settings.upstream_connect_timeout,
+        request_timeout: settings.upstream_timeout,
+    });
+    if settings.admin_token.is_none() && settings.admin_jwt.is_none() {
+        tracing::warn!("neither BROKER_ADMIN_TOKEN nor BROKER_ADMIN_JWT_AUDIENCE is set: the admin API is disabled (it answers 401 saying so)");
+    }
+    if settings.allow_insecure_issuers {
+        tracing::warn!(
+            "BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses"
+        );
+    }
+    let broker = Broker::new(
+        store.clone(),
+        issuers,
+        shared.clone(),
+        metrics.clone(),
+        timing,
+    );
+    if let (Some(target), Some(cache)) = (settings.redis.clone(), shared) {
+        let on_event = Arc::downgrade(&broker);
+        spawn_listener(target, cache, move |e| {
+            if let Some(b) = on_event.upgrade() {
+                b.on_event(e)
+            }
+        });
+    }
+    let state = web::Data::new(AppState {
+        broker,
+        audit,
+        limiter: CallerLimiter::new(settings.caller_rate, settings.caller_burst),
+        jwt,
+        auth: Authenticator::new(store.clone(), Some(metrics.database_up.clone())),
+        admin: StaticToken::new(settings.admin_token.as_ref()),
+        metrics_token: StaticToken::new(settings.metrics_token.as_ref()),
+        store,
+        metrics,
+        settings: Arc::new(settings.clone()),
+    });
+    Ok(state)
+}
+
+/// The HTTP server over `state`: middleware, the three route groups, problem+json fallbacks.
+fn serve(
+    state: web::Data<AppState>,
+    listener: TcpListener,
+    workers: usize,
+) -> Result<Server, BuildError> {
+    let app_state = state;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .wrap(ErrorHandlers::new().default_handler(problem_for_framework_errors))
+            .wrap(from_fn(observe))
+            .configure(token::routes)
+            .configure(admin::routes)
+            .configure(ops::routes)
+            .default_service(web::to(|| async {
+                Err::<web::Json<()>, _>(ApiError::RouteNotFound)
+            }))
+    })
+    .workers(workers)
+    .shutdown_timeout(10)
+    .client_request_timeout(Duration::from_secs(10))
+    .listen(listener)?
+    .run();
+    Ok(server)
 }
