@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::any::AnyRow;
-use sqlx::{AnyPool, Row};
+use sqlx::Row;
 
 use super::{Credentials, IssuerSpec, Tenant, TenantId};
 use crate::crypto::KeyRing;
@@ -91,7 +91,6 @@ pub struct SealedTenant {
 #[derive(Clone)]
 pub struct TenantStore {
     db: Db,
-    pool: AnyPool,
     keys: Arc<KeyRing>,
 }
 
@@ -105,11 +104,7 @@ impl TenantStore {
     }
 
     pub fn new(db: Db, keys: Arc<KeyRing>) -> Self {
-        Self {
-            pool: db.pool().clone(),
-            db,
-            keys,
-        }
+        Self { db, keys }
     }
 
     /// The database handle (shared with the audit trail).
@@ -236,12 +231,12 @@ impl TenantStore {
             "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
         ))
         .bind(id.as_str())
-        .fetch_one(&self.pool)
+        .fetch_one(self.db.pool())
         .await?;
         let fields =
             sqlx::query("SELECT field FROM tenant_credentials WHERE tenant_id = $1 ORDER BY field")
                 .bind(id.as_str())
-                .fetch_all(&self.pool)
+                .fetch_all(self.db.pool())
                 .await?
                 .iter()
                 .map(|r| r.try_get::<String, _>("field"))
@@ -260,11 +255,11 @@ impl TenantStore {
             "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
         ))
         .bind(id.as_str())
-        .fetch_one(&self.pool)
+        .fetch_one(self.db.pool())
         .await?;
         let rows = sqlx::query("SELECT field, sealed FROM tenant_credentials WHERE tenant_id = $1")
             .bind(id.as_str())
-            .fetch_all(&self.pool)
+            .fetch_all(self.db.pool())
             .await?;
         let mut sealed = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -312,7 +307,7 @@ impl TenantStore {
         ))
         .bind(after.unwrap_or(""))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         let Some(last) = rows.last() else {
             return Ok(Vec::new());
@@ -325,7 +320,7 @@ impl TenantStore {
         )
         .bind(&first)
         .bind(&last)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?
         {
             fields
@@ -399,7 +394,7 @@ impl TenantStore {
                 )
                 .bind(id.as_str())
                 .bind(now)
-                .execute(&self.pool)
+                .execute(self.db.pool())
                 .await
             }
             Some(e) => {
@@ -410,7 +405,7 @@ impl TenantStore {
                 .bind(now)
                 .bind(e.0)
                 .bind(e.1)
-                .execute(&self.pool)
+                .execute(self.db.pool())
                 .await
             }
         };
@@ -425,7 +420,7 @@ impl TenantStore {
             "SELECT last_success_at, last_error_at, last_error_code, last_error_detail FROM tenant_health WHERE tenant_id = $1",
         )
         .bind(id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.pool())
         .await?;
         let Some(r) = row else {
             return Ok(Health::default());
@@ -478,7 +473,7 @@ impl TenantStore {
 
     pub async fn count_tenants(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query("SELECT COUNT(*) AS n FROM tenants")
-            .fetch_one(&self.pool)
+            .fetch_one(self.db.pool())
             .await?
             .try_get("n")?)
     }
@@ -491,7 +486,7 @@ impl TenantStore {
             "SELECT tenant_id, field, sealed FROM tenant_credentials WHERE key_id <> $1",
         )
         .bind(&active)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         let mut changed = 0;
         for r in rows {
@@ -508,7 +503,7 @@ impl TenantStore {
             .bind(&tenant)
             .bind(&field)
             .bind(&sealed)
-            .execute(&self.pool)
+            .execute(self.db.pool())
             .await?
             .rows_affected();
         }
@@ -520,7 +515,7 @@ impl TenantStore {
         let rows = sqlx::query(
             "SELECT key_id, COUNT(*) AS n FROM tenant_credentials GROUP BY key_id ORDER BY key_id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("key_id")?, r.try_get("n")?)))
@@ -538,7 +533,7 @@ impl TenantStore {
         )
         .bind(key_id)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?
         .iter()
         .map(|r| {
@@ -554,7 +549,7 @@ impl TenantStore {
     /// Every tenant id.
     pub async fn tenant_ids(&self) -> Result<Vec<TenantId>, StoreError> {
         sqlx::query("SELECT id FROM tenants ORDER BY id")
-            .fetch_all(&self.pool)
+            .fetch_all(self.db.pool())
             .await?
             .iter()
             .map(|r| {
@@ -582,7 +577,7 @@ impl TenantStore {
         .bind(key_hash)
         .bind(scope.to_json().to_string())
         .bind(now)
-        .execute(&self.pool)
+        .execute(self.db.pool())
         .await?;
         Ok(CallerRecord {
             id: id.to_owned(),
@@ -606,7 +601,7 @@ impl TenantStore {
 
     pub async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
         sqlx::query("SELECT id, name, tenants, created_at FROM callers ORDER BY name")
-            .fetch_all(&self.pool)
+            .fetch_all(self.db.pool())
             .await?
             .iter()
             .map(Self::caller_from_row)
@@ -620,7 +615,7 @@ impl TenantStore {
         )
         .bind(hash)
         .bind(now_ms())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.pool())
         .await?
         else {
             return Ok(None);
@@ -648,7 +643,7 @@ impl TenantStore {
         .bind(scope.map(|s| s.to_json().to_string()))
         .bind(now_ms())
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.db.pool())
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
@@ -678,7 +673,7 @@ impl TenantStore {
         .bind(new_hash)
         .bind(now)
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.db.pool())
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
@@ -689,7 +684,7 @@ impl TenantStore {
     pub async fn caller(&self, id: &str) -> Result<CallerRecord, StoreError> {
         sqlx::query("SELECT id, name, tenants, created_at FROM callers WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.pool())
             .await?
             .as_ref()
             .map(Self::caller_from_row)
@@ -714,7 +709,7 @@ impl TenantStore {
     pub async fn delete_caller(&self, id: &str) -> Result<bool, StoreError> {
         Ok(sqlx::query("DELETE FROM callers WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(self.db.pool())
             .await?
             .rows_affected()
             > 0)

@@ -1144,3 +1144,11 @@ impl TestEnv {
         proxy
     }
 }
+
+/// The value of the first metric line starting with `prefix` (name and labels as exposed).
+pub fn series(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

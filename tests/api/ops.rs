@@ -328,13 +328,6 @@ async fn trace_logs_hold_no_secrets(_env: TestEnv) {
 }
 backends!(trace_logs_hold_no_secrets: Sqlite);
 
-fn series(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// The gauges the alerts stand on: the circuit gauge goes to 1 on a failed mint and back to 0
 /// on a successful one; the last success is a timestamp; an expired token's gauge stays at 0;
 /// build info and process metrics are there.
