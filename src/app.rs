@@ -13,7 +13,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::api::problem::ApiError;
 use crate::api::ratelimit::CallerLimiter;
-use crate::api::{admin, observe, ops, problem_for_framework_errors, token, AppState};
+use crate::api::{admin, oauth, observe, ops, problem_for_framework_errors, token, AppState};
 use crate::audit::Audit;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{Authenticator, StaticToken};
@@ -340,6 +340,7 @@ fn serve(
             .configure(token::routes)
             .configure(admin::routes)
             .configure(ops::routes)
+            .configure(oauth::routes)
             .default_service(web::to(|| async {
                 Err::<web::Json<()>, _>(ApiError::RouteNotFound)
             }))

@@ -54,6 +54,9 @@ pub struct Settings {
     pub metrics_token: Option<SecretString>,
     /// Admin JWTs (`BROKER_ADMIN_JWT_AUDIENCE`, with the `BROKER_JWT_*` IdP settings).
     pub admin_jwt: Option<AdminJwtSettings>,
+    /// `BROKER_PUBLIC_URL`: the broker's base URL as callers reach it (the OAuth issuer),
+    /// without a trailing slash; derived from each request when unset.
+    pub public_url: Option<String>,
 }
 
 /// Named admins: JWTs from the callers' IdP with an admin audience and a role claim.
@@ -116,6 +119,9 @@ impl Settings {
         let (upstream_connect_timeout, upstream_timeout, default_min_interval_ms) =
             upstream_section(var)?;
         let metrics_token = var("BROKER_METRICS_TOKEN").map(SecretString::from);
+        let public_url = var("BROKER_PUBLIC_URL")
+            .map(|v| parse_public_url(&v))
+            .transpose()?;
         Ok(Self {
             listen,
             database_url,
@@ -140,8 +146,31 @@ impl Settings {
             default_min_interval_ms,
             metrics_token,
             admin_jwt,
+            public_url,
         })
     }
+}
+
+/// `BROKER_PUBLIC_URL`: an absolute http(s) URL with no query, fragment or credentials (an
+/// RFC 8414 issuer); a trailing slash is dropped.
+fn parse_public_url(raw: &str) -> Result<String, ConfigError> {
+    let bad = || {
+        invalid(
+            "BROKER_PUBLIC_URL",
+            "expected the broker's base URL as callers reach it, such as https://broker.example.com (http or https, no query or fragment)",
+        )
+    };
+    let url = url::Url::parse(raw).map_err(|_| bad())?;
+    let ok = matches!(url.scheme(), "http" | "https")
+        && url.host().is_some()
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    if !ok {
+        return Err(bad());
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
 }
 
 /// The environment, trimmed, with empty values as unset.
@@ -424,6 +453,27 @@ mod tests {
         );
         assert!(s.redis.is_none() && s.admin_token.is_none());
         assert_eq!(s.audit, AuditMode::FailClosed);
+    }
+
+    #[test]
+    fn public_url() {
+        let s = settings(&[("BROKER_PUBLIC_URL", "https://broker.example.com/")]).unwrap();
+        assert_eq!(s.public_url.as_deref(), Some("https://broker.example.com"));
+        let s = settings(&[("BROKER_PUBLIC_URL", "http://10.0.0.5:8080/tb")]).unwrap();
+        assert_eq!(s.public_url.as_deref(), Some("http://10.0.0.5:8080/tb"));
+        for bad in [
+            "broker.example.com",
+            "ftp://x",
+            "https://x/?a=1",
+            "https://x/#f",
+            "https://u:p@x",
+        ] {
+            let e = settings(&[("BROKER_PUBLIC_URL", bad)]).unwrap_err();
+            assert!(
+                e.to_string().starts_with("BROKER_PUBLIC_URL:"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -62,16 +62,38 @@ impl FromRequest for Caller {
                     span.record("tenant", t.as_str());
                 }
             }
-            if let Err(e @ ApiError::Unauthorized(reason)) = &result {
-                let mut entry = crate::audit::Entry::new("refused", "token.fetch", e.code());
-                entry.tenant = tenant.map(Into::into);
-                entry.detail = Some((*reason).to_owned());
-                entry.request_id = request_id;
-                state.audit.record_best_effort(entry);
+            if let Err(ApiError::Unauthorized(reason)) = &result {
+                refusal(&state, "token.fetch", tenant, reason, request_id);
             }
             result
         })
     }
+}
+
+/// Records a refused credential (best effort, coalesced: floods cost a row, not a row each).
+fn refusal(
+    state: &AppState,
+    action: &'static str,
+    tenant: Option<String>,
+    reason: &str,
+    request_id: Option<String>,
+) {
+    let mut entry = crate::audit::Entry::new("refused", action, "unauthorized");
+    entry.tenant = tenant.map(Into::into);
+    entry.detail = Some(reason.to_owned());
+    entry.request_id = request_id;
+    state.audit.record_best_effort(entry);
+}
+
+/// `refusal` for a handler that authenticates by itself (the OAuth token endpoint).
+pub fn audit_refusal(
+    state: &AppState,
+    req: &HttpRequest,
+    action: &'static str,
+    tenant: Option<String>,
+    reason: &str,
+) {
+    refusal(state, action, tenant, reason, super::request_id_of(req));
 }
 
 fn looks_like_jwt(t: &str) -> bool {

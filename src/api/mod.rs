@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod extract;
+pub mod oauth;
 pub mod ops;
 pub mod problem;
 pub mod ratelimit;
@@ -58,22 +59,7 @@ pub const BODY_READ_DEADLINE: std::time::Duration = std::time::Duration::from_se
 /// Reads a JSON body: 415 unless the content type is JSON (it is required), 413 past the cap,
 /// 408 if it does not arrive within `BODY_READ_DEADLINE`, 400 if malformed.
 pub async fn read_json(req: &HttpRequest, payload: web::Payload) -> Result<Value, ApiError> {
-    let ct = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    if !(essence == "application/json" || essence.ends_with("+json")) {
-        return Err(ApiError::UnsupportedMediaType(
-            "send the body as application/json (Content-Type is required)",
-        ));
-    }
-    let body = tokio::time::timeout(BODY_READ_DEADLINE, read_capped(payload))
-        .await
-        .map_err(|_| ApiError::BodyTimeout(BODY_READ_DEADLINE.as_secs()))??;
-    let body = zeroize::Zeroizing::new(body.to_vec());
+    let body = read_body(req, payload, "application/json").await?;
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::InvalidJson(format!(
             "{} at line {} column {}",
@@ -85,6 +71,35 @@ pub async fn read_json(req: &HttpRequest, payload: web::Payload) -> Result<Value
             e.column()
         ))
     })
+}
+
+/// Reads a body of the given media type (for JSON, `+json` types too): 415 on another type
+/// (Content-Type is required), 413 past `MAX_BODY_BYTES`, 408 past `BODY_READ_DEADLINE`. The
+/// bytes are wiped when dropped (bodies carry secrets).
+pub async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    media_type: &'static str,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ApiError> {
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    let json = media_type == "application/json";
+    if !(essence == media_type || json && essence.ends_with("+json")) {
+        return Err(ApiError::UnsupportedMediaType(if json {
+            "send the body as application/json (Content-Type is required)"
+        } else {
+            "send the body as application/x-www-form-urlencoded (Content-Type is required)"
+        }));
+    }
+    let body = tokio::time::timeout(BODY_READ_DEADLINE, read_capped(payload))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(BODY_READ_DEADLINE.as_secs()))??;
+    Ok(zeroize::Zeroizing::new(body.to_vec()))
 }
 
 async fn read_capped(mut payload: web::Payload) -> Result<web::BytesMut, ApiError> {
@@ -139,6 +154,8 @@ pub const ROUTES: &[&str] = &[
     "/healthz",
     "/readyz",
     "/metrics",
+    "/oauth2/token",
+    "/.well-known/oauth-authorization-server",
 ];
 
 /// The route template a path falls under (`unmatched` if none), segment by segment: the

@@ -133,8 +133,20 @@ impl ApiError {
         }
     }
 
+    /// How long the client should wait before trying again, when that is known.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Upstream(e) => e.retry_after(),
+            Self::CallerRateLimited(s) | Self::InvalidateThrottled { retry_after: s, .. } => {
+                Some(*s)
+            }
+            Self::CircuitOpen { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
     /// The detail shown to the client; server-side failures keep theirs in the log.
-    fn detail(&self) -> String {
+    pub fn detail(&self) -> String {
         match self {
             Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => {
                 "the tenant's stored credentials cannot be opened with the configured keys".into()
@@ -301,22 +313,11 @@ impl ResponseError for ApiError {
         let mut resp = HttpResponse::build(status);
         resp.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)))
             .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
-        match self {
-            Self::Unauthorized(_) => {
-                resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
-            }
-            Self::Upstream(e) => {
-                if let Some(s) = e.retry_after() {
-                    resp.insert_header((header::RETRY_AFTER, s.to_string()));
-                }
-            }
-            Self::CallerRateLimited(s) | Self::InvalidateThrottled { retry_after: s, .. } => {
-                resp.insert_header((header::RETRY_AFTER, s.to_string()));
-            }
-            Self::CircuitOpen { retry_after, .. } => {
-                resp.insert_header((header::RETRY_AFTER, retry_after.to_string()));
-            }
-            _ => {}
+        if let Self::Unauthorized(_) = self {
+            resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        if let Some(s) = self.retry_after() {
+            resp.insert_header((header::RETRY_AFTER, s.to_string()));
         }
         resp.body(serde_json::to_string(&body).expect("problem serialises"))
     }

@@ -1,7 +1,9 @@
 //! The caller endpoints: fetch a tenant's token, report a token the partner rejected.
 
+use std::sync::Arc;
+
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -12,6 +14,7 @@ use super::{read_json, request_id_of};
 use crate::audit::Entry;
 use crate::auth::Caller;
 use crate::broker::{Invalidation, Source};
+use crate::cache::CachedToken;
 use crate::tenants::TenantId;
 use crate::time::{now_ms, rfc3339};
 
@@ -55,7 +58,7 @@ fn entry(
 }
 
 /// Parses the tenant id and checks the caller's scope (403 before any lookup).
-fn authorize(
+pub(super) fn authorize(
     state: &AppState,
     caller: &Caller,
     raw: &str,
@@ -74,7 +77,7 @@ fn authorize(
     Ok(id)
 }
 
-fn parse_min_ttl(raw: Option<&str>) -> Result<u64, ApiError> {
+pub(super) fn parse_min_ttl(raw: Option<&str>) -> Result<u64, ApiError> {
     match raw {
         None => Ok(0),
         Some(v) => v
@@ -98,34 +101,72 @@ async fn get_token(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let id = authorize(&state, &caller, &path, "token.fetch", &req)?;
+    let min_ttl = parse_min_ttl(query.min_ttl.as_deref())?;
+    let token = hand_out(&state, &caller, &id, min_ttl, None, &req).await?;
+    let body = serde_json::to_string(&TokenAnswer {
+        access_token: token.access_token.expose_secret(),
+        token_type: "Bearer",
+        expires_at: token
+            .memo
+            .expires_at
+            .get_or_init(|| rfc3339(token.expires_at_ms)),
+        expires_in: expires_in(&token),
+    })
+    .expect("serialises");
+    Ok(no_store(HttpResponse::Ok()).body(body))
+}
+
+/// Seconds until the token expires (never negative).
+pub(super) fn expires_in(token: &CachedToken) -> i64 {
+    ((token.expires_at_ms - now_ms()) / 1000).max(0)
+}
+
+/// A 200 answer that carries a token: never stored by caches on the way.
+pub(super) fn no_store(mut resp: HttpResponseBuilder) -> HttpResponseBuilder {
+    resp.content_type("application/json")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::PRAGMA, "no-cache"));
+    resp
+}
+
+/// Hands a tenant's token to an authorized caller: the caller's rate limit, the broker's
+/// lookup or mint, the audit entry (no entry, no token, unless `BROKER_AUDIT=best_effort`) and
+/// the metrics. The one path behind `GET …/token` and `POST /oauth2/token`; `via` marks the
+/// audit entries of the second.
+pub(super) async fn hand_out(
+    state: &AppState,
+    caller: &Caller,
+    id: &TenantId,
+    min_ttl: u64,
+    via: Option<&'static str>,
+    req: &HttpRequest,
+) -> Result<Arc<CachedToken>, ApiError> {
     if let Err(retry_after) = state.limiter.check(&caller.id) {
         // Before any lookup: only a tenant known to exist gets a series.
-        if state.broker.knows_tenant(&id) {
+        if state.broker.knows_tenant(id) {
             state
                 .metrics
                 .token_request(id.as_str(), "caller_rate_limited");
         }
         return Err(ApiError::CallerRateLimited(retry_after));
     }
-    let min_ttl = parse_min_ttl(query.min_ttl.as_deref())?;
-    let result = state.broker.token(&id, min_ttl).await;
-    let (token, source) = match result {
+    let (token, source) = match state.broker.token(id, min_ttl).await {
         Ok(ok) => ok,
         Err(e) => {
             let e = ApiError::from(e);
             if !matches!(e, ApiError::TenantNotFound) {
                 state.metrics.token_request(id.as_str(), e.code());
             }
-            state
-                .audit
-                .record_best_effort(entry(&caller, "token.fetch", e.code(), &id, &req));
+            let mut entry = entry(caller, "token.fetch", e.code(), id, req);
+            entry.detail = via.map(Into::into);
+            state.audit.record_best_effort(entry);
             return Err(e);
         }
     };
-    // No audit entry, no token (unless BROKER_AUDIT=best_effort).
     // Successful fetches carry no request id: identical ones are coalesced into one row.
-    let mut e = entry(&caller, "token.fetch", "ok", &id, &req);
+    let mut e = entry(caller, "token.fetch", "ok", id, req);
     e.request_id = None;
+    e.detail = via.map(Into::into);
     e.source = Some(source.as_str());
     e.fingerprint = Some(token.audit_fingerprint(state.store.keys()).clone());
     if state.audit.record(e).is_err() {
@@ -148,21 +189,7 @@ async fn get_token(
         Source::Minted => state.metrics.token_request(id.as_str(), source.as_str()),
     }
     tracing::debug!(tenant = %id, caller = %caller.name, source = source.as_str(), "token handed out");
-    let body = serde_json::to_string(&TokenAnswer {
-        access_token: token.access_token.expose_secret(),
-        token_type: "Bearer",
-        expires_at: token
-            .memo
-            .expires_at
-            .get_or_init(|| rfc3339(token.expires_at_ms)),
-        expires_in: ((token.expires_at_ms - now_ms()) / 1000).max(0),
-    })
-    .expect("serialises");
-    Ok(HttpResponse::Ok()
-        .content_type("application/json")
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header((header::PRAGMA, "no-cache"))
-        .body(body))
+    Ok(token)
 }
 
 async fn invalidate(

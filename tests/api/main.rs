@@ -9,6 +9,7 @@ mod failures;
 mod faults;
 mod flights;
 mod hostile;
+mod oauth;
 mod ops;
 mod partners;
 mod persistence;

@@ -31,7 +31,7 @@ fn jwk(name: &str) -> Value {
     all[name].clone()
 }
 
-fn sign(claims: &Value, alg: Algorithm, pem: &str, kid: Option<&str>) -> String {
+pub(crate) fn sign(claims: &Value, alg: Algorithm, pem: &str, kid: Option<&str>) -> String {
     let mut header = Header::new(alg);
     header.kid = kid.map(str::to_owned);
     let key = match alg {
@@ -41,12 +41,12 @@ fn sign(claims: &Value, alg: Algorithm, pem: &str, kid: Option<&str>) -> String 
     jsonwebtoken::encode(&header, claims, &key).unwrap()
 }
 
-fn claims(tenants: Value) -> Value {
+pub(crate) fn claims(tenants: Value) -> Value {
     let now = now_s();
     json!({"sub": "svc-billing", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300, "tenants": tenants})
 }
 
-async fn idp(keys: &[&str]) -> MockServer {
+pub(crate) async fn idp(keys: &[&str]) -> MockServer {
     let server = MockServer::start().await;
     publish(&server, keys).await;
     server
@@ -62,7 +62,7 @@ async fn publish(server: &MockServer, keys: &[&str]) {
         .await;
 }
 
-fn with_jwt(env: &mut TestEnv, idp: &MockServer) {
+pub(crate) fn with_jwt(env: &mut TestEnv, idp: &MockServer) {
     env.extra
         .insert("BROKER_JWT_JWKS_URL".into(), format!("{}/jwks", idp.uri()));
     env.extra.insert("BROKER_JWT_ISSUER".into(), ISSUER.into());
@@ -235,7 +235,7 @@ async fn jwt_callers_and_the_attack_set(mut env: TestEnv) {
 }
 backends!(jwt_callers_and_the_attack_set: Sqlite);
 
-async fn audit_entries(app: &TestApp, query: &str, want: usize) -> Vec<Value> {
+pub(crate) async fn audit_entries(app: &TestApp, query: &str, want: usize) -> Vec<Value> {
     for _ in 0..40 {
         let a = app
             .send(app.admin(Method::GET, &format!("/admin/v1/audit?{query}")))
