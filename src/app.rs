@@ -16,14 +16,14 @@ use crate::api::ratelimit::CallerLimiter;
 use crate::api::{admin, oauth, observe, ops, problem_for_framework_errors, token, AppState};
 use crate::audit::Audit;
 use crate::auth::jwt::JwtVerifier;
-use crate::auth::{Authenticator, StaticToken};
+use crate::auth::{Authenticator, CallerStore, StaticToken};
 use crate::broker::{Broker, Timing};
 use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
 use crate::config::{KeySource, Settings};
 use crate::crypto::{KeyError, KeyRing};
 use crate::issuers::{IssuerSettings, Issuers};
 use crate::metrics::Metrics;
-use crate::tenants::{StoreError, TenantStore};
+use crate::tenants::{HealthStore, StoreError, TenantStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -297,6 +297,7 @@ async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildErr
     }
     let broker = Broker::new(
         store.clone(),
+        HealthStore::new(store.db().clone()),
         issuers,
         shared.clone(),
         metrics.clone(),
@@ -310,12 +311,15 @@ async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildErr
             }
         });
     }
+    let callers = CallerStore::new(store.db().clone());
     let state = web::Data::new(AppState {
         broker,
         audit,
         limiter: CallerLimiter::new(settings.caller_rate, settings.caller_burst),
         jwt,
-        auth: Authenticator::new(store.clone(), Some(metrics.database_up.clone())),
+        auth: Authenticator::new(callers.clone(), Some(metrics.database_up.clone())),
+        callers,
+        health: HealthStore::new(store.db().clone()),
         admin: StaticToken::new(settings.admin_token.as_ref()),
         metrics_token: StaticToken::new(settings.metrics_token.as_ref()),
         store,

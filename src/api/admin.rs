@@ -12,8 +12,9 @@ use super::{read_json, request_id_of};
 use crate::audit::Entry;
 use crate::auth::api_keys::ApiKey;
 use crate::auth::Admin;
+use crate::auth::{CallerRecord, Scope};
 use crate::tenants::spec::parse_credentials;
-use crate::tenants::store::{CallerRecord, Scope, TenantRecord};
+use crate::tenants::store::{Change, TenantRecord, WriteError};
 use crate::tenants::{SpecError, StoreError, TenantId, TenantPatch, TenantSpec};
 use crate::time::{now_ms, rfc3339};
 
@@ -270,7 +271,7 @@ async fn get_tenant(
 
 /// A tenant's last partner outcomes and circuit, as the tenant views show them.
 async fn health_view(state: &AppState, id: &TenantId, now: i64) -> Result<Value, ApiError> {
-    let (health, circuit) = tokio::join!(state.store.health(id), state.broker.circuit_state(id));
+    let (health, circuit) = tokio::join!(state.health.get(id), state.broker.circuit_state(id));
     let health = health?;
     Ok(json!({
         "last_success_at": health.last_success_at_ms.map(rfc3339),
@@ -287,53 +288,27 @@ async fn health_view(state: &AppState, id: &TenantId, now: i64) -> Result<Value,
     }))
 }
 
-/// What one write to a tenant changes, worked out from its current state.
-struct Change {
-    display_name: Option<String>,
-    issuer: Option<crate::tenants::IssuerSpec>,
-    credentials: Option<crate::tenants::Credentials>,
-}
-
-/// Read, compute the change, write only if nobody wrote in between. A lost race is retried
-/// (last write wins) unless the client sent `If-Match`, which is then answered with 412.
-/// PATCH and PUT `/credentials` behave the same way.
+/// A fenced tenant write (`TenantStore::write_tenant`) with `If-Match` checked on every read:
+/// a lost race is retried unless the client sent `If-Match`, which then gets 412. PATCH and PUT
+/// `/credentials` both write through here.
 async fn write_tenant(
     state: &AppState,
     id: &TenantId,
     if_match: &IfMatch,
     change: impl Fn(&crate::tenants::Tenant) -> Result<Change, ApiError>,
 ) -> Result<(TenantRecord, Change), ApiError> {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let current = state.store.tenant(id).await?;
-        if_match.check(current.version)?;
-        let c = change(&current)?;
-        match state
-            .store
-            .update_tenant(
-                id,
-                c.display_name.as_deref(),
-                c.issuer.as_ref(),
-                c.credentials.as_ref(),
-                Some(current.version),
-            )
-            .await
-        {
-            Ok(record) => return Ok((record, c)),
-            Err(StoreError::VersionConflict) if if_match.is_set() => {
-                return Err(ApiError::PreconditionFailed("changed concurrently".into()))
-            }
-            // Each round one writer wins; with dozens writing at once a loser may need many
-            // rounds (20 ran out once in 60 concurrent writes over two replicas).
-            Err(StoreError::VersionConflict) if attempts < 64 => {
-                let pause =
-                    rand::Rng::gen_range(&mut rand::thread_rng(), 1..=(10 * attempts).min(200));
-                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let result = state
+        .store
+        .write_tenant(id, if_match.is_set(), |current| {
+            if_match.check(current.version)?;
+            change(current)
+        })
+        .await;
+    result.map_err(|e| match e {
+        WriteError::Store(e) => e.into(),
+        WriteError::Refused(e) => e,
+        WriteError::LostRace => ApiError::PreconditionFailed("changed concurrently".into()),
+    })
 }
 
 async fn patch_tenant(
@@ -611,7 +586,7 @@ async fn create_caller(
         format!("cl_{}", hex::encode(raw))
     };
     let record = state
-        .store
+        .callers
         .create_caller(&id, &name, &key.hash(), &scope)
         .await
         .map_err(name_taken)?;
@@ -635,7 +610,7 @@ async fn create_caller(
 }
 
 async fn list_callers(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let callers = state.store.list_callers().await?;
+    let callers = state.callers.list_callers().await?;
     let views: Vec<Value> = callers.iter().map(caller_view).collect();
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -659,7 +634,7 @@ async fn patch_caller(
         check_scope(&state, scope).await?;
     }
     let record = state
-        .store
+        .callers
         .update_caller(&path, name.as_deref(), scope.as_ref())
         .await
         .map_err(name_taken)?;
@@ -741,7 +716,7 @@ async fn rotate_caller_key(
     };
     let key = ApiKey::generate();
     let record = state
-        .store
+        .callers
         .rotate_caller_key(&path, &key.hash(), grace_s as i64 * 1000)
         .await
         .map_err(name_taken)?;
@@ -778,7 +753,7 @@ async fn delete_caller(
     path: web::Path<String>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    if path.len() > 64 || !state.store.delete_caller(&path).await? {
+    if path.len() > 64 || !state.callers.delete_caller(&path).await? {
         return Err(ApiError::CallerNotFound);
     }
     state.auth.forget_all();

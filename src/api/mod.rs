@@ -23,11 +23,11 @@ use tracing::Instrument;
 
 use crate::audit::Audit;
 use crate::auth::jwt::JwtVerifier;
-use crate::auth::{Authenticator, StaticToken};
+use crate::auth::{Authenticator, CallerStore, StaticToken};
 use crate::broker::Broker;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::tenants::TenantStore;
+use crate::tenants::{HealthStore, TenantStore};
 use problem::{ApiError, PROBLEM_JSON};
 use ratelimit::CallerLimiter;
 
@@ -38,6 +38,8 @@ pub struct AppState {
     pub limiter: CallerLimiter,
     pub jwt: Option<Arc<JwtVerifier>>,
     pub store: TenantStore,
+    pub callers: CallerStore,
+    pub health: HealthStore,
     pub auth: Authenticator,
     pub admin: StaticToken,
     /// `BROKER_METRICS_TOKEN`: `/metrics` is open unless it is set.

@@ -248,6 +248,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::CircuitOpen { last, retry_after } => {
                 Self::CircuitOpen { last, retry_after }
             }
+            e @ BrokerError::MintTaskFailed(_) => Self::Internal(e.to_string()),
         }
     }
 }

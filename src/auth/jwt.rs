@@ -24,8 +24,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::Scope;
 use super::{AuthMethod, Caller};
-use crate::tenants::store::Scope;
 use crate::time::now_ms;
 
 /// Algorithms a caller JWT may use. Never `none`, never HMAC.

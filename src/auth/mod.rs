@@ -2,6 +2,7 @@
 //! roles. Free of HTTP: `api::extract` turns requests into these identities.
 
 pub mod api_keys;
+pub mod callers;
 pub mod jwt;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -13,10 +14,10 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::tenants::store::Scope;
-use crate::tenants::{StoreError, TenantStore};
+use crate::db::StoreError;
 use crate::time::now_ms;
 use api_keys::ApiKey;
+pub use callers::{CallerRecord, CallerStore, Scope};
 
 /// Why a credential was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +69,7 @@ impl Caller {
 /// elsewhere within 10 s), and while the database is unreachable a known caller keeps
 /// working on what was last read, for up to 10 minutes.
 pub struct Authenticator {
-    store: TenantStore,
+    store: CallerStore,
     known: Cache<[u8; 32], (Option<Arc<Caller>>, Instant)>,
     /// Unix ms before which a stale answer is served without asking the database (set after
     /// a failed lookup): one probe per `DB_PROBE_EVERY_MS` finds out when it is back.
@@ -87,7 +88,7 @@ pub const CALLER_CACHE_TTL: Duration = Duration::from_secs(10);
 const CALLER_STALE_TTL: Duration = Duration::from_secs(600);
 
 impl Authenticator {
-    pub fn new(store: TenantStore, database_up: Option<prometheus::IntGauge>) -> Self {
+    pub fn new(store: CallerStore, database_up: Option<prometheus::IntGauge>) -> Self {
         Self {
             store,
             known: Cache::builder()

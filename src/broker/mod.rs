@@ -19,7 +19,7 @@ use crate::issuers::recipes::supports_refresh;
 use crate::issuers::{Grant, IssuerError, Issuers, Minted};
 use crate::metrics::Metrics;
 use crate::tenants::store::{SealedTenant, StoreError};
-use crate::tenants::{Tenant, TenantId, TenantStore};
+use crate::tenants::{HealthStore, Tenant, TenantId, TenantStore};
 use crate::time::now_ms;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -38,6 +38,9 @@ pub enum BrokerError {
     Store(Arc<StoreError>),
     #[error(transparent)]
     Cache(Arc<CacheError>),
+    /// The task running a mint ended without an answer (it panicked or was cancelled): a bug.
+    #[error("the mint task failed: {0}")]
+    MintTaskFailed(String),
 }
 
 impl From<StoreError> for BrokerError {
@@ -222,9 +225,32 @@ fn keep_lock(l2: RedisCache, lock: &LockToken) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// What a cache level found: a token to serve, or the last token known (for the lifetime
+/// check), if any.
+enum Lookup {
+    Serve(Arc<CachedToken>),
+    Known(Option<Arc<CachedToken>>),
+}
+
+/// The partner's tokens live about as long as the last one did: if that is shorter than
+/// `min_ttl`, minting again would only burn a partner call.
+fn check_lifetime(known: Option<&CachedToken>, min_ttl_s: u64) -> Result<(), BrokerError> {
+    let min_ttl_ms = (min_ttl_s as i64).saturating_mul(1000);
+    match known {
+        Some(t) if min_ttl_ms > 0 && t.expires_at_ms - t.issued_at_ms < min_ttl_ms => {
+            Err(BrokerError::MinTtlUnsatisfiable {
+                min_ttl_s,
+                lifetime_s: (t.expires_at_ms - t.issued_at_ms) / 1000,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The token broker.
 pub struct Broker {
     store: TenantStore,
+    health: HealthStore,
     issuers: Issuers,
     l1: MemoryCache,
     l2: Option<RedisCache>,
@@ -245,6 +271,7 @@ pub struct Broker {
 impl Broker {
     pub fn new(
         store: TenantStore,
+        health: HealthStore,
         issuers: Issuers,
         l2: Option<RedisCache>,
         metrics: Arc<Metrics>,
@@ -258,6 +285,7 @@ impl Broker {
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
         Arc::new(Self {
             store,
+            health,
             issuers,
             l1: MemoryCache::new(1_000_000),
             l2,
@@ -309,7 +337,8 @@ impl Broker {
         }
     }
 
-    /// A usable token for `tenant` with at least `min_ttl_s` seconds left.
+    /// A usable token for `tenant` with at least `min_ttl_s` seconds left: from this process,
+    /// else from the shared cache, else from a flight (bounded by the caller deadline).
     pub async fn token(
         self: &Arc<Self>,
         tenant: &TenantId,
@@ -322,70 +351,103 @@ impl Broker {
         } else {
             None
         };
-        let mut known = held.as_ref().map(|h| h.0.clone());
-        if let Some((t, since)) = &held {
-            // With Redis as the truth, a held token is re-checked there every so often
-            // (events normally tell us sooner); without Redis, L1 is the truth.
-            // After a gap in events (a lost subscription, a Redis outage) every held token may
-            // be stale: each is re-checked once (and still served if Redis does not answer).
-            let fresh = match &self.l2 {
-                None => true,
-                Some(l2) => now - since < L1_REVALIDATE_MS && *since > l2.gap_at(),
-            };
-            if fresh && t.serves(now, min_ttl_ms) {
-                self.metrics.l1_hit.inc();
-                self.refresh_ahead(tenant, t, now);
-                return Ok((t.clone(), Source::Cache));
-            }
+        if let Some(t) = self.in_process(tenant, held.as_ref(), now, min_ttl_ms) {
+            return Ok((t, Source::Cache));
         }
         self.metrics.l1_miss.inc();
-        if let Some(l2) = &self.l2 {
-            match l2.get(tenant).await {
-                Ok(Some(t)) => {
-                    self.metrics.l2_hit.inc();
-                    let t = if self.timing.l1_enabled {
-                        self.l1.insert_unless_newer(tenant, t)
-                    } else {
-                        t
-                    };
-                    self.metrics
-                        .set_token_expiry(tenant.as_str(), t.expires_at_ms);
-                    if t.serves(now, min_ttl_ms) {
-                        self.refresh_ahead(tenant, &t, now);
-                        return Ok((t, Source::Cache));
-                    }
-                    known = Some(t);
+        let known = match self.shared(tenant, held, now, min_ttl_ms).await {
+            Lookup::Serve(t) => return Ok((t, Source::Cache)),
+            Lookup::Known(known) => known,
+        };
+        check_lifetime(known.as_deref(), min_ttl_s)?;
+        self.bounded_flight(tenant, min_ttl_s).await
+    }
+
+    /// The token this process holds, if it may be trusted without asking Redis and serves
+    /// `min_ttl`. With Redis as the truth, a held token is re-checked there every so often
+    /// (events normally tell us sooner); without Redis, L1 is the truth. After a gap in events
+    /// (a lost subscription, a Redis outage) every held token may be stale: each is re-checked
+    /// once (and still served if Redis does not answer).
+    fn in_process(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        held: Option<&(Arc<CachedToken>, i64)>,
+        now: i64,
+        min_ttl_ms: i64,
+    ) -> Option<Arc<CachedToken>> {
+        let (t, since) = held?;
+        let fresh = match &self.l2 {
+            None => true,
+            Some(l2) => now - since < L1_REVALIDATE_MS && *since > l2.gap_at(),
+        };
+        if !(fresh && t.serves(now, min_ttl_ms)) {
+            return None;
+        }
+        self.metrics.l1_hit.inc();
+        self.refresh_ahead(tenant, t, now);
+        Some(t.clone())
+    }
+
+    /// The shared cache's token, when Redis is configured. Redis unreachable: what this
+    /// process holds is served to its usable end.
+    async fn shared(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        held: Option<(Arc<CachedToken>, i64)>,
+        now: i64,
+        min_ttl_ms: i64,
+    ) -> Lookup {
+        let known = held.map(|(t, _)| t);
+        let Some(l2) = &self.l2 else {
+            return Lookup::Known(known);
+        };
+        match l2.get(tenant).await {
+            Ok(Some(t)) => {
+                self.metrics.l2_hit.inc();
+                let t = if self.timing.l1_enabled {
+                    self.l1.insert_unless_newer(tenant, t)
+                } else {
+                    t
+                };
+                self.metrics
+                    .set_token_expiry(tenant.as_str(), t.expires_at_ms);
+                if t.serves(now, min_ttl_ms) {
+                    self.refresh_ahead(tenant, &t, now);
+                    return Lookup::Serve(t);
                 }
-                Ok(None) => {
-                    self.metrics.l2_miss.inc();
-                    if held.is_some() {
-                        // Dropped or expired in the shared cache: so here too.
-                        self.l1.invalidate(tenant);
-                        known = None;
-                    }
+                Lookup::Known(Some(t))
+            }
+            Ok(None) => {
+                self.metrics.l2_miss.inc();
+                if known.is_some() {
+                    // Dropped or expired in the shared cache: so here too.
+                    self.l1.invalidate(tenant);
                 }
-                Err(e) => {
-                    self.metrics.l2_error.inc();
-                    // Redis is unreachable: what this process holds is served to its usable end.
-                    if let Some(t) = known.as_ref().filter(|t| t.serves(now, min_ttl_ms)) {
+                Lookup::Known(None)
+            }
+            Err(e) => {
+                self.metrics.l2_error.inc();
+                match known {
+                    Some(t) if t.serves(now, min_ttl_ms) => {
                         tracing::debug!(tenant = %tenant, error = %e, "shared cache unavailable; serving the held token");
-                        return Ok((t.clone(), Source::Cache));
+                        Lookup::Serve(t)
                     }
+                    other => Lookup::Known(other),
                 }
             }
         }
-        // The partner's tokens live about as long as the last one did: if that is shorter
-        // than min_ttl, minting again would only burn a partner call.
-        if let Some(t) = &known {
-            let lifetime_ms = t.expires_at_ms - t.issued_at_ms;
-            if min_ttl_ms > 0 && lifetime_ms < min_ttl_ms {
-                return Err(BrokerError::MinTtlUnsatisfiable {
-                    min_ttl_s,
-                    lifetime_s: lifetime_ms / 1000,
-                });
-            }
-        }
-        let want = Want::Usable { min_ttl_ms };
+    }
+
+    /// A token from a flight, within the caller deadline: joins the tenant's running flight
+    /// (or starts one), and runs its own if the one joined was after less.
+    async fn bounded_flight(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        min_ttl_s: u64,
+    ) -> Result<(Arc<CachedToken>, Source), BrokerError> {
+        let want = Want::Usable {
+            min_ttl_ms: (min_ttl_s as i64).saturating_mul(1000),
+        };
         let started = now_ms();
         let deadline = Instant::now() + self.timing.caller_deadline;
         let caller_deadline = self.timing.caller_deadline;
@@ -478,11 +540,8 @@ impl Broker {
                         result
                     });
                     let done = async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(BrokerError::Upstream(IssuerError::Recipe(format!(
-                                "mint task failed: {e}"
-                            ))))
-                        })
+                        task.await
+                            .unwrap_or_else(|e| Err(BrokerError::MintTaskFailed(e.to_string())))
                     }
                     .boxed()
                     .shared();
@@ -683,14 +742,14 @@ impl Broker {
             Ok(_) => {
                 self.circuits.reset(tenant).await;
                 self.metrics.mint_outcome(tenant.as_str(), true);
-                self.store.record_health(tenant, None).await;
+                self.health.record(tenant, None).await;
             }
             Err(IssuerError::Paced { .. }) => {}
             Err(e) => {
                 self.circuits.record_failure(tenant, e).await;
                 self.metrics.mint_outcome(tenant.as_str(), false);
-                self.store
-                    .record_health(tenant, Some((e.code(), &e.to_string())))
+                self.health
+                    .record(tenant, Some((e.code(), &e.to_string())))
                     .await;
             }
         }
@@ -963,6 +1022,36 @@ impl Broker {
         match &self.l2 {
             Some(l2) => Some(l2.check().await),
             None => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(lifetime_ms: i64) -> CachedToken {
+        let now = now_ms();
+        CachedToken::from_minted(crate::issuers::Minted {
+            access_token: "t".to_owned().into(),
+            refresh_token: None,
+            issued_at_ms: now,
+            expires_at_ms: now + lifetime_ms,
+        })
+    }
+
+    #[test]
+    fn a_min_ttl_beyond_the_partner_lifetime_is_refused_without_a_mint() {
+        let five_minutes = token(300_000);
+        assert!(check_lifetime(None, 600).is_ok(), "nothing known: mint");
+        assert!(check_lifetime(Some(&five_minutes), 0).is_ok());
+        assert!(check_lifetime(Some(&five_minutes), 299).is_ok());
+        match check_lifetime(Some(&five_minutes), 301) {
+            Err(BrokerError::MinTtlUnsatisfiable {
+                min_ttl_s: 301,
+                lifetime_s: 300,
+            }) => {}
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -165,7 +165,8 @@ impl Issuers {
     ) -> Result<Minted, IssuerError> {
         let url = crate::egress::check_token_url(&tenant.issuer.token_url, self.allow_insecure)
             .map_err(|e| IssuerError::Blocked(e.to_string()))?;
-        let prepared = recipes::prepare(tenant, &grant).map_err(IssuerError::Recipe)?;
+        let prepared =
+            recipes::prepare(tenant, &grant).map_err(|e| IssuerError::Recipe(e.to_string()))?;
         let mut req = self
             .client
             .post(url)
@@ -195,7 +196,8 @@ impl Issuers {
                 return Err(e);
             }
         };
-        let extracted = recipes::extract(&tenant.issuer, &doc).map_err(IssuerError::BadResponse)?;
+        let extracted = recipes::extract(&tenant.issuer, &doc)
+            .map_err(|e| IssuerError::BadResponse(e.to_string()))?;
         let jwt_exp = expiry::jwt_exp(secrecy::ExposeSecret::expose_secret(
             &extracted.access_token,
         ));

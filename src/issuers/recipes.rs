@@ -9,7 +9,7 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::expiry::parse_expires_in;
-use crate::tenants::template;
+use crate::tenants::template::{self, TemplateError};
 use crate::tenants::{AuthMethod, BodyType, IssuerKind, IssuerSpec, Tenant};
 
 /// Which grant to ask for.
@@ -36,13 +36,47 @@ pub struct Extracted {
     pub expires_in: Option<i64>,
 }
 
+/// Why a tenant's recipe could not be turned into a request (never a value, only names).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecipeError {
+    #[error("credential field {0} is missing")]
+    MissingCredential(String),
+    #[error("a header value is not valid")]
+    BadHeaderValue,
+    #[error("bad header name")]
+    BadHeaderName,
+    #[error("custom recipe has no request")]
+    NoRequest,
+    #[error("form bodies take string values only")]
+    FormValueNotString,
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+}
+
+/// Why a successful answer holds no usable token.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AnswerError {
+    #[error("the answer is not a JSON object")]
+    NotAnObject,
+    #[error("token_type is not Bearer")]
+    NotBearer,
+    #[error("{what} at {pointer} is not a non-empty string")]
+    NotAString { what: &'static str, pointer: String },
+    #[error("the answer has no {what} at {pointer}")]
+    Missing { what: &'static str, pointer: String },
+    #[error("{0} is not a positive number of seconds")]
+    BadExpiresIn(String),
+    #[error("custom recipe has no response")]
+    NoResponse,
+}
+
 const FORM: &str = "application/x-www-form-urlencoded";
 const JSON: &str = "application/json";
 
-fn cred<'a>(t: &'a Tenant, name: &str) -> Result<&'a str, String> {
+fn cred<'a>(t: &'a Tenant, name: &str) -> Result<&'a str, RecipeError> {
     t.credentials
         .get(name)
-        .ok_or_else(|| format!("credential field {name} is missing"))
+        .ok_or_else(|| RecipeError::MissingCredential(name.to_owned()))
 }
 
 fn form(pairs: &[(&str, &str)]) -> Zeroizing<Vec<u8>> {
@@ -53,13 +87,13 @@ fn form(pairs: &[(&str, &str)]) -> Zeroizing<Vec<u8>> {
     )
 }
 
-fn sensitive(v: &str) -> Result<HeaderValue, String> {
-    let mut hv = HeaderValue::from_str(v).map_err(|_| "a header value is not valid".to_owned())?;
+fn sensitive(v: &str) -> Result<HeaderValue, RecipeError> {
+    let mut hv = HeaderValue::from_str(v).map_err(|_| RecipeError::BadHeaderValue)?;
     hv.set_sensitive(true);
     Ok(hv)
 }
 
-fn basic_auth(id: &str, secret: &str) -> Result<(HeaderName, HeaderValue), String> {
+fn basic_auth(id: &str, secret: &str) -> Result<(HeaderName, HeaderValue), RecipeError> {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let raw = Zeroizing::new(format!("{}:{}", enc(id), enc(secret)));
     let value = Zeroizing::new(format!("Basic {}", B64.encode(raw.as_bytes())));
@@ -67,7 +101,7 @@ fn basic_auth(id: &str, secret: &str) -> Result<(HeaderName, HeaderValue), Strin
 }
 
 /// Builds the request for `tenant` and `grant`. Errors name a problem, never a value.
-pub fn prepare(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, String> {
+pub fn prepare(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, RecipeError> {
     let spec = &tenant.issuer;
     match (spec.kind, grant) {
         (IssuerKind::SetuPartner, _) => Ok(Prepared {
@@ -105,7 +139,7 @@ pub fn prepare(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, String> {
     }
 }
 
-fn oauth2(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, String> {
+fn oauth2(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, RecipeError> {
     let spec = &tenant.issuer;
     let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(6);
     match grant {
@@ -144,13 +178,9 @@ fn oauth2(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, String> {
     })
 }
 
-fn render_value(v: &Value, tenant: &Tenant) -> Result<Value, String> {
+fn render_value(v: &Value, tenant: &Tenant) -> Result<Value, RecipeError> {
     Ok(match v {
-        Value::String(s) => Value::String(
-            template::render(s, &tenant.credentials)
-                .map_err(|e| e.to_string())?
-                .to_string(),
-        ),
+        Value::String(s) => Value::String(template::render(s, &tenant.credentials)?.to_string()),
         Value::Array(a) => Value::Array(
             a.iter()
                 .map(|v| render_value(v, tenant))
@@ -159,22 +189,23 @@ fn render_value(v: &Value, tenant: &Tenant) -> Result<Value, String> {
         Value::Object(o) => Value::Object(
             o.iter()
                 .map(|(k, v)| Ok((k.clone(), render_value(v, tenant)?)))
-                .collect::<Result<_, String>>()?,
+                .collect::<Result<_, RecipeError>>()?,
         ),
         other => other.clone(),
     })
 }
 
-fn custom(tenant: &Tenant) -> Result<Prepared, String> {
+fn custom(tenant: &Tenant) -> Result<Prepared, RecipeError> {
     let req = tenant
         .issuer
         .request
         .as_ref()
-        .ok_or("custom recipe has no request")?;
+        .ok_or(RecipeError::NoRequest)?;
     let mut headers = Vec::with_capacity(req.headers.len());
     for (name, tpl) in &req.headers {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| "bad header name")?;
-        let value = template::render(tpl, &tenant.credentials).map_err(|e| e.to_string())?;
+        let name =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| RecipeError::BadHeaderName)?;
+        let value = template::render(tpl, &tenant.credentials)?;
         headers.push((name, sensitive(&value)?));
     }
     let (content_type, body) = match req.content_type {
@@ -187,11 +218,8 @@ fn custom(tenant: &Tenant) -> Result<Prepared, String> {
         BodyType::Form => {
             let mut rendered: Vec<(String, Zeroizing<String>)> = Vec::new();
             for (k, v) in &req.body {
-                let tpl = v.as_str().ok_or("form bodies take string values only")?;
-                rendered.push((
-                    k.clone(),
-                    template::render(tpl, &tenant.credentials).map_err(|e| e.to_string())?,
-                ));
+                let tpl = v.as_str().ok_or(RecipeError::FormValueNotString)?;
+                rendered.push((k.clone(), template::render(tpl, &tenant.credentials)?));
             }
             let pairs: Vec<(&str, &str)> = rendered
                 .iter()
@@ -217,11 +245,18 @@ fn wipe(v: Value) {
     }
 }
 
-fn token_at(doc: &Value, pointer: &str, what: &str) -> Result<SecretString, String> {
+fn token_at(doc: &Value, pointer: &str, what: &'static str) -> Result<SecretString, AnswerError> {
+    let pointer_owned = || pointer.to_owned();
     match doc.pointer(pointer) {
         Some(Value::String(s)) if !s.is_empty() => Ok(SecretString::from(s.clone())),
-        Some(_) => Err(format!("{what} at {pointer} is not a non-empty string")),
-        None => Err(format!("the answer has no {what} at {pointer}")),
+        Some(_) => Err(AnswerError::NotAString {
+            what,
+            pointer: pointer_owned(),
+        }),
+        None => Err(AnswerError::Missing {
+            what,
+            pointer: pointer_owned(),
+        }),
     }
 }
 
@@ -232,19 +267,19 @@ fn optional_token(doc: &Value, pointer: &str) -> Option<SecretString> {
         .map(|s| SecretString::from(s.to_owned()))
 }
 
-fn expires_in_at(doc: &Value, pointer: &str) -> Result<Option<i64>, String> {
+fn expires_in_at(doc: &Value, pointer: &str) -> Result<Option<i64>, AnswerError> {
     match doc.pointer(pointer) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => parse_expires_in(v)
             .map(Some)
-            .ok_or_else(|| format!("{pointer} is not a positive number of seconds")),
+            .ok_or_else(|| AnswerError::BadExpiresIn(pointer.to_owned())),
     }
 }
 
 /// Reads the token, expiry and refresh token out of a successful answer.
-pub fn extract(spec: &IssuerSpec, doc: &Value) -> Result<Extracted, String> {
+pub fn extract(spec: &IssuerSpec, doc: &Value) -> Result<Extracted, AnswerError> {
     if !doc.is_object() {
-        return Err("the answer is not a JSON object".into());
+        return Err(AnswerError::NotAnObject);
     }
     match spec.kind {
         IssuerKind::SetuPartner => Ok(Extracted {
@@ -258,7 +293,7 @@ pub fn extract(spec: &IssuerSpec, doc: &Value) -> Result<Extracted, String> {
         | IssuerKind::Oauth2Password => {
             if let Some(tt) = doc.get("token_type").and_then(Value::as_str) {
                 if !tt.eq_ignore_ascii_case("bearer") {
-                    return Err("token_type is not Bearer".into());
+                    return Err(AnswerError::NotBearer);
                 }
             }
             Ok(Extracted {
@@ -268,10 +303,7 @@ pub fn extract(spec: &IssuerSpec, doc: &Value) -> Result<Extracted, String> {
             })
         }
         IssuerKind::Custom => {
-            let r = spec
-                .response
-                .as_ref()
-                .ok_or("custom recipe has no response")?;
+            let r = spec.response.as_ref().ok_or(AnswerError::NoResponse)?;
             Ok(Extracted {
                 access_token: token_at(doc, &r.access_token, "access token")?,
                 refresh_token: r
@@ -436,6 +468,16 @@ mod tests {
         assert_eq!(e.access_token.expose_secret(), "tok");
         assert_eq!(e.expires_in, Some(1800));
         let missing = extract(&t.issuer, &json!({"data": {}})).unwrap_err();
-        assert!(missing.contains("/data/token"));
+        assert_eq!(
+            missing,
+            AnswerError::Missing {
+                what: "access token",
+                pointer: "/data/token".into()
+            }
+        );
+        assert_eq!(
+            missing.to_string(),
+            "the answer has no access token at /data/token"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Tenants: the validated `TenantId`, the issuer spec (no secrets), the credentials (only
 //! secrets) and the parsing that turns admin input into them.
 
+pub mod health;
 pub mod spec;
 pub mod store;
 pub mod template;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
+pub use health::{Health, HealthStore};
 pub use spec::{
     AuthMethod, BodyType, CustomRequest, CustomResponse, IssuerKind, IssuerSpec, SpecError,
     TenantPatch, TenantSpec,

@@ -1,4 +1,4 @@
-//! The tenant and caller store on sqlx's `Any` driver: one implementation for SQLite and
+//! The tenant store on sqlx's `Any` driver: one implementation for SQLite and
 //! Postgres (the SQL here is the subset both speak), migrations chosen from `DATABASE_URL`.
 //! Credentials are sealed before they reach SQL and opened after they leave it.
 
@@ -28,58 +28,27 @@ pub struct TenantRecord {
     pub updated_at_ms: i64,
 }
 
-/// The outcome of a tenant's latest partner calls.
-#[derive(Clone, Debug, Default)]
-pub struct Health {
-    pub last_success_at_ms: Option<i64>,
-    pub last_error_at_ms: Option<i64>,
-    pub last_error_code: Option<String>,
-    pub last_error_detail: Option<String>,
+/// What one write to a tenant changes, worked out from its current state.
+pub struct Change {
+    pub display_name: Option<String>,
+    pub issuer: Option<IssuerSpec>,
+    pub credentials: Option<Credentials>,
 }
 
-/// Which tenants a caller may fetch tokens for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Scope {
-    All,
-    Tenants(Vec<String>),
+/// Why `write_tenant` wrote nothing.
+#[derive(Debug)]
+pub enum WriteError<E> {
+    Store(StoreError),
+    /// The change function refused (the caller's own error).
+    Refused(E),
+    /// Another write got in between and the write was fenced: not retried.
+    LostRace,
 }
 
-impl Scope {
-    pub fn allows(&self, tenant: &str) -> bool {
-        match self {
-            Self::All => true,
-            Self::Tenants(t) => t.iter().any(|x| x == tenant),
-        }
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            Self::All => serde_json::Value::String("*".into()),
-            Self::Tenants(t) => serde_json::json!(t),
-        }
-    }
-
-    fn from_json(s: &str) -> Result<Self, StoreError> {
-        match serde_json::from_str::<serde_json::Value>(s) {
-            Ok(serde_json::Value::String(s)) if s == "*" => Ok(Self::All),
-            Ok(v) => serde_json::from_value(v)
-                .map(Self::Tenants)
-                .map_err(|_| StoreError::Corrupt("caller scope".into())),
-            Err(_) => Err(StoreError::Corrupt("caller scope".into())),
-        }
-    }
-}
-
-/// An API-key caller (the key itself is never stored).
-#[derive(Clone, Debug)]
-pub struct CallerRecord {
-    pub id: String,
-    pub name: String,
-    pub scope: Scope,
-    pub created_at_ms: i64,
-    /// Set when the record was found by a rotated-out key: when that key stops working.
-    pub key_expires_at_ms: Option<i64>,
-}
+/// Rounds of a contended write before giving up: each round one writer wins, so with dozens
+/// writing at once a loser may need many (20 ran out once in 60 concurrent writes over two
+/// replicas).
+const WRITE_ROUNDS: u64 = 64;
 
 /// A tenant row with its credentials as stored: sealed.
 pub struct SealedTenant {
@@ -87,7 +56,7 @@ pub struct SealedTenant {
     sealed: Vec<(String, Vec<u8>)>,
 }
 
-/// The tenant and caller store: the database handle plus the key ring that seals credentials.
+/// The tenant store: the database handle plus the key ring that seals credentials.
 #[derive(Clone)]
 pub struct TenantStore {
     db: Db,
@@ -382,55 +351,40 @@ impl TenantStore {
         self.tenant_record(id).await
     }
 
-    /// Records the outcome of a mint (`None`: success; else the problem code and an
-    /// operator-facing detail). Failures to record are only logged: bookkeeping must not fail
-    /// a mint.
-    pub async fn record_health(&self, id: &TenantId, error: Option<(&str, &str)>) {
-        let now = now_ms();
-        let result = match error {
-            None => {
-                sqlx::query(
-                    "INSERT INTO tenant_health (tenant_id, last_success_at) VALUES ($1, $2) ON CONFLICT (tenant_id) DO UPDATE SET last_success_at = excluded.last_success_at",
+    /// Read, compute the change, write only if nobody wrote in between. A lost race is retried
+    /// after a short random pause (last write wins), unless `fenced` (the client named the
+    /// version it read): then `LostRace`.
+    pub async fn write_tenant<E>(
+        &self,
+        id: &TenantId,
+        fenced: bool,
+        change: impl Fn(&Tenant) -> Result<Change, E>,
+    ) -> Result<(TenantRecord, Change), WriteError<E>> {
+        let mut round = 0;
+        loop {
+            round += 1;
+            let current = self.tenant(id).await.map_err(WriteError::Store)?;
+            let c = change(&current).map_err(WriteError::Refused)?;
+            let written = self
+                .update_tenant(
+                    id,
+                    c.display_name.as_deref(),
+                    c.issuer.as_ref(),
+                    c.credentials.as_ref(),
+                    Some(current.version),
                 )
-                .bind(id.as_str())
-                .bind(now)
-                .execute(self.db.pool())
-                .await
+                .await;
+            match written {
+                Ok(record) => return Ok((record, c)),
+                Err(StoreError::VersionConflict) if fenced => return Err(WriteError::LostRace),
+                Err(StoreError::VersionConflict) if round < WRITE_ROUNDS => {
+                    let pause =
+                        rand::Rng::gen_range(&mut rand::thread_rng(), 1..=(10 * round).min(200));
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                }
+                Err(e) => return Err(WriteError::Store(e)),
             }
-            Some(e) => {
-                sqlx::query(
-                    "INSERT INTO tenant_health (tenant_id, last_error_at, last_error_code, last_error_detail) VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id) DO UPDATE SET last_error_at = excluded.last_error_at, last_error_code = excluded.last_error_code, last_error_detail = excluded.last_error_detail",
-                )
-                .bind(id.as_str())
-                .bind(now)
-                .bind(e.0)
-                .bind(e.1)
-                .execute(self.db.pool())
-                .await
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(tenant = %id, error = %e, "tenant health not recorded");
         }
-    }
-
-    /// The tenant's last partner outcomes.
-    pub async fn health(&self, id: &TenantId) -> Result<Health, StoreError> {
-        let row = sqlx::query(
-            "SELECT last_success_at, last_error_at, last_error_code, last_error_detail FROM tenant_health WHERE tenant_id = $1",
-        )
-        .bind(id.as_str())
-        .fetch_optional(self.db.pool())
-        .await?;
-        let Some(r) = row else {
-            return Ok(Health::default());
-        };
-        Ok(Health {
-            last_success_at_ms: r.try_get("last_success_at")?,
-            last_error_at_ms: r.try_get("last_error_at")?,
-            last_error_code: r.try_get("last_error_code")?,
-            last_error_detail: r.try_get("last_error_detail")?,
-        })
     }
 
     /// Deletes a tenant and its credentials; false if it did not exist. With
@@ -559,139 +513,6 @@ impl TenantStore {
             .collect()
     }
 
-    // ---- callers ----
-
-    pub async fn create_caller(
-        &self,
-        id: &str,
-        name: &str,
-        key_hash: &str,
-        scope: &Scope,
-    ) -> Result<CallerRecord, StoreError> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO callers (id, name, key_hash, tenants, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(id)
-        .bind(name)
-        .bind(key_hash)
-        .bind(scope.to_json().to_string())
-        .bind(now)
-        .execute(self.db.pool())
-        .await?;
-        Ok(CallerRecord {
-            id: id.to_owned(),
-            name: name.to_owned(),
-            scope: scope.clone(),
-            created_at_ms: now,
-            key_expires_at_ms: None,
-        })
-    }
-
-    fn caller_from_row(r: &AnyRow) -> Result<CallerRecord, StoreError> {
-        let tenants: String = r.try_get("tenants")?;
-        Ok(CallerRecord {
-            id: r.try_get("id")?,
-            name: r.try_get("name")?,
-            scope: Scope::from_json(&tenants)?,
-            created_at_ms: r.try_get("created_at")?,
-            key_expires_at_ms: None,
-        })
-    }
-
-    pub async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
-        sqlx::query("SELECT id, name, tenants, created_at FROM callers ORDER BY name")
-            .fetch_all(self.db.pool())
-            .await?
-            .iter()
-            .map(Self::caller_from_row)
-            .collect()
-    }
-
-    /// The caller whose current key, or previous key still in its grace period, has this hash.
-    pub async fn caller_by_key_hash(&self, hash: &str) -> Result<Option<CallerRecord>, StoreError> {
-        let Some(row) = sqlx::query(
-            "SELECT id, name, tenants, created_at, key_hash, previous_key_expires_at FROM callers WHERE key_hash = $1 OR (previous_key_hash = $1 AND previous_key_expires_at > $2)",
-        )
-        .bind(hash)
-        .bind(now_ms())
-        .fetch_optional(self.db.pool())
-        .await?
-        else {
-            return Ok(None);
-        };
-        let mut record = Self::caller_from_row(&row)?;
-        let current: String = row.try_get("key_hash")?;
-        if current != hash {
-            record.key_expires_at_ms = row.try_get("previous_key_expires_at")?;
-        }
-        Ok(Some(record))
-    }
-
-    /// Changes a caller's name and/or scope; `NotFound` if there is no such caller,
-    /// `Conflict` if the name is taken.
-    pub async fn update_caller(
-        &self,
-        id: &str,
-        name: Option<&str>,
-        scope: Option<&Scope>,
-    ) -> Result<CallerRecord, StoreError> {
-        let done = sqlx::query(
-            "UPDATE callers SET name = COALESCE($1, name), tenants = COALESCE($2, tenants), updated_at = $3 WHERE id = $4",
-        )
-        .bind(name)
-        .bind(scope.map(|s| s.to_json().to_string()))
-        .bind(now_ms())
-        .bind(id)
-        .execute(self.db.pool())
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        self.caller(id).await
-    }
-
-    /// Gives a caller a new key; the old one keeps working for `grace_ms` (0: not at all).
-    pub async fn rotate_caller_key(
-        &self,
-        id: &str,
-        new_hash: &str,
-        grace_ms: i64,
-    ) -> Result<CallerRecord, StoreError> {
-        let now = now_ms();
-        let done = if grace_ms > 0 {
-            sqlx::query(
-                "UPDATE callers SET previous_key_hash = key_hash, previous_key_expires_at = $1, key_hash = $2, updated_at = $3 WHERE id = $4",
-            )
-            .bind(now + grace_ms)
-        } else {
-            sqlx::query(
-                "UPDATE callers SET previous_key_hash = NULL, previous_key_expires_at = $1, key_hash = $2, updated_at = $3 WHERE id = $4",
-            )
-            .bind(None::<i64>)
-        }
-        .bind(new_hash)
-        .bind(now)
-        .bind(id)
-        .execute(self.db.pool())
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        self.caller(id).await
-    }
-
-    pub async fn caller(&self, id: &str) -> Result<CallerRecord, StoreError> {
-        sqlx::query("SELECT id, name, tenants, created_at FROM callers WHERE id = $1")
-            .bind(id)
-            .fetch_optional(self.db.pool())
-            .await?
-            .as_ref()
-            .map(Self::caller_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound)
-    }
-
     /// Which of `ids` are registered tenants.
     pub async fn existing_tenants(
         &self,
@@ -704,14 +525,5 @@ impl TenantStore {
             .map(|t| t.to_string())
             .filter(|t| wanted.contains(t.as_str()))
             .collect())
-    }
-
-    pub async fn delete_caller(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query("DELETE FROM callers WHERE id = $1")
-            .bind(id)
-            .execute(self.db.pool())
-            .await?
-            .rows_affected()
-            > 0)
     }
 }

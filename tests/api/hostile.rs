@@ -468,12 +468,12 @@ async fn api_keys_are_scannable_and_old_keys_still_work(env: TestEnv) {
     let legacy = format!("tbk_{}", "Ab1-_".repeat(8) + "Zz9");
     let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(legacy.as_bytes()));
     app.state
-        .store
+        .callers
         .create_caller(
             "cl_legacy",
             "legacy",
             &hash,
-            &token_broker::tenants::store::Scope::All,
+            &token_broker::auth::Scope::All,
         )
         .await
         .unwrap();
