@@ -13,7 +13,9 @@ use actix_web::{web, App, HttpServer};
 
 use crate::api::problem::ApiError;
 use crate::api::ratelimit::CallerLimiter;
-use crate::api::{admin, oauth, observe, ops, problem_for_framework_errors, token, AppState};
+use crate::api::{
+    admin, oauth, observe, ops, problem_for_framework_errors, proxy, token, AppState,
+};
 use crate::audit::Audit;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{Authenticator, CallerStore, StaticToken};
@@ -312,6 +314,13 @@ async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildErr
         });
     }
     let callers = CallerStore::new(store.db().clone());
+    let proxy = crate::proxy::Targets::new(
+        store.clone(),
+        crate::proxy::client(
+            settings.upstream_connect_timeout,
+            settings.allow_insecure_issuers,
+        ),
+    );
     let state = web::Data::new(AppState {
         broker,
         audit,
@@ -319,6 +328,7 @@ async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildErr
         jwt,
         auth: Authenticator::new(callers.clone(), Some(metrics.database_up.clone())),
         callers,
+        proxy,
         health: HealthStore::new(store.db().clone()),
         admin: StaticToken::new(settings.admin_token.as_ref()),
         metrics_token: StaticToken::new(settings.metrics_token.as_ref()),
@@ -345,6 +355,7 @@ fn serve(
             .configure(admin::routes)
             .configure(ops::routes)
             .configure(oauth::routes)
+            .configure(proxy::routes)
             .default_service(web::to(|| async {
                 Err::<web::Json<()>, _>(ApiError::RouteNotFound)
             }))

@@ -12,6 +12,7 @@ pub mod db;
 pub mod egress;
 pub mod issuers;
 pub mod metrics;
+pub mod proxy;
 pub mod telemetry;
 pub mod tenants;
 pub mod time;

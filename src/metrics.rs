@@ -34,6 +34,11 @@ pub struct Metrics {
     pub audit_write_failures: IntCounter,
     /// `broker_invalidations_total{tenant,outcome}`: callers' reports of rejected tokens.
     pub invalidations: IntCounterVec,
+    /// `broker_proxy_requests_total{tenant,status_class}`: proxied API calls by the class of
+    /// the answer the caller got (`2xx` … `5xx`).
+    pub proxy_requests: IntCounterVec,
+    /// `broker_proxy_request_duration_seconds{tenant}`: whole proxied calls, to the answer head.
+    pub proxy_duration: HistogramVec,
     /// `broker_circuit_open{tenant}`: 1 from a failed mint until a successful one.
     circuit_open: IntGaugeVec,
     /// `broker_last_mint_success_timestamp_seconds{tenant}`.
@@ -125,6 +130,22 @@ impl Metrics {
             "Failed audit batch writes (retried)",
         );
         let invalidations = counter_vec("broker_invalidations_total", "Callers' reports of rejected tokens, by tenant and outcome (dropped, stale, throttled)", &["tenant", "outcome"]);
+        let proxy_requests = counter_vec(
+            "broker_proxy_requests_total",
+            "Proxied partner API calls, by tenant and the status class answered (2xx, 3xx, 4xx, 5xx)",
+            &["tenant", "status_class"],
+        );
+        let proxy_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "broker_proxy_request_duration_seconds",
+                "Proxied partner API call latency, to the answer's head",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["tenant"],
+        )
+        .expect("metric");
         let circuit_open = int_gauge_vec("broker_circuit_open", "1 while the tenant's partner calls are paused or probed after a failed mint, 0 once one succeeds", &["tenant"]);
         let last_mint_success = int_gauge_vec(
             "broker_last_mint_success_timestamp_seconds",
@@ -175,6 +196,8 @@ impl Metrics {
             Box::new(lock_degraded.clone()),
             Box::new(audit_write_failures.clone()),
             Box::new(invalidations.clone()),
+            Box::new(proxy_requests.clone()),
+            Box::new(proxy_duration.clone()),
             Box::new(circuit_open.clone()),
             Box::new(last_mint_success.clone()),
             Box::new(build_info),
@@ -201,6 +224,8 @@ impl Metrics {
             audit_dropped,
             audit_write_failures,
             invalidations,
+            proxy_requests,
+            proxy_duration,
             circuit_open,
             last_mint_success,
             lock_degraded,

@@ -81,6 +81,8 @@ struct TenantView<'a> {
     display_name: &'a str,
     issuer: &'a crate::tenants::IssuerSpec,
     credential_fields: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy: Option<&'a crate::tenants::proxy::ProxySpec>,
     version: i64,
     created_at: String,
     updated_at: String,
@@ -92,6 +94,7 @@ fn tenant_view(r: &TenantRecord) -> TenantView<'_> {
         display_name: &r.display_name,
         issuer: &r.issuer,
         credential_fields: &r.credential_fields,
+        proxy: r.proxy.as_ref(),
         version: r.version,
         created_at: rfc3339(r.created_at_ms),
         updated_at: rfc3339(r.updated_at_ms),
@@ -176,6 +179,7 @@ async fn create_tenant(
             &spec.display_name,
             &spec.issuer,
             &spec.credentials,
+            spec.proxy.as_ref().map(|(p, h)| (p, h)),
         )
         .await
         .map_err(|e| match e {
@@ -328,21 +332,34 @@ async fn patch_tenant(
         let effective_issuer = issuer.as_ref().unwrap_or(&current.issuer);
         let creds = patch.credentials.as_ref().unwrap_or(&current.credentials);
         effective_issuer.validate_credentials(creds)?;
+        let proxy = match &patch.proxy {
+            None => None,
+            Some(p) => Some(crate::tenants::proxy::apply(
+                current.proxy.as_ref().map(|s| (s, &current.proxy_headers)),
+                p,
+                allow_insecure,
+            )?),
+        };
         Ok(Change {
             display_name: patch.display_name.clone(),
             issuer,
             credentials: patch.credentials.clone(),
+            proxy,
         })
     })
     .await?;
     if change.issuer.is_some() || change.credentials.is_some() {
         state.broker.forget(&id).await;
     }
+    if change.proxy.is_some() {
+        state.proxy.forget(&id);
+    }
     tracing::info!(tenant = %id, "tenant updated");
     let changed: Vec<&str> = [
         ("display_name", change.display_name.is_some()),
         ("issuer", change.issuer.is_some()),
         ("credentials", change.credentials.is_some()),
+        ("proxy", change.proxy.is_some()),
     ]
     .iter()
     .filter_map(|(n, c)| c.then_some(*n))
@@ -386,6 +403,7 @@ async fn delete_tenant(
         Err(e) => return Err(e.into()),
     }
     state.broker.forget(&id).await;
+    state.proxy.forget(&id);
     state.metrics.forget_tenant(id.as_str());
     tracing::info!(tenant = %id, "tenant deleted");
     audit_admin(
@@ -419,6 +437,7 @@ async fn put_credentials(
             display_name: None,
             issuer: None,
             credentials: Some(creds.clone()),
+            proxy: None,
         })
     })
     .await?;

@@ -6,6 +6,7 @@ pub mod extract;
 pub mod oauth;
 pub mod ops;
 pub mod problem;
+pub mod proxy;
 pub mod ratelimit;
 pub mod token;
 
@@ -40,6 +41,8 @@ pub struct AppState {
     pub store: TenantStore,
     pub callers: CallerStore,
     pub health: HealthStore,
+    /// Proxy mode's per-tenant targets and client.
+    pub proxy: crate::proxy::Targets,
     pub auth: Authenticator,
     pub admin: StaticToken,
     /// `BROKER_METRICS_TOKEN`: `/metrics` is open unless it is set.
@@ -120,10 +123,11 @@ async fn read_capped(mut payload: web::Payload) -> Result<web::BytesMut, ApiErro
 pub fn problem_for_framework_errors<B: MessageBody + 'static>(
     res: ServiceResponse<B>,
 ) -> actix_web::Result<ErrorHandlerResponse<B>> {
-    // Our own answers (problems, and JSON such as /readyz's 503) pass through untouched.
+    // Our own answers (problems, and JSON such as /readyz's 503) and a partner's answers in
+    // proxy mode pass through untouched.
     let ours = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
         v.as_bytes() == PROBLEM_JSON.as_bytes() || v.as_bytes().starts_with(b"application/json")
-    });
+    }) || res.response().extensions().contains::<proxy::Relayed>();
     if ours {
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }
@@ -145,6 +149,7 @@ pub fn problem_for_framework_errors<B: MessageBody + 'static>(
 pub const ROUTES: &[&str] = &[
     "/v1/tenants/{tenant_id}/token",
     "/v1/tenants/{tenant_id}/token/invalidate",
+    "/v1/tenants/{tenant_id}/proxy/{path}",
     "/admin/v1/tenants",
     "/admin/v1/tenants/{tenant_id}",
     "/admin/v1/tenants/{tenant_id}/credentials",
@@ -163,6 +168,20 @@ pub const ROUTES: &[&str] = &[
 /// The route template a path falls under (`unmatched` if none), segment by segment: the
 /// router's own `match_pattern` would run its regexes a second time on every request.
 pub fn route_template(path: &str) -> &'static str {
+    // A proxied path may have any number of segments after `/proxy/`.
+    let mut parts = path.splitn(6, '/');
+    if let (Some(""), Some("v1"), Some("tenants"), Some(t), Some("proxy"), Some(_)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        if !t.is_empty() {
+            return "/v1/tenants/{tenant_id}/proxy/{path}";
+        }
+    }
     'routes: for route in ROUTES {
         let mut want = route.split('/');
         let mut got = path.split('/');
@@ -271,7 +290,8 @@ mod tests {
         for r in ROUTES {
             let concrete = r
                 .replace("{tenant_id}", "acme")
-                .replace("{caller_id}", "cl_1");
+                .replace("{caller_id}", "cl_1")
+                .replace("{path}", "a/b/c");
             assert_eq!(route_template(&concrete), *r);
         }
         for other in [

@@ -78,6 +78,10 @@ pub enum ApiError {
     CallerRateLimited(u64),
     #[error("the audit trail cannot record this token, so it is not released")]
     AuditUnavailable,
+    #[error("this tenant has no proxy settings (set proxy.base_url through the admin API)")]
+    ProxyNotConfigured,
+    #[error("{0}")]
+    InvalidProxyPath(crate::proxy::PathError),
     #[error("internal error")]
     Internal(String),
 }
@@ -120,6 +124,8 @@ impl ApiError {
             Self::CircuitOpen { last, .. } => last.code(),
             Self::AuditUnavailable => "audit_unavailable",
             Self::CallerRateLimited(_) => "rate_limited",
+            Self::ProxyNotConfigured => "proxy_not_configured",
+            Self::InvalidProxyPath(_) => "invalid_proxy_path",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -169,6 +175,16 @@ pub const PROBLEMS: &[(&str, u16, &str)] = &[
     ("tenant_not_found", 404, "Tenant not found"),
     ("caller_not_found", 404, "Caller not found"),
     ("not_found", 404, "Not found"),
+    (
+        "proxy_not_configured",
+        404,
+        "Proxy mode is not set up for this tenant",
+    ),
+    (
+        "invalid_proxy_path",
+        400,
+        "Path not allowed through the proxy",
+    ),
     ("method_not_allowed", 405, "Method not allowed"),
     ("body_timeout", 408, "Request body too slow"),
     ("invalid_json", 400, "Malformed JSON"),

@@ -313,7 +313,8 @@ pub fn classify(status: u16, error: Option<&str>, retry_after: Option<u64>) -> I
     }
 }
 
-fn classify_transport(e: reqwest::Error) -> IssuerError {
+/// A failed exchange with a partner (not an answer) as an `IssuerError`; also used by proxy mode.
+pub fn classify_transport(e: reqwest::Error) -> IssuerError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(s) = source {
         if s.is::<crate::egress::BlockedAddress>() {

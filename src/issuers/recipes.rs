@@ -348,6 +348,8 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), SecretString::from(v.to_string())))
                     .collect::<BTreeMap<_, _>>(),
             ),
+            proxy: None,
+            proxy_headers: Credentials::default(),
             version: 1,
             created_at_ms: 0,
             updated_at_ms: 0,

@@ -2,6 +2,7 @@
 //! secrets) and the parsing that turns admin input into them.
 
 pub mod health;
+pub mod proxy;
 pub mod spec;
 pub mod store;
 pub mod template;
@@ -109,6 +110,9 @@ pub struct Tenant {
     pub display_name: String,
     pub issuer: IssuerSpec,
     pub credentials: Credentials,
+    pub proxy: Option<proxy::ProxySpec>,
+    /// The proxy's fixed header values (lower-case names).
+    pub proxy_headers: Credentials,
     pub version: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,

@@ -7,6 +7,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::proxy::ProxySpec;
 use super::template;
 use super::{Credentials, TenantId};
 use crate::egress as guard;
@@ -345,6 +346,8 @@ pub struct TenantSpec {
     pub display_name: String,
     pub issuer: IssuerSpec,
     pub credentials: Credentials,
+    /// Proxy settings and their fixed header values.
+    pub proxy: Option<(ProxySpec, Credentials)>,
 }
 
 /// `PATCH /admin/v1/tenants/{id}` input: each present part replaces (issuer is merge-patched).
@@ -353,6 +356,8 @@ pub struct TenantPatch {
     pub display_name: Option<String>,
     pub issuer: Option<Value>,
     pub credentials: Option<Credentials>,
+    /// The `proxy` member as sent (`null` removes the proxy); see `proxy::apply`.
+    pub proxy: Option<Value>,
 }
 
 /// Deserialises `v` into `T`, reporting the path of the first error without echoing input.
@@ -488,10 +493,14 @@ impl TenantSpec {
                 .ok_or_else(|| SpecError::new("credentials", "missing field"))?,
             "credentials",
         )?;
+        let proxy = match obj.remove("proxy") {
+            None | Some(Value::Null) => None,
+            Some(v) => super::proxy::apply(None, &v, allow_insecure)?,
+        };
         if let Some(k) = obj.keys().next() {
             return Err(SpecError::new(
                 k.chars().take(64).collect::<String>(),
-                "unknown field; expected id, display_name, issuer, credentials",
+                "unknown field; expected id, display_name, issuer, credentials, proxy",
             ));
         }
         issuer.validate(allow_insecure)?;
@@ -501,6 +510,7 @@ impl TenantSpec {
             display_name,
             issuer,
             credentials,
+            proxy,
         })
     }
 }
@@ -514,11 +524,12 @@ impl TenantPatch {
                 "display_name" => patch.display_name = Some(parse_display_name(v)?),
                 "issuer" => patch.issuer = Some(Value::Object(take_object(v, "issuer")?)),
                 "credentials" => patch.credentials = Some(parse_credentials(v, "credentials")?),
+                "proxy" => patch.proxy = Some(v),
                 "id" => return Err(SpecError::new("id", "a tenant id cannot change")),
                 other => {
                     return Err(SpecError::new(
                         other.chars().take(64).collect::<String>(),
-                        "unknown field; expected display_name, issuer, credentials",
+                        "unknown field; expected display_name, issuer, credentials, proxy",
                     ))
                 }
             }

@@ -9,6 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use super::proxy::ProxySpec;
 use super::{Credentials, IssuerSpec, Tenant, TenantId};
 use crate::crypto::KeyRing;
 use crate::db::Db;
@@ -23,6 +24,7 @@ pub struct TenantRecord {
     pub display_name: String,
     pub issuer: IssuerSpec,
     pub credential_fields: Vec<String>,
+    pub proxy: Option<ProxySpec>,
     pub version: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
@@ -33,6 +35,8 @@ pub struct Change {
     pub display_name: Option<String>,
     pub issuer: Option<IssuerSpec>,
     pub credentials: Option<Credentials>,
+    /// `Some(None)` removes the proxy settings.
+    pub proxy: Option<Option<(ProxySpec, Credentials)>>,
 }
 
 /// Why `write_tenant` wrote nothing.
@@ -63,7 +67,12 @@ pub struct TenantStore {
     keys: Arc<KeyRing>,
 }
 
-const TENANT_COLUMNS: &str = "id, display_name, issuer, version, created_at, updated_at";
+const TENANT_COLUMNS: &str = "id, display_name, issuer, proxy, version, created_at, updated_at";
+
+/// Field-name prefix of a proxy header's sealed value in `tenant_credentials`.
+const PROXY_HEADER: &str = "proxy_header:";
+/// SQL condition: the row is a credential, not a proxy header.
+const IS_CREDENTIAL: &str = "field NOT LIKE 'proxy_header:%'";
 
 impl TenantStore {
     /// Connects (without migrating).
@@ -103,29 +112,45 @@ impl TenantStore {
         self.db.close().await;
     }
 
-    fn seal_all(&self, id: &TenantId, creds: &Credentials) -> Vec<(String, String, Vec<u8>)> {
+    fn seal_all(
+        &self,
+        id: &TenantId,
+        creds: &Credentials,
+        prefix: &str,
+    ) -> Vec<(String, String, Vec<u8>)> {
         creds
             .iter()
-            .map(|(field, value)| {
+            .map(|(name, value)| {
+                let field = format!("{prefix}{name}");
                 let sealed = self
                     .keys
-                    .seal(id.as_str(), field, value.expose_secret().as_bytes());
-                (field.to_owned(), self.keys.active_id().to_owned(), sealed)
+                    .seal(id.as_str(), &field, value.expose_secret().as_bytes());
+                (field, self.keys.active_id().to_owned(), sealed)
             })
             .collect()
     }
 
+    /// Replaces the tenant's credentials (`prefix` empty) or its proxy header values
+    /// (`PROXY_HEADER`), sealed, leaving the other kind of row alone.
     async fn write_credentials(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         id: &TenantId,
         creds: &Credentials,
+        prefix: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM tenant_credentials WHERE tenant_id = $1")
-            .bind(id.as_str())
-            .execute(&mut **tx)
-            .await?;
-        for (field, key_id, sealed) in self.seal_all(id, creds) {
+        let which = if prefix.is_empty() {
+            IS_CREDENTIAL.to_owned()
+        } else {
+            format!("NOT ({IS_CREDENTIAL})")
+        };
+        sqlx::query(&format!(
+            "DELETE FROM tenant_credentials WHERE tenant_id = $1 AND {which}"
+        ))
+        .bind(id.as_str())
+        .execute(&mut **tx)
+        .await?;
+        for (field, key_id, sealed) in self.seal_all(id, creds, prefix) {
             sqlx::query(
                 "INSERT INTO tenant_credentials (tenant_id, field, key_id, sealed) VALUES ($1, $2, $3, $4)",
             )
@@ -146,9 +171,11 @@ impl TenantStore {
         display_name: &str,
         issuer: &IssuerSpec,
         creds: &Credentials,
+        proxy: Option<(&ProxySpec, &Credentials)>,
     ) -> Result<TenantRecord, StoreError> {
         let now = now_ms();
         let issuer_json = serde_json::to_string(issuer).expect("spec serialises");
+        let proxy_json = proxy.map(|(p, _)| serde_json::to_string(p).expect("spec serialises"));
         let mut tx = self.begin_write().await?;
         let exists = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
             .bind(id.as_str())
@@ -158,21 +185,27 @@ impl TenantStore {
             return Err(StoreError::Conflict);
         }
         sqlx::query(
-            "INSERT INTO tenants (id, display_name, issuer, version, created_at, updated_at) VALUES ($1, $2, $3, 1, $4, $4)",
+            "INSERT INTO tenants (id, display_name, issuer, proxy, version, created_at, updated_at) VALUES ($1, $2, $3, $4, 1, $5, $5)",
         )
         .bind(id.as_str())
         .bind(display_name)
         .bind(&issuer_json)
+        .bind(proxy_json)
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        self.write_credentials(&mut tx, id, creds).await?;
+        self.write_credentials(&mut tx, id, creds, "").await?;
+        if let Some((_, headers)) = proxy {
+            self.write_credentials(&mut tx, id, headers, PROXY_HEADER)
+                .await?;
+        }
         tx.commit().await?;
         Ok(TenantRecord {
             id: id.clone(),
             display_name: display_name.to_owned(),
             issuer: issuer.clone(),
             credential_fields: creds.names().map(str::to_owned).collect(),
+            proxy: proxy.map(|(p, _)| p.clone()),
             version: 1,
             created_at_ms: now,
             updated_at_ms: now,
@@ -182,12 +215,18 @@ impl TenantStore {
     fn record_from_row(row: &AnyRow, fields: Vec<String>) -> Result<TenantRecord, StoreError> {
         let id: String = row.try_get("id")?;
         let issuer: String = row.try_get("issuer")?;
+        let proxy: Option<String> = row.try_get("proxy")?;
+        let proxy = proxy
+            .map(|p| serde_json::from_str(&p))
+            .transpose()
+            .map_err(|_| StoreError::Corrupt(format!("proxy spec of tenant {id}")))?;
         Ok(TenantRecord {
             id: TenantId::parse(&id).map_err(|_| StoreError::Corrupt("tenant id".into()))?,
             display_name: row.try_get("display_name")?,
             issuer: serde_json::from_str(&issuer)
                 .map_err(|_| StoreError::Corrupt(format!("issuer spec of tenant {id}")))?,
             credential_fields: fields,
+            proxy,
             version: row.try_get("version")?,
             created_at_ms: row.try_get("created_at")?,
             updated_at_ms: row.try_get("updated_at")?,
@@ -203,7 +242,7 @@ impl TenantStore {
         .fetch_one(self.db.pool())
         .await?;
         let fields =
-            sqlx::query("SELECT field FROM tenant_credentials WHERE tenant_id = $1 ORDER BY field")
+            sqlx::query(&format!("SELECT field FROM tenant_credentials WHERE tenant_id = $1 AND {IS_CREDENTIAL} ORDER BY field"))
                 .bind(id.as_str())
                 .fetch_all(self.db.pool())
                 .await?
@@ -247,11 +286,15 @@ impl TenantStore {
     pub fn open_tenant(&self, t: &SealedTenant) -> Result<Tenant, StoreError> {
         let id = &t.record.id;
         let mut creds = BTreeMap::new();
+        let mut proxy_headers = BTreeMap::new();
         for (field, sealed) in &t.sealed {
             let plain = self.keys.open(id.as_str(), field, sealed)?;
             let value = String::from_utf8(plain.to_vec())
                 .map_err(|_| StoreError::Corrupt("credential is not UTF-8".into()))?;
-            creds.insert(field.clone(), SecretString::from(value));
+            match field.strip_prefix(PROXY_HEADER) {
+                Some(name) => proxy_headers.insert(name.to_owned(), SecretString::from(value)),
+                None => creds.insert(field.clone(), SecretString::from(value)),
+            };
         }
         let rec = &t.record;
         Ok(Tenant {
@@ -259,6 +302,8 @@ impl TenantStore {
             display_name: rec.display_name.clone(),
             issuer: rec.issuer.clone(),
             credentials: Credentials::new(creds),
+            proxy: rec.proxy.clone(),
+            proxy_headers: Credentials::new(proxy_headers),
             version: rec.version,
             created_at_ms: rec.created_at_ms,
             updated_at_ms: rec.updated_at_ms,
@@ -285,7 +330,7 @@ impl TenantStore {
         let last: String = last.try_get("id")?;
         let mut fields: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for r in sqlx::query(
-            "SELECT tenant_id, field FROM tenant_credentials WHERE tenant_id >= $1 AND tenant_id <= $2 ORDER BY field",
+            &format!("SELECT tenant_id, field FROM tenant_credentials WHERE tenant_id >= $1 AND tenant_id <= $2 AND {IS_CREDENTIAL} ORDER BY field"),
         )
         .bind(&first)
         .bind(&last)
@@ -314,21 +359,33 @@ impl TenantStore {
         display_name: Option<&str>,
         issuer: Option<&IssuerSpec>,
         creds: Option<&Credentials>,
+        proxy: Option<Option<(&ProxySpec, &Credentials)>>,
         expected_version: Option<i64>,
     ) -> Result<TenantRecord, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         let mut sql = String::from(
-            "UPDATE tenants SET display_name = COALESCE($2, display_name), issuer = COALESCE($3, issuer), version = version + 1, updated_at = $4 WHERE id = $1",
+            "UPDATE tenants SET display_name = COALESCE($2, display_name), issuer = COALESCE($3, issuer), version = version + 1, updated_at = $4",
         );
+        if proxy.is_some() {
+            sql.push_str(", proxy = $5");
+        }
+        sql.push_str(" WHERE id = $1");
         if expected_version.is_some() {
-            sql.push_str(" AND version = $5");
+            sql.push_str(if proxy.is_some() {
+                " AND version = $6"
+            } else {
+                " AND version = $5"
+            });
         }
         let mut q = sqlx::query(&sql)
             .bind(id.as_str())
             .bind(display_name)
             .bind(issuer.map(|i| serde_json::to_string(i).expect("spec serialises")))
             .bind(now);
+        if let Some(p) = proxy {
+            q = q.bind(p.map(|(p, _)| serde_json::to_string(p).expect("spec serialises")));
+        }
         if let Some(v) = expected_version {
             q = q.bind(v);
         }
@@ -345,7 +402,13 @@ impl TenantStore {
             });
         }
         if let Some(creds) = creds {
-            self.write_credentials(&mut tx, id, creds).await?;
+            self.write_credentials(&mut tx, id, creds, "").await?;
+        }
+        if let Some(p) = proxy {
+            let none = Credentials::default();
+            let headers = p.map_or(&none, |(_, h)| h);
+            self.write_credentials(&mut tx, id, headers, PROXY_HEADER)
+                .await?;
         }
         tx.commit().await?;
         self.tenant_record(id).await
@@ -371,6 +434,7 @@ impl TenantStore {
                     c.display_name.as_deref(),
                     c.issuer.as_ref(),
                     c.credentials.as_ref(),
+                    c.proxy.as_ref().map(|p| p.as_ref().map(|(s, h)| (s, h))),
                     Some(current.version),
                 )
                 .await;

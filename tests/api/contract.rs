@@ -36,7 +36,8 @@ fn code_routes() -> BTreeSet<(String, String)> {
         while let Some(at) = rest.find("web::resource(\"") {
             rest = &rest[at + "web::resource(\"".len()..];
             let end = rest.find('"').unwrap();
-            let path = rest[..end].to_owned();
+            // A tail parameter with a pattern (`{path:.*}`) is `{path}` in the spec.
+            let path = rest[..end].replace(":.*}", "}");
             let scope_end = rest.find("web::resource(\"").unwrap_or(rest.len());
             let scope = &rest[..scope_end];
             for m in ["get", "post", "put", "patch", "delete"] {

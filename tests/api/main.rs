@@ -13,6 +13,7 @@ mod oauth;
 mod ops;
 mod partners;
 mod persistence;
+mod proxy;
 mod secrets;
 mod security;
 mod token;

@@ -28,6 +28,8 @@ fuzz_target!(|data: &[u8]| {
         display_name: "fuzz".into(),
         issuer,
         credentials: creds,
+        proxy: None,
+        proxy_headers: Default::default(),
         version: 1,
         created_at_ms: 0,
         updated_at_ms: 0,

@@ -1,0 +1,342 @@
+//! Proxy mode: `/v1/tenants/{tenant_id}/proxy/{path}` forwards a caller's API request to the
+//! tenant's partner (`proxy.base_url` + `/` + path, query kept byte for byte) with the
+//! tenant's token and fixed headers, streaming the body both ways. The caller never holds the
+//! token. A partner 401 drops exactly that token and retries once with a fresh one when the
+//! body was small enough to keep. Path and header rules live in `crate::proxy`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use secrecy::ExposeSecret;
+
+use super::problem::ApiError;
+use super::token::authorize;
+use super::{request_id_of, AppState};
+use crate::audit::Entry;
+use crate::auth::Caller;
+use crate::broker::Invalidation;
+use crate::cache::CachedToken;
+use crate::issuers::{classify_transport, IssuerError};
+use crate::proxy::{
+    connection_listed, forwards_request_header, forwards_response_header, partner_url,
+    token_refused, Target, RETRY_BUFFER_BYTES,
+};
+use crate::tenants::TenantId;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/tenants/{tenant_id}/proxy/{path:.*}")
+            .route(web::get().to(forward))
+            .route(web::post().to(forward))
+            .route(web::put().to(forward))
+            .route(web::patch().to(forward))
+            .route(web::delete().to(forward))
+            .route(web::head().to(forward))
+            .route(web::method(Method::OPTIONS).to(forward)),
+    );
+}
+
+/// The request body as it will be sent: kept (replayable after a 401) or streamed.
+enum Upload {
+    Kept(web::Bytes),
+    Streamed(reqwest::Body),
+}
+
+/// Reads or starts streaming the caller's body; 413 before any partner call when the declared
+/// length is over the tenant's cap (a streamed body over it is cut off on the way).
+async fn upload(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    max: u64,
+    too_large: Arc<AtomicBool>,
+) -> Result<Upload, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    if declared.is_some_and(|n| n > max) {
+        return Err(ApiError::PayloadTooLarge(max as usize));
+    }
+    if !chunked && declared.map_or(true, |n| n <= RETRY_BUFFER_BYTES) {
+        let mut body = web::BytesMut::new();
+        let read = async {
+            while let Some(chunk) = payload.next().await {
+                let chunk =
+                    chunk.map_err(|_| ApiError::invalid("the body could not be read", None))?;
+                if (body.len() + chunk.len()) as u64 > max {
+                    return Err(ApiError::PayloadTooLarge(max as usize));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(())
+        };
+        tokio::time::timeout(super::BODY_READ_DEADLINE, read)
+            .await
+            .map_err(|_| ApiError::BodyTimeout(super::BODY_READ_DEADLINE.as_secs()))??;
+        return Ok(Upload::Kept(body.freeze()));
+    }
+    // The caller's payload is bound to this worker thread; the partner client wants a Send
+    // stream: a task on this thread relays the chunks through a small channel.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(8);
+    actix_web::rt::spawn(async move {
+        let mut sent = 0u64;
+        while let Some(chunk) = payload.next().await {
+            let item = match chunk {
+                Ok(c) if sent + c.len() as u64 > max => {
+                    too_large.store(true, Ordering::Release);
+                    Err(std::io::Error::other("the body is over the tenant's cap"))
+                }
+                Ok(c) => {
+                    sent += c.len() as u64;
+                    Ok(c)
+                }
+                Err(_) => Err(std::io::Error::other("the caller's body broke off")),
+            };
+            let last = item.is_err();
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok(Upload::Streamed(reqwest::Body::wrap_stream(stream)))
+}
+
+/// The path after `/v1/tenants/{tenant_id}/proxy/`, as received (percent-encoded).
+fn raw_rest(req: &HttpRequest) -> &str {
+    req.uri().path().splitn(6, '/').nth(5).unwrap_or("")
+}
+
+struct Call<'a> {
+    state: &'a AppState,
+    req: &'a HttpRequest,
+    target: &'a Target,
+    url: url::Url,
+    timeout: Duration,
+}
+
+impl Call<'_> {
+    async fn send(
+        &self,
+        token: &CachedToken,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response, IssuerError> {
+        let listed = connection_listed(
+            &self
+                .req
+                .headers()
+                .get_all(header::CONNECTION)
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>(),
+        );
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in self.req.headers() {
+            if forwards_request_header(name.as_str(), &listed, self.target) {
+                if let (Ok(n), Ok(v)) = (
+                    reqwest::header::HeaderName::from_bytes(name.as_str().as_bytes()),
+                    reqwest::header::HeaderValue::from_bytes(value.as_bytes()),
+                ) {
+                    headers.append(n, v);
+                }
+            }
+        }
+        for (n, v) in &self.target.headers {
+            headers.insert(n.clone(), v.clone());
+        }
+        let auth = self
+            .target
+            .spec
+            .auth_value(token.access_token.expose_secret())
+            .ok_or_else(|| {
+                IssuerError::BadResponse("the token cannot be sent in a header".into())
+            })?;
+        headers.insert(self.target.auth_header.clone(), auth);
+        if let Some(id) =
+            request_id_of(self.req).and_then(|id| reqwest::header::HeaderValue::from_str(&id).ok())
+        {
+            headers.insert("x-request-id", id);
+        }
+        let method = reqwest::Method::from_bytes(self.req.method().as_str().as_bytes())
+            .map_err(|_| IssuerError::BadResponse("unsupported method".into()))?;
+        let sent = self
+            .state
+            .proxy
+            .client
+            .request(method, self.url.clone())
+            .headers(headers)
+            .body(body)
+            .send();
+        match tokio::time::timeout(self.timeout, sent).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify_transport(e)),
+            Err(_) => Err(IssuerError::Timeout),
+        }
+    }
+}
+
+/// What the handler tells the audit trail and metrics about one proxied call.
+struct Outcome {
+    fingerprint: Option<Arc<str>>,
+    partner_status: Option<u16>,
+}
+
+async fn forward(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let raw_tenant = req.match_info().get("tenant_id").unwrap_or_default();
+    let id = authorize(&state, &caller, raw_tenant, "token.proxy", &req)?;
+    let mut outcome = Outcome {
+        fingerprint: None,
+        partner_status: None,
+    };
+    let result = proxy(&state, &caller, &id, &req, payload, &mut outcome).await;
+    let status = match &result {
+        Ok(resp) => resp.status(),
+        Err(e) => actix_web::ResponseError::status_code(e),
+    };
+    if state.broker.knows_tenant(&id) {
+        let class = format!("{}xx", status.as_u16() / 100);
+        state
+            .metrics
+            .proxy_requests
+            .with_label_values(&[id.as_str(), &class])
+            .inc();
+        state
+            .metrics
+            .proxy_duration
+            .with_label_values(&[id.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    let mut e = Entry::new("token", "token.proxy", "ok");
+    e.caller = Some(caller.name.clone());
+    e.auth_method = Some(caller.method.as_str());
+    e.tenant = Some(id.shared());
+    e.fingerprint = outcome.fingerprint;
+    match (&result, outcome.partner_status) {
+        (_, Some(s)) => e.detail = Some(format!("partner status {s}")),
+        (Err(err), None) => {
+            e.outcome = err.code().into();
+            e.request_id = request_id_of(&req);
+        }
+        (Ok(_), None) => {}
+    }
+    state.audit.record_best_effort(e);
+    result
+}
+
+async fn proxy(
+    state: &AppState,
+    caller: &Caller,
+    id: &TenantId,
+    req: &HttpRequest,
+    payload: web::Payload,
+    outcome: &mut Outcome,
+) -> Result<HttpResponse, ApiError> {
+    if let Err(retry_after) = state.limiter.check(&caller.id) {
+        return Err(ApiError::CallerRateLimited(retry_after));
+    }
+    let target = state
+        .proxy
+        .get(id)
+        .await?
+        .ok_or(ApiError::ProxyNotConfigured)?;
+    let url = partner_url(&target.base, raw_rest(req), req.uri().query())
+        .map_err(ApiError::InvalidProxyPath)?;
+    let too_large = Arc::new(AtomicBool::new(false));
+    let body = upload(
+        req,
+        payload,
+        target.spec.max_body_bytes(),
+        too_large.clone(),
+    )
+    .await?;
+    let (token, _) = state.broker.token(id, 0).await?;
+    outcome.fingerprint = Some(token.audit_fingerprint(state.store.keys()).clone());
+    let call = Call {
+        state,
+        req,
+        target: &target,
+        url,
+        timeout: target
+            .spec
+            .timeout_ms
+            .map_or(state.settings.upstream_timeout, Duration::from_millis),
+    };
+    let (kept, first) = match body {
+        Upload::Kept(bytes) => (Some(bytes.clone()), reqwest::Body::from(bytes)),
+        Upload::Streamed(body) => (None, body),
+    };
+    let too_big = |e: IssuerError| {
+        if too_large.load(Ordering::Acquire) {
+            ApiError::PayloadTooLarge(target.spec.max_body_bytes() as usize)
+        } else {
+            ApiError::Upstream(e)
+        }
+    };
+    let mut resp = call.send(&token, first).await.map_err(too_big)?;
+    if let Some(bytes) = kept.filter(|_| token_refused(resp.status().as_u16(), resp.headers())) {
+        // Exactly this token is dropped (compare-and-delete: concurrent proxies cause one
+        // re-mint), a fresh one is fetched under the usual single flight, and the request is
+        // sent once more. A partner that keeps refusing gets this one retry, never more.
+        let dropped = state
+            .broker
+            .invalidate(id, token.access_token.expose_secret())
+            .await?;
+        state.metrics.invalidation(id.as_str(), dropped.as_str());
+        if matches!(dropped, Invalidation::Dropped | Invalidation::Stale) {
+            let (fresh, _) = state.broker.token(id, 0).await?;
+            if fresh.access_token.expose_secret() != token.access_token.expose_secret() {
+                tracing::info!(tenant = %id, "partner refused the token; retrying once with a fresh one");
+                outcome.fingerprint = Some(fresh.audit_fingerprint(state.store.keys()).clone());
+                resp = call
+                    .send(&fresh, reqwest::Body::from(bytes))
+                    .await
+                    .map_err(ApiError::Upstream)?;
+            }
+        }
+    }
+    outcome.partner_status = Some(resp.status().as_u16());
+    Ok(answer(resp))
+}
+
+/// Marks a response as the partner's: the framework-error handler leaves its status alone.
+pub struct Relayed;
+
+/// The partner's answer, streamed back with its status and end-to-end headers.
+fn answer(resp: reqwest::Response) -> HttpResponse {
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let listed = connection_listed(
+        &resp
+            .headers()
+            .get_all(reqwest::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>(),
+    );
+    let mut builder = HttpResponse::build(status);
+    for (name, value) in resp.headers() {
+        if forwards_response_header(name.as_str(), &listed) {
+            if let (Ok(n), Ok(v)) = (
+                header::HeaderName::from_bytes(name.as_str().as_bytes()),
+                header::HeaderValue::from_bytes(value.as_bytes()),
+            ) {
+                builder.append_header((n, v));
+            }
+        }
+    }
+    let mut answer = builder.streaming(resp.bytes_stream());
+    answer.extensions_mut().insert(Relayed);
+    answer
+}

@@ -1,0 +1,393 @@
+//! Proxy mode's rules, free of the HTTP server: which request paths are safe, the partner URL
+//! they map to, which headers cross in each direction, and the per-tenant targets (the
+//! tenant's proxy settings with its fixed headers opened), cached briefly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::sync::Cache;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use secrecy::ExposeSecret;
+use url::Url;
+
+use crate::tenants::proxy::ProxySpec;
+use crate::tenants::{StoreError, TenantId, TenantStore};
+
+/// Request bodies up to this size are buffered, so a request can be retried once with a fresh
+/// token after a 401; larger ones stream and are not retried.
+pub const RETRY_BUFFER_BYTES: u64 = 1024 * 1024;
+
+/// How long a tenant's proxy settings are used without reading them again (a change takes
+/// effect at once on the replica that made it, within this on the others).
+pub const TARGET_TTL: Duration = Duration::from_secs(5);
+
+/// Why a proxied path was refused (fixed reasons; the path is never echoed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path has an empty segment (a leading or doubled '/')")]
+    EmptySegment,
+    #[error("the path has a '.' or '..' segment (also when percent-encoded)")]
+    DotSegment,
+    #[error("the path has an encoded '/' or '\\', a backslash or an '@'")]
+    Separator,
+    #[error("the path has control characters or a malformed percent escape")]
+    Malformed,
+    #[error("the path leaves the tenant's base URL")]
+    Escapes,
+}
+
+fn valid_escapes(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+            {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// The partner URL for a proxied request: `base` + `/` + `raw_path` (as received, still
+/// percent-encoded) + `?` + `raw_query` byte for byte. `raw_path` must be a plain relative
+/// path: no empty, `.` or `..` segment (decoded), no encoded separators, backslashes, `@`
+/// or control characters; the result must keep `base`'s scheme, host, port and path prefix.
+pub fn partner_url(base: &Url, raw_path: &str, raw_query: Option<&str>) -> Result<Url, PathError> {
+    if raw_path
+        .bytes()
+        .any(|b| b < 0x20 || b == 0x7f || b == b'\\' || b == b'@')
+        || !valid_escapes(raw_path)
+        || raw_query.is_some_and(|q| q.bytes().any(|b| b < 0x20 || b == 0x7f || b == b'#'))
+    {
+        return Err(if raw_path.contains(['\\', '@']) {
+            PathError::Separator
+        } else {
+            PathError::Malformed
+        });
+    }
+    if !raw_path.is_empty() {
+        for segment in raw_path.split('/') {
+            if segment.is_empty() {
+                return Err(PathError::EmptySegment);
+            }
+            let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
+            if decoded == b"." || decoded == b".." {
+                return Err(PathError::DotSegment);
+            }
+            if decoded.iter().any(|&b| matches!(b, b'/' | b'\\' | b'@')) {
+                return Err(PathError::Separator);
+            }
+            if decoded.iter().any(|&b| b < 0x20 || b == 0x7f) {
+                return Err(PathError::Malformed);
+            }
+        }
+    }
+    let prefix = base.path().trim_end_matches('/');
+    let mut text = format!(
+        "{}://{}{}/{}",
+        base.scheme(),
+        &base[url::Position::BeforeHost..url::Position::AfterPort],
+        prefix,
+        raw_path
+    );
+    if let Some(q) = raw_query {
+        text.push('?');
+        text.push_str(q);
+    }
+    let url = Url::parse(&text).map_err(|_| PathError::Malformed)?;
+    let same_origin = url.scheme() == base.scheme()
+        && url.host() == base.host()
+        && url.port_or_known_default() == base.port_or_known_default();
+    if !same_origin || !url.path().starts_with(&format!("{prefix}/")) {
+        return Err(PathError::Escapes);
+    }
+    Ok(url)
+}
+
+/// Headers that never cross the proxy in either direction (RFC 9110 §7.6.1 hop-by-hop, and
+/// framing the HTTP stacks set themselves).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+];
+
+/// The header names a `Connection` header lists (they are hop-by-hop too).
+pub fn connection_listed(values: &[&str]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Whether a caller's request header goes on to the partner. Never: the caller's credentials
+/// (`Authorization`, `Cookie`), hop-by-hop headers, `Proxy-*`, forwarding headers from the
+/// caller, its request id (the broker sends its own), or the tenant's auth or fixed headers.
+pub fn forwards_request_header(name: &str, listed: &[String], target: &Target) -> bool {
+    let n = name.to_ascii_lowercase();
+    !(HOP_BY_HOP.contains(&n.as_str())
+        || listed.contains(&n)
+        || n == "authorization"
+        || n == "cookie"
+        || n.starts_with("proxy-")
+        || n.starts_with("x-forwarded-")
+        || n == "forwarded"
+        || n == "x-real-ip"
+        || n == "x-request-id"
+        || n == target.auth_header.as_str()
+        || target.headers.iter().any(|(h, _)| h.as_str() == n))
+}
+
+/// Whether a partner's answer header goes back to the caller (not `Set-Cookie`, not
+/// hop-by-hop).
+pub fn forwards_response_header(name: &str, listed: &[String]) -> bool {
+    let n = name.to_ascii_lowercase();
+    !(HOP_BY_HOP.contains(&n.as_str()) || listed.contains(&n) || n == "set-cookie")
+}
+
+/// Whether a partner's answer says the token was refused: 401, or 403 with a Bearer
+/// challenge saying `error="invalid_token"` (RFC 6750 §3.1).
+pub fn token_refused(status: u16, headers: &HeaderMap) -> bool {
+    status == 401
+        || status == 403
+            && headers
+                .get_all(reqwest::header::WWW_AUTHENTICATE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| {
+                    let v = v.to_ascii_lowercase();
+                    v.trim_start().starts_with("bearer") && v.contains("invalid_token")
+                })
+}
+
+/// A tenant's proxy target, ready to use: the parsed base URL and the fixed headers opened.
+pub struct Target {
+    pub spec: ProxySpec,
+    pub base: Url,
+    pub auth_header: HeaderName,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("base", &self.base.as_str())
+            .field("headers", &self.spec.header_names)
+            .finish()
+    }
+}
+
+/// The HTTP client for proxied calls: no redirects followed, no proxy from the environment,
+/// and (unless insecure issuers are allowed) https only through the public-address resolver.
+/// Timeouts are per call (the tenant's `timeout_ms`, to the answer's head).
+pub fn client(connect_timeout: Duration, allow_insecure: bool) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256);
+    if !allow_insecure {
+        builder = builder
+            .https_only(true)
+            .dns_resolver(Arc::new(crate::egress::PublicOnlyResolver));
+    }
+    builder.build().expect("the TLS backend initialises")
+}
+
+/// Tenants' proxy targets, read from the store and cached for `TARGET_TTL`, and the client
+/// that calls them.
+pub struct Targets {
+    store: TenantStore,
+    cache: Cache<TenantId, Option<Arc<Target>>>,
+    pub client: reqwest::Client,
+}
+
+impl Targets {
+    pub fn new(store: TenantStore, client: reqwest::Client) -> Self {
+        Self {
+            client,
+            store,
+            cache: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(TARGET_TTL)
+                .build(),
+        }
+    }
+
+    /// The tenant's target; `Ok(None)` if it has no proxy settings, `NotFound` if there is no
+    /// such tenant.
+    pub async fn get(&self, id: &TenantId) -> Result<Option<Arc<Target>>, StoreError> {
+        if let Some(hit) = self.cache.get(id) {
+            return Ok(hit);
+        }
+        let tenant = self.store.tenant(id).await?;
+        let target = match tenant.proxy {
+            None => None,
+            Some(spec) => {
+                let base = Url::parse(&spec.base_url)
+                    .map_err(|_| StoreError::Corrupt(format!("proxy base URL of tenant {id}")))?;
+                let mut headers = Vec::new();
+                for (name, value) in tenant.proxy_headers.iter() {
+                    let (Ok(n), Ok(mut v)) = (
+                        HeaderName::from_bytes(name.as_bytes()),
+                        HeaderValue::from_str(value.expose_secret()),
+                    ) else {
+                        return Err(StoreError::Corrupt(format!("proxy header of tenant {id}")));
+                    };
+                    v.set_sensitive(true);
+                    headers.push((n, v));
+                }
+                Some(Arc::new(Target {
+                    auth_header: spec.auth_header(),
+                    base,
+                    headers,
+                    spec,
+                }))
+            }
+        };
+        self.cache.insert(id.clone(), target.clone());
+        Ok(target)
+    }
+
+    /// Drops a cached target (after the tenant changed on this replica).
+    pub fn forget(&self, id: &TenantId) {
+        self.cache.invalidate(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(base: &str, path: &str, query: Option<&str>) -> Result<String, PathError> {
+        partner_url(&Url::parse(base).unwrap(), path, query).map(|u| u.to_string())
+    }
+
+    #[test]
+    fn plain_paths_map_under_the_base() {
+        let base = "https://api.partner.example.com/v2/";
+        assert_eq!(
+            url(base, "accounts/42", Some("a=1&b=%20x")).unwrap(),
+            "https://api.partner.example.com/v2/accounts/42?a=1&b=%20x"
+        );
+        assert_eq!(
+            url("https://api.partner.example.com", "x%20y", None).unwrap(),
+            "https://api.partner.example.com/x%20y"
+        );
+        assert_eq!(
+            url(base, "", None).unwrap(),
+            "https://api.partner.example.com/v2/"
+        );
+        assert_eq!(
+            url("http://127.0.0.1:9000/api", "a.b/c..d/...", None).unwrap(),
+            "http://127.0.0.1:9000/api/a.b/c..d/..."
+        );
+    }
+
+    #[test]
+    fn tricks_never_reach_the_network() {
+        let base = "https://api.partner.example.com/v2";
+        for (path, why) in [
+            ("../admin", PathError::DotSegment),
+            ("a/../../admin", PathError::DotSegment),
+            ("%2e%2e/admin", PathError::DotSegment),
+            ("%2E%2e/admin", PathError::DotSegment),
+            ("./a", PathError::DotSegment),
+            ("a/%2e", PathError::DotSegment),
+            ("..%2fadmin", PathError::Separator),
+            ("a%2F..%2F..%2Fadmin", PathError::Separator),
+            ("%5c..%5cadmin", PathError::Separator),
+            ("a\\b", PathError::Separator),
+            ("@evil.example.com/x", PathError::Separator),
+            ("a%40evil.example.com", PathError::Separator),
+            ("/evil.example.com/x", PathError::EmptySegment),
+            ("a//b", PathError::EmptySegment),
+            ("a/", PathError::EmptySegment),
+            ("a%00b", PathError::Malformed),
+            ("a%0d%0aX-Injected:%201", PathError::Malformed),
+            ("a\tb", PathError::Malformed),
+            ("a%zzb", PathError::Malformed),
+            ("a%2", PathError::Malformed),
+        ] {
+            assert_eq!(url(base, path, None), Err(why), "{path}");
+        }
+        assert_eq!(url(base, "a", Some("x#frag")), Err(PathError::Malformed));
+    }
+
+    #[test]
+    fn headers_that_never_cross() {
+        let spec: ProxySpec = serde_json::from_value(
+            serde_json::json!({"base_url": "https://a.example.com", "auth_header": "x-api-key"}),
+        )
+        .unwrap();
+        let target = Target {
+            auth_header: spec.auth_header(),
+            base: Url::parse(&spec.base_url).unwrap(),
+            headers: vec![(
+                HeaderName::from_static("x-product-instance-id"),
+                HeaderValue::from_static("p"),
+            )],
+            spec,
+        };
+        let listed = connection_listed(&["close, X-Secret-Hop"]);
+        for h in [
+            "Authorization",
+            "Cookie",
+            "Host",
+            "Connection",
+            "Keep-Alive",
+            "TE",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Proxy-Authorization",
+            "Proxy-Anything",
+            "X-Forwarded-For",
+            "X-Forwarded-Host",
+            "Forwarded",
+            "X-Secret-Hop",
+            "X-Api-Key",
+            "X-Product-Instance-Id",
+            "X-Request-Id",
+        ] {
+            assert!(!forwards_request_header(h, &listed, &target), "{h}");
+        }
+        for h in ["Content-Type", "Accept", "X-Custom", "If-None-Match"] {
+            assert!(forwards_request_header(h, &listed, &target), "{h}");
+        }
+        assert!(!forwards_response_header("Set-Cookie", &[]));
+        assert!(!forwards_response_header("X-Secret-Hop", &listed));
+        assert!(forwards_response_header("ETag", &[]));
+    }
+
+    #[test]
+    fn what_counts_as_a_refused_token() {
+        let mut h = HeaderMap::new();
+        assert!(token_refused(401, &h));
+        assert!(!token_refused(403, &h));
+        h.insert(
+            reqwest::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(
+                "Bearer error=\"invalid_token\", error_description=\"expired\"",
+            ),
+        );
+        assert!(token_refused(403, &h));
+        assert!(!token_refused(500, &h));
+    }
+}

@@ -1,0 +1,404 @@
+//! Proxy mode against a wiremock partner API: the injected token and fixed headers, what never
+//! crosses, the one retry after a 401, path tricks, limits and failures.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::backends;
+use crate::helpers::*;
+
+/// A Setu-style tenant whose proxy points at `api` + `/v2`, with a fixed secret header.
+fn proxied_spec(id: &str, partner: &MockServer, api: &str, extra: Value) -> Value {
+    let mut spec = setu_spec(id, partner, "s");
+    spec["issuer"]["min_interval_ms"] = json!(0);
+    let mut proxy = json!({
+        "base_url": format!("{api}/v2"),
+        "headers": {"X-Product-Instance-Id": "planted-instance-id"}
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        proxy[k] = v.clone();
+    }
+    spec["proxy"] = proxy;
+    spec
+}
+
+/// Sends a request line and headers as written (no client-side path normalisation).
+async fn raw_request(app: &TestApp, method: &str, target: &str, key: &str) -> u16 {
+    let addr = app.address.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+async fn forwards_with_the_token_and_nothing_else(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    let api = MockServer::start().await;
+    let seen: Arc<Mutex<Vec<wiremock::Request>>> = Arc::default();
+    let log = seen.clone();
+    Mock::given(wiremock::matchers::any())
+        .respond_with(move |r: &wiremock::Request| {
+            log.lock().unwrap().push(r.clone());
+            ResponseTemplate::new(201)
+                .insert_header("x-partner", "yes")
+                .insert_header("set-cookie", "partner-session=1")
+                .set_body_raw(r.body.clone(), "application/json")
+        })
+        .mount(&api)
+        .await;
+    let created = app
+        .create_tenant(&proxied_spec("acme", &partner, &api.uri(), json!({})))
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    assert!(!created.text.contains("planted-instance-id"));
+    assert_eq!(
+        created.json()["proxy"]["header_names"],
+        json!(["x-product-instance-id"])
+    );
+    let key = app.create_caller("billing", json!(["acme"])).await;
+
+    let a = app
+        .send(
+            app.client
+                .post(format!(
+                    "{}/v1/tenants/acme/proxy/accounts/42/pay?b=%20x&a=1",
+                    app.address
+                ))
+                .bearer_auth(&key)
+                .header("cookie", "caller-session=planted-cookie")
+                .header("x-forwarded-for", "10.0.0.1")
+                .header("connection", "x-hop")
+                .header("x-hop", "planted-hop")
+                .header("x-custom", "kept")
+                .header("content-type", "application/json")
+                .body(r#"{"amount": 5}"#),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{}", a.text);
+    assert_eq!(a.text, r#"{"amount": 5}"#);
+    assert_eq!(a.headers["x-partner"], "yes");
+    assert!(a.headers.get("set-cookie").is_none());
+    let token = app.get_token("acme", &key).await.json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!a.text.contains(&token));
+
+    let r = seen.lock().unwrap()[0].clone();
+    assert_eq!(r.url.path(), "/v2/accounts/42/pay");
+    assert_eq!(r.url.query(), Some("b=%20x&a=1"));
+    let h = |n: &str| r.headers.get(n).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(h("authorization"), Some(format!("Bearer {token}")));
+    assert_eq!(
+        h("x-product-instance-id").as_deref(),
+        Some("planted-instance-id")
+    );
+    assert_eq!(h("x-custom").as_deref(), Some("kept"));
+    assert!(h("x-request-id").is_some());
+    for gone in ["cookie", "x-forwarded-for", "x-hop"] {
+        assert!(h(gone).is_none(), "{gone} crossed");
+    }
+    assert_eq!(partner.received_requests().await.unwrap().len(), 1);
+
+    // Scope first, then settings: 403 and 404 never reach the partner.
+    app.create_tenant(&setu_spec("plain", &partner, "s")).await;
+    let other = app.create_caller("other", json!(["plain"])).await;
+    let forbidden = app
+        .send(
+            app.client
+                .get(format!("{}/v1/tenants/acme/proxy/x", app.address))
+                .bearer_auth(&other),
+        )
+        .await;
+    forbidden.assert_problem(403, "forbidden");
+    let unset = app
+        .send(
+            app.client
+                .get(format!("{}/v1/tenants/plain/proxy/x", app.address))
+                .bearer_auth(&other),
+        )
+        .await;
+    unset.assert_problem(404, "proxy_not_configured");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+
+    let metrics = app.get("/metrics").await.text;
+    assert_eq!(
+        series(
+            &metrics,
+            "broker_proxy_requests_total{status_class=\"2xx\",tenant=\"acme\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    let entries = crate::security::audit_entries(&app, "caller=billing", 1).await;
+    let proxied: Vec<_> = entries
+        .iter()
+        .filter(|e| e["action"] == "token.proxy")
+        .collect();
+    assert!(
+        proxied
+            .iter()
+            .any(|e| e["detail"] == "partner status 201" && e["fingerprint"].is_string()),
+        "{entries:?}"
+    );
+    let everything = format!("{}{}", captured_logs(), app.get("/metrics").await.text);
+    assert!(!everything.contains("planted-instance-id"));
+    assert!(!everything.contains(&token));
+}
+backends!(forwards_with_the_token_and_nothing_else: Sqlite, PostgresRedis);
+
+async fn a_refused_token_is_replaced_once(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    let api = MockServer::start().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let first_token: Arc<Mutex<Option<String>>> = Arc::default();
+    let (c, first) = (calls.clone(), first_token.clone());
+    Mock::given(wiremock::matchers::path("/v2/revoking"))
+        .respond_with(move |r: &wiremock::Request| {
+            c.fetch_add(1, Ordering::SeqCst);
+            let auth = r.headers["authorization"].to_str().unwrap().to_owned();
+            let mut first = first.lock().unwrap();
+            if first.get_or_insert(auth.clone()) == &auth {
+                ResponseTemplate::new(401)
+            } else {
+                ResponseTemplate::new(200).set_body_string("fresh")
+            }
+        })
+        .mount(&api)
+        .await;
+    let always = Arc::new(AtomicUsize::new(0));
+    let a2 = always.clone();
+    Mock::given(wiremock::matchers::path("/v2/always"))
+        .respond_with(move |_: &wiremock::Request| {
+            a2.fetch_add(1, Ordering::SeqCst);
+            ResponseTemplate::new(403)
+                .insert_header("www-authenticate", "Bearer error=\"invalid_token\"")
+        })
+        .mount(&api)
+        .await;
+    let mut spec = proxied_spec("acme", &partner, &api.uri(), json!({}));
+    spec["issuer"]["invalidate_min_age_ms"] = json!(0);
+    app.create_tenant(&spec).await;
+    let key = app.create_caller("billing", json!(["acme"])).await;
+    let get = |p: &str| {
+        app.client
+            .get(format!("{}/v1/tenants/acme/proxy/{p}", app.address))
+            .bearer_auth(&key)
+    };
+    let a = app.send(get("revoking").body("small body")).await;
+    assert_eq!((a.status, a.text.as_str()), (200, "fresh"));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        partner.received_requests().await.unwrap().len(),
+        2,
+        "one re-mint"
+    );
+
+    let a = app.send(get("always")).await;
+    assert_eq!(a.status, 403, "passed through after one retry: {}", a.text);
+    assert_eq!(always.load(Ordering::SeqCst), 2, "never hammered");
+}
+backends!(a_refused_token_is_replaced_once: Sqlite, PostgresRedis);
+
+async fn path_tricks_never_reach_the_network(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    let api = MockServer::start().await;
+    Mock::given(wiremock::matchers::any())
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&api)
+        .await;
+    app.create_tenant(&proxied_spec("acme", &partner, &api.uri(), json!({})))
+        .await;
+    let key = app.create_caller("billing", json!(["acme"])).await;
+    for path in [
+        "../admin",
+        "a/../../admin",
+        "%2e%2e/admin",
+        "..%2fadmin",
+        "a%2F..%2F..%2Fadmin",
+        "%5c..%5cadmin",
+        "/evil.example.com/x",
+        "@evil.example.com/x",
+        "a%00b",
+        "a%0d%0aX-Injected:%201",
+    ] {
+        let status =
+            raw_request(&app, "GET", &format!("/v1/tenants/acme/proxy/{path}"), &key).await;
+        assert_eq!(status, 400, "{path}");
+    }
+    let a = app
+        .send(
+            app.client
+                .get(format!("{}/v1/tenants/acme/proxy/a%2fb", app.address))
+                .bearer_auth(&key),
+        )
+        .await;
+    a.assert_problem(400, "invalid_proxy_path");
+    assert!(api.received_requests().await.unwrap().is_empty());
+    let ok = raw_request(&app, "GET", "/v1/tenants/acme/proxy/a.b/c%20d", &key).await;
+    assert_eq!(ok, 200);
+    assert_eq!(
+        api.received_requests().await.unwrap()[0].url.path(),
+        "/v2/a.b/c%20d"
+    );
+}
+backends!(path_tricks_never_reach_the_network: Sqlite);
+
+async fn limits_and_failures(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    let api = MockServer::start().await;
+    Mock::given(wiremock::matchers::path("/v2/slow"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(1500)))
+        .mount(&api)
+        .await;
+    Mock::given(wiremock::matchers::path("/v2/fail"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&api)
+        .await;
+    Mock::given(wiremock::matchers::path("/v2/upload"))
+        .respond_with(|r: &wiremock::Request| {
+            ResponseTemplate::new(200).set_body_string(r.body.len().to_string())
+        })
+        .mount(&api)
+        .await;
+    app.create_tenant(&proxied_spec(
+        "acme",
+        &partner,
+        &api.uri(),
+        json!({"max_body_bytes": 3_000_000}),
+    ))
+    .await;
+    // The timeout runs to the answer's head, upload included: a tenant of its own.
+    app.create_tenant(&proxied_spec(
+        "hasty",
+        &partner,
+        &api.uri(),
+        json!({"timeout_ms": 300}),
+    ))
+    .await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    app.create_tenant(&proxied_spec("gone", &partner, &dead_url, json!({})))
+        .await;
+    let key = app
+        .create_caller("billing", json!(["acme", "gone", "hasty"]))
+        .await;
+    let url = |t: &str, p: &str| format!("{}/v1/tenants/{t}/proxy/{p}", app.address);
+
+    let big = vec![b'x'; 3_000_001];
+    let a = app
+        .send(
+            app.client
+                .post(url("acme", "upload"))
+                .bearer_auth(&key)
+                .body(big),
+        )
+        .await;
+    a.assert_problem(413, "payload_too_large");
+    // A streamed (chunked) upload over the cap is cut off on the way.
+    let chunks =
+        futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 100_000])));
+    let a = app
+        .send(
+            app.client
+                .post(url("acme", "upload"))
+                .bearer_auth(&key)
+                .body(reqwest::Body::wrap_stream(chunks)),
+        )
+        .await;
+    a.assert_problem(413, "payload_too_large");
+    let fits =
+        futures_util::stream::iter((0..25).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 100_000])));
+    let a = app
+        .send(
+            app.client
+                .post(url("acme", "upload"))
+                .bearer_auth(&key)
+                .body(reqwest::Body::wrap_stream(fits)),
+        )
+        .await;
+    assert_eq!((a.status, a.text.as_str()), (200, "2500000"));
+
+    app.send(app.client.get(url("hasty", "slow")).bearer_auth(&key))
+        .await
+        .assert_problem(504, "upstream_timeout");
+    app.send(app.client.get(url("gone", "x")).bearer_auth(&key))
+        .await
+        .assert_problem(503, "upstream_unavailable");
+    for _ in 0..3 {
+        assert_eq!(
+            app.send(app.client.get(url("acme", "fail")).bearer_auth(&key))
+                .await
+                .status,
+            500
+        );
+    }
+    // API failures are the partner API's, not its token endpoint's: no circuit opens.
+    let view = app
+        .send(app.admin(Method::GET, "/admin/v1/tenants/acme"))
+        .await
+        .json();
+    assert!(view["health"]["circuit"].is_null(), "{view}");
+    assert_eq!(app.get_token("acme", &key).await.status, 200);
+}
+backends!(limits_and_failures: Sqlite);
+
+async fn admin_patches_the_proxy(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    app.create_tenant(&setu_spec("acme", &partner, "s")).await;
+    let patch = |body: Value| {
+        app.send(
+            app.admin(Method::PATCH, "/admin/v1/tenants/acme")
+                .header("content-type", "application/merge-patch+json")
+                .json(&body),
+        )
+    };
+    let a = patch(json!({"proxy": {"base_url": "http://127.0.0.1:1/api", "headers": {"x-a": "planted-a", "x-b": "planted-b"}}})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json()["proxy"]["header_names"], json!(["x-a", "x-b"]));
+    let a = patch(json!({"proxy": {"headers": {"x-a": null}, "timeout_ms": 2000}})).await;
+    assert_eq!(a.json()["proxy"]["header_names"], json!(["x-b"]));
+    assert_eq!(a.json()["proxy"]["timeout_ms"], 2000);
+    // Rotating credentials leaves the proxy headers alone.
+    let put = app
+        .send(
+            app.admin(Method::PUT, "/admin/v1/tenants/acme/credentials")
+                .json(&json!({"client_id": "c", "client_secret": "new"})),
+        )
+        .await;
+    assert_eq!(put.status, 204, "{}", put.text);
+    let view = app
+        .send(app.admin(Method::GET, "/admin/v1/tenants/acme"))
+        .await;
+    assert_eq!(view.json()["proxy"]["header_names"], json!(["x-b"]));
+    assert_eq!(
+        view.json()["credential_fields"],
+        json!(["client_id", "client_secret"])
+    );
+    let bad = patch(json!({"proxy": {"headers": {"Host": "planted-host"}}})).await;
+    let body = bad.assert_problem(422, "invalid_spec");
+    assert_eq!(body["field"], "proxy.headers.Host");
+    let a = patch(json!({"proxy": null})).await;
+    assert!(a.json().get("proxy").is_none(), "{}", a.text);
+    for text in [&view.text, &bad.text, &captured_logs()] {
+        assert!(!text.contains("planted"), "{text}");
+    }
+}
+backends!(admin_patches_the_proxy: Sqlite, PostgresRedis);
