@@ -245,6 +245,9 @@ impl Application {
 /// Everything a replica holds: store, metrics, audit, JWT verifier, shared cache and its event
 /// listener, broker, authenticators.
 async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildError> {
+    if !crate::egress::allow_networks(settings.allowed_networks.clone()) {
+        tracing::warn!("BROKER_ALLOWED_NETWORKS differs from the ranges this process started with: the first ones stay in force");
+    }
     let store = open_store(&settings).await?;
     check_keys_in_use(&store).await?;
     let metrics = Arc::new(Metrics::new());

@@ -57,6 +57,9 @@ pub struct Settings {
     /// `BROKER_PUBLIC_URL`: the broker's base URL as callers reach it (the OAuth issuer),
     /// without a trailing slash; derived from each request when unset.
     pub public_url: Option<String>,
+    /// `BROKER_ALLOWED_NETWORKS`: CIDR ranges token and proxy URLs may reach besides public
+    /// addresses (https and every other guard rule still apply).
+    pub allowed_networks: Vec<ipnet::IpNet>,
 }
 
 /// Named admins: JWTs from the callers' IdP with an admin audience and a role claim.
@@ -119,6 +122,21 @@ impl Settings {
         let (upstream_connect_timeout, upstream_timeout, default_min_interval_ms) =
             upstream_section(var)?;
         let metrics_token = var("BROKER_METRICS_TOKEN").map(SecretString::from);
+        let allowed_networks = match var("BROKER_ALLOWED_NETWORKS") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse::<ipnet::IpNet>().map(|n| n.trunc()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    invalid(
+                        "BROKER_ALLOWED_NETWORKS",
+                        "expected a comma-separated list of CIDR ranges such as 10.20.0.0/16,fd00:1::/32",
+                    )
+                })?,
+        };
         let public_url = var("BROKER_PUBLIC_URL")
             .map(|v| parse_public_url(&v))
             .transpose()?;
@@ -147,6 +165,7 @@ impl Settings {
             metrics_token,
             admin_jwt,
             public_url,
+            allowed_networks,
         })
     }
 }
@@ -471,6 +490,20 @@ mod tests {
             let e = settings(&[("BROKER_PUBLIC_URL", bad)]).unwrap_err();
             assert!(
                 e.to_string().starts_with("BROKER_PUBLIC_URL:"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn allowed_networks() {
+        let s = settings(&[("BROKER_ALLOWED_NETWORKS", "10.20.0.0/16, fd00:1::/32")]).unwrap();
+        assert_eq!(s.allowed_networks.len(), 2);
+        assert!(settings(&[]).unwrap().allowed_networks.is_empty());
+        for bad in ["10.0.0.0", "10.0.0.0/33", "nope", "10.0.0.0/8;x"] {
+            let e = settings(&[("BROKER_ALLOWED_NETWORKS", bad)]).unwrap_err();
+            assert!(
+                e.to_string().starts_with("BROKER_ALLOWED_NETWORKS:"),
                 "{bad}: {e}"
             );
         }

@@ -1,8 +1,13 @@
 //! The outbound address guard: token URLs must be https and must not reach loopback,
 //! private, link-local or metadata addresses, checked on the URL at registration and on every
-//! resolved address at connect time (DNS rebinding). `BROKER_ALLOW_INSECURE_ISSUERS` lifts it.
+//! resolved address at connect time (DNS rebinding). `BROKER_ALLOWED_NETWORKS` lets
+//! addresses in the listed ranges through (a partner behind a private link) with every other
+//! rule on; `BROKER_ALLOW_INSECURE_ISSUERS` lifts the guard altogether.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::OnceLock;
+
+use ipnet::IpNet;
 
 use url::{Host, Url};
 
@@ -20,7 +25,26 @@ pub enum GuardError {
     NonPublic,
 }
 
-/// Parses and checks a token URL.
+/// `BROKER_ALLOWED_NETWORKS`, set once for the process at start.
+static ALLOWED_NETWORKS: OnceLock<Vec<IpNet>> = OnceLock::new();
+
+/// Sets the networks outbound calls may reach besides public addresses. Process-wide and
+/// once: a later call with other networks is refused (returns false).
+pub fn allow_networks(nets: Vec<IpNet>) -> bool {
+    let wanted = nets.clone();
+    ALLOWED_NETWORKS.get_or_init(|| nets) == &wanted
+}
+
+/// Whether `ip` is public or inside one of `nets`.
+pub fn is_allowed(ip: IpAddr, nets: &[IpNet]) -> bool {
+    is_public(ip) || nets.iter().any(|n| n.contains(&ip))
+}
+
+fn allowed(ip: IpAddr) -> bool {
+    is_allowed(ip, ALLOWED_NETWORKS.get().map_or(&[], Vec::as_slice))
+}
+
+/// Parses and checks a token URL (or a proxy base URL).
 pub fn check_token_url(raw: &str, allow_insecure: bool) -> Result<Url, GuardError> {
     if raw.len() > 2048 {
         return Err(GuardError::Unparseable);
@@ -41,8 +65,8 @@ pub fn check_token_url(raw: &str, allow_insecure: bool) -> Result<Url, GuardErro
         return Ok(url);
     }
     let public = match url.host() {
-        Some(Host::Ipv4(ip)) => is_public(IpAddr::V4(ip)),
-        Some(Host::Ipv6(ip)) => is_public(IpAddr::V6(ip)),
+        Some(Host::Ipv4(ip)) => allowed(IpAddr::V4(ip)),
+        Some(Host::Ipv6(ip)) => allowed(IpAddr::V6(ip)),
         Some(Host::Domain(d)) => is_public_name(d),
         None => return Err(GuardError::Unparseable),
     };
@@ -117,8 +141,9 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (s[0] == 0x2001 && s[1] == 0x0db8))
 }
 
-/// A DNS resolver for the outbound client that drops every non-public address, so a name
-/// that resolves (or re-resolves) to an internal address is never connected to.
+/// A DNS resolver for the outbound client that drops every non-public address (outside
+/// `BROKER_ALLOWED_NETWORKS`), so a name that resolves (or re-resolves) to an internal address
+/// is never connected to.
 #[derive(Debug, Default)]
 pub struct PublicOnlyResolver;
 
@@ -128,7 +153,7 @@ impl reqwest::dns::Resolve for PublicOnlyResolver {
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
                 .await?
-                .filter(|a| is_public(a.ip()))
+                .filter(|a| allowed(a.ip()))
                 .collect();
             if addrs.is_empty() {
                 return Err(Box::new(BlockedAddress) as Box<dyn std::error::Error + Send + Sync>);
@@ -146,6 +171,20 @@ pub struct BlockedAddress;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_networks_let_their_ranges_through() {
+        let nets: Vec<IpNet> = vec![
+            "10.20.0.0/16".parse().unwrap(),
+            "fd00:1::/32".parse().unwrap(),
+        ];
+        assert!(is_allowed("10.20.3.4".parse().unwrap(), &nets));
+        assert!(is_allowed("fd00:1::5".parse().unwrap(), &nets));
+        assert!(is_allowed("8.8.8.8".parse().unwrap(), &nets));
+        assert!(!is_allowed("10.21.0.1".parse().unwrap(), &nets));
+        assert!(!is_allowed("127.0.0.1".parse().unwrap(), &nets));
+        assert!(!is_allowed("169.254.169.254".parse().unwrap(), &[]));
+    }
 
     #[test]
     fn refuses_internal_targets() {

@@ -402,3 +402,62 @@ async fn admin_patches_the_proxy(env: TestEnv) {
     }
 }
 backends!(admin_patches_the_proxy: Sqlite, PostgresRedis);
+
+/// `BROKER_ALLOWED_NETWORKS` opens its ranges to token and proxy URLs, with https still
+/// required and every other range still closed.
+#[tokio::test]
+async fn allowed_networks_open_only_their_ranges() {
+    let broker = BrokerProcess::start(&[
+        ("BROKER_ALLOW_INSECURE_ISSUERS", "false"),
+        ("BROKER_ALLOWED_NETWORKS", "10.20.0.0/16,fd00:1::/32"),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let create = |id: &str, token_url: &str, proxy: &str| {
+        client
+            .post(format!("{}/admin/v1/tenants", broker.address))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({
+                "id": id,
+                "issuer": {"kind": "setu_partner", "token_url": token_url},
+                "credentials": {"client_id": "c", "client_secret": "s"},
+                "proxy": {"base_url": proxy}
+            }))
+            .send()
+    };
+    let ok = create("a", "https://10.20.1.2/token", "https://[fd00:1::5]/api")
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 201, "{}", ok.text().await.unwrap());
+    for (id, token_url, proxy, field) in [
+        (
+            "b",
+            "http://10.20.1.2/token",
+            "https://10.20.1.2/api",
+            "issuer.token_url",
+        ),
+        (
+            "c",
+            "https://10.21.0.1/token",
+            "https://10.20.1.2/api",
+            "issuer.token_url",
+        ),
+        (
+            "d",
+            "https://127.0.0.1/token",
+            "https://10.20.1.2/api",
+            "issuer.token_url",
+        ),
+        (
+            "e",
+            "https://10.20.1.2/token",
+            "https://169.254.169.254/api",
+            "proxy.base_url",
+        ),
+    ] {
+        let r = create(id, token_url, proxy).await.unwrap();
+        assert_eq!(r.status(), 422, "{token_url} {proxy}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["field"], field, "{body}");
+    }
+}
