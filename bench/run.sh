@@ -31,6 +31,7 @@ fi
 say "building the release binary and the herd client"
 cargo build --release --quiet
 cargo bench --no-run --quiet --bench herd 2>/dev/null
+cargo bench --no-run --quiet --bench partner_api 2>/dev/null
 BIN="$PWD/target/release/token-broker"
 
 work=$(mktemp -d)
@@ -146,16 +147,43 @@ say "(f) registering up to $N_MANY tenants"
 python3 bench/load.py register --base "$B4" --admin "$ADMIN" --partner "$PARTNER/auth/token" --prefix t --start "$N_RSS" --count $((N_MANY - N_RSS)) --concurrency 8
 read -r F_RPS F_P50 F_P99 < <(wrk_run "$B4/v1/tenants/t0/token" "$KEY4")
 
+# --- (g): proxy mode against a fast local partner API (Rust), direct and through the broker.
+AP=$(port)
+PARTNER_API_PORT="$AP" cargo bench --quiet --bench partner_api >"$work/api.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$AP/v2/ping" >/dev/null 2>&1 && break; sleep 0.1; done
+P5=$(port)
+start_broker proxy "$P5" DATABASE_URL="sqlite://$work/proxy.db"
+B5="http://127.0.0.1:$P5"
+python3 bench/load.py register --base "$B5" --admin "$ADMIN" --partner "$PARTNER/auth/token" --prefix p --count 1
+curl -fs -o /dev/null -X PATCH "$B5/admin/v1/tenants/p0" -H "authorization: Bearer $ADMIN" \
+  -H 'content-type: application/json' \
+  -d '{"proxy": {"base_url": "http://127.0.0.1:'"$AP"'/v2", "headers": {"x-product-instance-id": "bench"}, "max_body_bytes": 67108864}}'
+KEY5=$(python3 bench/load.py caller --base "$B5" --admin "$ADMIN")
+curl -fs -o /dev/null -H "authorization: Bearer $KEY5" "$B5/v1/tenants/p0/proxy/accounts/42/balance"
+say "(g) partner API direct";     read -r G_RPS G_P50 G_P99 < <(wrk_run "http://127.0.0.1:$AP/v2/accounts/42/balance")
+say "(g) partner API via proxy";  read -r H_RPS H_P50 H_P99 < <(wrk_run "$B5/v1/tenants/p0/proxy/accounts/42/balance" "$KEY5")
+head -c $((50 * 1024 * 1024)) /dev/zero >"$work/upload.bin"
+hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$work/$1.pid")/status"; }
+before_kb=$(hwm_kb proxy)
+sent=$(curl -fs -X POST --data-binary @"$work/upload.bin" -H 'content-type: application/octet-stream' \
+  -H "authorization: Bearer $KEY5" "$B5/v1/tenants/p0/proxy/upload")
+[ "$sent" = "$((50 * 1024 * 1024))" ] || { say "the 50 MiB upload arrived as $sent bytes"; exit 1; }
+G_UPLOAD_MB=$(( ($(hwm_kb proxy) - before_kb) / 1024 ))
+kill "$(cat "$work/proxy.pid")"
+
 # --- the table.
 stamp=$(date -u +%Y-%m-%dT%H:%MZ)
 host="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
 workers="${BENCH_WORKERS:-$(nproc)}"
 report=$(python3 - "$A_RPS" "$A_P50" "$A_P99" "$B_RPS" "$B_P50" "$B_P99" "$C_RPS" "$C_P50" "$C_P99" \
   "$D_RPS" "$D_P50" "$D_P99" "$E_CALLS" "$E_OK" "$E_TOKENS" "$E_P99" "$LAT" "$F_RSS_MB" "$F_RPS" "$F_P50" "$F_P99" \
-  "$N_RSS" "$N_MANY" "$stamp" "$host" "$DUR" "$CONNS" "$workers" <<'PY'
+  "$N_RSS" "$N_MANY" "$stamp" "$host" "$DUR" "$CONNS" "$workers" \
+  "$G_RPS" "$G_P50" "$G_P99" "$H_RPS" "$H_P50" "$H_P99" "$G_UPLOAD_MB" <<'PY'
 import sys
 (a, a50, a99, b, b50, b99, c, c50, c99, d, d50, d99, ecalls, eok, etok, e99, lat, rss, f, f50, f99,
- nrss, nmany, stamp, host, dur, conns, workers) = sys.argv[1:]
+ nrss, nmany, stamp, host, dur, conns, workers, g, g50, g99, h, h50, h99, upload) = sys.argv[1:]
+g, h = float(g), float(h)
 a, b, c, d, f = map(float, (a, b, c, d, f))
 ok = lambda cond: "PASS" if cond else "FAIL"
 rows = [
@@ -172,7 +200,11 @@ for name, rps, p50, p99, ratio, target in rows:
 out += ["", "| case | figure | target |", "| --- | --- | --- |",
         f"| (e) cold herd: 1000 callers, 3 replicas, partner {lat} ms | {ecalls} partner call(s), {eok}/1000 ok, {etok} distinct token(s), caller p99 {float(e99):.1f} ms | "
         + ok(int(ecalls) == 1 and float(e99) <= int(lat) + 50) + f" (exactly 1 call, p99 <= {int(lat) + 50} ms) |",
-        f"| (f) RSS with {int(nrss):,} tenants each holding a cached token | {rss} MiB | " + ok(int(rss) <= 64) + " (<= 64 MiB) |"]
+        f"| (f) RSS with {int(nrss):,} tenants each holding a cached token | {rss} MiB | " + ok(int(rss) <= 64) + " (<= 64 MiB) |",
+        f"| (g) proxy: partner API direct | {g:,.0f} req/s, p50 {float(g50):.3f} ms, p99 {float(g99):.3f} ms | the ceiling |",
+        f"| (g) proxy: the same through the broker | {h:,.0f} req/s ({h / g:.2f} x direct), p50 {float(h50):.3f} ms (+{float(h50) - float(g50):.3f} ms) | "
+        + ok(h >= 0.5 * g and float(h50) - float(g50) <= 0.3) + " (>= 0.5 x direct, p50 added <= 0.3 ms) |",
+        f"| (g) proxy: 50 MiB upload, broker peak RSS growth | {upload} MiB | " + ok(int(upload) < 16) + " (< 16 MiB: streamed) |"]
 print("\n".join(out))
 PY
 )

@@ -319,10 +319,8 @@ async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildErr
     let callers = CallerStore::new(store.db().clone());
     let proxy = crate::proxy::Targets::new(
         store.clone(),
-        crate::proxy::client(
-            settings.upstream_connect_timeout,
-            settings.allow_insecure_issuers,
-        ),
+        settings.upstream_connect_timeout,
+        settings.allow_insecure_issuers,
     );
     let state = web::Data::new(AppState {
         broker,

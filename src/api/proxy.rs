@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::http::{header, Method, StatusCode};
+use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use secrecy::ExposeSecret;
@@ -27,17 +27,11 @@ use crate::proxy::{
 };
 use crate::tenants::TenantId;
 
+/// `/v1/tenants/{tenant_id}/proxy/{path}`, every method. A scope with a prefix pattern rather
+/// than a resource ending in `{path:.*}`: matching that tail with the router's regex engine
+/// cost ~8 % of the proxy's CPU.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/tenants/{tenant_id}/proxy/{path:.*}")
-            .route(web::get().to(forward))
-            .route(web::post().to(forward))
-            .route(web::put().to(forward))
-            .route(web::patch().to(forward))
-            .route(web::delete().to(forward))
-            .route(web::head().to(forward))
-            .route(web::method(Method::OPTIONS).to(forward)),
-    );
+    cfg.service(web::scope("/v1/tenants/{tenant_id}/proxy").default_service(web::to(forward)));
 }
 
 /// The request body as it will be sent: kept (replayable after a 401) or streamed.
@@ -169,7 +163,7 @@ impl Call<'_> {
         let sent = self
             .state
             .proxy
-            .client
+            .client()
             .request(method, self.url.clone())
             .headers(headers)
             .body(body)

@@ -29,6 +29,18 @@ fn spec_routes() -> BTreeSet<(String, String)> {
 /// `.route(web::<method>()…)` calls that follow it.
 fn code_routes() -> BTreeSet<(String, String)> {
     let mut out = BTreeSet::new();
+    // Proxy mode: a scope whose default service takes every method under `{path}`.
+    let proxy = std::fs::read_to_string(format!("{}/src/api/proxy.rs", env!("CARGO_MANIFEST_DIR")))
+        .unwrap();
+    if let Some(at) = proxy.find("web::scope(\"") {
+        let rest = &proxy[at + "web::scope(\"".len()..];
+        let prefix = &rest[..rest.find('"').unwrap()];
+        if rest.contains(".default_service(web::to(forward))") {
+            for m in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+                out.insert((m.to_owned(), format!("{prefix}/{{path}}")));
+            }
+        }
+    }
     let dir = format!("{}/src/api", env!("CARGO_MANIFEST_DIR"));
     for entry in std::fs::read_dir(dir).unwrap() {
         let src = std::fs::read_to_string(entry.unwrap().path()).unwrap();
