@@ -122,24 +122,7 @@ impl Settings {
         let (upstream_connect_timeout, upstream_timeout, default_min_interval_ms) =
             upstream_section(var)?;
         let metrics_token = var("BROKER_METRICS_TOKEN").map(SecretString::from);
-        let allowed_networks = match var("BROKER_ALLOWED_NETWORKS") {
-            None => Vec::new(),
-            Some(list) => list
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse::<ipnet::IpNet>().map(|n| n.trunc()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| {
-                    invalid(
-                        "BROKER_ALLOWED_NETWORKS",
-                        "expected a comma-separated list of CIDR ranges such as 10.20.0.0/16,fd00:1::/32",
-                    )
-                })?,
-        };
-        let public_url = var("BROKER_PUBLIC_URL")
-            .map(|v| parse_public_url(&v))
-            .transpose()?;
+        let (public_url, allowed_networks) = reach_section(var)?;
         Ok(Self {
             listen,
             database_url,
@@ -168,6 +151,30 @@ impl Settings {
             allowed_networks,
         })
     }
+}
+
+/// `BROKER_PUBLIC_URL` (the OAuth issuer) and `BROKER_ALLOWED_NETWORKS` (private ranges
+/// outbound calls may reach).
+fn reach_section(var: Var<'_>) -> Result<(Option<String>, Vec<ipnet::IpNet>), ConfigError> {
+    let allowed_networks = match var("BROKER_ALLOWED_NETWORKS") {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<ipnet::IpNet>().map(|n| n.trunc()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                invalid(
+                    "BROKER_ALLOWED_NETWORKS",
+                    "expected a comma-separated list of CIDR ranges such as 10.20.0.0/16,fd00:1::/32",
+                )
+            })?,
+    };
+    let public_url = var("BROKER_PUBLIC_URL")
+        .map(|v| parse_public_url(&v))
+        .transpose()?;
+    Ok((public_url, allowed_networks))
 }
 
 /// `BROKER_PUBLIC_URL`: an absolute http(s) URL with no query, fragment or credentials (an

@@ -60,6 +60,14 @@ fn int_gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("metric")
 }
 
+fn histogram_vec(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("metric")
+}
+
 fn counter(name: &str, help: &str) -> IntCounter {
     IntCounter::new(name, help).expect("metric")
 }
@@ -88,15 +96,12 @@ impl Metrics {
             "Token requests sent to partners, by tenant and outcome",
             &["tenant", "outcome"],
         );
-        let upstream_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "broker_upstream_request_duration_seconds",
-                "Partner token request latency",
-            )
-            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        let upstream_duration = histogram_vec(
+            "broker_upstream_request_duration_seconds",
+            "Partner token request latency",
+            &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             &["tenant"],
-        )
-        .expect("metric");
+        );
         let token_expiry = GaugeVec::new(
             Opts::new(
                 "broker_token_expiry_seconds",
@@ -111,16 +116,15 @@ impl Metrics {
             "HTTP requests by method, route and status",
             &["method", "route", "status"],
         );
-        let http_duration = HistogramVec::new(
-            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency").buckets(
-                vec![
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    0.5, 1.0, 2.5, 5.0, 10.0,
-                ],
-            ),
+        let http_duration = histogram_vec(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
+            ],
             &["method", "route"],
-        )
-        .expect("metric");
+        );
         let audit_dropped = counter(
             "broker_audit_dropped_total",
             "Audit entries that could not be queued",
@@ -135,17 +139,14 @@ impl Metrics {
             "Proxied partner API calls, by tenant and the status class answered (2xx, 3xx, 4xx, 5xx)",
             &["tenant", "status_class"],
         );
-        let proxy_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "broker_proxy_request_duration_seconds",
-                "Proxied partner API call latency, to the answer's head",
-            )
-            .buckets(vec![
+        let proxy_duration = histogram_vec(
+            "broker_proxy_request_duration_seconds",
+            "Proxied partner API call latency, to the answer's head",
+            &[
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
+            ],
             &["tenant"],
-        )
-        .expect("metric");
+        );
         let circuit_open = int_gauge_vec("broker_circuit_open", "1 while the tenant's partner calls are paused or probed after a failed mint, 0 once one succeeds", &["tenant"]);
         let last_mint_success = int_gauge_vec(
             "broker_last_mint_success_timestamp_seconds",
