@@ -352,11 +352,13 @@ fn serve(
             .app_data(app_state.clone())
             .wrap(ErrorHandlers::new().default_handler(problem_for_framework_errors))
             .wrap(from_fn(observe))
+            // The router tries patterns in order (each dynamic one is a regex): the token
+            // routes first, then proxy mode, so neither hot path pays for the admin routes.
             .configure(token::routes)
+            .configure(proxy::routes)
             .configure(admin::routes)
             .configure(ops::routes)
             .configure(oauth::routes)
-            .configure(proxy::routes)
             .default_service(web::to(|| async {
                 Err::<web::Json<()>, _>(ApiError::RouteNotFound)
             }))
