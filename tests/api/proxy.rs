@@ -112,27 +112,6 @@ async fn forwards_with_the_token_and_nothing_else(env: TestEnv) {
     }
     assert_eq!(partner.received_requests().await.unwrap().len(), 1);
 
-    // Scope first, then settings: 403 and 404 never reach the partner.
-    app.create_tenant(&setu_spec("plain", &partner, "s")).await;
-    let other = app.create_caller("other", json!(["plain"])).await;
-    let forbidden = app
-        .send(
-            app.client
-                .get(format!("{}/v1/tenants/acme/proxy/x", app.address))
-                .bearer_auth(&other),
-        )
-        .await;
-    forbidden.assert_problem(403, "forbidden");
-    let unset = app
-        .send(
-            app.client
-                .get(format!("{}/v1/tenants/plain/proxy/x", app.address))
-                .bearer_auth(&other),
-        )
-        .await;
-    unset.assert_problem(404, "proxy_not_configured");
-    assert_eq!(seen.lock().unwrap().len(), 1);
-
     let metrics = app.get("/metrics").await.text;
     assert_eq!(
         series(
@@ -158,6 +137,40 @@ async fn forwards_with_the_token_and_nothing_else(env: TestEnv) {
     assert!(!everything.contains(&token));
 }
 backends!(forwards_with_the_token_and_nothing_else: Sqlite, PostgresRedis);
+
+async fn scope_and_settings_come_before_the_partner(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    let api = MockServer::start().await;
+    Mock::given(wiremock::matchers::any())
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&api)
+        .await;
+    app.create_tenant(&proxied_spec("acme", &partner, &api.uri(), json!({})))
+        .await;
+    // Scope first, then settings: 403 and 404 never reach the partner.
+    app.create_tenant(&setu_spec("plain", &partner, "s")).await;
+    let other = app.create_caller("other", json!(["plain"])).await;
+    let forbidden = app
+        .send(
+            app.client
+                .get(format!("{}/v1/tenants/acme/proxy/x", app.address))
+                .bearer_auth(&other),
+        )
+        .await;
+    forbidden.assert_problem(403, "forbidden");
+    let unset = app
+        .send(
+            app.client
+                .get(format!("{}/v1/tenants/plain/proxy/x", app.address))
+                .bearer_auth(&other),
+        )
+        .await;
+    unset.assert_problem(404, "proxy_not_configured");
+    assert!(api.received_requests().await.unwrap().is_empty());
+    assert!(partner.received_requests().await.unwrap().is_empty());
+}
+backends!(scope_and_settings_come_before_the_partner: Sqlite);
 
 async fn a_refused_token_is_replaced_once(env: TestEnv) {
     let app = env.spawn().await;
