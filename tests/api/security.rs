@@ -70,7 +70,7 @@ pub(crate) fn with_jwt(env: &mut TestEnv, idp: &MockServer) {
         .insert("BROKER_JWT_AUDIENCE".into(), AUDIENCE.into());
 }
 
-async fn jwt_callers_and_the_attack_set(mut env: TestEnv) {
+async fn jwt_callers_are_scoped_by_their_tenants_claim(mut env: TestEnv) {
     let idp = idp(&["rsa1", "ec1"]).await;
     with_jwt(&mut env, &idp);
     let app = env.spawn().await;
@@ -107,7 +107,24 @@ async fn jwt_callers_and_the_attack_set(mut env: TestEnv) {
     app.get_token("t1", &no_scope)
         .await
         .assert_problem(403, "forbidden");
+    app.stop().await;
+}
+backends!(jwt_callers_are_scoped_by_their_tenants_claim: Sqlite);
 
+/// RFC 8725's attack set: every one is 401 `unauthorized`.
+async fn the_jwt_attack_set_is_refused(mut env: TestEnv) {
+    let idp = idp(&["rsa1", "ec1"]).await;
+    with_jwt(&mut env, &idp);
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    app.create_tenant(&setu_spec("t1", &partner, "s")).await;
+    app.create_tenant(&setu_spec("t2", &partner, "s")).await;
+    let good = sign(
+        &claims(json!(["t1"])),
+        Algorithm::RS256,
+        "rsa1.pem",
+        Some("k1"),
+    );
     let now = now_s();
     let enc = |v: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
     let alg_none = format!(
@@ -219,7 +236,17 @@ async fn jwt_callers_and_the_attack_set(mut env: TestEnv) {
         assert_eq!(a.status, 401, "{what}: {}", a.text);
         assert_eq!(a.json()["code"], "unauthorized", "{what}");
     }
+    app.stop().await;
+}
+backends!(the_jwt_attack_set_is_refused: Sqlite);
 
+async fn a_key_added_at_the_idp_needs_no_restart(mut env: TestEnv) {
+    let idp = idp(&["rsa1", "ec1"]).await;
+    with_jwt(&mut env, &idp);
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    app.create_tenant(&setu_spec("t1", &partner, "s")).await;
+    app.create_tenant(&setu_spec("t2", &partner, "s")).await;
     // A key added at the IdP is accepted without a restart.
     publish(&idp, &["rsa1", "rsa2", "ec1"]).await;
     tokio::time::sleep(Duration::from_millis(1_100)).await;
@@ -233,7 +260,7 @@ async fn jwt_callers_and_the_attack_set(mut env: TestEnv) {
     assert_eq!(a.status, 200, "{}", a.text);
     app.stop().await;
 }
-backends!(jwt_callers_and_the_attack_set: Sqlite);
+backends!(a_key_added_at_the_idp_needs_no_restart: Sqlite);
 
 pub(crate) async fn audit_entries(app: &TestApp, query: &str, want: usize) -> Vec<Value> {
     for _ in 0..40 {
