@@ -10,7 +10,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use secrecy::ExposeSecret;
 use url::Url;
 
-use crate::tenants::proxy::ProxySpec;
+use crate::tenants::proxy::{ProxySpec, HOP_BY_HOP};
 use crate::tenants::{StoreError, TenantId, TenantStore};
 
 /// Request bodies up to this size are buffered, so a request can be retried once with a fresh
@@ -109,22 +109,6 @@ pub fn partner_url(base: &Url, raw_path: &str, raw_query: Option<&str>) -> Resul
     }
     Ok(url)
 }
-
-/// Headers that never cross the proxy in either direction (RFC 9110 §7.6.1 hop-by-hop, and
-/// framing the HTTP stacks set themselves).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "host",
-];
 
 /// The header names a `Connection` header lists (they are hop-by-hop too).
 pub fn connection_listed(values: &[&str]) -> Vec<String> {

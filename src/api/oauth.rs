@@ -15,7 +15,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use super::problem::ApiError;
-use super::token::{authorize, expires_in, hand_out, no_store, parse_min_ttl};
+use super::token::{check_scope, expires_in, hand_out, no_store, parse_min_ttl};
 use super::{read_body, AppState};
 use crate::auth::{api_keys, Caller};
 use crate::tenants::TenantId;
@@ -430,7 +430,7 @@ async fn token(
     span.record("caller", &*caller.name);
     let id = target(&form)?;
     span.record("tenant", id.as_str());
-    authorize(&state, &caller, id.as_str(), "token.fetch", &req)?;
+    check_scope(&state, &caller, &id, "token.fetch", &req)?;
     let min_ttl = parse_min_ttl(form.get("min_ttl"))?;
     let token = hand_out(&state, &caller, &id, min_ttl, Some("oauth2"), &req).await?;
     let body = serde_json::to_string(&TokenAnswer {

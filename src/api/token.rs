@@ -67,14 +67,26 @@ pub(super) fn authorize(
 ) -> Result<TenantId, ApiError> {
     let id =
         TenantId::parse(raw).map_err(|e| ApiError::invalid(e.to_string(), Some("tenant_id")))?;
-    if !caller.may_fetch(id.as_str()) {
-        let mut e = entry(caller, action, "forbidden", &id, req);
-        e.kind = "refused";
-        e.detail = Some("tenant outside the caller's scope".into());
-        state.audit.record_best_effort(e);
-        return Err(ApiError::Forbidden(id.to_string()));
-    }
+    check_scope(state, caller, &id, action, req)?;
     Ok(id)
+}
+
+/// 403 (audited) unless the caller's scope holds the tenant.
+pub(super) fn check_scope(
+    state: &AppState,
+    caller: &Caller,
+    id: &TenantId,
+    action: &'static str,
+    req: &HttpRequest,
+) -> Result<(), ApiError> {
+    if caller.may_fetch(id.as_str()) {
+        return Ok(());
+    }
+    let mut e = entry(caller, action, "forbidden", id, req);
+    e.kind = "refused";
+    e.detail = Some("tenant outside the caller's scope".into());
+    state.audit.record_best_effort(e);
+    Err(ApiError::Forbidden(id.to_string()))
 }
 
 pub(super) fn parse_min_ttl(raw: Option<&str>) -> Result<u64, ApiError> {

@@ -21,9 +21,9 @@ pub const MAX_MAX_BODY_BYTES: u64 = 1024 * 1024 * 1024;
 /// Fixed headers per tenant.
 const MAX_HEADERS: usize = 32;
 
-/// Headers a tenant may not fix: hop-by-hop ones (RFC 9110 §7.6.1) and what the broker or the
-/// HTTP client sets itself.
-const RESERVED: &[&str] = &[
+/// Headers that never cross the proxy in either direction (RFC 9110 §7.6.1 hop-by-hop, and
+/// framing the HTTP stacks set themselves).
+pub const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -33,10 +33,14 @@ const RESERVED: &[&str] = &[
     "trailer",
     "transfer-encoding",
     "upgrade",
-    "host",
     "content-length",
-    "x-request-id",
+    "host",
 ];
+
+/// Headers a tenant may not fix: the hop-by-hop ones and the request id the broker sets.
+fn reserved(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name) || name == "x-request-id"
+}
 
 /// The stored, shown proxy settings: no secret values.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -108,7 +112,7 @@ impl ProxySpec {
         }
         if let Some(h) = &self.auth_header {
             let name = header_name(h, "proxy.auth_header")?;
-            if RESERVED.contains(&name.as_str()) {
+            if reserved(name.as_str()) {
                 return Err(SpecError::new(
                     "proxy.auth_header",
                     "names a header the broker sets itself",
@@ -184,10 +188,7 @@ pub fn apply(
                     name.chars().take(64).collect::<String>()
                 );
                 let name = header_name(name, &field)?.as_str().to_owned();
-                if RESERVED.contains(&name.as_str())
-                    || name.starts_with("proxy-")
-                    || name == "cookie"
-                {
+                if reserved(&name) || name.starts_with("proxy-") || name == "cookie" {
                     return Err(SpecError::new(
                         field,
                         "names a header the broker sets or strips",

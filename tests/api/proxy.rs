@@ -28,6 +28,13 @@ fn proxied_spec(id: &str, partner: &MockServer, api: &str, extra: Value) -> Valu
     spec
 }
 
+/// A body of `n` chunks of `size` bytes, sent chunked (no declared length).
+fn chunked(n: usize, size: usize) -> reqwest::Body {
+    reqwest::Body::wrap_stream(futures_util::stream::iter(
+        (0..n).map(move |_| Ok::<_, std::io::Error>(vec![b'y'; size])),
+    ))
+}
+
 /// Sends a request line and headers as written (no client-side path normalisation).
 async fn raw_request(app: &TestApp, method: &str, target: &str, key: &str) -> u16 {
     let addr = app.address.trim_start_matches("http://");
@@ -325,25 +332,23 @@ async fn limits_and_failures(env: TestEnv) {
         .await;
     a.assert_problem(413, "payload_too_large");
     // A streamed (chunked) upload over the cap is cut off on the way.
-    let chunks =
-        futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 100_000])));
+    let chunks = chunked(40, 100_000);
     let a = app
         .send(
             app.client
                 .post(url("acme", "upload"))
                 .bearer_auth(&key)
-                .body(reqwest::Body::wrap_stream(chunks)),
+                .body(chunks),
         )
         .await;
     a.assert_problem(413, "payload_too_large");
-    let fits =
-        futures_util::stream::iter((0..25).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 100_000])));
+    let fits = chunked(25, 100_000);
     let a = app
         .send(
             app.client
                 .post(url("acme", "upload"))
                 .bearer_auth(&key)
-                .body(reqwest::Body::wrap_stream(fits)),
+                .body(fits),
         )
         .await;
     assert_eq!((a.status, a.text.as_str()), (200, "2500000"));
