@@ -14,14 +14,15 @@ use actix_web::{web, App, HttpServer};
 use crate::api::problem::ApiError;
 use crate::api::ratelimit::CallerLimiter;
 use crate::api::{
-    admin, oauth, observe, ops, problem_for_framework_errors, proxy, token, AppState,
+    admin, console, oauth, observe, ops, problem_for_framework_errors, proxy, token, AppState,
 };
 use crate::audit::Audit;
+use crate::auth::admin_token::{self, AdminToken};
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{Authenticator, CallerStore, StaticToken};
 use crate::broker::{Broker, Timing};
 use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
-use crate::config::{KeySource, Settings};
+use crate::config::{ConfigError, KeySource, Settings};
 use crate::crypto::{KeyError, KeyRing};
 use crate::issuers::{IssuerSettings, Issuers};
 use crate::metrics::Metrics;
@@ -57,6 +58,49 @@ pub enum BuildError {
     Redis(#[from] redis::RedisError),
     #[error("cannot listen: {0}")]
     Bind(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("admin token file {path}: {source}")]
+    AdminTokenFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The static admin token the settings call for, and on the start that generated it, the token
+/// itself (to be shown once). `BROKER_ADMIN_TOKEN` wins; with named admins
+/// (`BROKER_ADMIN_JWT_AUDIENCE`) and no token there is none; otherwise the embedded default
+/// generates one at its first start and keeps its hash beside the database. Postgres needs one
+/// of the two settings (replicas cannot share a generated token).
+pub fn load_admin_token(
+    settings: &Settings,
+) -> Result<(AdminToken, Option<secrecy::SecretString>), BuildError> {
+    if let Some(token) = &settings.admin_token {
+        return Ok((AdminToken::fixed(token), None));
+    }
+    if settings.admin_jwt.is_some() {
+        return Ok((AdminToken::Off, None));
+    }
+    settings.require_admin_credentials()?;
+    let Some(path) = settings.admin_token_file() else {
+        // In-memory database: a token for this process only.
+        let token = admin_token::generate();
+        return Ok((AdminToken::fixed(&token), Some(token)));
+    };
+    let io = |source| BuildError::AdminTokenFile {
+        path: path.display().to_string(),
+        source,
+    };
+    let generated = if path.exists() {
+        None
+    } else {
+        let token = admin_token::generate();
+        admin_token::write_hash_file(&path, &token).map_err(io)?;
+        tracing::info!(file = %path.display(), "first start: generated an admin token (printed once on standard output; only its hash is kept)");
+        Some(token)
+    };
+    Ok((AdminToken::file(path.clone()).map_err(io)?, generated))
 }
 
 /// The key ring the settings call for, generating the embedded default's key file if needed.
@@ -195,6 +239,7 @@ pub struct Application {
     port: u16,
     server: Server,
     state: web::Data<AppState>,
+    generated_admin_token: Option<secrecy::SecretString>,
 }
 
 impl Application {
@@ -208,7 +253,7 @@ impl Application {
         listener: TcpListener,
     ) -> Result<Self, BuildError> {
         let workers = settings.workers;
-        let state = build_state(settings).await?;
+        let (state, generated_admin_token) = build_state(settings).await?;
         let port = listener.local_addr()?.port();
         let server = serve(state.clone(), listener, workers)?;
         tracing::info!(port, "token-broker listening");
@@ -216,11 +261,18 @@ impl Application {
             port,
             server,
             state,
+            generated_admin_token,
         })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The admin token this start generated (the embedded default's first start, or an
+    /// in-memory database): the caller shows it once.
+    pub fn take_generated_admin_token(&mut self) -> Option<secrecy::SecretString> {
+        self.generated_admin_token.take()
     }
 
     pub fn state(&self) -> web::Data<AppState> {
@@ -244,10 +296,13 @@ impl Application {
 
 /// Everything a replica holds: store, metrics, audit, JWT verifier, shared cache and its event
 /// listener, broker, authenticators.
-async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildError> {
+async fn build_state(
+    settings: Settings,
+) -> Result<(web::Data<AppState>, Option<secrecy::SecretString>), BuildError> {
     if !crate::egress::allow_networks(settings.allowed_networks.clone()) {
         tracing::warn!("BROKER_ALLOWED_NETWORKS differs from the ranges this process started with: the first ones stay in force");
     }
+    let (admin, generated_admin_token) = load_admin_token(&settings)?;
     let store = open_store(&settings).await?;
     check_keys_in_use(&store).await?;
     let metrics = Arc::new(Metrics::new());
@@ -292,9 +347,6 @@ async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildErr
         connect_timeout: settings.upstream_connect_timeout,
         request_timeout: settings.upstream_timeout,
     });
-    if settings.admin_token.is_none() && settings.admin_jwt.is_none() {
-        tracing::warn!("neither BROKER_ADMIN_TOKEN nor BROKER_ADMIN_JWT_AUDIENCE is set: the admin API is disabled (it answers 401 saying so)");
-    }
     if settings.allow_insecure_issuers {
         tracing::warn!(
             "BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses"
@@ -331,13 +383,13 @@ async fn build_state(settings: Settings) -> Result<web::Data<AppState>, BuildErr
         callers,
         proxy,
         health: HealthStore::new(store.db().clone()),
-        admin: StaticToken::new(settings.admin_token.as_ref()),
+        admin,
         metrics_token: StaticToken::new(settings.metrics_token.as_ref()),
         store,
         metrics,
         settings: Arc::new(settings.clone()),
     });
-    Ok(state)
+    Ok((state, generated_admin_token))
 }
 
 /// The HTTP server over `state`: middleware, the three route groups, problem+json fallbacks.
@@ -359,6 +411,7 @@ fn serve(
             .configure(admin::routes)
             .configure(ops::routes)
             .configure(oauth::routes)
+            .configure(console::routes)
             .default_service(web::to(|| async {
                 Err::<web::Json<()>, _>(ApiError::RouteNotFound)
             }))

@@ -153,6 +153,27 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// `serve` needs a way in for admins: with Postgres, `BROKER_ADMIN_TOKEN` or named admins
+    /// (replicas cannot share a generated token); the embedded default generates one.
+    pub fn require_admin_credentials(&self) -> Result<(), ConfigError> {
+        let postgres = Backend::from_url(&self.database_url) == Some(Backend::Postgres);
+        if postgres && self.admin_token.is_none() && self.admin_jwt.is_none() {
+            return Err(invalid(
+                "BROKER_ADMIN_TOKEN",
+                "required with Postgres (replicas cannot share a generated one): set it to a long random value (openssl rand -hex 32), or set BROKER_ADMIN_JWT_AUDIENCE for named admins",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the embedded default keeps the generated admin token's hash: `<db>.admin-token`
+    /// beside a SQLite database file (`None` for Postgres and in-memory SQLite).
+    pub fn admin_token_file(&self) -> Option<PathBuf> {
+        sqlite_path(&self.database_url).map(|db| crate::auth::admin_token::hash_file_beside(&db))
+    }
+}
+
 /// `BROKER_PUBLIC_URL` (the OAuth issuer) and `BROKER_ALLOWED_NETWORKS` (private ranges
 /// outbound calls may reach).
 fn reach_section(var: Var<'_>) -> Result<(Option<String>, Vec<ipnet::IpNet>), ConfigError> {
@@ -337,6 +358,8 @@ fn admin_jwt_section(
 /// `RUST_LOG`, `BROKER_LOG_FORMAT`.
 fn log_section(var: Var<'_>) -> Result<(String, LogFormat), ConfigError> {
     let log_format = match var("BROKER_LOG_FORMAT").as_deref() {
+        // Unset: readable lines for a person at a terminal, JSON for a log pipeline.
+        None if std::io::IsTerminal::is_terminal(&std::io::stderr()) => LogFormat::Pretty,
         None | Some("json") => LogFormat::Json,
         Some("pretty") => LogFormat::Pretty,
         Some(_) => return Err(invalid("BROKER_LOG_FORMAT", "expected json or pretty")),

@@ -1,4 +1,5 @@
-//! The tracing subscriber, built once at start: JSON lines by default, `pretty` for humans.
+//! The tracing subscriber, built once at start: JSON lines for log pipelines, readable lines
+//! (`pretty`) for a person at a terminal.
 
 use tracing_subscriber::EnvFilter;
 
@@ -22,6 +23,8 @@ pub fn init(filter: &str, format: LogFormat) {
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),
-        LogFormat::Pretty => builder.pretty().try_init(),
+        LogFormat::Pretty => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
 }

@@ -275,7 +275,11 @@ async fn get_tenant(
 
 /// A tenant's last partner outcomes and circuit, as the tenant views show them.
 async fn health_view(state: &AppState, id: &TenantId, now: i64) -> Result<Value, ApiError> {
-    let (health, circuit) = tokio::join!(state.health.get(id), state.broker.circuit_state(id));
+    let (health, circuit, token) = tokio::join!(
+        state.health.get(id),
+        state.broker.circuit_state(id),
+        state.broker.held_token(id)
+    );
     let health = health?;
     Ok(json!({
         "last_success_at": health.last_success_at_ms.map(rfc3339),
@@ -289,6 +293,14 @@ async fn health_view(state: &AppState, id: &TenantId, now: i64) -> Result<Value,
             "failures": c.failures,
             "retry_after": c.is_open(now).then(|| c.retry_after_s(now)),
         })),
+        "token": token.map(|(issued_at, expires_at)| json!({
+            "issued_at": rfc3339(issued_at),
+            "expires_at": rfc3339(expires_at),
+            "expires_in": (expires_at - now) / 1000,
+            "lifetime_seconds": (expires_at - issued_at).max(0) / 1000,
+        })),
+        "mints_last_hour": health.mints_last_hour,
+        "failed_mints_last_hour": health.failed_mints_last_hour,
     }))
 }
 

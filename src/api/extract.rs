@@ -142,11 +142,6 @@ impl FromRequest for Admin {
                         }
                     }
                 }
-                (Some(_), _, _) if !state.admin.is_set() && state.settings.admin_jwt.is_none() => {
-                    Err(ApiError::Unauthorized(
-                        "the admin API is disabled: start the broker with BROKER_ADMIN_TOKEN (or BROKER_ADMIN_JWT_AUDIENCE) set",
-                    ))
-                }
                 (Some(_), _, _) => Err(ApiError::Unauthorized("invalid credentials")),
             };
             let result = result.and_then(|admin| {

@@ -2,6 +2,7 @@
 //! (JSON bodies with limits, problem rendering for framework errors, request spans) is here.
 
 pub mod admin;
+pub mod console;
 pub mod extract;
 pub mod oauth;
 pub mod ops;
@@ -23,6 +24,7 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use crate::audit::Audit;
+use crate::auth::admin_token::AdminToken;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{Authenticator, CallerStore, StaticToken};
 use crate::broker::Broker;
@@ -44,7 +46,7 @@ pub struct AppState {
     /// Proxy mode's per-tenant targets and client.
     pub proxy: crate::proxy::Targets,
     pub auth: Authenticator,
-    pub admin: StaticToken,
+    pub admin: AdminToken,
     /// `BROKER_METRICS_TOKEN`: `/metrics` is open unless it is set.
     pub metrics_token: StaticToken,
     pub metrics: Arc<Metrics>,
@@ -158,6 +160,9 @@ pub const ROUTES: &[&str] = &[
     "/admin/v1/callers/{caller_id}",
     "/admin/v1/callers/{caller_id}/rotate-key",
     "/admin/v1/audit",
+    "/admin/console",
+    "/admin/console/console.js",
+    "/admin/console/console.css",
     "/healthz",
     "/readyz",
     "/metrics",

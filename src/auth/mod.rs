@@ -1,6 +1,7 @@
 //! Caller and admin identity: API keys, caller JWTs, the static admin token and named admins'
 //! roles. Free of HTTP: `api::extract` turns requests into these identities.
 
+pub mod admin_token;
 pub mod api_keys;
 pub mod callers;
 pub mod jwt;

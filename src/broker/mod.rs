@@ -697,6 +697,21 @@ impl Broker {
         }
     }
 
+    /// The token held for `tenant` (here, else in the shared cache) as (issued at, expires at)
+    /// in unix ms, for the admin view; never mints.
+    pub async fn held_token(&self, tenant: &TenantId) -> Option<(i64, i64)> {
+        let now = now_ms();
+        let held = match self.l1.get_now(tenant).filter(|t| t.expires_at_ms > now) {
+            Some(t) => Some(t),
+            None => match &self.l2 {
+                Some(l2) => l2.get(tenant).await.ok().flatten(),
+                None => None,
+            },
+        };
+        held.filter(|t| t.expires_at_ms > now)
+            .map(|t| (t.issued_at_ms, t.expires_at_ms))
+    }
+
     /// The tenant's circuit, for the admin view.
     pub async fn circuit_state(&self, tenant: &TenantId) -> Option<circuit::CircuitState> {
         self.circuits.state(tenant).await

@@ -14,7 +14,14 @@ pub struct Health {
     pub last_error_at_ms: Option<i64>,
     pub last_error_code: Option<String>,
     pub last_error_detail: Option<String>,
+    /// Successful partner calls in the last hour, across replicas.
+    pub mints_last_hour: i64,
+    /// Failed partner calls in the last hour, across replicas.
+    pub failed_mints_last_hour: i64,
 }
+
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 3_600_000;
 
 /// Tenant health in the database.
 #[derive(Clone)]
@@ -57,10 +64,49 @@ impl HealthStore {
         if let Err(e) = result {
             tracing::debug!(tenant = %id, error = %e, "tenant health not recorded");
         }
+        if let Err(e) = self.count(id, error.is_none(), now).await {
+            tracing::debug!(tenant = %id, error = %e, "mint not counted");
+        }
+    }
+
+    /// Adds one partner call to the tenant's minute and prunes its rows older than two hours.
+    async fn count(&self, id: &TenantId, ok: bool, now: i64) -> Result<(), sqlx::Error> {
+        let minute = now - now.rem_euclid(MINUTE_MS);
+        let (ok, failed) = (i64::from(ok), i64::from(!ok));
+        sqlx::query(
+            "INSERT INTO tenant_mints (tenant_id, minute, ok, failed) VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, minute) DO UPDATE SET ok = tenant_mints.ok + excluded.ok, failed = tenant_mints.failed + excluded.failed",
+        )
+        .bind(id.as_str())
+        .bind(minute)
+        .bind(ok)
+        .bind(failed)
+        .execute(self.db.pool())
+        .await?;
+        sqlx::query("DELETE FROM tenant_mints WHERE tenant_id = $1 AND minute < $2")
+            .bind(id.as_str())
+            .bind(now - 2 * HOUR_MS)
+            .execute(self.db.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// (successful, failed) partner calls in the hour before `now`, by whole minutes.
+    async fn counts(&self, id: &TenantId, now: i64) -> Result<(i64, i64), StoreError> {
+        let since = now - HOUR_MS;
+        let since = since - since.rem_euclid(MINUTE_MS);
+        let r = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(ok), 0) AS BIGINT) AS ok, CAST(COALESCE(SUM(failed), 0) AS BIGINT) AS failed FROM tenant_mints WHERE tenant_id = $1 AND minute >= $2",
+        )
+        .bind(id.as_str())
+        .bind(since)
+        .fetch_one(self.db.pool())
+        .await?;
+        Ok((r.try_get("ok")?, r.try_get("failed")?))
     }
 
     /// The tenant's last partner outcomes.
     pub async fn get(&self, id: &TenantId) -> Result<Health, StoreError> {
+        let (mints_last_hour, failed_mints_last_hour) = self.counts(id, now_ms()).await?;
         let row = sqlx::query(
             "SELECT last_success_at, last_error_at, last_error_code, last_error_detail FROM tenant_health WHERE tenant_id = $1",
         )
@@ -68,13 +114,19 @@ impl HealthStore {
         .fetch_optional(self.db.pool())
         .await?;
         let Some(r) = row else {
-            return Ok(Health::default());
+            return Ok(Health {
+                mints_last_hour,
+                failed_mints_last_hour,
+                ..Health::default()
+            });
         };
         Ok(Health {
             last_success_at_ms: r.try_get("last_success_at")?,
             last_error_at_ms: r.try_get("last_error_at")?,
             last_error_code: r.try_get("last_error_code")?,
             last_error_detail: r.try_get("last_error_detail")?,
+            mints_last_hour,
+            failed_mints_last_hour,
         })
     }
 }

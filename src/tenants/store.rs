@@ -476,6 +476,10 @@ impl TenantStore {
             .bind(id.as_str())
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM tenant_mints WHERE tenant_id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM tenant_credentials WHERE tenant_id = $1")
             .bind(id.as_str())
             .execute(&mut *tx)

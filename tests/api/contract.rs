@@ -43,7 +43,11 @@ fn code_routes() -> BTreeSet<(String, String)> {
     }
     let dir = format!("{}/src/api", env!("CARGO_MANIFEST_DIR"));
     for entry in std::fs::read_dir(dir).unwrap() {
-        let src = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let path = entry.unwrap().path();
+        if path.extension().map_or(true, |e| e != "rs") {
+            continue;
+        }
+        let src = std::fs::read_to_string(path).unwrap();
         let mut rest = src.as_str();
         while let Some(at) = rest.find("web::resource(\"") {
             rest = &rest[at + "web::resource(\"".len()..];

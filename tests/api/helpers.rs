@@ -626,19 +626,33 @@ impl CuttableProxy {
     }
 }
 
-/// The broker binary run as its own process, its stderr captured to a file.
+/// The broker binary run as its own process, its stdout and stderr captured to files.
 pub struct BrokerProcess {
     pub child: Child,
     pub address: String,
     pub log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    pub out: std::path::PathBuf,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl BrokerProcess {
     pub async fn start(envs: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let mut all = vec![("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)];
+        all.extend_from_slice(envs);
+        let mut p = Self::start_in(dir.path(), &all).await;
+        p._dir = Some(dir);
+        p
+    }
+
+    /// `serve` on the SQLite database `broker.db` in `dir` (which outlives the process, so a
+    /// test can start again on it), with only `envs` besides the listen address, the database
+    /// and `BROKER_ALLOW_INSECURE_ISSUERS=true`.
+    pub async fn start_in(dir: &std::path::Path, envs: &[(&str, &str)]) -> Self {
         let port = free_port();
-        let log = dir.path().join("stderr.log");
+        let n = std::fs::read_dir(dir).map_or(0, |d| d.count());
+        let log = dir.join(format!("stderr-{n}.log"));
+        let out = dir.join(format!("stdout-{n}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_token-broker"));
         cmd.arg("serve")
             .env_clear()
@@ -646,11 +660,10 @@ impl BrokerProcess {
             .env("BROKER_LISTEN", format!("127.0.0.1:{port}"))
             .env(
                 "DATABASE_URL",
-                format!("sqlite://{}/broker.db", dir.path().display()),
+                format!("sqlite://{}/broker.db", dir.display()),
             )
-            .env("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("BROKER_ALLOW_INSECURE_ISSUERS", "true")
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in envs {
             cmd.env(k, v);
@@ -667,8 +680,14 @@ impl BrokerProcess {
             child,
             address,
             log,
-            _dir: dir,
+            out,
+            _dir: None,
         }
+    }
+
+    /// What the process printed on standard output so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
     }
 
     pub fn sigterm(&self) {

@@ -481,18 +481,3 @@ async fn api_keys_are_scannable_and_old_keys_still_work(env: TestEnv) {
     app.stop().await;
 }
 backends!(api_keys_are_scannable_and_old_keys_still_work: Sqlite);
-
-/// A bare `serve` without admin credentials says the admin API is disabled and how to enable it.
-async fn without_admin_credentials_the_admin_api_says_it_is_disabled(mut env: TestEnv) {
-    env.extra.insert("BROKER_ADMIN_TOKEN".into(), "".into());
-    let app = env.spawn().await;
-    let a = app.admin(Method::GET, "/admin/v1/tenants");
-    let body = app.send(a).await.assert_problem(401, "unauthorized");
-    let detail = body["detail"].as_str().unwrap();
-    assert!(
-        detail.contains("disabled") && detail.contains("BROKER_ADMIN_TOKEN"),
-        "{detail}"
-    );
-    app.stop().await;
-}
-backends!(without_admin_credentials_the_admin_api_says_it_is_disabled: Sqlite);

@@ -7,6 +7,7 @@ mod cluster;
 mod contract;
 mod failures;
 mod faults;
+mod first_run;
 mod flights;
 mod hostile;
 mod oauth;

@@ -1,0 +1,149 @@
+//! The admin API over HTTP, as the CLI speaks it: one request at a time, the admin token as a
+//! bearer header, problem+json answers turned into `Failure`.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+/// Why a command failed; `exit_code` is what the process exits with.
+#[derive(Debug)]
+pub enum Failure {
+    /// The command cannot run as given (a bad flag value, an unreadable file, no admin token).
+    Usage(String),
+    /// The broker answered with a problem (its stable `code` and `detail`).
+    Refused {
+        status: u16,
+        code: String,
+        detail: String,
+    },
+    /// The broker could not be reached, or answered something that is not the admin API.
+    Unreachable(String),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => 2,
+            Self::Refused { .. } | Self::Unreachable(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Usage(m) => write!(f, "{m}"),
+            Self::Refused {
+                status,
+                code,
+                detail,
+            } => write!(f, "{code} ({status}): {detail}"),
+            Self::Unreachable(m) => write!(f, "unreachable: {m}"),
+        }
+    }
+}
+
+/// An error with its causes (`error sending request: … Connection refused`), without the URL.
+fn chain(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    if let Some(u) = e.url() {
+        out = out.replace(&format!(" for url ({u})"), "");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// A connection to one broker's admin API.
+pub struct Client {
+    base: String,
+    token: SecretString,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: SecretString) -> Result<Self, Failure> {
+        let base = base.trim_end_matches('/').to_owned();
+        let ok = url::Url::parse(&base)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !ok {
+            return Err(Failure::Usage(format!(
+                "BROKER_URL: expected the broker's base URL such as http://127.0.0.1:8080, got {base:?}"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("the TLS backend initialises");
+        Ok(Self { base, token, http })
+    }
+
+    /// One request; `Ok(None)` for 204.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, Failure> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.token.expose_secret())
+            .query(query);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(b).expect("serialises"));
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::Unreachable(format!("{}: {}", self.base, chain(&e))))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| Failure::Unreachable(e.without_url().to_string()))?;
+        if status == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let json: Option<Value> = serde_json::from_slice(&bytes).ok();
+        if status.is_success() {
+            return json.map(Some).ok_or_else(|| {
+                Failure::Unreachable(format!(
+                    "{} answered {status} without JSON: is BROKER_URL the broker?",
+                    self.base
+                ))
+            });
+        }
+        let field = |name: &str| {
+            json.as_ref()
+                .and_then(|j| j.get(name))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        Err(Failure::Refused {
+            status: status.as_u16(),
+            code: field("code").unwrap_or_else(|| "http_error".into()),
+            detail: field("detail")
+                .or_else(|| field("title"))
+                .unwrap_or_else(|| format!("{} answered {status}", self.base)),
+        })
+    }
+
+    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, Failure> {
+        Ok(self
+            .call(Method::GET, path, query, None)
+            .await?
+            .unwrap_or(Value::Null))
+    }
+}

@@ -1,0 +1,131 @@
+//! What the CLI prints: aligned tables for a person at a terminal, the broker's JSON for scripts.
+
+use comfy_table::{presets, ContentArrangement, Table};
+use serde_json::Value;
+
+/// `--output`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+impl Output {
+    /// The default: a table on a terminal, JSON when piped.
+    pub fn detect() -> Self {
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            Self::Table
+        } else {
+            Self::Json
+        }
+    }
+}
+
+/// Rows under a header, columns aligned, no borders (as `kubectl get` prints).
+pub fn table(headers: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(headers.iter().copied());
+    for row in rows {
+        t.add_row(row);
+    }
+    t.lines()
+        .map(|l| l.strip_prefix(' ').unwrap_or(&l).trim_end().to_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `label  value` lines for one object.
+pub fn fields(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{k:width$}  {v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn pretty_json(v: &Value) -> String {
+    serde_json::to_string_pretty(v).expect("serialises")
+}
+
+/// A JSON string field, or `-`.
+pub fn text(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Seconds as `1h 2m`, `4m 59s`, `12s`.
+pub fn duration(secs: i64) -> String {
+    let secs = secs.max(0);
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// A tenant's health in a word or two: `ok`, `circuit open`, `error: <code>`, `never minted`.
+pub fn health_summary(health: &Value) -> String {
+    if health["circuit"]["open"].as_bool() == Some(true) {
+        return "circuit open".into();
+    }
+    let success = health["last_success_at"].as_str();
+    let error_at = health["last_error"]["at"].as_str();
+    match (success, error_at) {
+        // RFC 3339 UTC timestamps in one format compare as strings.
+        (s, Some(e)) if s.map_or(true, |s| e > s) => {
+            format!("error: {}", text(&health["last_error"], "code"))
+        }
+        (Some(_), _) => "ok".into(),
+        (None, _) => "never minted".into(),
+    }
+}
+
+/// The current token's time left, or `-`.
+pub fn token_left(health: &Value) -> String {
+    health["token"]["expires_in"]
+        .as_i64()
+        .map_or_else(|| "-".into(), duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn health_in_a_word() {
+        assert_eq!(health_summary(&json!({})), "never minted");
+        let ok = json!({"last_success_at": "2026-11-23T10:00:00Z"});
+        assert_eq!(health_summary(&ok), "ok");
+        let failing = json!({"last_success_at": "2026-11-23T10:00:00Z",
+            "last_error": {"at": "2026-11-23T10:05:00Z", "code": "upstream_rejected_credentials"}});
+        assert_eq!(
+            health_summary(&failing),
+            "error: upstream_rejected_credentials"
+        );
+        let recovered = json!({"last_success_at": "2026-11-23T10:06:00Z",
+            "last_error": {"at": "2026-11-23T10:05:00Z", "code": "x"}});
+        assert_eq!(health_summary(&recovered), "ok");
+        let open = json!({"circuit": {"open": true}});
+        assert_eq!(health_summary(&open), "circuit open");
+    }
+
+    #[test]
+    fn durations_and_tables() {
+        assert_eq!(duration(3725), "1h 2m");
+        assert_eq!(duration(299), "4m 59s");
+        assert_eq!(duration(-5), "0s");
+        let t = table(&["ID", "NAME"], vec![vec!["a".into(), "long name".into()]]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].find("NAME"), lines[1].find("long name"));
+    }
+}

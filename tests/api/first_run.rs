@@ -1,0 +1,310 @@
+//! A newcomer's path with the real binary: the first start prints an admin token once, later
+//! starts reuse it, `admin-token --rotate` replaces it on a running broker, Postgres insists
+//! on an explicit one; and the admin CLI drives a live broker end to end.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+const SECRET: &str = "cli-planted-secret-Zq81";
+
+fn admin_token_in(stdout: &str) -> Option<String> {
+    stdout
+        .split_whitespace()
+        .map(|w| w.trim_start_matches("BROKER_ADMIN_TOKEN="))
+        .find(|w| w.starts_with("tbadmin_") && w.len() == "tbadmin_".len() + 43)
+        .map(str::to_owned)
+}
+
+async fn admin_status(broker: &BrokerProcess, token: &str) -> u16 {
+    reqwest::Client::new()
+        .get(format!("{}/admin/v1/tenants", broker.address))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The binary with `args`, the given environment only (plus PATH) and `stdin` piped in.
+fn run(args: &[&str], envs: &[(&str, &str)], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(envs.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn the_first_start_prints_an_admin_token_once_and_rotation_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = BrokerProcess::start_in(dir.path(), &[]).await;
+    let printed = first.stdout();
+    let token =
+        admin_token_in(&printed).unwrap_or_else(|| panic!("no admin token printed: {printed}"));
+    assert!(
+        printed.contains("Next: export BROKER_ADMIN_TOKEN="),
+        "{printed}"
+    );
+    assert!(
+        !first.stderr().contains(&token),
+        "the token reached a log line"
+    );
+    let hash_file = dir.path().join("broker.db.admin-token");
+    let stored = std::fs::read_to_string(&hash_file).unwrap();
+    assert!(stored.starts_with("sha256:") && !stored.contains(&token));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&hash_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    assert_eq!(admin_status(&first, &token).await, 200);
+    assert_eq!(admin_status(&first, "tbadmin_guess").await, 401);
+    drop(first);
+
+    // A later start reuses the stored hash and prints nothing.
+    let second = BrokerProcess::start_in(dir.path(), &[]).await;
+    assert_eq!(admin_status(&second, &token).await, 200);
+    assert!(admin_token_in(&second.stdout()).is_none(), "printed again");
+
+    // Rotation on the command line takes effect on the running broker.
+    let db = format!("sqlite://{}/broker.db", dir.path().display());
+    let rotated = run(&["admin-token", "--rotate"], &[("DATABASE_URL", &db)], "");
+    assert!(rotated.status.success(), "{}", text(&rotated.stderr));
+    let new = admin_token_in(&text(&rotated.stdout)).expect("a new token printed");
+    assert_ne!(new, token);
+    assert_eq!(admin_status(&second, &token).await, 401);
+    assert_eq!(admin_status(&second, &new).await, 200);
+    let status = run(&["admin-token"], &[("DATABASE_URL", &db)], "");
+    assert!(status.status.success() && admin_token_in(&text(&status.stdout)).is_none());
+
+    // An explicit BROKER_ADMIN_TOKEN wins over the generated one.
+    drop(second);
+    let explicit =
+        BrokerProcess::start_in(dir.path(), &[("BROKER_ADMIN_TOKEN", "my-own-admin-token")]).await;
+    assert_eq!(admin_status(&explicit, "my-own-admin-token").await, 200);
+    assert_eq!(admin_status(&explicit, &new).await, 401);
+    assert!(explicit.stdout().is_empty());
+}
+
+#[test]
+fn postgres_without_an_admin_token_refuses_to_start_naming_the_variable() {
+    // Refused before any connection, so no Postgres is needed here.
+    let out = run(
+        &["serve"],
+        &[
+            ("DATABASE_URL", "postgres://broker@127.0.0.1:1/broker"),
+            (
+                "BROKER_ENCRYPTION_KEY",
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            ),
+            ("BROKER_LISTEN", "127.0.0.1:0"),
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("BROKER_ADMIN_TOKEN") && err.contains("Postgres"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+/// The CLI against a live broker: create (secret on stdin), test, list, show, update, callers,
+/// audit, delete; JSON for scripts; exit codes 1 (refused, with the problem code) and 2 (usage).
+#[tokio::test]
+async fn the_admin_cli_manages_a_live_broker() {
+    let broker = BrokerProcess::start(&[]).await;
+    let partner = setu_partner(300, 0).await;
+    let env = [
+        ("BROKER_URL", broker.address.as_str()),
+        ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    let cli = |args: &[&str], stdin: &str| run(args, &env, stdin);
+    let json_of = |o: &Output| -> Value {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let token_url = format!("{}/auth/token", partner.uri());
+    let create = [
+        "tenants",
+        "create",
+        "acme",
+        "--kind",
+        "setu_partner",
+        "--token-url",
+        &token_url,
+        "--client-id",
+        "acme-client",
+        "--display-name",
+        "Acme",
+        "-o",
+        "json",
+    ];
+    let created = json_of(&cli(&create, &format!("{SECRET}\n")));
+    assert_eq!(created["id"], "acme");
+    assert_eq!(created["credential_fields"][1], "client_secret");
+    assert!(
+        partner.received_requests().await.unwrap().is_empty(),
+        "created without a partner call"
+    );
+
+    let tested = json_of(&cli(&["tenants", "test", "acme", "-o", "json"], ""));
+    assert_eq!(tested["ok"], true);
+    let sent = partner.received_requests().await.unwrap();
+    let form = form_of(sent.last().unwrap());
+    assert_eq!(
+        form["client_secret"], SECRET,
+        "the secret from stdin reached the partner"
+    );
+    assert_eq!(form["client_id"], "acme-client");
+
+    let list = json_of(&cli(&["tenants", "list"], ""));
+    let health = &list["tenants"][0]["health"];
+    assert_eq!(list["tenants"][0]["id"], "acme");
+    assert_eq!(health["mints_last_hour"], 1);
+    assert!(
+        health["token"]["expires_in"].as_i64().unwrap() > 250,
+        "{health}"
+    );
+    let table = cli(&["tenants", "list", "-o", "table"], "");
+    let table = text(&table.stdout);
+    assert!(
+        table.starts_with("ID") && table.contains("acme") && table.contains(" ok "),
+        "{table}"
+    );
+    let shown = cli(&["tenants", "show", "acme", "-o", "table"], "");
+    assert!(text(&shown.stdout).contains("client_id, client_secret (write-only)"));
+
+    let updated = json_of(&cli(
+        &[
+            "tenants",
+            "update",
+            "acme",
+            "--display-name",
+            "Acme Corp",
+            "-o",
+            "json",
+        ],
+        "",
+    ));
+    assert_eq!(updated["display_name"], "Acme Corp");
+    let rotated = cli(
+        &[
+            "tenants",
+            "update",
+            "acme",
+            "--client-id",
+            "acme-2",
+            "-o",
+            "json",
+        ],
+        "rotated-secret\n",
+    );
+    assert!(rotated.status.success(), "{}", text(&rotated.stderr));
+    json_of(&cli(&["tenants", "test", "acme", "-o", "json"], ""));
+    let form = form_of(partner.received_requests().await.unwrap().last().unwrap());
+    assert_eq!(
+        (form["client_id"].as_str(), form["client_secret"].as_str()),
+        ("acme-2", "rotated-secret")
+    );
+
+    let caller = json_of(&cli(
+        &[
+            "callers", "create", "--name", "billing", "--tenant", "acme", "-o", "json",
+        ],
+        "",
+    ));
+    let key = caller["api_key"].as_str().unwrap().to_owned();
+    let fetched = reqwest::Client::new()
+        .get(format!("{}/v1/tenants/acme/token", broker.address))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fetched.status(), 200);
+    let callers = json_of(&cli(&["callers", "list"], ""));
+    assert_eq!(callers["callers"][0]["name"], "billing");
+
+    let audit = json_of(&cli(&["audit", "--tenant", "acme", "-o", "json"], ""));
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for want in ["tenant.create", "tenant.test", "tenant.update"] {
+        assert!(actions.contains(&want), "{want} not in {actions:?}");
+    }
+
+    // Failures: the problem code and exit 1; usage errors exit 2; nothing secret on any output.
+    let missing = cli(&["tenants", "show", "nope"], "");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("tenant_not_found"));
+    let invalid = cli(
+        &[
+            "tenants",
+            "create",
+            "bad",
+            "--kind",
+            "setu_partner",
+            "--token-url",
+            "ftp://x",
+            "--client-id",
+            "c",
+        ],
+        "s\n",
+    );
+    assert_eq!(invalid.status.code(), Some(1));
+    assert!(
+        text(&invalid.stderr).contains("invalid_spec"),
+        "{}",
+        text(&invalid.stderr)
+    );
+    assert_eq!(cli(&["tenants", "frobnicate"], "").status.code(), Some(2));
+    let no_secret = cli(&create, "");
+    assert_eq!(no_secret.status.code(), Some(2));
+    let no_token = run(&["tenants", "list"], &[("BROKER_URL", &broker.address)], "");
+    assert_eq!(no_token.status.code(), Some(2));
+    assert!(text(&no_token.stderr).contains("BROKER_ADMIN_TOKEN"));
+    let unreachable = run(
+        &["tenants", "list"],
+        &[
+            ("BROKER_URL", "http://127.0.0.1:1"),
+            ("BROKER_ADMIN_TOKEN", "x"),
+        ],
+        "",
+    );
+    assert_eq!(unreachable.status.code(), Some(1));
+
+    let deleted = cli(&["callers", "delete", caller["id"].as_str().unwrap()], "");
+    assert!(deleted.status.success());
+    assert!(cli(&["tenants", "delete", "acme"], "").status.success());
+    assert_eq!(cli(&["tenants", "show", "acme"], "").status.code(), Some(1));
+    let logs = broker.stderr();
+    for secret in [SECRET, "rotated-secret", key.as_str()] {
+        assert!(!logs.contains(secret), "a secret reached the broker's log");
+    }
+}
