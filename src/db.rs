@@ -71,13 +71,23 @@ impl Db {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url).ok_or_else(|| StoreError::UnsupportedUrl)?;
+        // Each connection to an in-memory SQLite database opens a database of its own: one
+        // connection, kept for the life of the process, is the whole database.
+        let in_memory = backend == Backend::Sqlite && url.contains(":memory:");
         let max = match backend {
+            Backend::Sqlite if in_memory => 1,
             Backend::Sqlite => 4,
             Backend::Postgres => 10,
         };
         let mut options = AnyPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(Duration::from_secs(3));
+        if in_memory {
+            options = options
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
+        }
         if backend == Backend::Sqlite {
             // WAL lets readers (and other broker processes) work beside the one writer;
             // synchronous=NORMAL is safe from corruption in WAL mode and spares an fsync per commit.

@@ -356,7 +356,13 @@ impl Runner {
                 self.print(&v, caller_table);
             }
             CallersCommand::Create { name, tenants } => {
-                let body = json!({"name": name, "tenants": tenants});
+                // `*` alone is the scope "every tenant", a string in the API.
+                let scope = if tenants == ["*"] {
+                    json!("*")
+                } else {
+                    json!(tenants)
+                };
+                let body = json!({"name": name, "tenants": scope});
                 let c = self
                     .call(Method::POST, "/admin/v1/callers", &[], Some(&body))?
                     .unwrap_or_default();

@@ -245,8 +245,51 @@ async fn the_admin_cli_manages_a_live_broker() {
         .await
         .unwrap();
     assert_eq!(fetched.status(), 200);
+    // `audit --follow` prints entries as they arrive, one JSON object per line.
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(["audit", "--follow", "--limit", "1", "-o", "json"])
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(follow.stdout.take().unwrap()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the latest entry");
+    assert!(serde_json::from_str::<Value>(&first).is_ok(), "{first}");
+    json_of(&cli(
+        &[
+            "callers", "create", "--name", "followed", "--tenant", "*", "-o", "json",
+        ],
+        "",
+    ));
+    let arrived = (0..3).find_map(|_| {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(5)).ok()?;
+        let e: Value = serde_json::from_str(&line).unwrap();
+        (e["action"] == "caller.create").then_some(e)
+    });
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(arrived.is_some_and(|e| e["detail"].as_str().unwrap().contains("followed")));
+
     let callers = json_of(&cli(&["callers", "list"], ""));
-    assert_eq!(callers["callers"][0]["name"], "billing");
+    let names: Vec<&str> = callers["callers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"billing") && names.contains(&"followed"),
+        "{names:?}"
+    );
 
     let audit = json_of(&cli(&["audit", "--tenant", "acme", "-o", "json"], ""));
     let actions: Vec<&str> = audit["entries"]

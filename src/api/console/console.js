@@ -305,7 +305,8 @@ async function callersView() {
     ev.preventDefault();
     const tenants = form.elements.tenants.value.split(',').map((s) => s.trim()).filter(Boolean);
     try {
-      const c = await api('POST', '/admin/v1/callers', { name: form.elements.name.value.trim(), tenants });
+      const scope = tenants.length === 1 && tenants[0] === '*' ? '*' : tenants;
+      const c = await api('POST', '/admin/v1/callers', { name: form.elements.name.value.trim(), tenants: scope });
       form.reset();
       status.textContent = '';
       once.replaceChildren(h('div', { class: 'once' },
