@@ -108,6 +108,17 @@ def main():
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tenant-health .badge").get_attribute("data-health") == "ok")
         details = driver.find_element(By.ID, "tenant-details").text
         assert "Mints (1 h)\n1" in details, details
+        # Rotate the credentials: secret fields are write-only password inputs.
+        driver.find_element(By.ID, "rotate-credentials").click()
+        secret_input = by_id("r-cred-client_secret")
+        assert secret_input.get_attribute("type") == "password"
+        driver.find_element(By.ID, "r-cred-client_id").send_keys("acme-2")
+        secret_input.send_keys(SECRET)
+        driver.find_element(By.ID, "rotate-submit").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "tenant-result"), "Credentials replaced"))
+        driver.find_element(By.ID, "test-credentials").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "tenant-result"), "accepted"))
+
         driver.find_element(By.ID, "nav-tenants").click()
         row = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, 'tr[data-tenant="acme-setu"]')))
         assert row.find_element(By.CSS_SELECTOR, ".badge").get_attribute("data-health") == "ok"
@@ -121,6 +132,16 @@ def main():
         key = by_id("new-api-key").text
         assert re.fullmatch(r"tbk_[0-9A-Za-z]{49}", key), key
         wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "tr[data-caller]")))
+
+        # A second caller, deleted again (after the confirmation dialog).
+        by_id("c-name").send_keys("short-lived")
+        driver.find_element(By.ID, "c-tenants").send_keys("*")
+        driver.find_element(By.ID, "c-submit").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr[data-caller]")) == 2)
+        doomed = [r for r in driver.find_elements(By.CSS_SELECTOR, "tr[data-caller]") if "short-lived" in r.text][0]
+        doomed.find_element(By.CSS_SELECTOR, "button.danger").click()
+        wait.until(EC.alert_is_present()).accept()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr[data-caller]")) == 1)
 
         # The key works for a token.
         req = urllib.request.Request(f"{base}/v1/tenants/acme-setu/token", headers={"authorization": f"Bearer {key}"})
