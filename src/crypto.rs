@@ -207,6 +207,14 @@ impl KeyRing {
 }
 
 /// The id of the key a ciphertext was sealed with.
+/// `N` random bytes from the thread's CSPRNG as lowercase hex: request ids, lock values,
+/// caller and replica ids.
+pub fn random_hex<const N: usize>() -> String {
+    let mut raw = [0u8; N];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
+    hex::encode(raw)
+}
+
 #[cfg(test)]
 fn key_id_of(sealed: &[u8]) -> Result<&str, CryptoError> {
     split(sealed).map(|(id, _, _)| id)

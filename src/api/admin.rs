@@ -611,11 +611,7 @@ async fn create_caller(
     };
     check_scope(&state, &scope).await?;
     let key = ApiKey::generate();
-    let id = {
-        let mut raw = [0u8; 8];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
-        format!("cl_{}", hex::encode(raw))
-    };
+    let id = format!("cl_{}", crate::crypto::random_hex::<8>());
     let record = state
         .callers
         .create_caller(&id, &name, &key.hash(), &scope)

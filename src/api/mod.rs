@@ -216,11 +216,7 @@ fn request_id(req: &ServiceRequest) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
         })
         .map(str::to_owned)
-        .unwrap_or_else(|| {
-            let mut raw = [0u8; 12];
-            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
-            hex::encode(raw)
-        })
+        .unwrap_or_else(crate::crypto::random_hex::<12>)
 }
 
 /// The request id the middleware assigned to `req`.

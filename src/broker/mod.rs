@@ -281,8 +281,6 @@ impl Broker {
             circuit::Circuits::new(l2.clone()),
             circuit::Pacer::new(l2.clone()),
         );
-        let mut raw = [0u8; 8];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
         Arc::new(Self {
             store,
             health,
@@ -290,7 +288,7 @@ impl Broker {
             l1: MemoryCache::new(1_000_000),
             l2,
             metrics,
-            replica: hex::encode(raw),
+            replica: crate::crypto::random_hex::<8>(),
             timing,
             circuits,
             pacer,

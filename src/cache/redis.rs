@@ -618,9 +618,7 @@ impl RedisCache {
     /// Takes the tenant's mint lock if it is free (`SET NX PX` with a random value). It lives
     /// `LOCK_TTL` unless extended.
     pub async fn try_acquire(&self, tenant: &TenantId) -> Result<Option<LockToken>, CacheError> {
-        let mut raw = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
-        let value = hex::encode(raw);
+        let value = crate::crypto::random_hex::<16>();
         let mut conn = self.conn.clone();
         let ok: Option<String> = self
             .timed(

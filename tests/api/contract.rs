@@ -1,6 +1,7 @@
-//! openapi.yaml and the router agree: every route the code registers is in the spec, and
-//! every path and method in the spec is registered (and answers with something other than
-//! "no such route" on a live app).
+//! openapi.yaml is the one list of routes, and the code is checked against it: every route the
+//! code registers is in the spec, every path and method in the spec is registered (and answers
+//! with something other than "no such route" on a live app), and `api::ROUTES` (the metric
+//! labels) holds exactly the spec's paths.
 
 use std::collections::BTreeSet;
 
@@ -83,6 +84,19 @@ fn spec_and_router_list_the_same_routes() {
     assert!(
         missing_in_code.is_empty(),
         "spec routes the router lacks: {missing_in_code:?}"
+    );
+}
+
+#[test]
+fn metric_route_labels_are_the_spec_paths() {
+    let spec: BTreeSet<String> = spec_routes().into_iter().map(|(_, p)| p).collect();
+    let labels: BTreeSet<String> = token_broker::api::ROUTES
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(
+        labels, spec,
+        "api::ROUTES (route labels) and openapi.yaml's paths differ"
     );
 }
 

@@ -412,6 +412,15 @@ impl TestApp {
         .await
     }
 
+    /// The audit entries `GET /admin/v1/audit?<query>` answers now, newest first.
+    pub async fn audit(&self, query: &str) -> Vec<Value> {
+        let a = self
+            .send(self.admin(reqwest::Method::GET, &format!("/admin/v1/audit?{query}")))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        a.json()["entries"].as_array().unwrap().clone()
+    }
+
     pub async fn get(&self, path: &str) -> Answer {
         self.send(self.client.get(format!("{}{path}", self.address)))
             .await
@@ -419,6 +428,19 @@ impl TestApp {
 }
 
 // ---------- fake partners ----------
+
+/// The audit entries for `query` once there are at least `want` (the writer batches: polls up
+/// to 4 s).
+pub async fn audit_entries(app: &TestApp, query: &str, want: usize) -> Vec<Value> {
+    for _ in 0..40 {
+        let entries = app.audit(query).await;
+        if entries.len() >= want {
+            return entries;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("fewer than {want} audit entries for {query}");
+}
 
 pub fn now_s() -> i64 {
     SystemTime::now()

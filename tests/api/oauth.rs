@@ -11,7 +11,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::backends;
 use crate::helpers::*;
-use crate::security::{audit_entries, claims, idp, sign, with_jwt};
+use crate::security::{claims, idp, sign, with_jwt};
 
 const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";

@@ -128,7 +128,7 @@ async fn forwards_with_the_token_and_nothing_else(env: TestEnv) {
         Some(1.0),
         "{metrics}"
     );
-    let entries = crate::security::audit_entries(&app, "caller=billing", 1).await;
+    let entries = audit_entries(&app, "caller=billing", 1).await;
     let proxied: Vec<_> = entries
         .iter()
         .filter(|e| e["action"] == "token.proxy")

@@ -262,21 +262,6 @@ async fn a_key_added_at_the_idp_needs_no_restart(mut env: TestEnv) {
 }
 backends!(a_key_added_at_the_idp_needs_no_restart: Sqlite);
 
-pub(crate) async fn audit_entries(app: &TestApp, query: &str, want: usize) -> Vec<Value> {
-    for _ in 0..40 {
-        let a = app
-            .send(app.admin(Method::GET, &format!("/admin/v1/audit?{query}")))
-            .await;
-        assert_eq!(a.status, 200, "{}", a.text);
-        let entries = a.json()["entries"].as_array().unwrap().clone();
-        if entries.len() >= want {
-            return entries;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("fewer than {want} audit entries for {query}");
-}
-
 async fn the_audit_trail(mut env: TestEnv) {
     let idp = idp(&["rsa1"]).await;
     with_jwt(&mut env, &idp);
