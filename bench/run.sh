@@ -41,7 +41,7 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 PP=$(port)
-python3 bench/fake_partner.py "$PP" >"$work/partner.log" 2>&1 &
+python3 tests/fakes/setu_partner.py "$PP" --lifetime 3600 --any-secret >"$work/partner.log" 2>&1 &
 pids+=($!)
 PARTNER="http://127.0.0.1:$PP"
 for _ in $(seq 50); do curl -fs "$PARTNER/_count" >/dev/null 2>&1 && break; sleep 0.1; done
