@@ -94,14 +94,21 @@ impl HealthStore {
     async fn counts(&self, id: &TenantId, now: i64) -> Result<(i64, i64), StoreError> {
         let since = now - HOUR_MS;
         let since = since - since.rem_euclid(MINUTE_MS);
-        let r = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(ok), 0) AS BIGINT) AS ok, CAST(COALESCE(SUM(failed), 0) AS BIGINT) AS failed FROM tenant_mints WHERE tenant_id = $1 AND minute >= $2",
+        // At most 61 rows (one per minute), summed here: SQL's SUM has a different type per
+        // backend.
+        let rows = sqlx::query(
+            "SELECT ok, failed FROM tenant_mints WHERE tenant_id = $1 AND minute >= $2",
         )
         .bind(id.as_str())
         .bind(since)
-        .fetch_one(self.db.pool())
+        .fetch_all(self.db.pool())
         .await?;
-        Ok((r.try_get("ok")?, r.try_get("failed")?))
+        let mut sums = (0, 0);
+        for r in rows {
+            sums.0 += r.try_get::<i64, _>("ok")?;
+            sums.1 += r.try_get::<i64, _>("failed")?;
+        }
+        Ok(sums)
     }
 
     /// The tenant's last partner outcomes.

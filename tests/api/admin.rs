@@ -347,14 +347,12 @@ async fn callers_are_rate_limited(mut env: TestEnv) {
 }
 backends!(callers_are_rate_limited: Sqlite);
 
-/// Callers can be renamed, rescoped and given a new key without being deleted; the old key
-/// keeps working through an optional grace period; scopes name registered tenants only.
-async fn caller_lifecycle(env: TestEnv) {
+/// Two tenants (`alpha`, `beta`) and a caller `svc` scoped to `alpha`: (app, partner, id, key).
+async fn tenants_and_a_caller(env: &TestEnv) -> (TestApp, MockServer, String, String) {
     let app = env.spawn().await;
     let partner = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("alpha", &partner, "s")).await;
     app.create_tenant(&setu_spec("beta", &partner, "s")).await;
-
     // Unknown tenants in a scope: 422 naming the entry; "*" stays allowed.
     let a = app
         .send(
@@ -379,6 +377,20 @@ async fn caller_lifecycle(env: TestEnv) {
         .await
         .assert_problem(403, "forbidden");
 
+    (app, partner, id, key)
+}
+
+/// A caller's scope names registered tenants only (422 naming the entry); `"*"` stays allowed.
+async fn caller_scopes_name_registered_tenants(env: TestEnv) {
+    let (app, _partner, _id, _key) = tenants_and_a_caller(&env).await;
+    app.stop().await;
+}
+backends!(caller_scopes_name_registered_tenants: Sqlite);
+
+/// Callers are renamed and rescoped without being deleted (the key stays); the tenant list
+/// shows each tenant's health.
+async fn callers_change_without_being_deleted(env: TestEnv) {
+    let (app, _partner, id, key) = tenants_and_a_caller(&env).await;
     // PATCH: new scope and name, same key.
     let path = format!("/admin/v1/callers/{id}");
     app.send(
@@ -418,6 +430,33 @@ async fn caller_lifecycle(env: TestEnv) {
         .await
         .assert_problem(403, "forbidden");
 
+    // The tenant list shows each tenant's health.
+    let list = app
+        .send(app.admin(Method::GET, "/admin/v1/tenants"))
+        .await
+        .json();
+    let beta = list["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "beta")
+        .unwrap()
+        .clone();
+    assert!(beta["health"]["last_success_at"].is_string(), "{beta}");
+    assert!(beta["health"].get("circuit").is_some(), "{beta}");
+    app.stop().await;
+}
+backends!(callers_change_without_being_deleted: Sqlite, PostgresRedis);
+
+/// A caller gets a new key; the old one keeps working through an optional grace period, and
+/// the changes are audited without any key.
+async fn caller_keys_rotate_with_an_optional_grace(env: TestEnv) {
+    let (app, _partner, id, key) = tenants_and_a_caller(&env).await;
+    app.send(
+        app.admin(Method::PATCH, &format!("/admin/v1/callers/{id}"))
+            .json(&json!({"tenants": ["beta"]})),
+    )
+    .await;
     // Rotate without grace: the new key works, the old one at once no longer.
     let rotate = format!("/admin/v1/callers/{id}/rotate-key");
     let r = app.send(app.admin(Method::POST, &rotate)).await;
@@ -473,20 +512,6 @@ async fn caller_lifecycle(env: TestEnv) {
         assert!(!text.contains(k.as_str()));
     }
 
-    // The tenant list shows each tenant's health.
-    let list = app
-        .send(app.admin(Method::GET, "/admin/v1/tenants"))
-        .await
-        .json();
-    let beta = list["tenants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["id"] == "beta")
-        .unwrap()
-        .clone();
-    assert!(beta["health"]["last_success_at"].is_string(), "{beta}");
-    assert!(beta["health"].get("circuit").is_some(), "{beta}");
     app.stop().await;
 }
-backends!(caller_lifecycle: Sqlite, PostgresRedis);
+backends!(caller_keys_rotate_with_an_optional_grace: Sqlite, PostgresRedis);

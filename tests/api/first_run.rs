@@ -132,48 +132,88 @@ fn postgres_without_an_admin_token_refuses_to_start_naming_the_variable() {
     assert!(out.stdout.is_empty());
 }
 
-/// The CLI against a live broker: create (secret on stdin), test, list, show, update, callers,
-/// audit, delete; JSON for scripts; exit codes 1 (refused, with the problem code) and 2 (usage).
-#[tokio::test]
-async fn the_admin_cli_manages_a_live_broker() {
-    let broker = BrokerProcess::start(&[]).await;
-    let partner = setu_partner(300, 0).await;
-    let env = [
-        ("BROKER_URL", broker.address.as_str()),
-        ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN),
-    ];
-    let cli = |args: &[&str], stdin: &str| run(args, &env, stdin);
-    let json_of = |o: &Output| -> Value {
+/// A broker process, a fake partner, and the CLI pointed at them.
+struct Cli {
+    broker: BrokerProcess,
+    partner: wiremock::MockServer,
+}
+
+impl Cli {
+    async fn start() -> Self {
+        Self {
+            broker: BrokerProcess::start(&[]).await,
+            partner: setu_partner(300, 0).await,
+        }
+    }
+
+    fn run(&self, args: &[&str], stdin: &str) -> Output {
+        let env = [
+            ("BROKER_URL", self.broker.address.as_str()),
+            ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN),
+        ];
+        run(args, &env, stdin)
+    }
+
+    /// The JSON a successful command printed.
+    fn json(&self, args: &[&str], stdin: &str) -> Value {
+        let o = self.run(args, stdin);
         assert!(o.status.success(), "{}", text(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
-    };
-    let token_url = format!("{}/auth/token", partner.uri());
-    let create = [
-        "tenants",
-        "create",
-        "acme",
-        "--kind",
-        "setu_partner",
-        "--token-url",
-        &token_url,
-        "--client-id",
-        "acme-client",
-        "--display-name",
-        "Acme",
-        "-o",
-        "json",
-    ];
-    let created = json_of(&cli(&create, &format!("{SECRET}\n")));
+    }
+
+    /// `tenants create acme` for a Setu-style tenant from flags (the secret goes on stdin).
+    fn create_args(&self) -> Vec<String> {
+        let token_url = format!("{}/auth/token", self.partner.uri());
+        [
+            "tenants",
+            "create",
+            "acme",
+            "--kind",
+            "setu_partner",
+            "--token-url",
+            &token_url,
+            "--client-id",
+            "acme-client",
+            "--display-name",
+            "Acme",
+            "-o",
+            "json",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    fn create_acme(&self) -> Value {
+        let args = self.create_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.json(&args, &format!("{SECRET}\n"))
+    }
+
+    /// Nothing secret reached the broker's log.
+    fn assert_logs_hold_none_of(&self, secrets: &[&str]) {
+        let logs = self.broker.stderr();
+        for secret in secrets {
+            assert!(!logs.contains(secret), "a secret reached the broker's log");
+        }
+    }
+}
+
+/// Tenants through the CLI: create with the secret on stdin (the partner receives it), test,
+/// list (health, token left, mints), show, update, new credentials, delete.
+#[tokio::test]
+async fn the_cli_registers_tests_updates_and_deletes_a_tenant() {
+    let t = Cli::start().await;
+    let created = t.create_acme();
     assert_eq!(created["id"], "acme");
     assert_eq!(created["credential_fields"][1], "client_secret");
     assert!(
-        partner.received_requests().await.unwrap().is_empty(),
+        t.partner.received_requests().await.unwrap().is_empty(),
         "created without a partner call"
     );
 
-    let tested = json_of(&cli(&["tenants", "test", "acme", "-o", "json"], ""));
+    let tested = t.json(&["tenants", "test", "acme", "-o", "json"], "");
     assert_eq!(tested["ok"], true);
-    let sent = partner.received_requests().await.unwrap();
+    let sent = t.partner.received_requests().await.unwrap();
     let form = form_of(sent.last().unwrap());
     assert_eq!(
         form["client_secret"], SECRET,
@@ -181,7 +221,7 @@ async fn the_admin_cli_manages_a_live_broker() {
     );
     assert_eq!(form["client_id"], "acme-client");
 
-    let list = json_of(&cli(&["tenants", "list"], ""));
+    let list = t.json(&["tenants", "list"], "");
     let health = &list["tenants"][0]["health"];
     assert_eq!(list["tenants"][0]["id"], "acme");
     assert_eq!(health["mints_last_hour"], 1);
@@ -189,16 +229,16 @@ async fn the_admin_cli_manages_a_live_broker() {
         health["token"]["expires_in"].as_i64().unwrap() > 250,
         "{health}"
     );
-    let table = cli(&["tenants", "list", "-o", "table"], "");
+    let table = t.run(&["tenants", "list", "-o", "table"], "");
     let table = text(&table.stdout);
     assert!(
         table.starts_with("ID") && table.contains("acme") && table.contains(" ok "),
         "{table}"
     );
-    let shown = cli(&["tenants", "show", "acme", "-o", "table"], "");
+    let shown = t.run(&["tenants", "show", "acme", "-o", "table"], "");
     assert!(text(&shown.stdout).contains("client_id, client_secret (write-only)"));
 
-    let updated = json_of(&cli(
+    let updated = t.json(
         &[
             "tenants",
             "update",
@@ -209,9 +249,9 @@ async fn the_admin_cli_manages_a_live_broker() {
             "json",
         ],
         "",
-    ));
+    );
     assert_eq!(updated["display_name"], "Acme Corp");
-    let rotated = cli(
+    let rotated = t.run(
         &[
             "tenants",
             "update",
@@ -224,22 +264,40 @@ async fn the_admin_cli_manages_a_live_broker() {
         "rotated-secret\n",
     );
     assert!(rotated.status.success(), "{}", text(&rotated.stderr));
-    json_of(&cli(&["tenants", "test", "acme", "-o", "json"], ""));
-    let form = form_of(partner.received_requests().await.unwrap().last().unwrap());
+    t.json(&["tenants", "test", "acme", "-o", "json"], "");
+    let form = form_of(t.partner.received_requests().await.unwrap().last().unwrap());
     assert_eq!(
         (form["client_id"].as_str(), form["client_secret"].as_str()),
         ("acme-2", "rotated-secret")
     );
 
-    let caller = json_of(&cli(
+    assert!(t.run(&["tenants", "delete", "acme"], "").status.success());
+    assert_eq!(
+        t.run(&["tenants", "show", "acme"], "").status.code(),
+        Some(1)
+    );
+    t.assert_logs_hold_none_of(&[SECRET, "rotated-secret"]);
+}
+
+/// Callers through the CLI (the key it prints once fetches a token), and the audit trail,
+/// read and followed.
+#[tokio::test]
+async fn the_cli_manages_callers_and_follows_the_audit_trail() {
+    let t = Cli::start().await;
+    t.create_acme();
+    t.json(
+        &["tenants", "update", "acme", "--display-name", "Acme Corp"],
+        "",
+    );
+    let caller = t.json(
         &[
             "callers", "create", "--name", "billing", "--tenant", "acme", "-o", "json",
         ],
         "",
-    ));
+    );
     let key = caller["api_key"].as_str().unwrap().to_owned();
     let fetched = reqwest::Client::new()
-        .get(format!("{}/v1/tenants/acme/token", broker.address))
+        .get(format!("{}/v1/tenants/acme/token", t.broker.address))
         .bearer_auth(&key)
         .send()
         .await
@@ -249,7 +307,8 @@ async fn the_admin_cli_manages_a_live_broker() {
     let mut follow = Command::new(env!("CARGO_BIN_EXE_token-broker"))
         .args(["audit", "--follow", "--limit", "1", "-o", "json"])
         .env_clear()
-        .envs(env.iter().copied())
+        .env("BROKER_URL", &t.broker.address)
+        .env("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -264,12 +323,12 @@ async fn the_admin_cli_manages_a_live_broker() {
         .recv_timeout(std::time::Duration::from_secs(10))
         .expect("the latest entry");
     assert!(serde_json::from_str::<Value>(&first).is_ok(), "{first}");
-    json_of(&cli(
+    t.json(
         &[
             "callers", "create", "--name", "followed", "--tenant", "*", "-o", "json",
         ],
         "",
-    ));
+    );
     let arrived = (0..3).find_map(|_| {
         let line = rx.recv_timeout(std::time::Duration::from_secs(5)).ok()?;
         let e: Value = serde_json::from_str(&line).unwrap();
@@ -279,7 +338,7 @@ async fn the_admin_cli_manages_a_live_broker() {
     let _ = follow.wait();
     assert!(arrived.is_some_and(|e| e["detail"].as_str().unwrap().contains("followed")));
 
-    let callers = json_of(&cli(&["callers", "list"], ""));
+    let callers = t.json(&["callers", "list"], "");
     let names: Vec<&str> = callers["callers"]
         .as_array()
         .unwrap()
@@ -291,22 +350,32 @@ async fn the_admin_cli_manages_a_live_broker() {
         "{names:?}"
     );
 
-    let audit = json_of(&cli(&["audit", "--tenant", "acme", "-o", "json"], ""));
+    let audit = t.json(&["audit", "--tenant", "acme", "-o", "json"], "");
     let actions: Vec<&str> = audit["entries"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|e| e["action"].as_str())
         .collect();
-    for want in ["tenant.create", "tenant.test", "tenant.update"] {
+    for want in ["tenant.create", "tenant.update", "token.fetch"] {
         assert!(actions.contains(&want), "{want} not in {actions:?}");
     }
 
+    let deleted = t.run(&["callers", "delete", caller["id"].as_str().unwrap()], "");
+    assert!(deleted.status.success());
+    t.assert_logs_hold_none_of(&[SECRET, &key]);
+}
+
+/// Failures: the problem code and exit 1 when the broker refuses or cannot be reached; exit 2
+/// when the command itself is wrong.
+#[tokio::test]
+async fn the_cli_says_what_failed_with_its_exit_code() {
+    let t = Cli::start().await;
     // Failures: the problem code and exit 1; usage errors exit 2; nothing secret on any output.
-    let missing = cli(&["tenants", "show", "nope"], "");
+    let missing = t.run(&["tenants", "show", "nope"], "");
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("tenant_not_found"));
-    let invalid = cli(
+    let invalid = t.run(
         &[
             "tenants",
             "create",
@@ -326,10 +395,16 @@ async fn the_admin_cli_manages_a_live_broker() {
         "{}",
         text(&invalid.stderr)
     );
-    assert_eq!(cli(&["tenants", "frobnicate"], "").status.code(), Some(2));
-    let no_secret = cli(&create, "");
+    assert_eq!(t.run(&["tenants", "frobnicate"], "").status.code(), Some(2));
+    let args = t.create_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let no_secret = t.run(&args, "");
     assert_eq!(no_secret.status.code(), Some(2));
-    let no_token = run(&["tenants", "list"], &[("BROKER_URL", &broker.address)], "");
+    let no_token = run(
+        &["tenants", "list"],
+        &[("BROKER_URL", &t.broker.address)],
+        "",
+    );
     assert_eq!(no_token.status.code(), Some(2));
     assert!(text(&no_token.stderr).contains("BROKER_ADMIN_TOKEN"));
     let unreachable = run(
@@ -341,13 +416,4 @@ async fn the_admin_cli_manages_a_live_broker() {
         "",
     );
     assert_eq!(unreachable.status.code(), Some(1));
-
-    let deleted = cli(&["callers", "delete", caller["id"].as_str().unwrap()], "");
-    assert!(deleted.status.success());
-    assert!(cli(&["tenants", "delete", "acme"], "").status.success());
-    assert_eq!(cli(&["tenants", "show", "acme"], "").status.code(), Some(1));
-    let logs = broker.stderr();
-    for secret in [SECRET, "rotated-secret", key.as_str()] {
-        assert!(!logs.contains(secret), "a secret reached the broker's log");
-    }
 }
