@@ -8,59 +8,125 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::backends;
 use crate::helpers::*;
 
-async fn secrets_stay_secret(env: TestEnv) {
-    let app = env.spawn().await;
-    let tag = format!("{:x}", rand::random::<u64>());
-    let client_secret = format!("PLANTED-client-secret-{tag}");
-    let password = format!("PLANTED-password-{tag}");
-    let new_password = format!("PLANTED-rotated-password-{tag}");
-    let access = comm100_jwt(43200);
-    let refresh = format!("PLANTEDREFRESH{tag}");
-    let partner = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/oauth/token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "access_token": access, "expires_in": 43200, "token_type": "Bearer",
-            "refresh_token": refresh, "scope": "comm100 offline_access"
-        })))
-        .mount(&partner)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/auth/token"))
-        .respond_with(
-            ResponseTemplate::new(401).set_body_json(
+/// Secrets planted in a tenant's credentials and in a partner's answers.
+struct Planted {
+    client_secret: String,
+    password: String,
+    new_password: String,
+    access: String,
+    refresh: String,
+    partner: MockServer,
+}
+
+impl Planted {
+    /// A partner whose Comm100 answers carry planted tokens and whose Setu endpoint refuses
+    /// with an error body that echoes the planted client secret.
+    async fn new() -> Self {
+        let tag = format!("{:x}", rand::random::<u64>());
+        let client_secret = format!("PLANTED-client-secret-{tag}");
+        let access = comm100_jwt(43200);
+        let refresh = format!("PLANTEDREFRESH{tag}");
+        let partner = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/oauth/token"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": access, "expires_in": 43200, "token_type": "Bearer",
+                "refresh_token": refresh, "scope": "comm100 offline_access"
+            })))
+            .mount(&partner)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/auth/token"))
+            .respond_with(ResponseTemplate::new(401).set_body_json(
                 json!({"error": "invalid_client", "error_description": client_secret}),
-            ),
-        )
-        .mount(&partner)
-        .await;
+            ))
+            .mount(&partner)
+            .await;
 
-    let mut answers = Vec::new();
-    let created = app
-        .create_tenant(&comm100_spec("chat", &partner, &password))
-        .await;
-    assert_eq!(created.status, 201);
-    answers.push(created.text);
-    let created = app
-        .create_tenant(&setu_spec("pay", &partner, &client_secret))
-        .await;
-    answers.push(created.text);
-    // A secret put where it does not belong is not echoed in the 422.
-    let mut misplaced = setu_spec("oops", &partner, "s");
-    misplaced["issuer"]["default_ttl_seconds"] = json!(client_secret);
-    answers.push(
-        app.create_tenant(&misplaced)
-            .await
-            .assert_problem(422, "invalid_spec")
-            .to_string(),
-    );
-    misplaced["issuer"]["default_ttl_seconds"] = json!(900);
-    misplaced["issuer"]["kind"] = json!(password);
-    answers.push(app.create_tenant(&misplaced).await.text);
-    misplaced["issuer"]["kind"] = json!("setu_partner");
-    misplaced["credentials"][&password] = json!("x");
-    answers.push(app.create_tenant(&misplaced).await.text);
+        Self {
+            password: format!("PLANTED-password-{tag}"),
+            new_password: format!("PLANTED-rotated-password-{tag}"),
+            client_secret,
+            access,
+            refresh,
+            partner,
+        }
+    }
 
+    /// Two tenants holding the planted credentials: `chat` (Comm100) and `pay` (Setu).
+    async fn register(&self, app: &TestApp) -> Vec<String> {
+        let (partner, password, client_secret) =
+            (&self.partner, &self.password, &self.client_secret);
+        let mut answers = Vec::new();
+        let created = app
+            .create_tenant(&comm100_spec("chat", partner, password))
+            .await;
+        assert_eq!(created.status, 201);
+        answers.push(created.text);
+        let created = app
+            .create_tenant(&setu_spec("pay", partner, client_secret))
+            .await;
+        answers.push(created.text);
+        // A secret put where it does not belong is not echoed in the 422.
+        let mut misplaced = setu_spec("oops", partner, "s");
+        misplaced["issuer"]["default_ttl_seconds"] = json!(client_secret);
+        answers.push(
+            app.create_tenant(&misplaced)
+                .await
+                .assert_problem(422, "invalid_spec")
+                .to_string(),
+        );
+        misplaced["issuer"]["default_ttl_seconds"] = json!(900);
+        misplaced["issuer"]["kind"] = json!(password);
+        answers.push(app.create_tenant(&misplaced).await.text);
+        misplaced["issuer"]["kind"] = json!("setu_partner");
+        misplaced["credentials"][&password] = json!("x");
+        answers.push(app.create_tenant(&misplaced).await.text);
+
+        answers
+    }
+
+    /// No answer and no log line holds any planted secret (nor `extra`).
+    fn assert_none_in(&self, answers: &[String], extra: &[&str]) {
+        let logs = captured_logs();
+        assert!(logs.contains("tenant created"), "logs were captured");
+        let planted = [
+            &self.client_secret,
+            &self.password,
+            &self.new_password,
+            &self.access,
+            &self.refresh,
+        ];
+        for secret in planted
+            .iter()
+            .map(|s| s.as_str())
+            .chain(extra.iter().copied())
+        {
+            for (i, a) in answers.iter().enumerate() {
+                assert!(!a.contains(secret), "answer {i} leaks a secret: {a}");
+            }
+            assert!(!logs.contains(secret), "the log leaks a secret");
+        }
+    }
+}
+
+/// Registering tenants (and misplacing a secret in a spec) echoes no secret.
+async fn secrets_stay_out_of_admin_writes(env: TestEnv) {
+    let app = env.spawn().await;
+    let planted = Planted::new().await;
+    let answers = planted.register(&app).await;
+    planted.assert_none_in(&answers, &[]);
+    app.stop().await;
+}
+backends!(secrets_stay_out_of_admin_writes: Sqlite);
+
+/// Tokens are handed out only to callers; a partner's error body is not passed on; admin reads,
+/// dry runs, updates and metrics hold no secret, and neither does the database file.
+async fn secrets_stay_out_of_answers_logs_and_the_database(env: TestEnv) {
+    let app = env.spawn().await;
+    let planted = Planted::new().await;
+    let mut answers = planted.register(&app).await;
+    let (access, new_password) = (&planted.access, &planted.new_password);
     let key = app.create_caller("c", json!("*")).await;
     let fetched = app.get_token("chat", &key).await;
     assert_eq!(fetched.json()["access_token"], access.as_str());
@@ -102,29 +168,17 @@ async fn secrets_stay_secret(env: TestEnv) {
     assert!(metrics.contains("broker_upstream_requests_total"));
     answers.push(metrics);
 
-    let logs = captured_logs();
-    assert!(logs.contains("token minted"), "logs were captured");
-    for secret in [
-        &client_secret,
-        &password,
-        &new_password,
-        &access,
-        &refresh,
-        &key,
-    ] {
-        for (i, a) in answers.iter().enumerate() {
-            assert!(
-                !a.contains(secret.as_str()),
-                "answer {i} leaks a secret: {a}"
-            );
-        }
-        assert!(!logs.contains(secret.as_str()), "the log leaks a secret");
-    }
+    assert!(
+        captured_logs().contains("token minted"),
+        "logs were captured"
+    );
+    planted.assert_none_in(&answers, &[&key]);
+    let (client_secret, password) = (&planted.client_secret, &planted.password);
 
     if env.backend == Backend::Sqlite {
         let db = std::fs::read(env.dir.path().join("broker.db")).unwrap();
         let wal = std::fs::read(env.dir.path().join("broker.db-wal")).unwrap_or_default();
-        for secret in [&client_secret, &password, &new_password, &key] {
+        for secret in [client_secret, password, new_password, &key] {
             for bytes in [&db, &wal] {
                 assert!(
                     !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
@@ -135,4 +189,4 @@ async fn secrets_stay_secret(env: TestEnv) {
     }
     app.stop().await;
 }
-backends!(secrets_stay_secret: Sqlite, PostgresRedis);
+backends!(secrets_stay_out_of_answers_logs_and_the_database: Sqlite, PostgresRedis);
