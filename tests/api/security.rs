@@ -419,47 +419,7 @@ async fn online_key_rotation(mut env: TestEnv) {
     }
     let minted_before = partner.received_requests().await.unwrap().len();
 
-    // Steady load across whatever replicas are up, counting every failure.
-    let targets = Arc::new(Mutex::new(vec![app_a.address.clone()]));
-    let (stop, failures, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let load = {
-        let (targets, stop, failures, done, key) = (
-            targets.clone(),
-            stop.clone(),
-            failures.clone(),
-            done.clone(),
-            key.clone(),
-        );
-        let client = reqwest::Client::new();
-        tokio::spawn(async move {
-            let mut i = 0usize;
-            while !stop.load(Ordering::SeqCst) {
-                let addr = {
-                    let t = targets.lock().unwrap();
-                    t[i % t.len()].clone()
-                };
-                let tenant = ["r1", "r2", "r3"][i % 3];
-                i += 1;
-                let r = client
-                    .get(format!("{addr}/v1/tenants/{tenant}/token"))
-                    .bearer_auth(&key)
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) if r.status() == 200 => {}
-                    _ => {
-                        failures.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                done.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let load = SteadyLoad::start(&app_a.address, &key, &["r1", "r2", "r3"]);
 
     // Roll: a replica with the new key first, then retire the old one.
     env.extra.insert(
@@ -467,9 +427,9 @@ async fn online_key_rotation(mut env: TestEnv) {
         format!("k1:{KEY_B},k0:{KEY_A}"),
     );
     let app_b = env.spawn().await;
-    targets.lock().unwrap().push(app_b.address.clone());
+    load.add(&app_b.address);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    targets.lock().unwrap().retain(|a| a != &app_a.address);
+    load.remove(&app_a.address);
     tokio::time::sleep(Duration::from_millis(100)).await;
     app_a.stop().await;
     // A credential written now is sealed with k1.
@@ -498,11 +458,9 @@ async fn online_key_rotation(mut env: TestEnv) {
     env.extra
         .insert("BROKER_ENCRYPTION_KEYS".into(), format!("k1:{KEY_B}"));
     let app_c = env.spawn().await;
-    targets.lock().unwrap().push(app_c.address.clone());
+    load.add(&app_c.address);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    stop.store(true, Ordering::SeqCst);
-    load.await.unwrap();
-    let (failures, done) = (failures.load(Ordering::SeqCst), done.load(Ordering::SeqCst));
+    let (done, failures) = load.finish().await;
     eprintln!("key rotation under load: {done} requests, {failures} failed, {rows} rows and {tokens} cached tokens re-sealed");
     assert_eq!(failures, 0);
     assert!(done > 50);
@@ -513,7 +471,21 @@ async fn online_key_rotation(mut env: TestEnv) {
         minted_before + 1
     );
 
-    // A key still in use cannot be dropped silently.
+    app_b.stop().await;
+    app_c.stop().await;
+}
+backends!(online_key_rotation: PostgresRedis);
+
+/// A key that still seals stored credentials cannot be dropped silently: the broker refuses to
+/// start, naming the key and the rows.
+async fn a_key_still_in_use_cannot_be_dropped(mut env: TestEnv) {
+    env.extra
+        .insert("BROKER_ENCRYPTION_KEYS".into(), format!("k1:{KEY_B}"));
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    app.create_tenant(&setu_spec("r1", &partner, "r1-secret"))
+        .await;
+    app.stop().await;
     env.extra
         .insert("BROKER_ENCRYPTION_KEYS".into(), format!("k0:{KEY_A}"));
     let err = token_broker::app::Application::build(env.settings())
@@ -525,10 +497,82 @@ async fn online_key_rotation(mut env: TestEnv) {
         msg.contains("k1") && msg.contains("r1/client_secret"),
         "{msg}"
     );
-    app_b.stop().await;
-    app_c.stop().await;
 }
-backends!(online_key_rotation: PostgresRedis);
+backends!(a_key_still_in_use_cannot_be_dropped: Sqlite);
+
+/// Token fetches every 5 ms spread over a changing set of replicas, counting every failure.
+struct SteadyLoad {
+    targets: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicUsize>,
+    done: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SteadyLoad {
+    fn start(first: &str, key: &str, tenants: &'static [&'static str]) -> Self {
+        let targets = Arc::new(Mutex::new(vec![first.to_owned()]));
+        let (stop, failures, done) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (t, st, f, d, key) = (
+            targets.clone(),
+            stop.clone(),
+            failures.clone(),
+            done.clone(),
+            key.to_owned(),
+        );
+        let client = reqwest::Client::new();
+        let task = tokio::spawn(async move {
+            let mut i = 0usize;
+            while !st.load(Ordering::SeqCst) {
+                let addr = {
+                    let t = t.lock().unwrap();
+                    t[i % t.len()].clone()
+                };
+                let tenant = tenants[i % tenants.len()];
+                i += 1;
+                let r = client
+                    .get(format!("{addr}/v1/tenants/{tenant}/token"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await;
+                if !matches!(r, Ok(ref r) if r.status() == 200) {
+                    f.fetch_add(1, Ordering::SeqCst);
+                }
+                d.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        Self {
+            targets,
+            stop,
+            failures,
+            done,
+            task,
+        }
+    }
+
+    fn add(&self, address: &str) {
+        self.targets.lock().unwrap().push(address.to_owned());
+    }
+
+    fn remove(&self, address: &str) {
+        self.targets.lock().unwrap().retain(|a| a != address);
+    }
+
+    /// Stops the load: (requests, failures).
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap();
+        (
+            self.done.load(Ordering::SeqCst),
+            self.failures.load(Ordering::SeqCst),
+        )
+    }
+}
 
 async fn tampered_or_moved_ciphertexts_fail_closed(env: TestEnv) {
     let app = env.spawn().await;
