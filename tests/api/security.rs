@@ -733,20 +733,26 @@ fn admin_claims(sub: &str, roles: Value) -> Value {
     json!({"sub": sub, "iss": ISSUER, "aud": ADMIN_AUDIENCE, "iat": now, "exp": now + 300, "roles": roles})
 }
 
+/// An app accepting admin JWTs from a fake IdP (keys `rsa1`, `ec1`): (app, partner, IdP).
+async fn named_admin_app(env: &mut TestEnv) -> (TestApp, MockServer, MockServer) {
+    let idp = idp(&["rsa1", "ec1"]).await;
+    with_jwt(env, &idp);
+    env.extra
+        .insert("BROKER_ADMIN_JWT_AUDIENCE".into(), ADMIN_AUDIENCE.into());
+    (env.spawn().await, setu_partner(300, 0).await, idp)
+}
+
+fn as_admin(app: &TestApp, token: &str, m: Method, p: &str) -> reqwest::RequestBuilder {
+    app.client
+        .request(m, format!("{}{p}", app.address))
+        .bearer_auth(token)
+}
+
 /// Named admins: IdP JWTs with the admin audience and a role; auditors read only; every
 /// change is audited with the admin's `sub`; the static token is recorded as `admin-token`.
 async fn named_admins_from_the_idp(mut env: TestEnv) {
-    let idp = idp(&["rsa1", "ec1"]).await;
-    with_jwt(&mut env, &idp);
-    env.extra
-        .insert("BROKER_ADMIN_JWT_AUDIENCE".into(), ADMIN_AUDIENCE.into());
-    let app = env.spawn().await;
-    let partner = setu_partner(300, 0).await;
-    let as_admin = |token: &str, m: Method, p: &str| {
-        app.client
-            .request(m, format!("{}{p}", app.address))
-            .bearer_auth(token)
-    };
+    let (app, partner, _idp) = named_admin_app(&mut env).await;
+    let as_admin = |token: &str, m: Method, p: &str| as_admin(&app, token, m, p);
     let alice = sign(
         &admin_claims("alice@example.com", json!(["token-broker-admin", "other"])),
         Algorithm::RS256,
@@ -796,6 +802,41 @@ async fn named_admins_from_the_idp(mut env: TestEnv) {
     app.send(as_admin(&nobody, Method::GET, "/admin/v1/tenants"))
         .await
         .assert_problem(403, "admin_forbidden");
+    // An admin token is not a caller token either.
+    app.get_token("named", &alice)
+        .await
+        .assert_problem(401, "unauthorized");
+    // The static token still works, recorded as admin-token.
+    assert_eq!(
+        app.send(app.admin(Method::DELETE, "/admin/v1/tenants/named"))
+            .await
+            .status,
+        204
+    );
+    let entries = audit_entries(&app, "tenant=named", 2).await;
+    let create = entries
+        .iter()
+        .find(|e| e["action"] == "tenant.create")
+        .expect("create audited");
+    assert_eq!(create["caller"], "alice@example.com");
+    assert_eq!(create["auth_method"], "jwt");
+    let delete = entries
+        .iter()
+        .find(|e| e["action"] == "tenant.delete")
+        .expect("delete audited");
+    assert_eq!(delete["caller"], "admin-token");
+    assert_eq!(delete["auth_method"], "admin_token");
+    let text = serde_json::to_string(&entries).unwrap();
+    assert!(!text.contains(&alice) && !text.contains(ADMIN_TOKEN));
+    app.stop().await;
+}
+backends!(named_admins_from_the_idp: Sqlite, PostgresRedis);
+
+/// Forged, expired, foreign-key, unsigned and `crit` admin tokens, and a caller's token that
+/// carries the admin role, are all refused.
+async fn forged_admin_tokens_are_refused(mut env: TestEnv) {
+    let (app, _partner, _idp) = named_admin_app(&mut env).await;
+    let as_admin = |token: &str, m: Method, p: &str| as_admin(&app, token, m, p);
     // The same attacks as for callers, and a caller's token (wrong audience) carrying the role.
     let mut caller_token = claims(json!("*"));
     caller_token["roles"] = json!(["token-broker-admin"]);
@@ -847,32 +888,6 @@ async fn named_admins_from_the_idp(mut env: TestEnv) {
             .await;
         assert_eq!(a.status, 401, "{what}: {}", a.text);
     }
-    // An admin token is not a caller token either.
-    app.get_token("named", &alice)
-        .await
-        .assert_problem(401, "unauthorized");
-    // The static token still works, recorded as admin-token.
-    assert_eq!(
-        app.send(app.admin(Method::DELETE, "/admin/v1/tenants/named"))
-            .await
-            .status,
-        204
-    );
-    let entries = audit_entries(&app, "tenant=named", 2).await;
-    let create = entries
-        .iter()
-        .find(|e| e["action"] == "tenant.create")
-        .expect("create audited");
-    assert_eq!(create["caller"], "alice@example.com");
-    assert_eq!(create["auth_method"], "jwt");
-    let delete = entries
-        .iter()
-        .find(|e| e["action"] == "tenant.delete")
-        .expect("delete audited");
-    assert_eq!(delete["caller"], "admin-token");
-    assert_eq!(delete["auth_method"], "admin_token");
-    let text = serde_json::to_string(&entries).unwrap();
-    assert!(!text.contains(&alice) && !text.contains(ADMIN_TOKEN));
     app.stop().await;
 }
-backends!(named_admins_from_the_idp: Sqlite, PostgresRedis);
+backends!(forged_admin_tokens_are_refused: Sqlite);
