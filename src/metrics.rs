@@ -52,25 +52,58 @@ pub struct Metrics {
     circuit_series: Mutex<std::collections::HashSet<String>>,
 }
 
-fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(name, help), labels).expect("metric")
+/// Defines metrics in a registry: each helper builds one and registers it.
+struct Define<'a>(&'a Registry);
+
+impl Define<'_> {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
+        self.0.register(Box::new(c.clone())).expect("unique metric");
+        c
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("metric"))
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("metric"))
+    }
+
+    fn int_gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("metric"))
+    }
+
+    fn int_gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("metric"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+        self.add(GaugeVec::new(Opts::new(name, help), labels).expect("metric"))
+    }
+
+    fn histogram_vec(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+        labels: &[&str],
+    ) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(HistogramVec::new(opts, labels).expect("metric"))
+    }
 }
 
-fn int_gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    IntGaugeVec::new(Opts::new(name, help), labels).expect("metric")
-}
-
-fn histogram_vec(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
-    HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        labels,
-    )
-    .expect("metric")
-}
-
-fn counter(name: &str, help: &str) -> IntCounter {
-    IntCounter::new(name, help).expect("metric")
-}
+/// HTTP request latency buckets: 100 µs to 10 s.
+const HTTP_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Partner token request latency buckets: 10 ms to 10 s.
+const UPSTREAM_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Proxied call latency buckets: 1 ms to 10 s.
+const PROXY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -81,130 +114,27 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let token_requests = counter_vec(
-            "broker_token_requests_total",
-            "Token fetches by tenant and outcome",
-            &["tenant", "outcome"],
-        );
-        let cache_lookups = counter_vec(
+        let d = Define(&registry);
+        let cache_lookups = d.counter_vec(
             "broker_cache_lookups_total",
             "Token cache lookups by layer and result",
             &["layer", "result"],
         );
-        let upstream_requests = counter_vec(
-            "broker_upstream_requests_total",
-            "Token requests sent to partners, by tenant and outcome",
-            &["tenant", "outcome"],
-        );
-        let upstream_duration = histogram_vec(
-            "broker_upstream_request_duration_seconds",
-            "Partner token request latency",
-            &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
-            &["tenant"],
-        );
-        let token_expiry = GaugeVec::new(
-            Opts::new(
-                "broker_token_expiry_seconds",
-                "Seconds left on the tenant's cached token",
-            ),
-            &["tenant"],
-        )
-        .expect("metric");
-        let tenants = IntGauge::new("broker_tenants", "Registered tenants").expect("metric");
-        let http_requests = counter_vec(
-            "http_requests_total",
-            "HTTP requests by method, route and status",
-            &["method", "route", "status"],
-        );
-        let http_duration = histogram_vec(
-            "http_request_duration_seconds",
-            "HTTP request latency",
-            &[
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 2.5, 5.0, 10.0,
-            ],
-            &["method", "route"],
-        );
-        let audit_dropped = counter(
-            "broker_audit_dropped_total",
-            "Audit entries that could not be queued",
-        );
-        let audit_write_failures = counter(
-            "broker_audit_write_failures_total",
-            "Failed audit batch writes (retried)",
-        );
-        let invalidations = counter_vec("broker_invalidations_total", "Callers' reports of rejected tokens, by tenant and outcome (dropped, stale, throttled)", &["tenant", "outcome"]);
-        let proxy_requests = counter_vec(
-            "broker_proxy_requests_total",
-            "Proxied partner API calls, by tenant and the status class answered (2xx, 3xx, 4xx, 5xx)",
-            &["tenant", "status_class"],
-        );
-        let proxy_duration = histogram_vec(
-            "broker_proxy_request_duration_seconds",
-            "Proxied partner API call latency, to the answer's head",
-            &[
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ],
-            &["tenant"],
-        );
-        let circuit_open = int_gauge_vec("broker_circuit_open", "1 while the tenant's partner calls are paused or probed after a failed mint, 0 once one succeeds", &["tenant"]);
-        let last_mint_success = int_gauge_vec(
-            "broker_last_mint_success_timestamp_seconds",
-            "Unix time of the tenant's last successful mint by this replica",
-            &["tenant"],
-        );
-        let build_info = int_gauge_vec(
-            "broker_build_info",
-            "Always 1; the version that runs",
-            &["version"],
-        );
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
         let lookup = |layer: &str, result: &str| cache_lookups.with_label_values(&[layer, result]);
-        let (l1_hit, l1_miss, l2_hit, l2_miss, l2_error) = (
-            lookup("l1", "hit"),
-            lookup("l1", "miss"),
-            lookup("l2", "hit"),
-            lookup("l2", "miss"),
-            lookup("l2", "error"),
-        );
-        let lock_degraded = counter(
-            "broker_lock_degraded_total",
-            "Mints done without the cross-replica lock because Redis was unavailable",
-        );
-        let dependency_up = int_gauge_vec(
+        let dependency_up = d.int_gauge_vec(
             "broker_dependency_up",
             "1 while the dependency answers real operations, 0 while it is failing",
             &["dependency"],
         );
-        let (redis_up, database_up) = (
-            dependency_up.with_label_values(&["redis"]),
-            dependency_up.with_label_values(&["database"]),
-        );
+        let database_up = dependency_up.with_label_values(&["database"]);
         database_up.set(1);
-        for c in [
-            Box::new(dependency_up.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(token_requests.clone()),
-            Box::new(cache_lookups.clone()),
-            Box::new(upstream_requests.clone()),
-            Box::new(upstream_duration.clone()),
-            Box::new(token_expiry.clone()),
-            Box::new(tenants.clone()),
-            Box::new(http_requests.clone()),
-            Box::new(http_duration.clone()),
-            Box::new(audit_dropped.clone()),
-            Box::new(lock_degraded.clone()),
-            Box::new(audit_write_failures.clone()),
-            Box::new(invalidations.clone()),
-            Box::new(proxy_requests.clone()),
-            Box::new(proxy_duration.clone()),
-            Box::new(circuit_open.clone()),
-            Box::new(last_mint_success.clone()),
-            Box::new(build_info),
-        ] {
-            registry.register(c).expect("unique metric");
-        }
+        d.int_gauge_vec(
+            "broker_build_info",
+            "Always 1; the version that runs",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
         #[cfg(target_os = "linux")]
         registry
@@ -213,31 +143,31 @@ impl Metrics {
             ))
             .expect("unique metric");
         Self {
-            registry,
-            token_requests,
-            cache_lookups,
-            upstream_requests,
-            upstream_duration,
-            token_expiry,
-            tenants,
-            http_requests,
-            http_duration,
-            audit_dropped,
-            audit_write_failures,
-            invalidations,
-            proxy_requests,
-            proxy_duration,
-            circuit_open,
-            last_mint_success,
-            lock_degraded,
-            l1_hit,
-            l1_miss,
-            l2_hit,
-            l2_miss,
-            l2_error,
-            dependency_up,
-            redis_up,
+            token_requests: d.counter_vec("broker_token_requests_total", "Token fetches by tenant and outcome", &["tenant", "outcome"]),
+            upstream_requests: d.counter_vec("broker_upstream_requests_total", "Token requests sent to partners, by tenant and outcome", &["tenant", "outcome"]),
+            upstream_duration: d.histogram_vec("broker_upstream_request_duration_seconds", "Partner token request latency", UPSTREAM_BUCKETS, &["tenant"]),
+            token_expiry: d.gauge_vec("broker_token_expiry_seconds", "Seconds left on the tenant's cached token", &["tenant"]),
+            tenants: d.int_gauge("broker_tenants", "Registered tenants"),
+            http_requests: d.counter_vec("http_requests_total", "HTTP requests by method, route and status", &["method", "route", "status"]),
+            http_duration: d.histogram_vec("http_request_duration_seconds", "HTTP request latency", HTTP_BUCKETS, &["method", "route"]),
+            audit_dropped: d.counter("broker_audit_dropped_total", "Audit entries that could not be queued"),
+            audit_write_failures: d.counter("broker_audit_write_failures_total", "Failed audit batch writes (retried)"),
+            invalidations: d.counter_vec("broker_invalidations_total", "Callers' reports of rejected tokens, by tenant and outcome (dropped, stale, throttled)", &["tenant", "outcome"]),
+            proxy_requests: d.counter_vec("broker_proxy_requests_total", "Proxied partner API calls, by tenant and the status class answered (2xx, 3xx, 4xx, 5xx)", &["tenant", "status_class"]),
+            proxy_duration: d.histogram_vec("broker_proxy_request_duration_seconds", "Proxied partner API call latency, to the answer's head", PROXY_BUCKETS, &["tenant"]),
+            circuit_open: d.int_gauge_vec("broker_circuit_open", "1 while the tenant's partner calls are paused or probed after a failed mint, 0 once one succeeds", &["tenant"]),
+            last_mint_success: d.int_gauge_vec("broker_last_mint_success_timestamp_seconds", "Unix time of the tenant's last successful mint by this replica", &["tenant"]),
+            lock_degraded: d.counter("broker_lock_degraded_total", "Mints done without the cross-replica lock because Redis was unavailable"),
+            l1_hit: lookup("l1", "hit"),
+            l1_miss: lookup("l1", "miss"),
+            l2_hit: lookup("l2", "hit"),
+            l2_miss: lookup("l2", "miss"),
+            l2_error: lookup("l2", "error"),
+            redis_up: dependency_up.with_label_values(&["redis"]),
             database_up,
+            dependency_up,
+            cache_lookups,
+            registry,
             expiry_at_ms: Mutex::new(HashMap::new()),
             circuit_series: Mutex::new(std::collections::HashSet::new()),
         }
