@@ -366,6 +366,77 @@ async fn the_cli_manages_callers_and_follows_the_audit_trail() {
     t.assert_logs_hold_none_of(&[SECRET, &key]);
 }
 
+/// Any kind from a spec file (`-f`, or `-f -` for standard input), and a merge-patch file.
+#[tokio::test]
+async fn the_cli_takes_specs_and_patches_from_files() {
+    let t = Cli::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = serde_json::json!({
+        "id": "from-file",
+        "issuer": {"kind": "comm100_partner", "token_url": format!("{}/oauth/token", t.partner.uri())},
+        "credentials": {"client_id": "c1", "email": "a@b.c", "password": SECRET}
+    });
+    let file = dir.path().join("spec.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    let created = t.json(
+        &[
+            "tenants",
+            "create",
+            "-f",
+            file.to_str().unwrap(),
+            "-o",
+            "json",
+        ],
+        "",
+    );
+    assert_eq!(created["issuer"]["kind"], "comm100_partner");
+    let mut piped = spec.clone();
+    piped["id"] = "from-stdin".into();
+    let created = t.json(
+        &["tenants", "create", "-f", "-", "-o", "json"],
+        &piped.to_string(),
+    );
+    assert_eq!(created["id"], "from-stdin");
+    let patch = dir.path().join("patch.json");
+    std::fs::write(
+        &patch,
+        r#"{"display_name": "Patched", "issuer": {"timeout_ms": 2500}}"#,
+    )
+    .unwrap();
+    let updated = t.json(
+        &[
+            "tenants",
+            "update",
+            "from-file",
+            "-f",
+            patch.to_str().unwrap(),
+            "-o",
+            "json",
+        ],
+        "",
+    );
+    assert_eq!(updated["display_name"], "Patched");
+    assert_eq!(updated["issuer"]["timeout_ms"], 2500);
+    std::fs::write(&patch, "not json").unwrap();
+    let bad = t.run(
+        &[
+            "tenants",
+            "update",
+            "from-file",
+            "-f",
+            patch.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains("not JSON"),
+        "{}",
+        text(&bad.stderr)
+    );
+    t.assert_logs_hold_none_of(&[SECRET]);
+}
+
 /// Failures: the problem code and exit 1 when the broker refuses or cannot be reached; exit 2
 /// when the command itself is wrong.
 #[tokio::test]
