@@ -92,14 +92,14 @@ pub fn load_admin_token(
         path: path.display().to_string(),
         source,
     };
-    let generated = if path.exists() {
-        None
-    } else {
-        let token = admin_token::generate();
-        admin_token::write_hash_file(&path, &token).map_err(io)?;
+    // Created exclusively: of two processes starting on one database, one generates the token.
+    let token = admin_token::generate();
+    let generated = admin_token::create_hash_file(&path, &token)
+        .map_err(io)?
+        .then_some(token);
+    if generated.is_some() {
         tracing::info!(file = %path.display(), "first start: generated an admin token (printed once on standard output; only its hash is kept)");
-        Some(token)
-    };
+    }
     Ok((AdminToken::file(path.clone()).map_err(io)?, generated))
 }
 

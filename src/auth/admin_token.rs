@@ -55,6 +55,26 @@ pub fn write_hash_file(path: &Path, token: &SecretString) -> std::io::Result<()>
     std::fs::rename(&tmp, path)
 }
 
+/// Writes `token`'s hash to a new file at `path` (mode 0600); `Ok(false)` if the file already
+/// exists (another process sharing the database generated one first: its token stands).
+pub fn create_hash_file(path: &Path, token: &SecretString) -> std::io::Result<bool> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = match opts.open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    writeln!(f, "sha256:{}", hex::encode(digest(token.expose_secret())))?;
+    f.sync_all()?;
+    Ok(true)
+}
+
 /// Reads a hash file, refusing one that group or others may read or write.
 pub fn read_hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
     #[cfg(unix)]
@@ -165,7 +185,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = hash_file_beside(&dir.path().join("broker.db"));
         let first = generate();
-        write_hash_file(&path, &first).unwrap();
+        assert!(create_hash_file(&path, &first).unwrap());
+        assert!(
+            !create_hash_file(&path, &generate()).unwrap(),
+            "the first one stands"
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(first.expose_secret()));
         #[cfg(unix)]
