@@ -36,7 +36,7 @@ impl HealthStore {
 
     /// Records the outcome of a mint (`None`: success; else the problem code and an
     /// operator-facing detail). Failures to record are only logged: bookkeeping must not fail
-    /// a mint.
+    /// a mint, and while the database fails it costs the mint one attempt, not three.
     pub async fn record(&self, id: &TenantId, error: Option<(&str, &str)>) {
         let now = now_ms();
         let result = match error {
@@ -62,7 +62,9 @@ impl HealthStore {
             }
         };
         if let Err(e) = result {
+            // The database is failing: the count would wait for it too, on the mint's path.
             tracing::debug!(tenant = %id, error = %e, "tenant health not recorded");
+            return;
         }
         if let Err(e) = self.count(id, error.is_none(), now).await {
             tracing::debug!(tenant = %id, error = %e, "mint not counted");
