@@ -1,9 +1,7 @@
 //! Wiring: settings → key ring, store, cache, broker → actix `App` and server with graceful
 //! shutdown. Tests build the same `Application` on port 0.
 
-use std::io::Write;
 use std::net::TcpListener;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +22,7 @@ use crate::broker::{Broker, Timing};
 use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
 use crate::config::{ConfigError, KeySource, Settings};
 use crate::crypto::{KeyError, KeyRing};
+use crate::db::private_file;
 use crate::issuers::{IssuerSettings, Issuers};
 use crate::metrics::Metrics;
 use crate::tenants::{HealthStore, StoreError, TenantStore};
@@ -77,16 +76,16 @@ pub fn load_admin_token(
     settings: &Settings,
 ) -> Result<(AdminToken, Option<secrecy::SecretString>), BuildError> {
     if let Some(token) = &settings.admin_token {
-        return Ok((AdminToken::fixed(token), None));
+        return Ok((AdminToken::fixed(Some(token)), None));
     }
     if settings.admin_jwt.is_some() {
-        return Ok((AdminToken::Off, None));
+        return Ok((AdminToken::fixed(None), None));
     }
     settings.require_admin_credentials()?;
     let Some(path) = settings.admin_token_file() else {
         // In-memory database: a token for this process only.
         let token = admin_token::generate();
-        return Ok((AdminToken::fixed(&token), Some(token)));
+        return Ok((AdminToken::fixed(Some(&token)), Some(token)));
     };
     let io = |source| BuildError::AdminTokenFile {
         path: path.display().to_string(),
@@ -119,13 +118,19 @@ pub fn load_keys(source: &KeySource) -> Result<KeyRing, BuildError> {
                 path: shown.clone(),
                 source,
             };
-            if !path.exists() {
-                write_key_file(path, &KeyRing::generate_key_b64()).map_err(io)?;
+            let key = zeroize::Zeroizing::new(format!("{}\n", KeyRing::generate_key_b64()));
+            if private_file::create(path, key.as_bytes()).map_err(io)? {
                 tracing::warn!(key_file = %shown, "no BROKER_ENCRYPTION_KEY set: generated an encryption key file beside the database (mode 0600). Anyone with both files can read the stored credentials; for production set BROKER_ENCRYPTION_KEY to base64 of 32 random bytes (openssl rand -base64 32) from a secret store");
             } else {
                 tracing::warn!(key_file = %shown, "no BROKER_ENCRYPTION_KEY set: using the key file beside the database; for production set BROKER_ENCRYPTION_KEY from a secret store");
             }
-            refuse_loose_key_file(path).map_err(io)?;
+            // Whoever can read it and the database file reads every stored credential.
+            private_file::check_mode(
+                path,
+                "lets other users read the key that unlocks every stored credential",
+                "run `chmod 600` on it (or set BROKER_ENCRYPTION_KEY)",
+            )
+            .map_err(io)?;
             let content = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
             KeyRing::single(content.trim()).map_err(|source| BuildError::KeyFileContent {
                 path: shown.clone(),
@@ -133,40 +138,6 @@ pub fn load_keys(source: &KeySource) -> Result<KeyRing, BuildError> {
             })
         }
     }
-}
-
-/// Refuses a key file that group or others may read or write (what OpenSSH does with private
-/// keys): whoever can read it and the database file reads every stored credential.
-fn refuse_loose_key_file(path: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "mode {mode:04o} lets other users read the key that unlocks every stored credential; run `chmod 600` on it (or set BROKER_ENCRYPTION_KEY) and start again"
-                ),
-            ));
-        }
-    }
-    let _ = path;
-    Ok(())
-}
-
-fn write_key_file(path: &Path, key_b64: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path)?;
-    f.write_all(key_b64.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()
 }
 
 /// Opens the store and applies migrations.

@@ -37,6 +37,51 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// Files kept beside the database that only its owner may read (the encryption key file, the
+/// admin token's hash): created exclusively with mode 0600, refused when group or others may
+/// read or write them (what OpenSSH does with private keys).
+pub mod private_file {
+    use std::io::Write;
+    use std::path::Path;
+
+    /// Creates `path` with `contents` (mode 0600); `Ok(false)` if it already exists.
+    pub fn create(path: &Path, contents: &[u8]) -> std::io::Result<bool> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = match opts.open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        f.write_all(contents)?;
+        f.sync_all()?;
+        Ok(true)
+    }
+
+    /// Refuses `path` if group or others may read or write it: `mode … <risk>; <fix> and start
+    /// again`.
+    pub fn check_mode(path: &Path, risk: &str, fix: &str) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("mode {mode:04o} {risk}; {fix} and start again"),
+                ));
+            }
+        }
+        let _ = (path, risk, fix);
+        Ok(())
+    }
+}
+
 /// Which SQL backend a URL selects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

@@ -4,7 +4,6 @@
 //! so `token-broker admin-token --rotate` takes effect on a running broker with its next
 //! admin request.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -12,7 +11,9 @@ use std::time::SystemTime;
 use rand::distributions::{Alphanumeric, DistString};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+
+use super::StaticToken;
+use crate::db::private_file;
 
 /// Generated admin tokens start with this (secret scanners can look for it).
 pub const PREFIX: &str = "tbadmin_";
@@ -24,10 +25,6 @@ pub fn generate() -> SecretString {
     SecretString::from(token)
 }
 
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
 /// The hash file of the database at `db` (`<db>.admin-token`).
 pub fn hash_file_beside(db: &Path) -> PathBuf {
     let mut file = db.as_os_str().to_owned();
@@ -35,59 +32,36 @@ pub fn hash_file_beside(db: &Path) -> PathBuf {
     file.into()
 }
 
+/// The file's one line for `token`.
+fn hash_line(token: &SecretString) -> String {
+    let hash = Sha256::digest(token.expose_secret().as_bytes());
+    format!("sha256:{}\n", hex::encode(hash))
+}
+
 /// Writes `token`'s hash to `path` (mode 0600), replacing the file whole: a reader sees the
 /// old hash or the new one, never a torn file.
 pub fn write_hash_file(path: &Path, token: &SecretString) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&tmp)?;
-    writeln!(f, "sha256:{}", hex::encode(digest(token.expose_secret())))?;
-    f.sync_all()?;
+    private_file::create(&tmp, hash_line(token).as_bytes())?;
     std::fs::rename(&tmp, path)
 }
 
 /// Writes `token`'s hash to a new file at `path` (mode 0600); `Ok(false)` if the file already
 /// exists (another process sharing the database generated one first: its token stands).
 pub fn create_hash_file(path: &Path, token: &SecretString) -> std::io::Result<bool> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = match opts.open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    writeln!(f, "sha256:{}", hex::encode(digest(token.expose_secret())))?;
-    f.sync_all()?;
-    Ok(true)
+    private_file::create(path, hash_line(token).as_bytes())
 }
 
 /// Reads a hash file, refusing one that group or others may read or write.
 pub fn read_hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!("mode {mode:04o} lets other users change who is admin; run `chmod 600` on it and start again"),
-            ));
-        }
-    }
+    private_file::check_mode(
+        path,
+        "lets other users change who is admin",
+        "run `chmod 600` on it",
+    )?;
     let text = std::fs::read_to_string(path)?;
     let bad = || {
         std::io::Error::new(
@@ -111,15 +85,14 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, ino))
 }
 
-/// A version of the hash file (its modification time and inode), and the hash it held.
-type Loaded = (Option<(SystemTime, u64)>, Option<[u8; 32]>);
+/// A version of the hash file (its modification time and inode), and the token it held.
+type Loaded = (Option<(SystemTime, u64)>, StaticToken);
 
 /// The admin token as the broker checks it.
 pub enum AdminToken {
-    /// No static admin token (admins sign in with JWTs only).
-    Off,
-    /// `BROKER_ADMIN_TOKEN`, or a generated token of an in-memory database.
-    Fixed([u8; 32]),
+    /// `BROKER_ADMIN_TOKEN`, a generated token of an in-memory database, or none (admins sign
+    /// in with JWTs only).
+    Fixed(StaticToken),
     /// The generated token of the embedded default: its hash file, re-read when it changes.
     File {
         path: PathBuf,
@@ -128,43 +101,37 @@ pub enum AdminToken {
 }
 
 impl AdminToken {
-    pub fn fixed(token: &SecretString) -> Self {
-        Self::Fixed(digest(token.expose_secret()))
+    pub fn fixed(token: Option<&SecretString>) -> Self {
+        Self::Fixed(StaticToken::new(token))
     }
 
     /// The hash file at `path`, read now (it must exist and be valid).
     pub fn file(path: PathBuf) -> std::io::Result<Self> {
         let hash = read_hash_file(&path)?;
         Ok(Self::File {
-            current: Mutex::new((stamp(&path), Some(hash))),
+            current: Mutex::new((stamp(&path), StaticToken(Some(hash)))),
             path,
         })
     }
 
     /// Constant-time comparison of `presented` with the current admin token.
     pub fn verify(&self, presented: &str) -> bool {
-        let expected = match self {
-            Self::Off => return false,
-            Self::Fixed(h) => Some(*h),
+        match self {
+            Self::Fixed(token) => token.verify(presented),
             Self::File { path, current } => {
                 let now = stamp(path);
                 let mut held = current.lock().expect("admin token lock");
                 if now != held.0 {
                     // A rotated file is read again; one that became unreadable admits nobody
                     // until it is fixed.
-                    let hash = match read_hash_file(path) {
-                        Ok(h) => Some(h),
-                        Err(e) => {
-                            tracing::error!(file = %path.display(), error = %e, "admin token file unreadable: the static admin token is refused until it is fixed");
-                            None
-                        }
-                    };
-                    *held = (now, hash);
+                    let hash = read_hash_file(path)
+                        .map_err(|e| tracing::error!(file = %path.display(), error = %e, "admin token file unreadable: the static admin token is refused until it is fixed"))
+                        .ok();
+                    *held = (now, StaticToken(hash));
                 }
-                held.1
+                held.1.verify(presented)
             }
-        };
-        expected.is_some_and(|h| bool::from(digest(presented).ct_eq(&h)))
+        }
     }
 }
 

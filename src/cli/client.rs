@@ -1,5 +1,6 @@
-//! The admin API over HTTP, as the CLI speaks it: one request at a time, the admin token as a
-//! bearer header, problem+json answers turned into `Failure`.
+//! The admin API over HTTP, as the CLI speaks it: one blocking request at a time (on a
+//! current-thread runtime of its own), the admin token as a bearer header, problem+json
+//! answers turned into `Failure`.
 
 use std::time::Duration;
 
@@ -65,6 +66,7 @@ pub struct Client {
     base: String,
     token: SecretString,
     http: reqwest::Client,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Client {
@@ -83,11 +85,30 @@ impl Client {
             .timeout(Duration::from_secs(60))
             .build()
             .expect("the TLS backend initialises");
-        Ok(Self { base, token, http })
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        Ok(Self {
+            base,
+            token,
+            http,
+            runtime,
+        })
     }
 
     /// One request; `Ok(None)` for 204.
-    pub async fn call(
+    pub fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, Failure> {
+        self.runtime.block_on(self.send(method, path, query, body))
+    }
+
+    async fn send(
         &self,
         method: Method,
         path: &str,
@@ -140,10 +161,9 @@ impl Client {
         })
     }
 
-    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, Failure> {
+    pub fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, Failure> {
         Ok(self
-            .call(Method::GET, path, query, None)
-            .await?
+            .call(Method::GET, path, query, None)?
             .unwrap_or(Value::Null))
     }
 }

@@ -183,11 +183,10 @@ pub fn audit(args: AuditArgs) -> ExitCode {
     run(|r| r.audit(&args), &args.common)
 }
 
-/// One command's client, output mode and runtime.
+/// One command's client and output mode.
 pub struct Runner {
     client: Client,
     output: Output,
-    runtime: tokio::runtime::Runtime,
 }
 
 impl Runner {
@@ -202,26 +201,7 @@ impl Runner {
         Ok(Self {
             client: Client::new(&common.url, SecretString::from(token))?,
             output: common.output.unwrap_or_else(Output::detect),
-            runtime: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime"),
         })
-    }
-
-    fn call(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[(&str, String)],
-        body: Option<&Value>,
-    ) -> Result<Option<Value>, Failure> {
-        self.runtime
-            .block_on(self.client.call(method, path, query, body))
-    }
-
-    fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, Failure> {
-        self.runtime.block_on(self.client.get(path, query))
     }
 
     /// Prints `json` as is for scripts, else what `table` makes of it.
@@ -240,7 +220,7 @@ impl Runner {
                 loop {
                     let mut q = vec![("limit", "1000".to_owned())];
                     q.extend(after.take().map(|a| ("after", a)));
-                    let page = self.get("/admin/v1/tenants", &q)?;
+                    let page = self.client.get("/admin/v1/tenants", &q)?;
                     all.extend(page["tenants"].as_array().cloned().unwrap_or_default());
                     match page["next_after"].as_str() {
                         Some(next) => after = Some(next.to_owned()),
@@ -250,12 +230,13 @@ impl Runner {
                 self.print(&json!({ "tenants": all }), tenant_table);
             }
             TenantsCommand::Show { id } => {
-                let t = self.get(&tenant_path(&id), &[])?;
+                let t = self.client.get(&tenant_path(&id), &[])?;
                 self.print(&t, tenant_fields);
             }
             TenantsCommand::Create(args) => {
                 let spec = create_spec(&args)?;
                 let t = self
+                    .client
                     .call(Method::POST, "/admin/v1/tenants", &[], Some(&spec))?
                     .unwrap_or_default();
                 self.print(&t, |t| {
@@ -269,6 +250,7 @@ impl Runner {
             TenantsCommand::Update(args) => {
                 let patch = self.update_patch(&args)?;
                 let t = self
+                    .client
                     .call(Method::PATCH, &tenant_path(&args.id), &[], Some(&patch))?
                     .unwrap_or_default();
                 self.print(&t, |t| {
@@ -280,13 +262,15 @@ impl Runner {
                 });
             }
             TenantsCommand::Delete { id } => {
-                self.call(Method::DELETE, &tenant_path(&id), &[], None)?;
+                self.client
+                    .call(Method::DELETE, &tenant_path(&id), &[], None)?;
                 self.print(&json!({ "deleted": id }), |_| {
                     format!("tenant {id} deleted")
                 });
             }
             TenantsCommand::Test { id } => {
                 let r = self
+                    .client
                     .call(
                         Method::POST,
                         &format!("{}/test", tenant_path(&id)),
@@ -329,7 +313,7 @@ impl Runner {
         }
         if args.credentials.client_id.is_some() {
             // The kind decides which fields the credentials have and which one is secret.
-            let current = self.get(&tenant_path(&args.id), &[])?;
+            let current = self.client.get(&tenant_path(&args.id), &[])?;
             let kind = current["issuer"]["kind"].as_str().unwrap_or_default();
             obj.insert(
                 "credentials".into(),
@@ -352,7 +336,7 @@ impl Runner {
     fn callers(&self, command: CallersCommand) -> Result<(), Failure> {
         match command {
             CallersCommand::List => {
-                let v = self.get("/admin/v1/callers", &[])?;
+                let v = self.client.get("/admin/v1/callers", &[])?;
                 self.print(&v, caller_table);
             }
             CallersCommand::Create { name, tenants } => {
@@ -364,6 +348,7 @@ impl Runner {
                 };
                 let body = json!({"name": name, "tenants": scope});
                 let c = self
+                    .client
                     .call(Method::POST, "/admin/v1/callers", &[], Some(&body))?
                     .unwrap_or_default();
                 self.print(&c, |c| {
@@ -380,7 +365,7 @@ impl Runner {
             }
             CallersCommand::Delete { id } => {
                 let path = format!("/admin/v1/callers/{}", segment(&id));
-                self.call(Method::DELETE, &path, &[], None)?;
+                self.client.call(Method::DELETE, &path, &[], None)?;
                 self.print(&json!({ "deleted": id }), |_| {
                     format!("caller {id} deleted")
                 });
@@ -393,7 +378,7 @@ impl Runner {
         let mut query = vec![("limit", args.limit.to_string())];
         query.extend(args.tenant.clone().map(|t| ("tenant", t)));
         query.extend(args.caller.clone().map(|c| ("caller", c)));
-        let page = self.get("/admin/v1/audit", &query)?;
+        let page = self.client.get("/admin/v1/audit", &query)?;
         let mut entries = page["entries"].as_array().cloned().unwrap_or_default();
         if !args.follow {
             self.print(&page, |_| {
@@ -428,7 +413,7 @@ impl Runner {
             let mut q = query.to_vec();
             q[0] = ("limit", "1000".into());
             q.extend(before.map(|b| ("before", b.to_string())));
-            let page = self.get("/admin/v1/audit", &q)?;
+            let page = self.client.get("/admin/v1/audit", &q)?;
             let entries = page["entries"].as_array().cloned().unwrap_or_default();
             let full = entries.len() == 1000;
             let new: Vec<Value> = entries

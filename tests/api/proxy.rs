@@ -145,7 +145,9 @@ async fn forwards_with_the_token_and_nothing_else(env: TestEnv) {
 }
 backends!(forwards_with_the_token_and_nothing_else: Sqlite, PostgresRedis);
 
-async fn scope_and_settings_come_before_the_partner(env: TestEnv) {
+/// An app with tenant `acme` proxied to a partner API that answers 200 to anything:
+/// (app, token partner, partner API).
+async fn proxied_app(env: &TestEnv) -> (TestApp, MockServer, MockServer) {
     let app = env.spawn().await;
     let partner = setu_partner(300, 0).await;
     let api = MockServer::start().await;
@@ -155,6 +157,11 @@ async fn scope_and_settings_come_before_the_partner(env: TestEnv) {
         .await;
     app.create_tenant(&proxied_spec("acme", &partner, &api.uri(), json!({})))
         .await;
+    (app, partner, api)
+}
+
+async fn scope_and_settings_come_before_the_partner(env: TestEnv) {
+    let (app, partner, api) = proxied_app(&env).await;
     // Scope first, then settings: 403 and 404 never reach the partner.
     app.create_tenant(&setu_spec("plain", &partner, "s")).await;
     let other = app.create_caller("other", json!(["plain"])).await;
@@ -234,15 +241,7 @@ async fn a_refused_token_is_replaced_once(env: TestEnv) {
 backends!(a_refused_token_is_replaced_once: Sqlite, PostgresRedis);
 
 async fn path_tricks_never_reach_the_network(env: TestEnv) {
-    let app = env.spawn().await;
-    let partner = setu_partner(300, 0).await;
-    let api = MockServer::start().await;
-    Mock::given(wiremock::matchers::any())
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&api)
-        .await;
-    app.create_tenant(&proxied_spec("acme", &partner, &api.uri(), json!({})))
-        .await;
+    let (app, _partner, api) = proxied_app(&env).await;
     let key = app.create_caller("billing", json!(["acme"])).await;
     for path in [
         "../admin",

@@ -70,13 +70,20 @@ pub(crate) fn with_jwt(env: &mut TestEnv, idp: &MockServer) {
         .insert("BROKER_JWT_AUDIENCE".into(), AUDIENCE.into());
 }
 
-async fn jwt_callers_are_scoped_by_their_tenants_claim(mut env: TestEnv) {
+/// An app accepting caller JWTs from a fake IdP (keys `rsa1`, `ec1`), with tenants `t1` and
+/// `t2`: (app, IdP, partner).
+async fn jwt_app(env: &mut TestEnv) -> (TestApp, MockServer, MockServer) {
     let idp = idp(&["rsa1", "ec1"]).await;
-    with_jwt(&mut env, &idp);
+    with_jwt(env, &idp);
     let app = env.spawn().await;
     let partner = setu_partner(300, 0).await;
     app.create_tenant(&setu_spec("t1", &partner, "s")).await;
     app.create_tenant(&setu_spec("t2", &partner, "s")).await;
+    (app, idp, partner)
+}
+
+async fn jwt_callers_are_scoped_by_their_tenants_claim(mut env: TestEnv) {
+    let (app, _idp, _partner) = jwt_app(&mut env).await;
 
     let good = sign(
         &claims(json!(["t1"])),
@@ -113,12 +120,7 @@ backends!(jwt_callers_are_scoped_by_their_tenants_claim: Sqlite);
 
 /// RFC 8725's attack set: every one is 401 `unauthorized`.
 async fn the_jwt_attack_set_is_refused(mut env: TestEnv) {
-    let idp = idp(&["rsa1", "ec1"]).await;
-    with_jwt(&mut env, &idp);
-    let app = env.spawn().await;
-    let partner = setu_partner(300, 0).await;
-    app.create_tenant(&setu_spec("t1", &partner, "s")).await;
-    app.create_tenant(&setu_spec("t2", &partner, "s")).await;
+    let (app, _idp, _partner) = jwt_app(&mut env).await;
     let cases = rfc8725_attacks();
     for (what, token) in cases {
         let a = app.get_token("t1", &token).await;
@@ -247,12 +249,7 @@ fn rfc8725_attacks() -> Vec<(&'static str, String)> {
 }
 
 async fn a_key_added_at_the_idp_needs_no_restart(mut env: TestEnv) {
-    let idp = idp(&["rsa1", "ec1"]).await;
-    with_jwt(&mut env, &idp);
-    let app = env.spawn().await;
-    let partner = setu_partner(300, 0).await;
-    app.create_tenant(&setu_spec("t1", &partner, "s")).await;
-    app.create_tenant(&setu_spec("t2", &partner, "s")).await;
+    let (app, idp, _partner) = jwt_app(&mut env).await;
     // A key added at the IdP is accepted without a restart.
     publish(&idp, &["rsa1", "rsa2", "ec1"]).await;
     tokio::time::sleep(Duration::from_millis(1_100)).await;
