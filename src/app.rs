@@ -18,7 +18,7 @@ use crate::audit::Audit;
 use crate::auth::admin_token::{self, AdminToken};
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::{Authenticator, CallerStore, StaticToken};
-use crate::broker::{Broker, Timing};
+use crate::broker::{Backends, Broker, Timing};
 use crate::cache::redis::{spawn_listener, RedisCache, RedisConn};
 use crate::config::{ConfigError, KeySource, Settings};
 use crate::crypto::{KeyError, KeyRing};
@@ -324,10 +324,12 @@ async fn build_state(
         );
     }
     let broker = Broker::new(
-        store.clone(),
-        HealthStore::new(store.db().clone()),
-        issuers,
-        shared.clone(),
+        Arc::new(Backends {
+            store: store.clone(),
+            health: HealthStore::new(store.db().clone()),
+            issuers,
+        }),
+        shared.clone().map(|c| Arc::new(c) as crate::cache::Shared),
         metrics.clone(),
         timing,
     );

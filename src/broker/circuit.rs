@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::redis::RedisCache;
+use crate::cache::Shared;
 use crate::issuers::IssuerError;
 use crate::tenants::TenantId;
 use crate::time::now_ms;
@@ -56,26 +56,26 @@ pub fn cooldown_ms(failures: u32, error: &IssuerError) -> i64 {
     }
 }
 
-/// Circuit states: in process, and in Redis when configured.
+/// Circuit states: in process, and in the shared cache when configured.
 pub struct Circuits {
     local: Mutex<HashMap<TenantId, CircuitState>>,
     probes: Mutex<HashMap<TenantId, i64>>,
-    redis: Option<RedisCache>,
+    shared: Option<Shared>,
 }
 
 impl Circuits {
-    pub fn new(redis: Option<RedisCache>) -> Self {
+    pub fn new(shared: Option<Shared>) -> Self {
         Self {
             local: Mutex::new(HashMap::new()),
             probes: Mutex::new(HashMap::new()),
-            redis,
+            shared,
         }
     }
 
     /// Takes the tenant's half-open probe slot: true for at most one caller per
     /// `PROBE_EVERY_MS` across replicas (per replica while Redis is unavailable).
     pub async fn try_probe(&self, tenant: &TenantId) -> bool {
-        if let Some(r) = &self.redis {
+        if let Some(r) = &self.shared {
             match r.take_slot(tenant, "probe", PROBE_EVERY_MS as u64).await {
                 Ok(wait) => return wait == 0,
                 Err(e) => {
@@ -96,9 +96,9 @@ impl Circuits {
 
     /// The tenant's circuit state (shared when Redis is configured; local if Redis fails).
     pub async fn state(&self, tenant: &TenantId) -> Option<CircuitState> {
-        if let Some(r) = &self.redis {
-            match r.get_json::<CircuitState>(tenant, "circuit").await {
-                Ok(s) => return s,
+        if let Some(r) = &self.shared {
+            match r.get_record(tenant, "circuit").await {
+                Ok(s) => return s.and_then(|s| serde_json::from_str(&s).ok()),
                 Err(e) => {
                     tracing::warn!(tenant = %tenant, error = %e, "circuit state unavailable in redis; using this replica's")
                 }
@@ -123,9 +123,17 @@ impl Circuits {
             .lock()
             .expect("circuits")
             .insert(tenant.clone(), state.clone());
-        if let Some(r) = &self.redis {
+        if let Some(r) = &self.shared {
             let ttl = state.open_until_ms - now + MEMORY_MS;
-            if let Err(e) = r.set_json(tenant, "circuit", &state, ttl).await {
+            if let Err(e) = r
+                .set_record(
+                    tenant,
+                    "circuit",
+                    serde_json::to_string(&state).expect("serialises"),
+                    ttl,
+                )
+                .await
+            {
                 tracing::warn!(tenant = %tenant, error = %e, "could not share the circuit state");
             }
         }
@@ -136,8 +144,8 @@ impl Circuits {
     /// Closes the circuit (a success, a credential rotation, a successful admin test).
     pub async fn reset(&self, tenant: &TenantId) {
         self.local.lock().expect("circuits").remove(tenant);
-        if let Some(r) = &self.redis {
-            if let Err(e) = r.delete_key(tenant, "circuit").await {
+        if let Some(r) = &self.shared {
+            if let Err(e) = r.delete_record(tenant, "circuit").await {
                 tracing::warn!(tenant = %tenant, error = %e, "could not reset the shared circuit state");
             }
         }
@@ -148,14 +156,14 @@ impl Circuits {
 /// configured, else per process.
 pub struct Pacer {
     local: Mutex<HashMap<(TenantId, &'static str), i64>>,
-    redis: Option<RedisCache>,
+    shared: Option<Shared>,
 }
 
 impl Pacer {
-    pub fn new(redis: Option<RedisCache>) -> Self {
+    pub fn new(shared: Option<Shared>) -> Self {
         Self {
             local: Mutex::new(HashMap::new()),
-            redis,
+            shared,
         }
     }
 
@@ -182,7 +190,7 @@ impl Pacer {
     /// Takes the tenant's `what` slot if it is free (it stays taken `interval_ms`); else how
     /// many ms until it frees.
     pub async fn try_take(&self, tenant: &TenantId, what: &'static str, interval_ms: u64) -> u64 {
-        match &self.redis {
+        match &self.shared {
             Some(r) => match r.take_slot(tenant, what, interval_ms).await {
                 Ok(wait) => wait,
                 Err(e) => {

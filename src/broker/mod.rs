@@ -3,23 +3,28 @@
 //! code only: nothing here knows about HTTP.
 
 pub mod circuit;
+mod upstream;
+
+pub use upstream::{Backends, Upstream};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Notify;
 
 use crate::cache::memory::MemoryCache;
-use crate::cache::redis::{RedisCache, LOCK_TTL};
-use crate::cache::{CacheError, CachedToken, LockToken};
+use crate::cache::redis::LOCK_TTL;
+use crate::cache::{CacheError, CachedToken, LockToken, Shared as SharedCache};
 use crate::issuers::recipes::supports_refresh;
-use crate::issuers::{Grant, IssuerError, Issuers, Minted};
+use crate::issuers::{Grant, IssuerError, Minted};
 use crate::metrics::Metrics;
 use crate::tenants::store::{SealedTenant, StoreError};
-use crate::tenants::{HealthStore, Tenant, TenantId, TenantStore};
+use crate::tenants::{Tenant, TenantId};
 use crate::time::now_ms;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -204,7 +209,7 @@ enum Tries {
 }
 
 /// Extends the held mint lock every `LOCK_TTL / 4` while the mint runs; abort it when done.
-fn keep_lock(l2: RedisCache, lock: &LockToken) -> tokio::task::JoinHandle<()> {
+fn keep_lock(l2: SharedCache, lock: &LockToken) -> tokio::task::JoinHandle<()> {
     let lock = LockToken {
         tenant: lock.tenant.clone(),
         value: lock.value.clone(),
@@ -249,11 +254,9 @@ fn check_lifetime(known: Option<&CachedToken>, min_ttl_s: u64) -> Result<(), Bro
 
 /// The token broker.
 pub struct Broker {
-    store: TenantStore,
-    health: HealthStore,
-    issuers: Issuers,
+    upstream: Arc<dyn Upstream>,
     l1: MemoryCache,
-    l2: Option<RedisCache>,
+    l2: Option<SharedCache>,
     metrics: Arc<Metrics>,
     /// Identifies this process in events, so it ignores its own.
     replica: String,
@@ -270,10 +273,8 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(
-        store: TenantStore,
-        health: HealthStore,
-        issuers: Issuers,
-        l2: Option<RedisCache>,
+        upstream: Arc<dyn Upstream>,
+        l2: Option<SharedCache>,
         metrics: Arc<Metrics>,
         timing: Timing,
     ) -> Arc<Self> {
@@ -282,9 +283,7 @@ impl Broker {
             circuit::Pacer::new(l2.clone()),
         );
         Arc::new(Self {
-            store,
-            health,
-            issuers,
+            upstream,
             l1: MemoryCache::new(1_000_000),
             l2,
             metrics,
@@ -300,7 +299,8 @@ impl Broker {
         })
     }
 
-    pub fn shared_cache(&self) -> Option<&RedisCache> {
+    /// The shared cache, when replicas share one.
+    pub fn shared_cache(&self) -> Option<&SharedCache> {
         self.l2.as_ref()
     }
 
@@ -450,7 +450,7 @@ impl Broker {
         let deadline = Instant::now() + self.timing.caller_deadline;
         let caller_deadline = self.timing.caller_deadline;
         let bounded = |(f, phase): (_, Arc<AtomicU8>)| async move {
-            tokio::time::timeout_at(deadline.into(), f)
+            tokio::time::timeout_at(deadline, f)
                 .await
                 .unwrap_or_else(|_| {
                     // Say what held the caller up: another replica's mint, or the partner.
@@ -755,14 +755,14 @@ impl Broker {
             Ok(_) => {
                 self.circuits.reset(tenant).await;
                 self.metrics.mint_outcome(tenant.as_str(), true);
-                self.health.record(tenant, None).await;
+                self.upstream.record_health(tenant, None).await;
             }
             Err(IssuerError::Paced { .. }) => {}
             Err(e) => {
                 self.circuits.record_failure(tenant, e).await;
                 self.metrics.mint_outcome(tenant.as_str(), false);
-                self.health
-                    .record(tenant, Some((e.code(), &e.to_string())))
+                self.upstream
+                    .record_health(tenant, Some((e.code(), &e.to_string())))
                     .await;
             }
         }
@@ -836,7 +836,7 @@ impl Broker {
             }
             let timeout = attempt_timeout.min(Duration::from_millis(left as u64));
             let started = Instant::now();
-            let result = self.issuers.mint(tenant, grant, timeout).await;
+            let result = self.upstream.mint(tenant, grant, timeout).await;
             let outcome = result.as_ref().map_or_else(IssuerError::outcome, |_| "ok");
             self.metrics
                 .observe_upstream(tenant.id.as_str(), outcome, started.elapsed());
@@ -868,9 +868,9 @@ impl Broker {
     /// reached, the last copy read (kept sealed in memory, opened only here) lets minting go
     /// on; a tenant the database says is gone is forgotten.
     async fn tenant_for_mint(&self, id: &TenantId) -> Result<Tenant, BrokerError> {
-        match self.store.sealed_tenant(id).await {
+        match self.upstream.sealed_tenant(id).await {
             Ok(sealed) => {
-                let tenant = self.store.open_tenant(&sealed)?;
+                let tenant = self.upstream.open_tenant(&sealed)?;
                 self.last_read.insert(id.clone(), Arc::new(sealed));
                 Ok(tenant)
             }
@@ -881,7 +881,7 @@ impl Broker {
             Err(e @ StoreError::Unavailable(_)) => match self.last_read.get(id) {
                 Some(sealed) => {
                     tracing::warn!(tenant = %id, error = %e, "database unavailable: minting with the tenant's last known credentials");
-                    Ok(self.store.open_tenant(&sealed)?)
+                    Ok(self.upstream.open_tenant(&sealed)?)
                 }
                 None => Err(e.into()),
             },
@@ -1009,7 +1009,7 @@ impl Broker {
     async fn invalidate_min_age(&self, tenant: &TenantId, token: &CachedToken) -> i64 {
         let configured = match self.last_read.get(tenant) {
             Some(sealed) => sealed.record.issuer.invalidate_min_age_ms,
-            None => match self.store.tenant_record(tenant).await {
+            None => match self.upstream.tenant_record(tenant).await {
                 Ok(record) => record.issuer.invalidate_min_age_ms,
                 Err(_) => None,
             },
@@ -1040,31 +1040,6 @@ impl Broker {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn token(lifetime_ms: i64) -> CachedToken {
-        let now = now_ms();
-        CachedToken::from_minted(crate::issuers::Minted {
-            access_token: "t".to_owned().into(),
-            refresh_token: None,
-            issued_at_ms: now,
-            expires_at_ms: now + lifetime_ms,
-        })
-    }
-
-    #[test]
-    fn a_min_ttl_beyond_the_partner_lifetime_is_refused_without_a_mint() {
-        let five_minutes = token(300_000);
-        assert!(check_lifetime(None, 600).is_ok(), "nothing known: mint");
-        assert!(check_lifetime(Some(&five_minutes), 0).is_ok());
-        assert!(check_lifetime(Some(&five_minutes), 299).is_ok());
-        match check_lifetime(Some(&five_minutes), 301) {
-            Err(BrokerError::MinTtlUnsatisfiable {
-                min_ttl_s: 301,
-                lifetime_s: 300,
-            }) => {}
-            other => panic!("{other:?}"),
-        }
-    }
-}
+mod fakes;
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,7 @@
-//! Token caches: the in-process L1 (`memory`) and the shared L2 in Redis (`redis`, which also
-//! holds the cross-replica mint lock and the event channel). Each has one implementation, so
-//! the broker uses them directly rather than through traits.
+//! Token caches: the in-process L1 (`memory`) and the shared L2 (`SharedCache`: what replicas
+//! share, i.e. tokens, the cross-replica mint lock, circuit and pacing slots, the event
+//! channel). The service's one shared cache is Redis (`redis`); the trait exists so the
+//! broker's concurrency logic can be tested against an in-memory one under a paused clock.
 
 pub mod breaker;
 pub mod memory;
@@ -8,6 +9,8 @@ pub mod redis;
 pub mod target;
 
 use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
 
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -105,9 +108,87 @@ pub enum CacheError {
     Unavailable(#[source] ::redis::RedisError),
 }
 
-/// Proof of holding a tenant's mint lock; give it back to `RedisCache::release`.
+/// Proof of holding a tenant's mint lock; give it back to `SharedCache::release`.
 #[derive(Debug)]
 pub struct LockToken {
     pub tenant: TenantId,
     pub value: String,
+}
+
+/// A handle on the shared cache.
+pub type Shared = Arc<dyn SharedCache>;
+
+/// The cache replicas share (see `redis::RedisCache`). Every call may fail with
+/// `CacheError::Unavailable`; the broker degrades rather than fail its callers.
+pub trait SharedCache: Send + Sync {
+    /// The tenant's token, if one is held.
+    fn get<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Option<Arc<CachedToken>>, CacheError>>;
+    /// Stores `token` until its usable end unless the held one expires later; returns the
+    /// token kept.
+    fn put<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        token: Arc<CachedToken>,
+    ) -> BoxFuture<'a, Result<Arc<CachedToken>, CacheError>>;
+    /// Drops the tenant's token.
+    fn remove<'a>(&'a self, tenant: &'a TenantId) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// Drops the tenant's token only if it is still `access_token`; true if dropped.
+    fn remove_if_current<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        access_token: &'a str,
+    ) -> BoxFuture<'a, Result<bool, CacheError>>;
+    /// Tells every replica (this one too) that `tenant`'s token changed.
+    fn publish<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        event: &'a str,
+    ) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// A small record of the tenant's (`what`: `circuit`).
+    fn get_record<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        what: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, CacheError>>;
+    /// Stores a small record for `ttl_ms`.
+    fn set_record<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        what: &'a str,
+        value: String,
+        ttl_ms: i64,
+    ) -> BoxFuture<'a, Result<(), CacheError>>;
+    fn delete_record<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        what: &'a str,
+    ) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// Takes the tenant's `what` slot (`pace`, `probe`, `invalidate`) that frees after
+    /// `interval_ms`: 0 if taken, else ms until it frees.
+    fn take_slot<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        what: &'a str,
+        interval_ms: u64,
+    ) -> BoxFuture<'a, Result<u64, CacheError>>;
+    /// Takes the tenant's mint lock if it is free; it lives `redis::LOCK_TTL` unless extended.
+    fn try_acquire<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Option<LockToken>, CacheError>>;
+    /// Extends the lock by `LOCK_TTL` if it is still ours; false if it was lost.
+    fn extend<'a>(&'a self, lock: &'a LockToken) -> BoxFuture<'a, Result<bool, CacheError>>;
+    /// Releases the lock only if it is still ours.
+    fn release(&self, lock: LockToken) -> BoxFuture<'_, Result<(), CacheError>>;
+    /// When the view of other replicas' writes last had a gap (unix ms): tokens held from
+    /// before it are re-checked.
+    fn gap_at(&self) -> i64;
+    /// Whether the tenant's part of the cache is down beyond doubt (then a mint without the
+    /// lock is worth its risk of a duplicate).
+    fn outage_confirmed_for(&self, tenant: &TenantId) -> bool;
+    /// A readiness check made of real operations: `Err` names what fails.
+    fn check(&self) -> BoxFuture<'_, Result<(), String>>;
 }

@@ -15,10 +15,11 @@ use zeroize::Zeroizing;
 
 use super::breaker::{Admit, Breaker};
 pub use super::target::{RedisConn, Target};
-use super::{fingerprint, CacheError, CachedToken, LockToken};
+use super::{fingerprint, CacheError, CachedToken, LockToken, SharedCache};
 use crate::crypto::KeyRing;
 use crate::tenants::TenantId;
 use crate::time::now_ms;
+use futures_util::future::BoxFuture;
 
 #[derive(Serialize, Deserialize)]
 struct Stored {
@@ -545,29 +546,27 @@ impl RedisCache {
 }
 
 impl RedisCache {
-    /// A small JSON record under `{prefix}:{<tenant>}:<what>` (circuit state).
-    pub async fn get_json<T: serde::de::DeserializeOwned>(
+    /// A small record under `{prefix}:{<tenant>}:<what>` (circuit state).
+    pub async fn get_record(
         &self,
         tenant: &TenantId,
         what: &str,
-    ) -> Result<Option<T>, CacheError> {
+    ) -> Result<Option<String>, CacheError> {
         let mut conn = self.conn.clone();
-        let raw: Option<String> = self
-            .timed(
-                self.slot_of(tenant),
-                redis::cmd("GET")
-                    .arg(self.key(tenant, what))
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+        self.timed(
+            self.slot_of(tenant),
+            redis::cmd("GET")
+                .arg(self.key(tenant, what))
+                .query_async(&mut conn),
+        )
+        .await
     }
 
-    pub async fn set_json<T: Serialize>(
+    pub async fn set_record(
         &self,
         tenant: &TenantId,
         what: &str,
-        value: &T,
+        value: &str,
         ttl_ms: i64,
     ) -> Result<(), CacheError> {
         let mut conn = self.conn.clone();
@@ -575,7 +574,7 @@ impl RedisCache {
             self.slot_of(tenant),
             redis::cmd("SET")
                 .arg(self.key(tenant, what))
-                .arg(serde_json::to_string(value).expect("serialises"))
+                .arg(value)
                 .arg("PX")
                 .arg(ttl_ms.max(1))
                 .query_async::<()>(&mut conn),
@@ -666,6 +665,91 @@ impl RedisCache {
         )
         .await
         .map(|_| ())
+    }
+}
+
+impl SharedCache for RedisCache {
+    fn get<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Option<Arc<CachedToken>>, CacheError>> {
+        Box::pin(RedisCache::get(self, tenant))
+    }
+    fn put<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        token: Arc<CachedToken>,
+    ) -> BoxFuture<'a, Result<Arc<CachedToken>, CacheError>> {
+        Box::pin(RedisCache::put(self, tenant, token))
+    }
+    fn remove<'a>(&'a self, tenant: &'a TenantId) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(RedisCache::remove(self, tenant))
+    }
+    fn remove_if_current<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        access_token: &'a str,
+    ) -> BoxFuture<'a, Result<bool, CacheError>> {
+        Box::pin(RedisCache::remove_if_current(self, tenant, access_token))
+    }
+    fn publish<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        event: &'a str,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(RedisCache::publish(self, tenant, event))
+    }
+    fn get_record<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        what: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, CacheError>> {
+        Box::pin(RedisCache::get_record(self, tenant, what))
+    }
+    fn set_record<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        what: &'a str,
+        value: String,
+        ttl_ms: i64,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(async move { RedisCache::set_record(self, tenant, what, &value, ttl_ms).await })
+    }
+    fn delete_record<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        what: &'a str,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(RedisCache::delete_key(self, tenant, what))
+    }
+    fn take_slot<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        what: &'a str,
+        interval_ms: u64,
+    ) -> BoxFuture<'a, Result<u64, CacheError>> {
+        Box::pin(RedisCache::take_slot(self, tenant, what, interval_ms))
+    }
+    fn try_acquire<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Option<LockToken>, CacheError>> {
+        Box::pin(RedisCache::try_acquire(self, tenant))
+    }
+    fn extend<'a>(&'a self, lock: &'a LockToken) -> BoxFuture<'a, Result<bool, CacheError>> {
+        Box::pin(RedisCache::extend(self, lock))
+    }
+    fn release(&self, lock: LockToken) -> BoxFuture<'_, Result<(), CacheError>> {
+        Box::pin(RedisCache::release(self, lock))
+    }
+    fn gap_at(&self) -> i64 {
+        RedisCache::gap_at(self)
+    }
+    fn outage_confirmed_for(&self, tenant: &TenantId) -> bool {
+        RedisCache::outage_confirmed_for(self, tenant)
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(RedisCache::check(self))
     }
 }
 

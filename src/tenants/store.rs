@@ -60,6 +60,13 @@ pub struct SealedTenant {
     sealed: Vec<(String, Vec<u8>)>,
 }
 
+impl SealedTenant {
+    /// A row as stored: the record and its sealed fields (`field`, sealed bytes).
+    pub fn new(record: TenantRecord, sealed: Vec<(String, Vec<u8>)>) -> Self {
+        Self { record, sealed }
+    }
+}
+
 /// The tenant store: the database handle plus the key ring that seals credentials.
 #[derive(Clone)]
 pub struct TenantStore {
