@@ -8,7 +8,10 @@ pub mod jwt;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
 
 use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
@@ -65,12 +68,31 @@ impl Caller {
     }
 }
 
+/// Where API keys are looked up: the caller table (`CallerStore`); unit tests put an
+/// in-memory one here to test the cache's timing under a paused clock.
+pub trait CallerLookup: Send + Sync {
+    /// The caller whose current (or rotated-out, still in grace) key hashes to `hash`.
+    fn caller_by_key_hash<'a>(
+        &'a self,
+        hash: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CallerRecord>, StoreError>>;
+}
+
+impl CallerLookup for CallerStore {
+    fn caller_by_key_hash<'a>(
+        &'a self,
+        hash: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CallerRecord>, StoreError>> {
+        Box::pin(CallerStore::caller_by_key_hash(self, hash))
+    }
+}
+
 /// Resolves API keys to callers, with an in-process cache so the hot path does not touch the
 /// database: an answer is trusted for 10 s (a deleted caller stops working here at once,
 /// elsewhere within 10 s), and while the database is unreachable a known caller keeps
 /// working on what was last read, for up to 10 minutes.
 pub struct Authenticator {
-    store: CallerStore,
+    store: Arc<dyn CallerLookup>,
     known: Cache<[u8; 32], (Option<Arc<Caller>>, Instant)>,
     /// Unix ms before which a stale answer is served without asking the database (set after
     /// a failed lookup): one probe per `DB_PROBE_EVERY_MS` finds out when it is back.
@@ -89,9 +111,12 @@ pub const CALLER_CACHE_TTL: Duration = Duration::from_secs(10);
 const CALLER_STALE_TTL: Duration = Duration::from_secs(600);
 
 impl Authenticator {
-    pub fn new(store: CallerStore, database_up: Option<prometheus::IntGauge>) -> Self {
+    pub fn new(
+        store: impl CallerLookup + 'static,
+        database_up: Option<prometheus::IntGauge>,
+    ) -> Self {
         Self {
-            store,
+            store: Arc::new(store),
             known: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(CALLER_STALE_TTL)
@@ -142,7 +167,7 @@ impl Authenticator {
             }
         }
         let stale = match &held {
-            Some((Some(caller), _)) => Some(caller.clone()),
+            Some((Some(caller), at)) if at.elapsed() < CALLER_STALE_TTL => Some(caller.clone()),
             _ => None,
         };
         if let Some(caller) = stale.as_ref().filter(|_| !self.may_ask_database()) {
@@ -256,5 +281,105 @@ impl Admin {
             method: "admin_token",
             role: AdminRole::Admin,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU32};
+    use std::sync::Mutex;
+
+    use tokio::time::sleep;
+
+    use super::*;
+
+    /// The caller table, in memory: one caller, and a switch that makes it unreachable.
+    #[derive(Default)]
+    struct Table {
+        caller: Mutex<Option<CallerRecord>>,
+        down: AtomicBool,
+        lookups: AtomicU32,
+    }
+
+    impl CallerLookup for Arc<Table> {
+        fn caller_by_key_hash<'a>(
+            &'a self,
+            _hash: &'a str,
+        ) -> BoxFuture<'a, Result<Option<CallerRecord>, StoreError>> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            let result = if self.down.load(Ordering::SeqCst) {
+                Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut))
+            } else {
+                Ok(self.caller.lock().unwrap().clone())
+            };
+            Box::pin(async move { result })
+        }
+    }
+
+    fn setup() -> (Arc<Table>, Authenticator, String, prometheus::IntGauge) {
+        let table = Arc::new(Table::default());
+        *table.caller.lock().unwrap() = Some(CallerRecord {
+            id: "c1".into(),
+            name: "billing".into(),
+            scope: Scope::All,
+            created_at_ms: 0,
+            key_expires_at_ms: None,
+        });
+        let up = prometheus::IntGauge::new("up", "up").unwrap();
+        let auth = Authenticator::new(table.clone(), Some(up.clone()));
+        (table, auth, ApiKey::generate().expose().to_owned(), up)
+    }
+
+    fn lookups(t: &Table) -> u32 {
+        t.lookups.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_known_caller_rides_out_a_database_outage_for_ten_minutes() {
+        let (table, auth, key, up) = setup();
+        assert_eq!(&*auth.api_key(&key).await.unwrap().name, "billing");
+        sleep(Duration::from_secs(5)).await;
+        auth.api_key(&key).await.unwrap();
+        assert_eq!(lookups(&table), 1, "trusted for 10 s");
+        table.down.store(true, Ordering::SeqCst);
+        sleep(Duration::from_secs(6)).await;
+        assert_eq!(&*auth.api_key(&key).await.unwrap().name, "billing");
+        assert_eq!((lookups(&table), up.get()), (2, 0), "asked, failed, served");
+        for _ in 0..10 {
+            auth.api_key(&key).await.unwrap();
+        }
+        assert_eq!(lookups(&table), 2, "one probe a second while it fails");
+        sleep(Duration::from_millis(1_000)).await;
+        auth.api_key(&key).await.unwrap();
+        assert_eq!(lookups(&table), 3);
+        // Ten minutes after the last read the stale answer is no longer trusted.
+        sleep(CALLER_STALE_TTL - Duration::from_secs(13)).await;
+        auth.api_key(&key).await.unwrap();
+        sleep(Duration::from_secs(2)).await;
+        assert!(matches!(auth.api_key(&key).await, Err(AuthError::Store(_))));
+        table.down.store(false, Ordering::SeqCst);
+        sleep(Duration::from_secs(1)).await;
+        auth.api_key(&key).await.unwrap();
+        assert_eq!(up.get(), 1, "the database is back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_caller_stops_working_within_the_cache_ttl() {
+        let (table, auth, key, _) = setup();
+        auth.api_key(&key).await.unwrap();
+        *table.caller.lock().unwrap() = None;
+        sleep(CALLER_CACHE_TTL - Duration::from_millis(100)).await;
+        auth.api_key(&key).await.unwrap();
+        sleep(Duration::from_millis(100)).await;
+        assert!(matches!(
+            auth.api_key(&key).await,
+            Err(AuthError::Unauthorized(_))
+        ));
+        // An unknown key is remembered as unknown too: no lookup per request.
+        let n = lookups(&table);
+        for _ in 0..5 {
+            assert!(auth.api_key(&key).await.is_err());
+        }
+        assert_eq!(lookups(&table), n);
     }
 }

@@ -428,3 +428,22 @@ async fn a_longer_min_ttl_renews_with_the_refresh_grant() {
     }
     assert_eq!(p.calls(), 2, "an impossible min_ttl costs no partner call");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_admin_change_drops_the_shared_token_once_the_cache_answers_again() {
+    let shared = MemoryShared::new();
+    let p = FakePartner::new(secs(300), ms(0), json!({}));
+    let (a, b) = (replica(&p, Some(&shared)), replica(&p, Some(&shared)));
+    let tenant = p.tenant();
+    assert_eq!(fetch(&a.broker, &tenant, 0).await.unwrap(), "token-1");
+    assert_eq!(fetch(&b.broker, &tenant, 0).await.unwrap(), "token-1");
+    shared.go_down(true);
+    a.broker.forget(&tenant).await;
+    sleep(secs(5)).await;
+    shared.come_back();
+    // Retried with backoff capped at 2 s: dropped there, and b told so.
+    sleep(ms(2_100)).await;
+    assert!(shared.get(&tenant).await.unwrap().is_none());
+    assert_eq!(fetch(&b.broker, &tenant, 0).await.unwrap(), "token-2");
+    assert_eq!(p.calls(), 2);
+}

@@ -159,12 +159,13 @@ async fn invalid_refresh_token_falls_back_to_the_full_grant(env: TestEnv) {
         })
         .mount(&partner)
         .await;
-    app.create_tenant(&comm100_spec("fallback", &partner, "pw"))
-        .await;
+    let mut spec = comm100_spec("fallback", &partner, "pw");
+    spec["issuer"]["min_interval_ms"] = json!(0); // no pacing between the three calls
+    app.create_tenant(&spec).await;
     let key = app.create_caller("c", json!("*")).await;
     let first = app.get_token("fallback", &key).await.json()["access_token"].clone();
     // Asking for more than is left forces a renewal: refresh grant, refused, then the full grant.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let second = app.get_token_min_ttl("fallback", &key, 99).await;
     assert_eq!(second.status, 200, "{}", second.text);
     assert_ne!(second.json()["access_token"], first);
