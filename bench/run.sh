@@ -32,6 +32,7 @@ say "building the release binary and the herd client"
 cargo build --release --quiet
 cargo bench --no-run --quiet --bench herd 2>/dev/null
 cargo bench --no-run --quiet --bench partner_api 2>/dev/null
+cargo bench --no-run --quiet --bench bare_forwarder 2>/dev/null
 BIN="$PWD/target/release/token-broker"
 
 work=$(mktemp -d)
@@ -164,6 +165,13 @@ KEY5=$(python3 bench/load.py caller --base "$B5" --admin "$ADMIN")
 curl -fs -o /dev/null -H "authorization: Bearer $KEY5" "$B5/v1/tenants/p0/proxy/accounts/42/balance"
 say "(g) partner API direct";     read -r G_RPS G_P50 G_P99 < <(wrk_run "http://127.0.0.1:$AP/v2/accounts/42/balance")
 say "(g) partner API via proxy";  read -r H_RPS H_P50 H_P99 < <(wrk_run "$B5/v1/tenants/p0/proxy/accounts/42/balance" "$KEY5")
+# The stack's own ceiling: a bare actix-web + reqwest forwarder (no broker logic at all).
+FP=$(port)
+FORWARD_PORT="$FP" FORWARD_TO="http://127.0.0.1:$AP" cargo bench --quiet --bench bare_forwarder >"$work/fwd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$FP/v2/ping" >/dev/null 2>&1 && break; sleep 0.1; done
+say "(g) partner API via a bare forwarder"; read -r K_RPS K_P50 K_P99 < <(wrk_run "http://127.0.0.1:$FP/v2/accounts/42/balance")
+kill "${pids[-1]}" 2>/dev/null || true
 head -c $((50 * 1024 * 1024)) /dev/zero >"$work/upload.bin"
 hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$work/$1.pid")/status"; }
 before_kb=$(hwm_kb proxy)
@@ -180,11 +188,11 @@ workers="${BENCH_WORKERS:-$(nproc)}"
 report=$(python3 - "$A_RPS" "$A_P50" "$A_P99" "$B_RPS" "$B_P50" "$B_P99" "$C_RPS" "$C_P50" "$C_P99" \
   "$D_RPS" "$D_P50" "$D_P99" "$E_CALLS" "$E_OK" "$E_TOKENS" "$E_P99" "$LAT" "$F_RSS_MB" "$F_RPS" "$F_P50" "$F_P99" \
   "$N_RSS" "$N_MANY" "$stamp" "$host" "$DUR" "$CONNS" "$workers" \
-  "$G_RPS" "$G_P50" "$G_P99" "$H_RPS" "$H_P50" "$H_P99" "$G_UPLOAD_MB" <<'PY'
+  "$G_RPS" "$G_P50" "$G_P99" "$H_RPS" "$H_P50" "$H_P99" "$G_UPLOAD_MB" "$K_RPS" "$K_P50" "$K_P99" <<'PY'
 import sys
 (a, a50, a99, b, b50, b99, c, c50, c99, d, d50, d99, ecalls, eok, etok, e99, lat, rss, f, f50, f99,
- nrss, nmany, stamp, host, dur, conns, workers, g, g50, g99, h, h50, h99, upload) = sys.argv[1:]
-g, h = float(g), float(h)
+ nrss, nmany, stamp, host, dur, conns, workers, g, g50, g99, h, h50, h99, upload, k, k50, k99) = sys.argv[1:]
+g, h, k = float(g), float(h), float(k)
 a, b, c, d, f = map(float, (a, b, c, d, f))
 ok = lambda cond: "PASS" if cond else "FAIL"
 rows = [
@@ -205,7 +213,8 @@ out += ["", "| case | figure | target |", "| --- | --- | --- |",
         f"| (g) proxy: partner API direct | {g:,.0f} req/s, p50 {float(g50):.3f} ms, p99 {float(g99):.3f} ms | the ceiling |",
         f"| (g) proxy: the same through the broker | {h:,.0f} req/s ({h / g:.2f} x direct), p50 {float(h50):.3f} ms (+{float(h50) - float(g50):.3f} ms) | "
         + ok(h >= 0.5 * g and float(h50) - float(g50) <= 0.3) + " (>= 0.5 x direct, p50 added <= 0.3 ms) |",
-        f"| (g) proxy: 50 MiB upload, broker peak RSS growth | {upload} MiB | " + ok(int(upload) < 16) + " (< 16 MiB: streamed) |"]
+        f"| (g) proxy: 50 MiB upload, broker peak RSS growth | {upload} MiB | " + ok(int(upload) < 16) + " (< 16 MiB: streamed) |",
+        f"| (g) the stack's ceiling: a bare actix-web + reqwest forwarder, no broker logic | {k:,.0f} req/s ({k / g:.2f} x direct), p50 {float(k50):.3f} ms (+{float(k50) - float(g50):.3f} ms); the broker's proxy is {h / k:.2f} x this | for reference |"]
 print("\n".join(out))
 PY
 )

@@ -1,0 +1,55 @@
+//! The stack's own ceiling for proxy mode, for bench/run.sh's case (g): the least an
+//! actix-web server forwarding through a reqwest client can do per request (no auth, no token,
+//! no audit, no metrics, no header rules): parse, forward to `FORWARD_TO` + path, stream the
+//! answer back. Same server workers (the cores) and the same per-worker pooled client as the
+//! broker's proxy. The broker's proxy is measured against this as well as against the partner
+//! API direct.
+//!   FORWARD_PORT=9301 FORWARD_TO=http://127.0.0.1:9300 cargo bench --bench bare_forwarder
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+
+thread_local! {
+    static CLIENT: reqwest::Client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("client");
+}
+
+async fn forward(req: HttpRequest, base: web::Data<String>) -> HttpResponse {
+    let url = match req.uri().path_and_query() {
+        Some(pq) => format!("{}{}", base.get_ref(), pq.as_str()),
+        None => base.get_ref().clone(),
+    };
+    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes()).unwrap();
+    let sent = CLIENT.with(|c| c.request(method, url).send());
+    match sent.await {
+        Ok(resp) => {
+            let status = actix_web::http::StatusCode::from_u16(resp.status().as_u16()).unwrap();
+            let mut b = HttpResponse::build(status);
+            if let Some(ct) = resp.headers().get(reqwest::header::CONTENT_TYPE) {
+                b.insert_header(("content-type", ct.as_bytes()));
+            }
+            b.streaming(resp.bytes_stream())
+        }
+        Err(_) => HttpResponse::BadGateway().finish(),
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let port: u16 = std::env::var("FORWARD_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(9301);
+    let to = std::env::var("FORWARD_TO").unwrap_or_else(|_| "http://127.0.0.1:9300".into());
+    actix_web::rt::System::new().block_on(async move {
+        HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(to.clone()))
+                .default_service(web::to(forward))
+        })
+        .bind(("127.0.0.1", port))?
+        .run()
+        .await
+    })
+}
