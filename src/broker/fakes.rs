@@ -85,6 +85,13 @@ impl MemoryShared {
             .insert(tenant.clone(), (token, until));
     }
 
+    /// Forgets every key, as a Redis restarted without persistence does (a gap for every
+    /// replica).
+    pub fn restart_empty(&self) {
+        *self.keys.lock().unwrap() = Keys::default();
+        self.mark_gap();
+    }
+
     /// Takes the tenant's mint lock for a replica that then dies (never extends it).
     pub fn take_lock_and_die(&self, tenant: &TenantId) {
         self.keys.lock().unwrap().locks.insert(

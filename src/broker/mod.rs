@@ -48,6 +48,16 @@ pub enum BrokerError {
     MintTaskFailed(String),
 }
 
+impl BrokerError {
+    /// The partner's token endpoint is down or slow (not a rejection, not ours).
+    fn partner_unavailable(&self) -> bool {
+        match self {
+            Self::Upstream(e) | Self::CircuitOpen { last: e, .. } => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
 impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -358,7 +368,21 @@ impl Broker {
             Lookup::Known(known) => known,
         };
         check_lifetime(known.as_deref(), min_ttl_s)?;
-        self.bounded_flight(tenant, min_ttl_s).await
+        match self.bounded_flight(tenant, min_ttl_s).await {
+            // The partner cannot be reached, but this process still holds a token that Redis
+            // no longer has (it restarted empty, or a drop went unannounced during a gap):
+            // it is served to its usable end rather than failing the caller.
+            Err(e) if e.partner_unavailable() => {
+                match known.filter(|t| t.serves(now_ms(), min_ttl_ms)) {
+                    Some(t) => {
+                        tracing::warn!(tenant = %tenant, error = %e, "mint failed; serving the token this process holds");
+                        Ok((t, Source::Cache))
+                    }
+                    None => Err(e),
+                }
+            }
+            other => other,
+        }
     }
 
     /// The token this process holds, if it may be trusted without asking Redis and serves
@@ -416,12 +440,11 @@ impl Broker {
                 Lookup::Known(Some(t))
             }
             Ok(None) => {
+                // Dropped, expired, or lost with a Redis that restarted empty: a new token is
+                // minted; the held one stays only as the fallback of a failed mint (see
+                // `token`). Drops announced by events have already removed it here.
                 self.metrics.l2_miss.inc();
-                if known.is_some() {
-                    // Dropped or expired in the shared cache: so here too.
-                    self.l1.invalidate(tenant);
-                }
-                Lookup::Known(None)
+                Lookup::Known(known)
             }
             Err(e) => {
                 self.metrics.l2_error.inc();

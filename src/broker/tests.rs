@@ -447,3 +447,34 @@ async fn an_admin_change_drops_the_shared_token_once_the_cache_answers_again() {
     assert_eq!(fetch(&b.broker, &tenant, 0).await.unwrap(), "token-2");
     assert_eq!(p.calls(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_held_token_outlives_a_redis_restart_while_the_partner_is_down() {
+    let shared = MemoryShared::new();
+    let p = FakePartner::new(secs(300), ms(0), json!({}));
+    let r = replica(&p, Some(&shared));
+    let tenant = p.tenant();
+    assert_eq!(fetch(&r.broker, &tenant, 0).await.unwrap(), "token-1");
+    p.fail_with(Some(IssuerError::Unavailable("connection failed".into())));
+    shared.restart_empty();
+    sleep(ms(1)).await;
+    // Redis lost it and the partner is down: the token held here is still good.
+    for _ in 0..3 {
+        let (t, source) = r.broker.token(&tenant, 0).await.unwrap();
+        assert_eq!((value(&t), source), ("token-1", Source::Cache));
+    }
+    // A rejection is not an outage: then the problem is the answer.
+    p.fail_with(Some(IssuerError::RejectedCredentials {
+        status: 401,
+        error: None,
+    }));
+    r.broker.forget(&tenant).await;
+    assert!(fetch(&r.broker, &tenant, 0).await.is_err());
+    // The partner back: a new token, shared again.
+    p.fail_with(None);
+    sleep(secs(10)).await;
+    let fresh = fetch(&r.broker, &tenant, 0).await.unwrap();
+    assert_ne!(fresh, "token-1");
+    let shared_now = shared.get(&tenant).await.unwrap().unwrap();
+    assert_eq!(value(&shared_now), fresh);
+}
