@@ -371,18 +371,8 @@ impl Upstream for FakePartner {
     }
 
     fn open_tenant(&self, sealed: &SealedTenant) -> Result<Tenant, StoreError> {
-        let r = &sealed.record;
-        Ok(Tenant {
-            id: r.id.clone(),
-            display_name: r.display_name.clone(),
-            issuer: r.issuer.clone(),
-            credentials: Credentials::new(Default::default()),
-            proxy: None,
-            proxy_headers: Credentials::new(Default::default()),
-            version: r.version,
-            created_at_ms: r.created_at_ms,
-            updated_at_ms: r.updated_at_ms,
-        })
+        let none = || Credentials::new(Default::default());
+        Ok(sealed.record.with_secrets(none(), none()))
     }
 
     fn tenant_record<'a>(

@@ -47,7 +47,7 @@ fn value(t: &CachedToken) -> &str {
     t.access_token.expose_secret()
 }
 
-/// The token's value, or the error's problem code.
+/// The token's value, or the broker's error.
 async fn fetch(b: &Arc<Broker>, tenant: &TenantId, min_ttl_s: u64) -> Result<String, BrokerError> {
     b.token(tenant, min_ttl_s)
         .await

@@ -30,6 +30,23 @@ pub struct TenantRecord {
     pub updated_at_ms: i64,
 }
 
+impl TenantRecord {
+    /// The tenant with its opened credentials and proxy header values.
+    pub fn with_secrets(&self, credentials: Credentials, proxy_headers: Credentials) -> Tenant {
+        Tenant {
+            id: self.id.clone(),
+            display_name: self.display_name.clone(),
+            issuer: self.issuer.clone(),
+            credentials,
+            proxy: self.proxy.clone(),
+            proxy_headers,
+            version: self.version,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+        }
+    }
+}
+
 /// What one write to a tenant changes, worked out from its current state.
 pub struct Change {
     pub display_name: Option<String>,
@@ -303,18 +320,8 @@ impl TenantStore {
                 None => creds.insert(field.clone(), SecretString::from(value)),
             };
         }
-        let rec = &t.record;
-        Ok(Tenant {
-            id: rec.id.clone(),
-            display_name: rec.display_name.clone(),
-            issuer: rec.issuer.clone(),
-            credentials: Credentials::new(creds),
-            proxy: rec.proxy.clone(),
-            proxy_headers: Credentials::new(proxy_headers),
-            version: rec.version,
-            created_at_ms: rec.created_at_ms,
-            updated_at_ms: rec.updated_at_ms,
-        })
+        Ok(t.record
+            .with_secrets(Credentials::new(creds), Credentials::new(proxy_headers)))
     }
 
     /// Tenants ordered by id, after `after`, at most `limit`.
