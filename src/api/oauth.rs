@@ -167,10 +167,20 @@ impl ResponseError for OAuthError {
 /// any parameter but `resource` may appear once (RFC 8707 allows several `resource`s).
 struct Form(Vec<(String, zeroize::Zeroizing<String>)>);
 
+/// Most parameters a token request may carry (a real one has under ten). Parsing stops at the
+/// first one over, so a body of thousands of names costs what a short one does (the duplicate
+/// check below is a scan of at most this many).
+const MAX_FORM_PARAMS: usize = 32;
+
 impl Form {
     fn parse(body: &[u8]) -> Result<Self, OAuthError> {
         let mut pairs: Vec<(String, zeroize::Zeroizing<String>)> = Vec::new();
-        for (k, v) in url::form_urlencoded::parse(body) {
+        for (n, (k, v)) in url::form_urlencoded::parse(body).enumerate() {
+            if n == MAX_FORM_PARAMS {
+                return Err(OAuthError::invalid_request(format!(
+                    "a token request carries at most {MAX_FORM_PARAMS} parameters"
+                )));
+            }
             if v.is_empty() {
                 continue;
             }
@@ -262,6 +272,22 @@ fn client_credentials(
     }
 }
 
+/// Longest client id kept in an audit row.
+const SHOWN_CLIENT_ID_CHARS: usize = 64;
+
+/// A presented client id as an audit row shows it: quoted, printable ASCII, cut at 64
+/// characters. (It is what the sender claimed, not an identity.)
+fn shown_client_id(id: &str) -> String {
+    let mut shown: String = description_chars(id)
+        .chars()
+        .take(SHOWN_CLIENT_ID_CHARS)
+        .collect();
+    if id.chars().count() > SHOWN_CLIENT_ID_CHARS {
+        shown.push('…');
+    }
+    format!("'{shown}'")
+}
+
 /// The caller a client id and secret (an API key) stand for; the id must be the key's caller.
 async fn authenticate(
     state: &AppState,
@@ -269,7 +295,8 @@ async fn authenticate(
     req: &HttpRequest,
 ) -> Result<Caller, OAuthError> {
     let refused = |reason: &'static str| {
-        super::extract::audit_refusal(state, req, "token.fetch", None, reason);
+        let detail = format!("{reason} (client_id {})", shown_client_id(&client.id));
+        super::extract::audit_refusal(state, req, "token.fetch", None, &detail);
         OAuthError::invalid_client("client authentication failed")
     };
     if !client.secret.starts_with(api_keys::PREFIX) {
@@ -288,7 +315,11 @@ async fn authenticate(
 
 /// RFC 8693: the subject token is a JWT from the organisation's IdP, verified exactly as a
 /// Bearer JWT caller is.
-async fn exchange_subject(state: &AppState, form: &Form) -> Result<Caller, OAuthError> {
+async fn exchange_subject(
+    state: &AppState,
+    form: &Form,
+    req: &HttpRequest,
+) -> Result<Caller, OAuthError> {
     let Some(verifier) = &state.jwt else {
         return Err(OAuthError::new(
             400,
@@ -328,6 +359,13 @@ async fn exchange_subject(state: &AppState, form: &Form) -> Result<Caller, OAuth
     }
     verifier.verify(subject).await.map_err(|reason| {
         tracing::info!(reason = %reason, "subject token refused");
+        super::extract::audit_refusal(
+            state,
+            req,
+            "token.fetch",
+            None,
+            "token exchange: the subject token is not valid",
+        );
         OAuthError::invalid_request("the subject token is not valid")
     })
 }
@@ -398,25 +436,41 @@ async fn token(
 ) -> Result<HttpResponse, OAuthError> {
     let body = read_body(&req, payload, "application/x-www-form-urlencoded").await?;
     let form = Form::parse(&body)?;
-    let client = client_credentials(&req, &form)?;
+    let refused = |e: OAuthError| {
+        if e.error == "invalid_client" {
+            super::extract::audit_refusal(&state, &req, "token.fetch", None, &e.description);
+        }
+        e
+    };
+    let client = client_credentials(&req, &form).map_err(refused)?;
     let grant = form
         .get("grant_type")
         .ok_or_else(|| OAuthError::invalid_request("grant_type is required"))?;
-    let (caller, exchange) = match grant {
+    // `via`: what the audit entry says of how the token left (and, for an exchange, which
+    // client asked for it besides the subject it is handed to).
+    let (caller, via) = match grant {
         CLIENT_CREDENTIALS => {
-            let client = client.ok_or_else(|| {
-                OAuthError::invalid_client(
-                    "client authentication is required: client_secret_basic or client_secret_post",
-                )
-            })?;
-            (authenticate(&state, client, &req).await?, false)
+            let client = client
+                .ok_or_else(|| {
+                    OAuthError::invalid_client(
+                        "client authentication is required: client_secret_basic or client_secret_post",
+                    )
+                })
+                .map_err(refused)?;
+            (authenticate(&state, client, &req).await?, "oauth2".into())
         }
         TOKEN_EXCHANGE => {
             // Client authentication is optional here; credentials that are sent must be valid.
-            if let Some(client) = client {
-                authenticate(&state, client, &req).await?;
-            }
-            (exchange_subject(&state, &form).await?, true)
+            let client = match client {
+                Some(client) => Some(authenticate(&state, client, &req).await?),
+                None => None,
+            };
+            let subject = exchange_subject(&state, &form, &req).await?;
+            let via = match client {
+                Some(c) => format!("oauth2 token exchange, client {}", c.name),
+                None => "oauth2 token exchange".to_string(),
+            };
+            (subject, via)
         }
         _ => {
             return Err(OAuthError::new(
@@ -432,12 +486,12 @@ async fn token(
     span.record("tenant", id.as_str());
     check_scope(&state, &caller, &id, "token.fetch", &req)?;
     let min_ttl = parse_min_ttl(form.get("min_ttl"))?;
-    let token = hand_out(&state, &caller, &id, min_ttl, Some("oauth2"), &req).await?;
+    let token = hand_out(&state, &caller, &id, min_ttl, Some(&via), &req).await?;
     let body = serde_json::to_string(&TokenAnswer {
         access_token: token.access_token.expose_secret(),
         token_type: "Bearer",
         expires_in: expires_in(&token),
-        issued_token_type: exchange.then_some(TYPE_ACCESS_TOKEN),
+        issued_token_type: (grant == TOKEN_EXCHANGE).then_some(TYPE_ACCESS_TOKEN),
     })
     .expect("serialises");
     Ok(no_store(HttpResponse::Ok()).body(body))
@@ -526,6 +580,11 @@ mod tests {
     #[test]
     fn parameters_appear_once_and_empty_ones_are_absent() {
         assert!(Form::parse(b"grant_type=a&grant_type=b").is_err());
+        let many: Vec<String> = (0..MAX_FORM_PARAMS).map(|i| format!("p{i}=1")).collect();
+        assert!(Form::parse(many.join("&").as_bytes()).is_ok());
+        let over: Vec<String> = (0..=MAX_FORM_PARAMS).map(|i| format!("p{i}=1")).collect();
+        let e = Form::parse(over.join("&").as_bytes()).err().unwrap();
+        assert_eq!(e.error, "invalid_request");
         let f = form("grant_type=&scope=x&grant_type=client_credentials");
         assert_eq!(f.get("grant_type"), Some("client_credentials"));
     }

@@ -191,6 +191,11 @@ async fn forward(
     let started = Instant::now();
     let raw_tenant = req.match_info().get("tenant_id").unwrap_or_default();
     let id = authorize(&state, &caller, raw_tenant, "token.proxy", &req)?;
+    // The entry's place before the partner is called: a call that happened is on the record.
+    let slot = state
+        .audit
+        .reserve()
+        .map_err(|_| ApiError::AuditUnavailable)?;
     let mut outcome = Outcome {
         fingerprint: None,
         partner_status: None,
@@ -224,16 +229,33 @@ async fn forward(
     e.auth_method = Some(caller.method.as_str());
     e.tenant = Some(id.shared());
     e.fingerprint = outcome.fingerprint;
+    let call = call_line(&req);
     match (&result, outcome.partner_status) {
-        (_, Some(s)) => e.detail = Some(format!("partner status {s}")),
+        (_, Some(s)) => e.detail = Some(format!("partner status {s}: {call}")),
         (Err(err), None) => {
             e.outcome = err.code().into();
+            e.detail = Some(call);
             e.request_id = request_id_of(&req);
         }
-        (Ok(_), None) => {}
+        (Ok(_), None) => e.detail = Some(call),
     }
-    state.audit.record_best_effort(e);
+    slot.record(e);
     result
+}
+
+/// Longest path kept in an audit row.
+const AUDIT_PATH_CHARS: usize = 256;
+
+/// What the audit row says of a proxied call: the method and the path under the tenant's
+/// `base_url` as received (percent-encoded, so printable), never the query string.
+fn call_line(req: &HttpRequest) -> String {
+    let rest = raw_rest(req);
+    let cut = rest
+        .char_indices()
+        .nth(AUDIT_PATH_CHARS)
+        .map_or(rest, |(i, _)| &rest[..i]);
+    let more = if cut.len() < rest.len() { "…" } else { "" };
+    format!("{} /{cut}{more}", req.method())
 }
 
 async fn proxy(

@@ -71,7 +71,8 @@ pub(super) fn authorize(
     Ok(id)
 }
 
-/// 403 (audited) unless the caller's scope holds the tenant.
+/// 403 unless the caller's scope holds the tenant. The refusal is on the record like anything
+/// else an authenticated caller does: when it cannot be, 503 `audit_unavailable`.
 pub(super) fn check_scope(
     state: &AppState,
     caller: &Caller,
@@ -85,8 +86,17 @@ pub(super) fn check_scope(
     let mut e = entry(caller, action, "forbidden", id, req);
     e.kind = "refused";
     e.detail = Some("tenant outside the caller's scope".into());
-    state.audit.record_best_effort(e);
+    record(state, e)?;
     Err(ApiError::Forbidden(id.to_string()))
+}
+
+/// Queues an authenticated caller's entry: recorded, or the request is refused (503
+/// `audit_unavailable`; never in `best_effort` mode).
+pub(super) fn record(state: &AppState, e: Entry) -> Result<(), ApiError> {
+    state
+        .audit
+        .record(e)
+        .map_err(|_| ApiError::AuditUnavailable)
 }
 
 pub(super) fn parse_min_ttl(raw: Option<&str>) -> Result<u64, ApiError> {
@@ -150,7 +160,7 @@ pub(super) async fn hand_out(
     caller: &Caller,
     id: &TenantId,
     min_ttl: u64,
-    via: Option<&'static str>,
+    via: Option<&str>,
     req: &HttpRequest,
 ) -> Result<Arc<CachedToken>, ApiError> {
     if let Err(retry_after) = state.limiter.check(&caller.id) {
@@ -160,6 +170,11 @@ pub(super) async fn hand_out(
                 .metrics
                 .token_request(id.as_str(), "caller_rate_limited");
         }
+        // Without a request id: a caller over its limit costs a row per flush, not per request.
+        let mut e = entry(caller, "token.fetch", "rate_limited", id, req);
+        e.request_id = None;
+        e.detail = via.map(Into::into);
+        record(state, e)?;
         return Err(ApiError::CallerRateLimited(retry_after));
     }
     let (token, source) = match state.broker.token(id, min_ttl).await {
@@ -171,7 +186,7 @@ pub(super) async fn hand_out(
             }
             let mut entry = entry(caller, "token.fetch", e.code(), id, req);
             entry.detail = via.map(Into::into);
-            state.audit.record_best_effort(entry);
+            record(state, entry)?;
             return Err(e);
         }
     };
@@ -222,13 +237,27 @@ async fn invalidate(
             ))
         }
     };
-    let outcome = state.broker.invalidate(&id, token).await?;
+    // The place for the entry first: an invalidation that happened is always on the record.
+    let slot = state
+        .audit
+        .reserve()
+        .map_err(|_| ApiError::AuditUnavailable)?;
+    let mut e = entry(&caller, "token.invalidate", "", &id, &req);
+    e.fingerprint = Some(state.store.keys().fingerprint(token).into());
+    let outcome = match state.broker.invalidate(&id, token).await {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            let err = ApiError::from(err);
+            e.outcome = err.code().into();
+            slot.record(e);
+            return Err(err);
+        }
+    };
     if !matches!(outcome, Invalidation::Stale) || state.broker.knows_tenant(&id) {
         state.metrics.invalidation(id.as_str(), outcome.as_str());
     }
-    let mut e = entry(&caller, "token.invalidate", outcome.as_str(), &id, &req);
-    e.fingerprint = Some(state.store.keys().fingerprint(token).into());
-    state.audit.record_best_effort(e);
+    e.outcome = outcome.as_str().into();
+    slot.record(e);
     tracing::info!(tenant = %id, caller = %caller.name, outcome = outcome.as_str(), "token reported as rejected");
     match outcome {
         Invalidation::Throttled {

@@ -5,11 +5,17 @@
 //! `fail_closed` (default): a token whose entry cannot be queued is not released.
 //! `best_effort`: such entries are dropped, counted and logged.
 //!
-//! Refused requests and failures take a separate path: a bounded map that coalesces them
-//! (same action, outcome, tenant, caller, detail) into one row per flush, keeping the first
-//! request id; new kinds of rows are dropped once it holds `SIDE_ROWS`. A flood of bad
-//! credentials therefore costs a few rows a second and never takes a slot a token entry
-//! needs. A tenant id is stored only if it is a valid `TenantId`.
+//! Everything an authenticated caller does (token fetches, proxied calls, invalidations, scope
+//! refusals, failed fetches) goes through that queue, under the same rule: recorded, or refused
+//! with 503 `audit_unavailable`. Where the action has an effect outside the broker (a proxied
+//! call, an invalidation) a slot is reserved first (`reserve`), so the entry of an action that
+//! happened can never be lost for want of room.
+//!
+//! Unauthenticated refusals take a separate path: a bounded map that coalesces them (same
+//! action, outcome, tenant, detail) into one row per flush, keeping the first request id; new
+//! kinds of rows are dropped once it holds `SIDE_ROWS`. A flood of bad credentials therefore
+//! costs a few rows a second and never takes a slot a caller's entry needs. A tenant id is
+//! stored only if it is a valid `TenantId`.
 
 pub mod store;
 
@@ -165,8 +171,24 @@ impl Audit {
         }
     }
 
-    /// Records an entry that must never block the request (refusals, failures) on the side
-    /// path: coalesced, bounded, dropped first, never in the token entries' queue.
+    /// Reserves a place in the queue for the entry of an action about to happen: in
+    /// `fail_closed` mode no place means the action must not happen (`AuditUnavailable`).
+    pub fn reserve(&self) -> Result<Reserved, AuditUnavailable> {
+        match self.tx.clone().try_reserve_owned() {
+            Ok(permit) => Ok(Reserved(Some(permit))),
+            Err(_) if self.mode == AuditMode::BestEffort => {
+                self.dropped();
+                Ok(Reserved(None))
+            }
+            Err(_) => {
+                self.metrics.audit_dropped.inc();
+                Err(AuditUnavailable)
+            }
+        }
+    }
+
+    /// Records an unauthenticated refusal on the side path: coalesced, bounded, dropped first,
+    /// never in the callers' queue. (Anything an authenticated caller did goes to `record`.)
     pub fn record_best_effort(&self, mut entry: Entry) {
         if entry
             .tenant
@@ -210,6 +232,18 @@ impl Audit {
         let (tx, rx) = oneshot::channel();
         let sent = tokio::time::timeout(within, self.tx.send(Msg::Flush(tx))).await;
         matches!(sent, Ok(Ok(()))) && matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())))
+    }
+}
+
+/// A place held in the audit queue (see `Audit::reserve`). Dropping it unused frees it.
+pub struct Reserved(Option<mpsc::OwnedPermit<Msg>>);
+
+impl Reserved {
+    /// Queues the entry in the place held (nothing in `best_effort` mode when there was none).
+    pub fn record(self, entry: Entry) {
+        if let Some(permit) = self.0 {
+            permit.send(Msg::Entry(now_ms(), entry));
+        }
     }
 }
 

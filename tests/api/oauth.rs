@@ -205,6 +205,43 @@ async fn refusals_follow_rfc_6749(env: TestEnv) {
         );
     }
 
+    let malformed = app
+        .send(
+            app.client
+                .post(format!("{}/oauth2/token", app.address))
+                .header("authorization", "Basic !!not-base64!!")
+                .form(&[cc, target]),
+        )
+        .await;
+    assert_oauth_error(&malformed, 401, "invalid_client");
+    // Each refusal on the record with the client id presented, never the secret presented.
+    let wanted = [
+        format!("(client_id '{id}')"),
+        format!("client_id is not the key's caller (client_id '{other_id}')"),
+        "malformed Basic client credentials".to_string(),
+        "client authentication is required".to_string(),
+    ];
+    let has = |entries: &[Value], want: &str| {
+        entries.iter().any(|e| {
+            e["action"] == "token.fetch"
+                && e["outcome"] == "unauthorized"
+                && e["detail"].as_str().unwrap_or("").contains(want)
+        })
+    };
+    let mut refused = Vec::new();
+    for _ in 0..40 {
+        refused = app.audit("limit=200").await;
+        if wanted.iter().all(|w| has(&refused, w)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for want in &wanted {
+        assert!(has(&refused, want), "{want}: {refused:?}");
+    }
+    let text = format!("{refused:?}");
+    assert!(!text.contains("tbk_wrong") && !text.contains("nope") && !text.contains(&key));
+
     let both = post_form(
         &app,
         &[cc, target, ("client_id", &id), ("client_secret", &key)],
@@ -241,6 +278,30 @@ async fn refusals_follow_rfc_6749(env: TestEnv) {
     let big = "x".repeat(70_000);
     let too_big = post_form(&app, &[cc, target, ("pad", &big)], Some((&id, &key))).await;
     assert_oauth_error(&too_big, 400, "invalid_request");
+    // Thousands of distinct names in 64 KiB (a quadratic duplicate check cost a worker 100+ ms
+    // per such body): refused by count, before any authentication.
+    let mut names = String::new();
+    let mut i = 0;
+    while names.len() < 60_000 {
+        names.push_str(&format!("p{i}=1&"));
+        i += 1;
+    }
+    let flood = app
+        .send(
+            app.client
+                .post(format!("{}/oauth2/token", app.address))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("{names}grant_type=client_credentials")),
+        )
+        .await;
+    let body = assert_oauth_error(&flood, 400, "invalid_request");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("at most 32 parameters"),
+        "{body}"
+    );
     assert!(partner.received_requests().await.unwrap().is_empty());
     let get = app.get("/oauth2/token").await;
     get.assert_problem(405, "method_not_allowed");
@@ -360,6 +421,39 @@ async fn token_exchange_for_jwt_callers(mut env: TestEnv) {
         )
         .await;
     assert_oauth_error(&bad_client, 401, "invalid_client");
+    // An exchange by an authenticated client is recorded with both identities: the subject as
+    // the caller, the client in the detail.
+    let (client_id, client_key) = client(&app, "gateway", json!(["t2"])).await;
+    let both = app
+        .send(
+            app.client
+                .post(format!("{}/oauth2/token", app.address))
+                .basic_auth(&client_id, Some(&client_key))
+                .form(&exchange(subject.clone(), "t1", JWT_TYPE)),
+        )
+        .await;
+    assert_eq!(both.status, 200, "{}", both.text);
+    let recorded = |entries: &[Value]| {
+        let both = entries.iter().any(|e| {
+            e["action"] == "token.fetch"
+                && e["outcome"] == "ok"
+                && e["detail"] == "oauth2 token exchange, client gateway"
+                && e["caller"].as_str().is_some_and(|c| c != "gateway")
+        });
+        let refused = entries
+            .iter()
+            .any(|e| e["detail"] == "token exchange: the subject token is not valid");
+        both && refused
+    };
+    let mut entries = Vec::new();
+    for _ in 0..40 {
+        entries = app.audit("limit=200").await;
+        if recorded(&entries) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recorded(&entries), "{entries:?}");
 
     let meta = app
         .get("/.well-known/oauth-authorization-server")

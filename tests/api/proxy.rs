@@ -134,11 +134,14 @@ async fn forwards_with_the_token_and_nothing_else(env: TestEnv) {
         .filter(|e| e["action"] == "token.proxy")
         .collect();
     assert!(
-        proxied
-            .iter()
-            .any(|e| e["detail"] == "partner status 201" && e["fingerprint"].is_string()),
+        proxied.iter().any(
+            |e| e["detail"] == "partner status 201: POST /accounts/42/pay"
+                && e["fingerprint"].is_string()
+        ),
         "{entries:?}"
     );
+    // The method and path, never the query string.
+    assert!(!format!("{entries:?}").contains("b=%20x"), "{entries:?}");
     let everything = format!("{}{}", captured_logs(), app.get("/metrics").await.text);
     assert!(!everything.contains("planted-instance-id"));
     assert!(!everything.contains(&token));
@@ -185,6 +188,112 @@ async fn scope_and_settings_come_before_the_partner(env: TestEnv) {
     assert!(partner.received_requests().await.unwrap().is_empty());
 }
 backends!(scope_and_settings_come_before_the_partner: Sqlite);
+
+/// The unauthenticated side path held at its bound for the whole test (as a sustained flood
+/// of distinct refusals holds it; a few hundred real ones are sent too): every out-of-scope
+/// probe and every proxied call of an authenticated caller is still on the record, each with
+/// its method and path. (Before, both shared that path: 7 of 15 of each were kept.)
+async fn a_flood_cannot_push_a_callers_actions_out_of_the_audit(env: TestEnv) {
+    let (app, partner, _api) = proxied_app(&env).await;
+    app.create_tenant(&setu_spec("other", &partner, "s")).await;
+    let key = app.create_caller("billing", json!(["acme"])).await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (state, halt) = (app.state.clone(), stop.clone());
+    let filler = tokio::spawn(async move {
+        let mut n = 0u64;
+        while !halt.load(Ordering::Relaxed) {
+            for _ in 0..token_broker::audit::SIDE_ROWS + 10 {
+                n += 1;
+                let mut e =
+                    token_broker::audit::Entry::new("refused", "token.fetch", "unauthorized");
+                e.detail = Some(format!("flood {n}"));
+                state.audit.record_best_effort(e);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let unauthenticated: Vec<_> = (0..300)
+        .map(|i| {
+            let (client, url) = (
+                app.client.clone(),
+                format!("{}/v1/tenants/acme-{i}/proxy/x", app.address),
+            );
+            tokio::spawn(async move {
+                client
+                    .get(url)
+                    .bearer_auth("tbk_nope")
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for i in 0..15 {
+        let probe = app
+            .send(
+                app.client
+                    .get(format!("{}/v1/tenants/other/token", app.address))
+                    .bearer_auth(&key),
+            )
+            .await;
+        probe.assert_problem(403, "forbidden");
+        let call = app
+            .send(
+                app.client
+                    .post(format!(
+                        "{}/v1/tenants/acme/proxy/pay/{i}?secret=q{i}",
+                        app.address
+                    ))
+                    .bearer_auth(&key)
+                    .body("{}"),
+            )
+            .await;
+        assert_eq!(call.status, 200, "{}", call.text);
+    }
+    for u in unauthenticated {
+        assert_eq!(u.await.unwrap(), 401);
+    }
+    stop.store(true, Ordering::Relaxed);
+    filler.await.unwrap();
+
+    let count = |entries: &[Value], pred: &dyn Fn(&Value) -> bool| -> i64 {
+        entries
+            .iter()
+            .filter(|e| pred(e))
+            .map(|e| e["count"].as_i64().unwrap_or(1))
+            .sum()
+    };
+    let mut entries = Vec::new();
+    for _ in 0..50 {
+        entries = app.audit("caller=billing&limit=200").await;
+        let probes = count(&entries, &|e| e["outcome"] == "forbidden");
+        let calls = count(&entries, &|e| e["action"] == "token.proxy");
+        if probes == 15 && calls == 15 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        count(&entries, &|e| e["outcome"] == "forbidden"),
+        15,
+        "{entries:?}"
+    );
+    for i in 0..15 {
+        let want = format!("partner status 200: POST /pay/{i}");
+        assert_eq!(
+            count(&entries, &|e| e["detail"] == want.as_str()),
+            1,
+            "{want}: {entries:?}"
+        );
+    }
+    assert!(
+        !format!("{entries:?}").contains("secret=q"),
+        "no query string"
+    );
+}
+backends!(a_flood_cannot_push_a_callers_actions_out_of_the_audit: Sqlite);
 
 async fn a_refused_token_is_replaced_once(env: TestEnv) {
     let app = env.spawn().await;
