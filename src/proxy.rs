@@ -34,6 +34,29 @@ pub enum PathError {
     Malformed,
     #[error("the path leaves the tenant's base URL")]
     Escapes,
+    #[error("the path has a ';' path parameter (also when percent-encoded)")]
+    PathParameter,
+    #[error("the path has a double-encoded reserved or dot character (a '%25' escape)")]
+    DoubleEncoded,
+    #[error("the path is not valid UTF-8 once decoded")]
+    NotUtf8,
+}
+
+/// Whether a byte, percent-encoded inside an already decoded segment, would let a partner that
+/// decodes twice see a separator, a dot, a parameter or a control character.
+fn dangerous_when_decoded_twice(b: u8) -> bool {
+    b < 0x20 || b == 0x7f || b"%./\\;:?#[]@!$&'()*+,=".contains(&b)
+}
+
+/// A decoded segment that still holds `%HH` escapes of dangerous bytes (`%252e` arrived).
+fn double_encoded(decoded: &[u8]) -> bool {
+    decoded.windows(3).any(|w| {
+        w[0] == b'%'
+            && w[1].is_ascii_hexdigit()
+            && w[2].is_ascii_hexdigit()
+            && u8::from_str_radix(std::str::from_utf8(&w[1..]).unwrap_or("00"), 16)
+                .is_ok_and(dangerous_when_decoded_twice)
+    })
 }
 
 fn valid_escapes(raw: &str) -> bool {
@@ -57,7 +80,10 @@ fn valid_escapes(raw: &str) -> bool {
 /// The partner URL for a proxied request: `base` + `/` + `raw_path` (as received, still
 /// percent-encoded) + `?` + `raw_query` byte for byte. `raw_path` must be a plain relative
 /// path: no empty, `.` or `..` segment (decoded), no encoded separators, backslashes, `@`
-/// or control characters; the result must keep `base`'s scheme, host, port and path prefix.
+/// or control characters, no `;` path parameters (Tomcat and Spring resolve `..;/`), no
+/// double-encoded reserved or dot characters (`%252e`, for partners that decode twice), valid
+/// UTF-8 once decoded (`%c0%ae` is an overlong '.'); the result must keep `base`'s scheme,
+/// host, port and path prefix.
 pub fn partner_url(base: &Url, raw_path: &str, raw_query: Option<&str>) -> Result<Url, PathError> {
     if raw_path
         .bytes()
@@ -79,6 +105,15 @@ pub fn partner_url(base: &Url, raw_path: &str, raw_query: Option<&str>) -> Resul
             let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
             if decoded == b"." || decoded == b".." {
                 return Err(PathError::DotSegment);
+            }
+            if decoded.contains(&b';') {
+                return Err(PathError::PathParameter);
+            }
+            if std::str::from_utf8(&decoded).is_err() {
+                return Err(PathError::NotUtf8);
+            }
+            if double_encoded(&decoded) {
+                return Err(PathError::DoubleEncoded);
             }
             if decoded.iter().any(|&b| matches!(b, b'/' | b'\\' | b'@')) {
                 return Err(PathError::Separator);
@@ -120,6 +155,25 @@ pub fn connection_listed(values: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Headers that some servers and gateways trust to rewrite the path or method, or as the
+/// client's address: a caller must not steer the partner with them.
+const NOT_FORWARDED: &[&str] = &[
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-original-host",
+    "x-original-method",
+    "x-host",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// Whether a caller's request header goes on to the partner. Never: the caller's credentials
 /// (`Authorization`, `Cookie`), hop-by-hop headers, `Proxy-*`, forwarding headers from the
 /// caller, its request id (the broker sends its own), or the tenant's auth or fixed headers.
@@ -133,6 +187,7 @@ pub fn forwards_request_header(name: &str, listed: &[String], target: &Target) -
         || n.starts_with("x-forwarded-")
         || n == "forwarded"
         || n == "x-real-ip"
+        || NOT_FORWARDED.contains(&n.as_str())
         || n == "x-request-id"
         || n == target.auth_header.as_str()
         || target.headers.iter().any(|(h, _)| h.as_str() == n))
@@ -326,6 +381,16 @@ mod tests {
             ("a\tb", PathError::Malformed),
             ("a%zzb", PathError::Malformed),
             ("a%2", PathError::Malformed),
+            ("..;/..;/x", PathError::PathParameter),
+            ("a/..;/b", PathError::PathParameter),
+            ("a;jsessionid=1/b", PathError::PathParameter),
+            ("a%3bb", PathError::PathParameter),
+            ("%252e%252e/x", PathError::DoubleEncoded),
+            ("a%252fb", PathError::DoubleEncoded),
+            ("a%255cb", PathError::DoubleEncoded),
+            ("a%2525b", PathError::DoubleEncoded),
+            ("%c0%ae%c0%ae/x", PathError::NotUtf8),
+            ("a%ffb", PathError::NotUtf8),
         ] {
             assert_eq!(url(base, path, None), Err(why), "{path}");
         }
@@ -363,6 +428,10 @@ mod tests {
             "X-Forwarded-Host",
             "Forwarded",
             "X-Secret-Hop",
+            "True-Client-IP",
+            "X-Original-URL",
+            "X-Rewrite-URL",
+            "X-HTTP-Method-Override",
             "X-Api-Key",
             "X-Product-Instance-Id",
             "X-Request-Id",
