@@ -60,6 +60,9 @@ pub struct Settings {
     /// `BROKER_ALLOWED_NETWORKS`: CIDR ranges token and proxy URLs may reach besides public
     /// addresses (https and every other guard rule still apply).
     pub allowed_networks: Vec<ipnet::IpNet>,
+    /// `BROKER_TRUSTED_PROXIES`: peers whose forwarding headers (`Forwarded`,
+    /// `X-Forwarded-Host`/`-Proto`) the broker believes when it derives its own URL.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Named admins: JWTs from the callers' IdP with an admin audience and a role claim.
@@ -122,7 +125,7 @@ impl Settings {
         let (upstream_connect_timeout, upstream_timeout, default_min_interval_ms) =
             upstream_section(var)?;
         let metrics_token = var("BROKER_METRICS_TOKEN").map(SecretString::from);
-        let (public_url, allowed_networks) = reach_section(var)?;
+        let (public_url, allowed_networks, trusted_proxies) = reach_section(var)?;
         Ok(Self {
             listen,
             database_url,
@@ -149,6 +152,7 @@ impl Settings {
             admin_jwt,
             public_url,
             allowed_networks,
+            trusted_proxies,
         })
     }
 }
@@ -174,11 +178,10 @@ impl Settings {
     }
 }
 
-/// `BROKER_PUBLIC_URL` (the OAuth issuer) and `BROKER_ALLOWED_NETWORKS` (private ranges
-/// outbound calls may reach).
-fn reach_section(var: Var<'_>) -> Result<(Option<String>, Vec<ipnet::IpNet>), ConfigError> {
-    let allowed_networks = match var("BROKER_ALLOWED_NETWORKS") {
-        None => Vec::new(),
+/// A comma-separated list of CIDR ranges (empty when unset).
+fn cidr_list(var: Var<'_>, name: &'static str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    match var(name) {
+        None => Ok(Vec::new()),
         Some(list) => list
             .split(',')
             .map(str::trim)
@@ -187,15 +190,25 @@ fn reach_section(var: Var<'_>) -> Result<(Option<String>, Vec<ipnet::IpNet>), Co
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| {
                 invalid(
-                    "BROKER_ALLOWED_NETWORKS",
+                    name,
                     "expected a comma-separated list of CIDR ranges such as 10.20.0.0/16,fd00:1::/32",
                 )
-            })?,
-    };
+            }),
+    }
+}
+
+/// What the reach section holds: `BROKER_PUBLIC_URL` (the OAuth issuer),
+/// `BROKER_ALLOWED_NETWORKS` (private ranges outbound calls may reach) and
+/// `BROKER_TRUSTED_PROXIES` (peers whose `Forwarded`/`X-Forwarded-*` headers are believed).
+type Reach = (Option<String>, Vec<ipnet::IpNet>, Vec<ipnet::IpNet>);
+
+fn reach_section(var: Var<'_>) -> Result<Reach, ConfigError> {
+    let allowed_networks = cidr_list(var, "BROKER_ALLOWED_NETWORKS")?;
+    let trusted_proxies = cidr_list(var, "BROKER_TRUSTED_PROXIES")?;
     let public_url = var("BROKER_PUBLIC_URL")
         .map(|v| parse_public_url(&v))
         .transpose()?;
-    Ok((public_url, allowed_networks))
+    Ok((public_url, allowed_networks, trusted_proxies))
 }
 
 /// `BROKER_PUBLIC_URL`: an absolute http(s) URL with no query, fragment or credentials (an

@@ -497,15 +497,33 @@ async fn token(
     Ok(no_store(HttpResponse::Ok()).body(body))
 }
 
-/// The issuer: `BROKER_PUBLIC_URL`, else the scheme and host this request came to.
-fn issuer(state: &AppState, req: &HttpRequest) -> String {
-    match &state.settings.public_url {
-        Some(url) => url.clone(),
-        None => {
-            let info = req.connection_info();
-            format!("{}://{}", info.scheme(), info.host())
-        }
+/// The issuer: `BROKER_PUBLIC_URL`, else derived from this request (`false`): the scheme and
+/// host a trusted proxy (`BROKER_TRUSTED_PROXIES`) forwarded, else the connection's own
+/// scheme (the broker speaks plain HTTP) and the `Host` it was sent.
+fn issuer(state: &AppState, req: &HttpRequest) -> (String, bool) {
+    if let Some(url) = &state.settings.public_url {
+        return (url.clone(), true);
     }
+    let trusted = req.peer_addr().is_some_and(|peer| {
+        state
+            .settings
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer.ip()))
+    });
+    if trusted {
+        let info = req.connection_info();
+        return (format!("{}://{}", info.scheme(), info.host()), false);
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| req.app_config().host().to_owned());
+    (format!("http://{host}"), false)
 }
 
 #[derive(Serialize)]
@@ -518,12 +536,17 @@ struct Metadata<'a> {
 }
 
 async fn metadata(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
-    let issuer = issuer(&state, &req);
+    let (issuer, configured) = issuer(&state, &req);
     let mut grants = vec![CLIENT_CREDENTIALS];
     if state.jwt.is_some() {
         grants.push(TOKEN_EXCHANGE);
     }
-    HttpResponse::Ok().json(Metadata {
+    let mut resp = HttpResponse::Ok();
+    if !configured {
+        // Derived from this request: no cache on the way may keep it for another.
+        resp.insert_header((header::CACHE_CONTROL, "no-store"));
+    }
+    resp.json(Metadata {
         token_endpoint: format!("{issuer}{TOKEN_PATH}"),
         issuer: &issuer,
         grant_types_supported: grants,

@@ -467,6 +467,21 @@ async fn token_exchange_for_jwt_callers(mut env: TestEnv) {
 }
 backends!(token_exchange_for_jwt_callers: Sqlite);
 
+/// The discovery document asked for with forwarding headers naming another host.
+async fn spoofed(app: &TestApp) -> Answer {
+    app.send(
+        app.client
+            .get(format!(
+                "{}/.well-known/oauth-authorization-server",
+                app.address
+            ))
+            .header("x-forwarded-host", "evil.example")
+            .header("x-forwarded-proto", "https")
+            .header("forwarded", "host=evil.example;proto=https"),
+    )
+    .await
+}
+
 async fn discovery(mut env: TestEnv) {
     let app = env.spawn().await;
     let a = app.get("/.well-known/oauth-authorization-server").await;
@@ -496,6 +511,20 @@ async fn discovery(mut env: TestEnv) {
     )
     .await;
     assert_oauth_error(&a, 400, "unsupported_grant_type");
+    // Derived from the request: never cached, and forwarding headers from an untrusted peer
+    // (every peer, by default) change nothing.
+    let derived = app.get("/.well-known/oauth-authorization-server").await;
+    assert_eq!(derived.headers["cache-control"], "no-store");
+    let meta = spoofed(&app).await.json();
+    assert_eq!(meta["issuer"], app.address, "{meta}");
+    app.stop().await;
+
+    // From a trusted proxy (here: loopback) the forwarded host is the broker's public one.
+    env.extra
+        .insert("BROKER_TRUSTED_PROXIES".into(), "127.0.0.0/8".into());
+    let app = env.spawn().await;
+    let meta = spoofed(&app).await.json();
+    assert_eq!(meta["issuer"], "https://evil.example", "{meta}");
     app.stop().await;
 
     env.extra.insert(
@@ -503,14 +532,14 @@ async fn discovery(mut env: TestEnv) {
         "https://broker.example.com/".into(),
     );
     let app = env.spawn().await;
-    let meta = app
-        .get("/.well-known/oauth-authorization-server")
-        .await
-        .json();
+    let configured = app.get("/.well-known/oauth-authorization-server").await;
+    assert!(configured.headers.get("cache-control").is_none());
+    let meta = spoofed(&app).await.json();
     assert_eq!(meta["issuer"], "https://broker.example.com");
     assert_eq!(
         meta["token_endpoint"],
         "https://broker.example.com/oauth2/token"
     );
+    assert!(captured_logs().contains("BROKER_PUBLIC_URL is unset"));
 }
 backends!(discovery: Sqlite);
