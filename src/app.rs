@@ -98,6 +98,8 @@ pub fn load_admin_token(
         .then_some(token);
     if generated.is_some() {
         tracing::info!(file = %path.display(), "first start: generated an admin token (printed once on standard output; only its hash is kept)");
+    } else {
+        tracing::info!(file = %path.display(), "using the admin token generated at an earlier start (only its hash is kept; it was printed then). Lost it? `token-broker admin-token --rotate` prints a new one");
     }
     Ok((AdminToken::file(path.clone()).map_err(io)?, generated))
 }
@@ -224,9 +226,23 @@ impl Application {
         listener: TcpListener,
     ) -> Result<Self, BuildError> {
         let workers = settings.workers;
-        let (state, generated_admin_token) = build_state(settings).await?;
-        let port = listener.local_addr()?.port();
-        let server = serve(state.clone(), listener, workers)?;
+        let (admin, generated_admin_token) = load_admin_token(&settings)?;
+        // A start that fails after generating the admin token removes its hash file: the token
+        // was never shown, and a file left behind would lock the operator out.
+        let forget_generated = |e: BuildError| {
+            if let (Some(_), Some(path)) = (&generated_admin_token, settings.admin_token_file()) {
+                let _ = std::fs::remove_file(&path);
+                tracing::info!(file = %path.display(), "start failed: removed the admin token file it had generated");
+            }
+            e
+        };
+        let started = async {
+            let state = build_state(settings.clone(), admin).await?;
+            let port = listener.local_addr()?.port();
+            let server = serve(state.clone(), listener, workers)?;
+            Ok::<_, BuildError>((state, port, server))
+        };
+        let (state, port, server) = started.await.map_err(forget_generated)?;
         tracing::info!(port, "token-broker listening");
         if state.settings.public_url.is_none() {
             tracing::warn!("BROKER_PUBLIC_URL is unset: the OAuth metadata's issuer and token_endpoint are derived from each request's Host (and from Forwarded/X-Forwarded-* only when the peer is in BROKER_TRUSTED_PROXIES); set BROKER_PUBLIC_URL to the URL callers use");
@@ -272,11 +288,11 @@ impl Application {
 /// listener, broker, authenticators.
 async fn build_state(
     settings: Settings,
-) -> Result<(web::Data<AppState>, Option<secrecy::SecretString>), BuildError> {
+    admin: AdminToken,
+) -> Result<web::Data<AppState>, BuildError> {
     if !crate::egress::allow_networks(settings.allowed_networks.clone()) {
         tracing::warn!("BROKER_ALLOWED_NETWORKS differs from the ranges this process started with: the first ones stay in force");
     }
-    let (admin, generated_admin_token) = load_admin_token(&settings)?;
     let store = open_store(&settings).await?;
     check_keys_in_use(&store).await?;
     let metrics = Arc::new(Metrics::new());
@@ -354,6 +370,10 @@ async fn build_state(
         broker,
         audit,
         limiter: CallerLimiter::new(settings.caller_rate, settings.caller_burst),
+        admin_failures: CallerLimiter::new(
+            crate::api::ADMIN_FAILURES_PER_SECOND,
+            crate::api::ADMIN_FAILURES_BURST,
+        ),
         jwt,
         auth: Authenticator::new(callers.clone(), Some(metrics.database_up.clone())),
         callers,
@@ -365,7 +385,7 @@ async fn build_state(
         metrics,
         settings: Arc::new(settings.clone()),
     });
-    Ok((state, generated_admin_token))
+    Ok(state)
 }
 
 /// The HTTP server over `state`: middleware, the three route groups, problem+json fallbacks.

@@ -92,6 +92,36 @@ fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Shortest static admin token accepted.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+
+/// Placeholders that documentation and examples show, refused whatever their length.
+const PLACEHOLDER_ADMIN_TOKENS: &[&str] = &[
+    "change-me",
+    "change-me-admin",
+    "changeme",
+    "tbadmin_…",
+    "tbadmin_...",
+    "<admin token>",
+];
+
+/// `BROKER_ADMIN_TOKEN` must be long enough not to be guessed and not an example's
+/// placeholder. The message names the variable, never the value.
+fn check_admin_token(token: &str) -> Result<(), ConfigError> {
+    let placeholder = PLACEHOLDER_ADMIN_TOKENS
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(token.trim()));
+    if placeholder || token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+        return Err(invalid(
+            "BROKER_ADMIN_TOKEN",
+            format!(
+                "too weak: use at least {MIN_ADMIN_TOKEN_CHARS} random characters, not an example's placeholder (openssl rand -hex 24)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Settings {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -112,7 +142,9 @@ impl Settings {
             .map_err(|_| invalid("BROKER_LISTEN", "expected host:port such as 0.0.0.0:8080"))?;
         let (database_url, keys) = store_section(var)?;
         let (redis, redis_prefix, redis_timeout) = redis_section(var)?;
-        let admin_token = var("BROKER_ADMIN_TOKEN").map(SecretString::from);
+        let admin_token = var("BROKER_ADMIN_TOKEN")
+            .map(|t| check_admin_token(&t).map(|()| SecretString::from(t)))
+            .transpose()?;
         let allow_insecure_issuers = parse_bool(&var, "BROKER_ALLOW_INSECURE_ISSUERS", false)?;
         let (audit, audit_queue, audit_retention_days) = audit_section(var)?;
         let jwt = jwt_section(var, allow_insecure_issuers)?;
@@ -515,6 +547,24 @@ mod tests {
         );
         assert!(s.redis.is_none() && s.admin_token.is_none());
         assert_eq!(s.audit, AuditMode::FailClosed);
+    }
+
+    #[test]
+    fn weak_admin_tokens_are_refused_without_being_shown() {
+        for weak in [
+            "a",
+            "change-me-admin",
+            "CHANGE-ME",
+            "tbadmin_…",
+            &"x".repeat(31),
+        ] {
+            let e = settings(&[("BROKER_ADMIN_TOKEN", weak)]).err().unwrap();
+            let text = e.to_string();
+            assert!(text.contains("BROKER_ADMIN_TOKEN"), "{text}");
+            assert!(weak.len() < 3 || !text.contains(weak), "{text}");
+        }
+        let strong = "4f0c1e6b2a9d83f5c7e1a0b9d2c4e6f8";
+        assert!(settings(&[("BROKER_ADMIN_TOKEN", strong)]).is_ok());
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub audit_dropped: IntCounter,
+    /// `broker_admin_auth_throttled_total`: failed admin authentications answered 429.
+    pub admin_auth_throttled: IntCounter,
     pub lock_degraded: IntCounter,
     /// Pre-resolved `broker_cache_lookups_total` series (the hot path does no label lookups).
     pub l1_hit: IntCounter,
@@ -151,6 +153,7 @@ impl Metrics {
             http_requests: d.counter_vec("http_requests_total", "HTTP requests by method, route and status", &["method", "route", "status"]),
             http_duration: d.histogram_vec("http_request_duration_seconds", "HTTP request latency", HTTP_BUCKETS, &["method", "route"]),
             audit_dropped: d.counter("broker_audit_dropped_total", "Audit entries that could not be queued"),
+            admin_auth_throttled: d.counter("broker_admin_auth_throttled_total", "Failed admin authentications answered 429 (over the per-address budget)"),
             audit_write_failures: d.counter("broker_audit_write_failures_total", "Failed audit batch writes (retried)"),
             invalidations: d.counter_vec("broker_invalidations_total", "Callers' reports of rejected tokens, by tenant and outcome (dropped, stale, throttled)", &["tenant", "outcome"]),
             proxy_requests: d.counter_vec("broker_proxy_requests_total", "Proxied partner API calls, by tenant and the status class answered (2xx, 3xx, 4xx, 5xx)", &["tenant", "status_class"]),

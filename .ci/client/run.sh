@@ -13,7 +13,7 @@ work=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port=$(free_port)
 partner_port=$(free_port)
-admin="client-admin-$(date +%s)"
+admin="client-admin-$(od -An -N24 -tx1 /dev/urandom | tr -d " \n")"
 python3 tests/fakes/setu_partner.py "$partner_port" >"$work/partner.log" 2>&1 &
 partner=$!
 BROKER_LISTEN="127.0.0.1:$port" BROKER_ADMIN_TOKEN="$admin" DATABASE_URL="sqlite://$work/broker.db" \

@@ -16,7 +16,7 @@ command -v schemathesis >/dev/null || python3 -m pip install -q schemathesis
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 partner_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-admin="contract-admin-$(date +%s)"
+admin="contract-admin-$(od -An -N24 -tx1 /dev/urandom | tr -d " \n")"
 python3 tests/fakes/setu_partner.py "$partner_port" >"$work/partner.log" 2>&1 &
 partner=$!
 BROKER_LISTEN="127.0.0.1:$port" BROKER_ADMIN_TOKEN="$admin" DATABASE_URL="sqlite://$work/broker.db" \

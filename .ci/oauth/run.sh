@@ -18,7 +18,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 port=$(free_port)
 partner_port=$(free_port)
 idp_port=$(free_port)
-admin="oauth-admin-$(date +%s)"
+admin="oauth-admin-$(od -An -N24 -tx1 /dev/urandom | tr -d " \n")"
 
 # The test IdP: its public key as a JWKS, served over plain HTTP on loopback.
 mkdir -p "$work/idp"

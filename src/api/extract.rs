@@ -144,6 +144,22 @@ impl FromRequest for Admin {
                 }
                 (Some(_), _, _) => Err(ApiError::Unauthorized("invalid credentials")),
             };
+            // Failed authentications (never a right token) spend the source address's budget.
+            let result = match result {
+                Err(ApiError::Unauthorized(reason)) => {
+                    let source: std::sync::Arc<str> = req
+                        .peer_addr()
+                        .map_or_else(|| "unknown".into(), |a| a.ip().to_string().into());
+                    match state.admin_failures.check(&source) {
+                        Ok(()) => Err(ApiError::Unauthorized(reason)),
+                        Err(retry_after) => {
+                            state.metrics.admin_auth_throttled.inc();
+                            Err(ApiError::AdminAuthThrottled(retry_after))
+                        }
+                    }
+                }
+                other => other,
+            };
             let result = result.and_then(|admin| {
                 let reads = matches!(req.method().as_str(), "GET" | "HEAD");
                 if admin.role == AdminRole::Auditor && !reads {

@@ -39,6 +39,8 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     pub audit: Arc<Audit>,
     pub limiter: CallerLimiter,
+    /// Failed admin authentications per source address (`ADMIN_FAILURES_PER_SECOND`).
+    pub admin_failures: CallerLimiter,
     pub jwt: Option<Arc<JwtVerifier>>,
     pub store: TenantStore,
     pub callers: CallerStore,
@@ -52,6 +54,12 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub settings: Arc<Settings>,
 }
+
+/// Failed admin authentications a source address may make per second, after a burst of
+/// `ADMIN_FAILURES_BURST`; past that they are answered 429 `admin_auth_throttled`. A request
+/// with the right credentials is never counted or throttled.
+pub const ADMIN_FAILURES_PER_SECOND: u64 = 10;
+pub const ADMIN_FAILURES_BURST: u64 = 20;
 
 /// Longest request path accepted (the longest real one is under 200 bytes).
 pub const MAX_PATH_BYTES: usize = 2048;

@@ -76,6 +76,8 @@ pub enum ApiError {
     CircuitOpen { last: IssuerError, retry_after: u64 },
     #[error("this caller exceeds its request rate on this replica; retry in {0} s")]
     CallerRateLimited(u64),
+    #[error("too many failed admin authentications from this address; retry in {0} s")]
+    AdminAuthThrottled(u64),
     #[error("the audit trail cannot record this token, so it is not released")]
     AuditUnavailable,
     #[error("this tenant has no proxy settings (set proxy.base_url through the admin API)")]
@@ -124,6 +126,7 @@ impl ApiError {
             Self::CircuitOpen { last, .. } => last.code(),
             Self::AuditUnavailable => "audit_unavailable",
             Self::CallerRateLimited(_) => "rate_limited",
+            Self::AdminAuthThrottled(_) => "admin_auth_throttled",
             Self::ProxyNotConfigured => "proxy_not_configured",
             Self::InvalidProxyPath(_) => "invalid_proxy_path",
             Self::Internal(_) => "internal_error",
@@ -143,9 +146,9 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Upstream(e) => e.retry_after(),
-            Self::CallerRateLimited(s) | Self::InvalidateThrottled { retry_after: s, .. } => {
-                Some(*s)
-            }
+            Self::CallerRateLimited(s)
+            | Self::AdminAuthThrottled(s)
+            | Self::InvalidateThrottled { retry_after: s, .. } => Some(*s),
             Self::CircuitOpen { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
@@ -198,6 +201,11 @@ pub const PROBLEMS: &[(&str, u16, &str)] = &[
     ("uri_too_long", 414, "URI too long"),
     ("unsupported_media_type", 415, "Unsupported media type"),
     ("rate_limited", 429, "Too many requests"),
+    (
+        "admin_auth_throttled",
+        429,
+        "Too many failed admin authentications",
+    ),
     ("invalidate_throttled", 429, "Token too young to drop again"),
     (
         "upstream_rejected_credentials",

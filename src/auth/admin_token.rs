@@ -50,9 +50,23 @@ pub fn write_hash_file(path: &Path, token: &SecretString) -> std::io::Result<()>
 }
 
 /// Writes `token`'s hash to a new file at `path` (mode 0600); `Ok(false)` if the file already
-/// exists (another process sharing the database generated one first: its token stands).
+/// exists (another process sharing the database generated one first: its token stands). The
+/// file appears whole or not at all: the hash is written and synced to a temporary file of
+/// this process first, then hard-linked into place, which fails if `path` exists. (A reader
+/// never sees the empty file an exclusive create would show while it is being written.)
 pub fn create_hash_file(path: &Path, token: &SecretString) -> std::io::Result<bool> {
-    private_file::create(path, hash_line(token).as_bytes())
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    private_file::create(&tmp, hash_line(token).as_bytes())?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads a hash file, refusing one that group or others may read or write.

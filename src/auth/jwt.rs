@@ -348,17 +348,9 @@ impl JwtVerifier {
         for part in role_claim.split('.').skip(1) {
             at = at.and_then(|v| v.get(part));
         }
-        let roles = match at {
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect(),
-            Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
-            _ => Vec::new(),
-        };
         Ok(AdminClaims {
             sub: claims.sub,
-            roles,
+            roles: roles_in(at),
         })
     }
 
@@ -416,10 +408,55 @@ fn refuse_crit(token: &str) -> Result<(), JwtError> {
     Ok(())
 }
 
+/// The roles a role claim holds: an array's string elements as they are (each must then equal
+/// a role exactly), or a string split on ASCII spaces only (`"a\u00a0b"` is one role, not two:
+/// Unicode whitespace must not make a role out of part of a value).
+fn roles_in(claim: Option<&Value>) -> Vec<String> {
+    match claim {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        Some(Value::String(s)) => s
+            .split(' ')
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn roles_split_on_ascii_space_only() {
+        let roles = |v: Value| roles_in(Some(&v));
+        assert_eq!(
+            roles(json!("token-broker-admin  token-broker-auditor")),
+            ["token-broker-admin", "token-broker-auditor"]
+        );
+        for smuggled in [
+            "token-broker-admin\u{00a0}x",
+            "x\u{2003}token-broker-admin",
+            "token-broker-admin\tx",
+            "token-broker-admin\nx",
+        ] {
+            assert!(
+                !roles(json!(smuggled))
+                    .iter()
+                    .any(|r| r == "token-broker-admin"),
+                "{smuggled:?}"
+            );
+        }
+        assert_eq!(
+            roles(json!(["token-broker-admin x", "token-broker-auditor"])),
+            ["token-broker-admin x", "token-broker-auditor"]
+        );
+        assert!(roles(json!(42)).is_empty());
+    }
 
     #[test]
     fn symmetric_and_unnamed_keys_are_skipped() {

@@ -87,6 +87,11 @@ async fn the_first_start_prints_an_admin_token_once_and_rotation_replaces_it() {
     let second = BrokerProcess::start_in(dir.path(), &[]).await;
     assert_eq!(admin_status(&second, &token).await, 200);
     assert!(admin_token_in(&second.stdout()).is_none(), "printed again");
+    let said = format!("{}{}", second.stdout(), second.stderr());
+    assert!(
+        said.contains("admin-token --rotate"),
+        "says how to get a new one: {said}"
+    );
 
     // Rotation on the command line takes effect on the running broker.
     let db = format!("sqlite://{}/broker.db", dir.path().display());
@@ -101,9 +106,15 @@ async fn the_first_start_prints_an_admin_token_once_and_rotation_replaces_it() {
 
     // An explicit BROKER_ADMIN_TOKEN wins over the generated one.
     drop(second);
-    let explicit =
-        BrokerProcess::start_in(dir.path(), &[("BROKER_ADMIN_TOKEN", "my-own-admin-token")]).await;
-    assert_eq!(admin_status(&explicit, "my-own-admin-token").await, 200);
+    let explicit = BrokerProcess::start_in(
+        dir.path(),
+        &[("BROKER_ADMIN_TOKEN", "my-own-admin-token-0123456789abcdef")],
+    )
+    .await;
+    assert_eq!(
+        admin_status(&explicit, "my-own-admin-token-0123456789abcdef").await,
+        200
+    );
     assert_eq!(admin_status(&explicit, &new).await, 401);
     assert!(explicit.stdout().is_empty());
 }
@@ -130,6 +141,67 @@ fn postgres_without_an_admin_token_refuses_to_start_naming_the_variable() {
         "{err}"
     );
     assert!(out.stdout.is_empty());
+}
+
+/// A first start that fails after generating the admin token (here: a key file others may
+/// read) removes the hash file it created, so the start after the fix prints a token instead
+/// of locking the operator out.
+#[cfg(unix)]
+#[test]
+fn a_failed_first_start_leaves_no_admin_token_file_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("broker.db.key");
+    std::fs::write(&key, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let db = format!("sqlite://{}/broker.db?mode=rwc", dir.path().display());
+    let env = [
+        ("DATABASE_URL", db.as_str()),
+        ("BROKER_LISTEN", "127.0.0.1:0"),
+    ];
+    let failed = run(&["serve"], &env, "");
+    assert!(!failed.status.success());
+    assert!(
+        text(&failed.stderr).contains("chmod 600"),
+        "{}",
+        text(&failed.stderr)
+    );
+    assert!(admin_token_in(&text(&failed.stdout)).is_none());
+    let hash_file = dir.path().join("broker.db.admin-token");
+    assert!(
+        !hash_file.exists(),
+        "the failed start left its admin token file"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_weak_admin_token_refuses_to_start_naming_the_variable_never_the_value() {
+    for weak in ["a", "change-me-admin", "short-but-not-placeholder-29ch"] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}/b.db?mode=rwc", dir.path().display());
+        let out = run(
+            &["serve"],
+            &[
+                ("DATABASE_URL", &db),
+                ("BROKER_ADMIN_TOKEN", weak),
+                ("BROKER_LISTEN", "127.0.0.1:0"),
+            ],
+            "",
+        );
+        assert_eq!(out.status.code(), Some(2), "{weak}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("BROKER_ADMIN_TOKEN") && err.contains("at least 32"),
+            "{err}"
+        );
+        assert!(weak.len() < 3 || !err.contains(weak), "{err}");
+    }
 }
 
 /// A broker process, a fake partner, and the CLI pointed at them.

@@ -16,7 +16,7 @@ use token_broker::app::Application;
 use token_broker::config::Settings;
 use wiremock::MockServer;
 
-pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

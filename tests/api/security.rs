@@ -894,3 +894,45 @@ async fn forged_admin_tokens_are_refused(mut env: TestEnv) {
     app.stop().await;
 }
 backends!(forged_admin_tokens_are_refused: Sqlite);
+
+/// Guessing the admin token: past a burst of failures a source address gets 429 with
+/// Retry-After (counted), while the right token is never throttled, even from that address.
+async fn admin_token_guessing_is_throttled(env: TestEnv) {
+    let app = env.spawn().await;
+    let guess = |t: &'static str| {
+        app.client
+            .get(format!("{}/admin/v1/tenants", app.address))
+            .bearer_auth(t)
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(
+            app.send(guess("wrong-guess-0123456789abcdef0123456789"))
+                .await,
+        );
+    }
+    let refused = statuses.iter().filter(|a| a.status == 401).count();
+    assert!(
+        (20..=25).contains(&refused),
+        "a burst of about 20: {refused}"
+    );
+    let throttled = statuses
+        .iter()
+        .find(|a| a.status == 429)
+        .expect("throttled");
+    throttled.assert_problem(429, "admin_auth_throttled");
+    assert!(
+        throttled.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    let right = app.send(app.admin(Method::GET, "/admin/v1/tenants")).await;
+    assert_eq!(right.status, 200, "the right token is never throttled");
+    let metrics = app.get("/metrics").await.text;
+    let n = series(&metrics, "broker_admin_auth_throttled_total").unwrap_or(0.0);
+    assert!(n >= 15.0, "{n}");
+}
+backends!(admin_token_guessing_is_throttled: Sqlite);
