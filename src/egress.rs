@@ -15,6 +15,8 @@ use url::{Host, Url};
 pub enum GuardError {
     #[error("not a valid absolute URL")]
     Unparseable,
+    #[error("must not contain control characters or spaces")]
+    Control,
     #[error("must use https (http only with BROKER_ALLOW_INSECURE_ISSUERS=true)")]
     Scheme,
     #[error("must not carry a user name or password")]
@@ -48,6 +50,11 @@ fn allowed(ip: IpAddr) -> bool {
 pub fn check_token_url(raw: &str, allow_insecure: bool) -> Result<Url, GuardError> {
     if raw.len() > 2048 {
         return Err(GuardError::Unparseable);
+    }
+    // The URL parser drops tabs and newlines silently; the stored text would keep them (and an
+    // escape sequence a terminal would run when a table shows it).
+    if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(GuardError::Control);
     }
     let url = Url::parse(raw).map_err(|_| GuardError::Unparseable)?;
     match url.scheme() {

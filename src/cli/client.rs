@@ -40,8 +40,13 @@ impl std::fmt::Display for Failure {
                 status,
                 code,
                 detail,
-            } => write!(f, "{code} ({status}): {detail}"),
-            Self::Unreachable(m) => write!(f, "unreachable: {m}"),
+            } => write!(
+                f,
+                "{} ({status}): {}",
+                super::output::printable(code),
+                super::output::printable(detail)
+            ),
+            Self::Unreachable(m) => write!(f, "unreachable: {}", super::output::printable(m)),
         }
     }
 }
@@ -61,6 +66,16 @@ fn chain(e: &reqwest::Error) -> String {
     out
 }
 
+/// Loopback: `localhost`, 127.0.0.0/8, `::1`.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 /// A connection to one broker's admin API.
 pub struct Client {
     base: String,
@@ -70,16 +85,28 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str, token: SecretString) -> Result<Self, Failure> {
+    /// `insecure`: allow `http://` to a host other than loopback.
+    pub fn new(base: &str, token: SecretString, insecure: bool) -> Result<Self, Failure> {
         let base = base.trim_end_matches('/').to_owned();
-        let ok = url::Url::parse(&base)
-            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-        if !ok {
+        let parsed = url::Url::parse(&base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        let Some(parsed) = parsed else {
             return Err(Failure::Usage(format!(
-                "BROKER_URL: expected the broker's base URL such as http://127.0.0.1:8080, got {base:?}"
+                "BROKER_URL: expected the broker's base URL such as http://127.0.0.1:8080, got {:?}",
+                super::output::printable(&base)
+            )));
+        };
+        if parsed.scheme() == "http" && !insecure && !is_loopback(&parsed) {
+            return Err(Failure::Usage(format!(
+                "BROKER_URL: http:// to {} would send the admin token unencrypted; use https://, or --insecure if this network is trusted",
+                parsed.host_str().unwrap_or_default()
             )));
         }
+        // No redirects: a redirect would re-send the admin token, and a body with a partner's
+        // secret, to wherever the answer points.
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
@@ -130,6 +157,18 @@ impl Client {
             .await
             .map_err(|e| Failure::Unreachable(format!("{}: {}", self.base, chain(&e))))?;
         let status = resp.status();
+        if status.is_redirection() {
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or("nowhere");
+            return Err(Failure::Unreachable(format!(
+                "{} answered {status} redirecting to {}: not followed (the admin token would go with it); point BROKER_URL at the broker itself",
+                self.base,
+                super::output::printable(location)
+            )));
+        }
         let bytes = resp
             .bytes()
             .await

@@ -35,6 +35,10 @@ pub struct Common {
     /// `table` (default on a terminal) or `json` (default when piped).
     #[arg(long, short = 'o', global = true)]
     output: Option<Output>,
+    /// Allow a plain http:// URL to a host other than loopback (the admin token and any
+    /// partner secret would cross the network unencrypted).
+    #[arg(long, global = true)]
+    insecure: bool,
 }
 
 #[derive(Args, Debug)]
@@ -199,7 +203,7 @@ impl Runner {
                 "BROKER_ADMIN_TOKEN is not set: export the admin token the broker printed at its first start (or `token-broker admin-token --rotate` for a new one)".into(),
             ))?;
         Ok(Self {
-            client: Client::new(&common.url, SecretString::from(token))?,
+            client: Client::new(&common.url, SecretString::from(token), common.insecure)?,
             output: common.output.unwrap_or_else(Output::detect),
         })
     }

@@ -21,14 +21,33 @@ impl Output {
     }
 }
 
-/// Rows under a header, columns aligned, no borders (as `kubectl get` prints).
+/// `s` safe to print on a terminal: control characters (an escape sequence stored in a
+/// field, a carriage return, a newline) shown escaped (`\u{1b}[2J`), everything else as is.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// Rows under a header, columns aligned, no borders (as `kubectl get` prints). Cells are
+/// shown `printable`.
 pub fn table(headers: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING)
         .set_content_arrangement(ContentArrangement::Disabled)
         .set_header(headers.iter().copied());
     for row in rows {
-        t.add_row(row);
+        t.add_row(row.iter().map(|c| printable(c).into_owned()));
     }
     t.lines()
         .map(|l| l.strip_prefix(' ').unwrap_or(&l).trim_end().to_owned())
@@ -40,7 +59,7 @@ pub fn table(headers: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> S
 pub fn fields(rows: &[(&str, String)]) -> String {
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter()
-        .map(|(k, v)| format!("{k:width$}  {v}"))
+        .map(|(k, v)| format!("{k:width$}  {}", printable(v)))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -49,10 +68,10 @@ pub fn pretty_json(v: &Value) -> String {
     serde_json::to_string_pretty(v).expect("serialises")
 }
 
-/// A JSON string field, or `-`.
+/// A JSON string field (`printable`), or `-`.
 pub fn text(v: &Value, key: &str) -> String {
     match v.get(key) {
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => printable(s).into_owned(),
         Some(Value::Null) | None => "-".into(),
         Some(other) => other.to_string(),
     }
@@ -99,6 +118,19 @@ pub fn token_left(health: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn terminal_escapes_are_shown_not_run() {
+        let v = json!({"token_url": "https://x.example.com/\u{1b}[2J\r\nfake"});
+        assert_eq!(
+            text(&v, "token_url"),
+            "https://x.example.com/\\u{1b}[2J\\r\\nfake"
+        );
+        let t = table(&["A"], [vec!["a\u{7}b\u{9b}c".to_string()]]);
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert!(t.contains("a\\u{7}b\\u{9b}c"), "{t}");
+        assert_eq!(printable("plain é"), "plain é");
+    }
 
     #[test]
     fn health_in_a_word() {

@@ -611,7 +611,16 @@ mod tests {
         assert_eq!(err(v).field, "credentials.client_secret");
         let mut v = setu();
         v["issuer"]["token_url"] = json!("ftp://x");
-        assert_eq!(err(v).field, "issuer.token_url");
+        assert_eq!(err(v.clone()).field, "issuer.token_url");
+        for bad in [
+            "https://partner.example.com/\u{1b}[2J",
+            "https://partner.example.com/a\tb",
+            "https://partner.example.com/a\nb",
+            "https://partner.example.com/a b",
+        ] {
+            v["issuer"]["token_url"] = json!(bad);
+            assert_eq!(err(v.clone()).field, "issuer.token_url", "{bad:?}");
+        }
         let mut v = setu();
         v["id"] = json!("Bad Id");
         assert_eq!(err(v).field, "id");

@@ -560,3 +560,93 @@ async fn the_cli_says_what_failed_with_its_exit_code() {
     );
     assert_eq!(unreachable.status.code(), Some(1));
 }
+
+/// The CLI sends the admin token (and partner secrets) only where BROKER_URL points: a redirect
+/// is an error naming its location, never followed; plain http only to loopback unless
+/// `--insecure`; what the broker answers is shown with terminal escapes defused.
+#[tokio::test]
+async fn the_cli_follows_no_redirect_and_keeps_http_on_loopback() {
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let elsewhere = MockServer::start().await;
+    let redirector = MockServer::start().await;
+    Mock::given(wiremock::matchers::any())
+        .respond_with(
+            ResponseTemplate::new(307)
+                .insert_header("location", format!("{}/stolen", elsewhere.uri()).as_str()),
+        )
+        .mount(&redirector)
+        .await;
+    let url = redirector.uri();
+    let created = tokio::task::spawn_blocking(move || {
+        run(
+            &[
+                "tenants",
+                "create",
+                "acme",
+                "--kind",
+                "setu_partner",
+                "--token-url",
+                "https://partner.example.com/token",
+                "--client-id",
+                "acme",
+            ],
+            &[("BROKER_URL", &url), ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)],
+            &format!("{SECRET}\n"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(created.status.code(), Some(1));
+    let err = text(&created.stderr);
+    assert!(
+        err.contains("307") && err.contains("/stolen") && err.contains("not followed"),
+        "{err}"
+    );
+    assert!(
+        elsewhere.received_requests().await.unwrap().is_empty(),
+        "followed the redirect"
+    );
+
+    let remote = run(
+        &["tenants", "list"],
+        &[
+            ("BROKER_URL", "http://192.0.2.1:8080"),
+            ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+        "",
+    );
+    assert_eq!(remote.status.code(), Some(2));
+    assert!(
+        text(&remote.stderr).contains("--insecure"),
+        "{}",
+        text(&remote.stderr)
+    );
+
+    // A fake broker whose answer carries a terminal escape in a field.
+    let fake = MockServer::start().await;
+    Mock::given(wiremock::matchers::path("/admin/v1/tenants"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"tenants": [
+                {"id": "acme", "display_name": "Acme\u{1b}[2J", "issuer": {"kind": "setu_partner",
+                 "token_url": "https://x.example.com/\u{1b}[2J"}, "health": {}}
+            ]})),
+        )
+        .mount(&fake)
+        .await;
+    let url = fake.uri().replace("127.0.0.1", "localhost");
+    let listed = tokio::task::spawn_blocking(move || {
+        run(
+            &["tenants", "list", "-o", "table"],
+            &[("BROKER_URL", &url), ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)],
+            "",
+        )
+    })
+    .await
+    .unwrap();
+    let out = text(&listed.stdout);
+    assert!(listed.status.success(), "{out}{}", text(&listed.stderr));
+    assert!(
+        !out.contains('\u{1b}') && out.contains("\\u{1b}[2J"),
+        "{out}"
+    );
+}
