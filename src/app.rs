@@ -365,6 +365,7 @@ async fn build_state(
         store.clone(),
         settings.upstream_connect_timeout,
         settings.allow_insecure_issuers,
+        settings.proxy_caller_concurrency,
     );
     let state = web::Data::new(AppState {
         broker,

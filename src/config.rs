@@ -46,6 +46,8 @@ pub struct Settings {
     pub caller_rate: u64,
     pub l1_cache: bool,
     pub caller_burst: u64,
+    /// `BROKER_PROXY_CALLER_CONCURRENCY`: proxied requests one caller may have in flight.
+    pub proxy_caller_concurrency: usize,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
     /// `BROKER_DEFAULT_MIN_INTERVAL_MS`: partner call spacing for tenants that set none.
@@ -154,6 +156,8 @@ impl Settings {
         let workers = parse_num(&var, "BROKER_WORKERS", cores as u64, 1..=256)? as usize;
         let l1_cache = parse_bool(&var, "BROKER_L1_CACHE", true)?;
         let (caller_rate, caller_burst) = callers_section(var)?;
+        let proxy_caller_concurrency =
+            parse_num(&var, "BROKER_PROXY_CALLER_CONCURRENCY", 64, 1..=100_000)? as usize;
         let (upstream_connect_timeout, upstream_timeout, default_min_interval_ms) =
             upstream_section(var)?;
         let metrics_token = var("BROKER_METRICS_TOKEN").map(SecretString::from);
@@ -176,6 +180,7 @@ impl Settings {
             workers,
             caller_rate,
             caller_burst,
+            proxy_caller_concurrency,
             l1_cache,
             upstream_connect_timeout,
             upstream_timeout,

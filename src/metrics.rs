@@ -39,6 +39,9 @@ pub struct Metrics {
     /// `broker_proxy_requests_total{tenant,status_class}`: proxied API calls by the class of
     /// the answer the caller got (`2xx` … `5xx`).
     pub proxy_requests: IntCounterVec,
+    /// `broker_proxy_cutoffs_total{tenant,reason}`: proxied calls refused or cut off by a
+    /// limit (`response_too_large`, `response_timeout`, `caller_concurrency`).
+    pub proxy_cutoffs: IntCounterVec,
     /// `broker_proxy_request_duration_seconds{tenant}`: whole proxied calls, to the answer head.
     pub proxy_duration: HistogramVec,
     /// `broker_circuit_open{tenant}`: 1 from a failed mint until a successful one.
@@ -157,6 +160,7 @@ impl Metrics {
             audit_write_failures: d.counter("broker_audit_write_failures_total", "Failed audit batch writes (retried)"),
             invalidations: d.counter_vec("broker_invalidations_total", "Callers' reports of rejected tokens, by tenant and outcome (dropped, stale, throttled)", &["tenant", "outcome"]),
             proxy_requests: d.counter_vec("broker_proxy_requests_total", "Proxied partner API calls, by tenant and the status class answered (2xx, 3xx, 4xx, 5xx)", &["tenant", "status_class"]),
+            proxy_cutoffs: d.counter_vec("broker_proxy_cutoffs_total", "Proxied calls refused or cut off by a limit, by tenant and reason (response_too_large, response_timeout, caller_concurrency)", &["tenant", "reason"]),
             proxy_duration: d.histogram_vec("broker_proxy_request_duration_seconds", "Proxied partner API call latency, to the answer's head", PROXY_BUCKETS, &["tenant"]),
             circuit_open: d.int_gauge_vec("broker_circuit_open", "1 while the tenant's partner calls are paused or probed after a failed mint, 0 once one succeeds", &["tenant"]),
             last_mint_success: d.int_gauge_vec("broker_last_mint_success_timestamp_seconds", "Unix time of the tenant's last successful mint by this replica", &["tenant"]),
@@ -265,6 +269,13 @@ impl Metrics {
             .expect("circuit series")
             .remove(tenant);
         let _ = self.last_mint_success.remove_label_values(&[tenant]);
+        for reason in [
+            "response_too_large",
+            "response_timeout",
+            "caller_concurrency",
+        ] {
+            let _ = self.proxy_cutoffs.remove_label_values(&[tenant, reason]);
+        }
     }
 
     /// The text exposition of every metric.

@@ -257,6 +257,57 @@ pub struct Targets {
     cache: Cache<TenantId, Option<Arc<Target>>>,
     connect_timeout: Duration,
     allow_insecure: bool,
+    /// Proxied requests in flight per caller (`BROKER_PROXY_CALLER_CONCURRENCY`).
+    pub in_flight: Arc<InFlight>,
+}
+
+/// Proxied requests each caller has in flight, up to a cap: one caller's slow requests cannot
+/// take every socket and file descriptor the others need.
+pub struct InFlight {
+    cap: usize,
+    counts: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
+}
+
+/// One proxied request in flight; dropping it (when the answer's body has been sent, or the
+/// request failed) frees its place.
+pub struct InFlightGuard {
+    owner: Arc<InFlight>,
+    caller: Arc<str>,
+}
+
+impl InFlight {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap: cap.max(1),
+            counts: Default::default(),
+        })
+    }
+
+    /// A place for one more request of `caller`, or `None` at the cap.
+    pub fn enter(self: &Arc<Self>, caller: &Arc<str>) -> Option<InFlightGuard> {
+        let mut counts = self.counts.lock().expect("in-flight counts");
+        let n = counts.entry(caller.clone()).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightGuard {
+            owner: self.clone(),
+            caller: caller.clone(),
+        })
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut counts = self.owner.counts.lock().expect("in-flight counts");
+        if let Some(n) = counts.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.caller);
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -267,10 +318,16 @@ thread_local! {
 }
 
 impl Targets {
-    pub fn new(store: TenantStore, connect_timeout: Duration, allow_insecure: bool) -> Self {
+    pub fn new(
+        store: TenantStore,
+        connect_timeout: Duration,
+        allow_insecure: bool,
+        caller_concurrency: usize,
+    ) -> Self {
         Self {
             connect_timeout,
             allow_insecure,
+            in_flight: InFlight::new(caller_concurrency),
             store,
             cache: Cache::builder()
                 .max_capacity(100_000)
@@ -334,6 +391,18 @@ mod tests {
 
     fn url(base: &str, path: &str, query: Option<&str>) -> Result<String, PathError> {
         partner_url(&Url::parse(base).unwrap(), path, query).map(|u| u.to_string())
+    }
+
+    #[test]
+    fn in_flight_places_per_caller() {
+        let f = InFlight::new(2);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let one = f.enter(&a).unwrap();
+        let _two = f.enter(&a).unwrap();
+        assert!(f.enter(&a).is_none(), "a is at its cap");
+        assert!(f.enter(&b).is_some(), "b is not affected");
+        drop(one);
+        assert!(f.enter(&a).is_some(), "a place freed");
     }
 
     #[test]

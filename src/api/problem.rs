@@ -82,6 +82,10 @@ pub enum ApiError {
     AuditUnavailable,
     #[error("this tenant has no proxy settings (set proxy.base_url through the admin API)")]
     ProxyNotConfigured,
+    #[error("this caller has {0} proxied requests in flight, its limit on this replica; retry when one completes")]
+    ProxyConcurrencyLimited(usize),
+    #[error("the partner's answer declares {declared} bytes, over the tenant's proxy.max_response_bytes ({max})")]
+    ProxyResponseTooLarge { declared: u64, max: u64 },
     #[error("{0}")]
     InvalidProxyPath(crate::proxy::PathError),
     #[error("internal error")]
@@ -128,6 +132,8 @@ impl ApiError {
             Self::CallerRateLimited(_) => "rate_limited",
             Self::AdminAuthThrottled(_) => "admin_auth_throttled",
             Self::ProxyNotConfigured => "proxy_not_configured",
+            Self::ProxyConcurrencyLimited(_) => "proxy_concurrency_limited",
+            Self::ProxyResponseTooLarge { .. } => "proxy_response_too_large",
             Self::InvalidProxyPath(_) => "invalid_proxy_path",
             Self::Internal(_) => "internal_error",
         }
@@ -146,6 +152,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Upstream(e) => e.retry_after(),
+            Self::ProxyConcurrencyLimited(_) => Some(1),
             Self::CallerRateLimited(s)
             | Self::AdminAuthThrottled(s)
             | Self::InvalidateThrottled { retry_after: s, .. } => Some(*s),
@@ -187,6 +194,16 @@ pub const PROBLEMS: &[(&str, u16, &str)] = &[
         "invalid_proxy_path",
         400,
         "Path not allowed through the proxy",
+    ),
+    (
+        "proxy_concurrency_limited",
+        429,
+        "Too many proxied requests in flight for this caller",
+    ),
+    (
+        "proxy_response_too_large",
+        502,
+        "The partner's answer is over the tenant's limit",
     ),
     ("method_not_allowed", 405, "Method not allowed"),
     ("body_timeout", 408, "Request body too slow"),

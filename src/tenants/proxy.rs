@@ -18,6 +18,12 @@ use crate::egress as guard;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 /// The largest cap a tenant may set.
 pub const MAX_MAX_BODY_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default cap on a proxied answer's body, and the largest a tenant may set.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+pub const MAX_MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// Default deadline for a whole proxied answer (head and body), and its bounds.
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 60_000;
+const RESPONSE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
 /// Fixed headers per tenant.
 const MAX_HEADERS: usize = 32;
 
@@ -54,6 +60,12 @@ pub struct ProxySpec {
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Cap on the partner's answer body (default 64 MiB): a longer one is cut off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<u64>,
+    /// Deadline for the whole answer, body included (default 60 s): then it is cut off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_timeout_ms: Option<u64>,
     /// The header carrying the token (default `authorization`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_header: Option<String>,
@@ -65,6 +77,18 @@ pub struct ProxySpec {
 impl ProxySpec {
     pub fn max_body_bytes(&self) -> u64 {
         self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES)
+    }
+
+    pub fn max_response_bytes(&self) -> u64 {
+        self.max_response_bytes
+            .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
+    }
+
+    pub fn response_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.response_timeout_ms
+                .unwrap_or(DEFAULT_RESPONSE_TIMEOUT_MS),
+        )
     }
 
     pub fn auth_header(&self) -> HeaderName {
@@ -108,6 +132,28 @@ impl ProxySpec {
             return Err(SpecError::new(
                 "proxy.max_body_bytes",
                 format!("must be between 0 and {MAX_MAX_BODY_BYTES}"),
+            ));
+        }
+        if self
+            .max_response_bytes
+            .is_some_and(|b| b > MAX_MAX_RESPONSE_BYTES)
+        {
+            return Err(SpecError::new(
+                "proxy.max_response_bytes",
+                format!("must be between 0 and {MAX_MAX_RESPONSE_BYTES}"),
+            ));
+        }
+        if self
+            .response_timeout_ms
+            .is_some_and(|t| !RESPONSE_TIMEOUT_MS.contains(&t))
+        {
+            return Err(SpecError::new(
+                "proxy.response_timeout_ms",
+                format!(
+                    "must be between {} and {}",
+                    RESPONSE_TIMEOUT_MS.start(),
+                    RESPONSE_TIMEOUT_MS.end()
+                ),
             ));
         }
         if let Some(h) = &self.auth_header {
@@ -230,7 +276,7 @@ pub fn apply(
             .nth(1)
             .map(|f| format!("proxy.{f}"))
             .unwrap_or_else(|| "proxy".into());
-        SpecError::new(field, "unknown field or wrong type; expected base_url, headers, timeout_ms, max_body_bytes, auth_header, auth_scheme")
+        SpecError::new(field, "unknown field or wrong type; expected base_url, headers, timeout_ms, max_body_bytes, max_response_bytes, response_timeout_ms, auth_header, auth_scheme")
     })?;
     spec.header_names = headers.keys().cloned().collect();
     if let Some(h) = &spec.auth_header {

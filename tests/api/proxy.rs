@@ -402,6 +402,150 @@ async fn path_tricks_never_reach_the_network(env: TestEnv) {
 }
 backends!(path_tricks_never_reach_the_network: Sqlite);
 
+/// A partner API that answers every request with a chunked body of `chunk` bytes every
+/// `every`, never ending, after holding the head for `head_delay`. Returns its base URL.
+async fn endless_partner(chunk: usize, every: Duration, head_delay: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                tokio::time::sleep(head_delay).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let body = format!("{chunk:x}\r\n{}\r\n", "y".repeat(chunk));
+                loop {
+                    if sock.write_all(body.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Reads an answer's body until it ends or breaks off: (bytes read, whether it ended cleanly).
+async fn read_all(resp: reqwest::Response) -> (usize, bool) {
+    let mut stream = resp.bytes_stream();
+    let mut n = 0;
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        match chunk {
+            Ok(c) => n += c.len(),
+            Err(_) => return (n, false),
+        }
+    }
+    (n, true)
+}
+
+/// The partner's answer is bounded: a declared length over `max_response_bytes` is refused,
+/// a streamed one is cut off there, a never-ending one at `response_timeout_ms`; one caller
+/// holds at most `BROKER_PROXY_CALLER_CONCURRENCY` requests in flight. Each cut is counted.
+async fn answers_and_callers_are_bounded(mut env: TestEnv) {
+    env.extra
+        .insert("BROKER_PROXY_CALLER_CONCURRENCY".into(), "2".into());
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    let api = MockServer::start().await;
+    Mock::given(wiremock::matchers::path("/v2/big"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("z".repeat(5000)))
+        .mount(&api)
+        .await;
+    let fast = endless_partner(512, Duration::from_millis(1), Duration::ZERO).await;
+    let slow = endless_partner(16, Duration::from_millis(50), Duration::ZERO).await;
+    let held = endless_partner(16, Duration::from_millis(50), Duration::from_secs(2)).await;
+    let limits = json!({"max_response_bytes": 4000, "response_timeout_ms": 800});
+    for (id, base) in [("wm", api.uri()), ("fast", fast), ("slow", slow)] {
+        app.create_tenant(&proxied_spec(id, &partner, &base, limits.clone()))
+            .await;
+    }
+    // Its heads take 2 s: the default deadline (60 s) leaves them be; a 64-byte cap ends them.
+    let small = json!({"max_response_bytes": 64});
+    app.create_tenant(&proxied_spec("held", &partner, &held, small))
+        .await;
+    let key = app
+        .create_caller("billing", json!(["wm", "fast", "slow", "held"]))
+        .await;
+    let other = app.create_caller("other", json!(["held"])).await;
+    let get = |t: &str, key: &str| {
+        app.client
+            .get(format!("{}/v1/tenants/{t}/proxy/x", app.address))
+            .bearer_auth(key)
+            .send()
+    };
+
+    let declared = app
+        .send(
+            app.client
+                .get(format!("{}/v1/tenants/wm/proxy/big", app.address))
+                .bearer_auth(&key),
+        )
+        .await;
+    declared.assert_problem(502, "proxy_response_too_large");
+
+    let (n, clean) = read_all(get("fast", &key).await.unwrap()).await;
+    assert!(
+        !clean && n <= 4000,
+        "cut at the size cap: {n} bytes, clean {clean}"
+    );
+
+    let started = std::time::Instant::now();
+    let (_, clean) = read_all(get("slow", &key).await.unwrap()).await;
+    let took = started.elapsed();
+    assert!(!clean, "a never-ending answer is cut off");
+    assert!(
+        took < Duration::from_secs(3),
+        "cut at the deadline: {took:?}"
+    );
+
+    // Two requests in flight (heads held 2 s): a third of the same caller is refused at once,
+    // another caller is not affected.
+    let first = tokio::spawn(get("held", &key));
+    let second = tokio::spawn(get("held", &key));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = app
+        .send(
+            app.client
+                .get(format!("{}/v1/tenants/held/proxy/x", app.address))
+                .bearer_auth(&key),
+        )
+        .await;
+    third.assert_problem(429, "proxy_concurrency_limited");
+    assert!(third.headers.get("retry-after").is_some());
+    let others = tokio::spawn(get("held", &other));
+    for r in [first, second, others] {
+        let resp = r.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+    }
+
+    let metrics = app.get("/metrics").await.text;
+    for (tenant, reason) in [
+        ("wm", "response_too_large"),
+        ("fast", "response_too_large"),
+        ("slow", "response_timeout"),
+        ("held", "caller_concurrency"),
+    ] {
+        let name = format!("broker_proxy_cutoffs_total{{reason=\"{reason}\",tenant=\"{tenant}\"}}");
+        assert!(
+            series(&metrics, &name).unwrap_or(0.0) >= 1.0,
+            "{name}: {metrics}"
+        );
+    }
+}
+backends!(answers_and_callers_are_bounded: Sqlite);
+
 async fn limits_and_failures(env: TestEnv) {
     let app = env.spawn().await;
     let partner = setu_partner(300, 0).await;
