@@ -108,6 +108,13 @@ pub struct Db {
     backend: Backend,
 }
 
+/// How long any Postgres statement waits for another session's lock.
+const SET_LOCK_TIMEOUT: &str = "SET lock_timeout = '2s'";
+
+/// How long a Postgres write transaction waits for a lock, and runs a statement.
+const WRITE_TIMEOUTS: &str =
+    "SET LOCAL lock_timeout = '2s'; SET LOCAL statement_timeout = '2500ms'";
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -133,13 +140,25 @@ impl Db {
                 .idle_timeout(None)
                 .max_lifetime(None);
         }
+        if backend == Backend::Postgres {
+            // No statement waits long for another session's lock (a migration, a careless
+            // `LOCK TABLE`): after `LOCK_TIMEOUT` it fails and the caller says the database is
+            // unavailable. Migrations lift it on their own connection (`migrate`).
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    use sqlx::Executor;
+                    conn.execute(SET_LOCK_TIMEOUT).await?;
+                    Ok(())
+                })
+            });
+        }
         if backend == Backend::Sqlite {
             // WAL lets readers (and other broker processes) work beside the one writer;
             // synchronous=NORMAL is safe from corruption in WAL mode and spares an fsync per commit.
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
                     use sqlx::Executor;
-                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
+                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 2500;")
                         .await?;
                     Ok(())
                 })
@@ -152,11 +171,18 @@ impl Db {
         Ok(Self { pool, backend })
     }
 
-    /// Applies the backend's migrations.
+    /// Applies the backend's migrations. On Postgres they run on a connection of their own
+    /// without the lock timeout (a replica waits for another's migration to finish), closed
+    /// afterwards.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         match self.backend {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await,
+            Backend::Postgres => {
+                use sqlx::Executor;
+                let mut conn = self.pool.acquire().await?.detach();
+                conn.execute("SET lock_timeout = 0").await?;
+                POSTGRES_MIGRATIONS.run(&mut conn).await
+            }
         }
     }
 
@@ -164,13 +190,22 @@ impl Db {
         &self.pool
     }
 
-    /// A write transaction. On SQLite it takes the write lock up front (`BEGIN IMMEDIATE`):
-    /// a deferred transaction that reads first cannot wait for the lock once another writer
-    /// has committed, and fails at once with SQLITE_BUSY.
+    /// A write transaction, bounded in time: it fails (and changes nothing) rather than wait
+    /// long on another session's lock. On SQLite it takes the write lock up front (`BEGIN
+    /// IMMEDIATE`, waiting at most `busy_timeout`): a deferred transaction that reads first
+    /// cannot wait for the lock once another writer has committed, and fails at once with
+    /// SQLITE_BUSY. On Postgres `lock_timeout` and `statement_timeout` hold for this
+    /// transaction only (a migration or a careless `LOCK TABLE` elsewhere costs an admin 2 s,
+    /// not a hang).
     pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
+            Backend::Postgres => {
+                use sqlx::Executor;
+                let mut tx = self.pool.begin().await?;
+                tx.execute(WRITE_TIMEOUTS).await?;
+                Ok(tx)
+            }
         }
     }
 

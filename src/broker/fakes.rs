@@ -296,6 +296,9 @@ pub struct FakePartner {
     pub lifetime: Mutex<Duration>,
     pub failure: Mutex<Option<IssuerError>>,
     pub db_down: AtomicBool,
+    /// The tenant's row cannot be read and the read never ends (a locked table, a stalled
+    /// disk, an exhausted pool): what `db_down` is, without the database saying so.
+    pub db_stalled: AtomicBool,
     /// Partner calls made, and their grants (`initial`, `refresh_token`).
     pub grants: Mutex<Vec<&'static str>>,
     /// What was recorded for the tenant's health: `None` for a success, else the code.
@@ -333,6 +336,7 @@ impl FakePartner {
             lifetime: Mutex::new(lifetime),
             failure: Mutex::new(None),
             db_down: AtomicBool::new(false),
+            db_stalled: AtomicBool::new(false),
             grants: Mutex::new(Vec::new()),
             health: Mutex::new(Vec::new()),
             started_at: Mutex::new(Vec::new()),
@@ -367,7 +371,13 @@ impl Upstream for FakePartner {
         } else {
             Ok(SealedTenant::new(self.record.clone(), Vec::new()))
         };
-        Box::pin(async move { result })
+        let stalled = self.db_stalled.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if stalled {
+                std::future::pending::<()>().await;
+            }
+            result
+        })
     }
 
     fn open_tenant(&self, sealed: &SealedTenant) -> Result<Tenant, StoreError> {

@@ -131,6 +131,10 @@ const FORGET_RETRY_FOR: Duration = Duration::from_secs(600);
 const REFRESH_RETRY_MS: i64 = 5_000;
 /// How often a waiter on another replica's mint looks at the shared cache between events.
 const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// Longest a mint waits on the database for the tenant's row before it goes on with the copy
+/// last read (or, for a tenant never read, answers that the database is unavailable).
+pub const DB_READ_BOUND: Duration = Duration::from_millis(500);
 /// With Redis as the shared truth, a held token is re-checked there after this long (a safety
 /// net behind the events); if Redis does not answer, the held token keeps being served.
 pub const L1_REVALIDATE_MS: i64 = 15_000;
@@ -773,22 +777,29 @@ impl Broker {
     }
 
     /// Circuit and health bookkeeping after a mint (the pacer's own refusals are not failures).
+    /// The health row is written off the caller's path: a database that is slow to take writes
+    /// (a lock, a full disk) must not hold back a token the partner already gave.
     async fn record_outcome(&self, tenant: &TenantId, result: &Result<Minted, IssuerError>) {
-        match result {
+        let health = match result {
             Ok(_) => {
                 self.circuits.reset(tenant).await;
                 self.metrics.mint_outcome(tenant.as_str(), true);
-                self.upstream.record_health(tenant, None).await;
+                None
             }
-            Err(IssuerError::Paced { .. }) => {}
+            Err(IssuerError::Paced { .. }) => return,
             Err(e) => {
                 self.circuits.record_failure(tenant, e).await;
                 self.metrics.mint_outcome(tenant.as_str(), false);
-                self.upstream
-                    .record_health(tenant, Some((e.code(), &e.to_string())))
-                    .await;
+                Some((e.code(), e.to_string()))
             }
-        }
+        };
+        let (upstream, tenant) = (self.upstream.clone(), tenant.clone());
+        tokio::spawn(async move {
+            let error = health
+                .as_ref()
+                .map(|(code, detail)| (*code, detail.as_str()));
+            upstream.record_health(&tenant, error).await;
+        });
     }
 
     async fn mint_at_partner(
@@ -891,7 +902,12 @@ impl Broker {
     /// reached, the last copy read (kept sealed in memory, opened only here) lets minting go
     /// on; a tenant the database says is gone is forgotten.
     async fn tenant_for_mint(&self, id: &TenantId) -> Result<Tenant, BrokerError> {
-        match self.upstream.sealed_tenant(id).await {
+        // Bounded: a locked table, an exhausted pool or a stalled disk is an unavailable
+        // database after `DB_READ_BOUND`, not a caller waiting for the lock to go.
+        let read = tokio::time::timeout(DB_READ_BOUND, self.upstream.sealed_tenant(id))
+            .await
+            .unwrap_or(Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+        match read {
             Ok(sealed) => {
                 let tenant = self.upstream.open_tenant(&sealed)?;
                 self.last_read.insert(id.clone(), Arc::new(sealed));

@@ -412,6 +412,31 @@ async fn minting_goes_on_with_the_last_read_tenant_while_the_database_is_down() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stalled_database_costs_a_mint_half_a_second_not_the_lock_wait() {
+    let p = FakePartner::new(secs(300), ms(0), json!({"min_interval_ms": 0}));
+    let r = replica(&p, None);
+    let tenant = p.tenant();
+    fetch(&r.broker, &tenant, 0).await.unwrap();
+    p.db_stalled.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    let t = r.broker.mint_now(&tenant).await.unwrap();
+    assert_eq!(value(&t), "token-2");
+    assert_eq!(
+        t0.elapsed(),
+        DB_READ_BOUND,
+        "minted with the copy held in memory"
+    );
+    // A replica that never read the tenant says the database is unavailable, just as soon.
+    let fresh = replica(&p, None);
+    let t0 = Instant::now();
+    match fetch(&fresh.broker, &tenant, 0).await {
+        Err(BrokerError::Store(e)) => assert!(matches!(*e, StoreError::Unavailable(_)), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(t0.elapsed(), DB_READ_BOUND);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_longer_min_ttl_renews_with_the_refresh_grant() {
     let p = FakePartner::new(secs(60), ms(0), json!({}));
     p.refresh_tokens.store(true, Ordering::SeqCst);

@@ -507,3 +507,81 @@ async fn an_idle_replica_notices_an_outage_by_itself(mut env: TestEnv) {
     app.stop().await;
 }
 backends!(an_idle_replica_notices_an_outage_by_itself: PostgresRedis);
+
+/// Another session holds `LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE` (as a migration or a
+/// careless ALTER does): a fetch that needs a mint goes on with the credentials held in memory
+/// within about half a second; an admin write answers 503 `database_unavailable` within 3 s
+/// and changes nothing; both work again once the lock is gone. (Before: mints stalled ~11.5 s
+/// and ended in 504 `lock_wait_timeout`; the PATCH hung 13 s.)
+async fn a_locked_tenants_table_costs_callers_half_a_second(env: TestEnv) {
+    use sqlx::Connection;
+    let app = env.spawn().await;
+    let partner = setu_partner(2, 0).await;
+    let mut spec = setu_spec("acme", &partner, "s");
+    spec["issuer"]["min_interval_ms"] = json!(0);
+    app.create_tenant(&spec).await;
+    let key = app.create_caller("billing", json!(["acme"])).await;
+    assert_eq!(app.get_token("acme", &key).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(2_200)).await; // the 2 s token is gone
+
+    // Postgres: a session locks the table. SQLite: another connection (as another process's
+    // would) holds the database's write lock with `BEGIN EXCLUSIVE`.
+    sqlx::any::install_default_drivers();
+    let mut locker = sqlx::AnyConnection::connect(&env.database_url)
+        .await
+        .unwrap();
+    let lock = match env.backend {
+        Backend::Sqlite => "BEGIN EXCLUSIVE",
+        _ => "BEGIN; LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE",
+    };
+    sqlx::raw_sql(lock).execute(&mut locker).await.unwrap();
+
+    let started = Instant::now();
+    let fetched = app.get_token("acme", &key).await;
+    let took = started.elapsed();
+    eprintln!(
+        "{:?} locked: fetch needing a mint {} in {took:?} (before: 504 after ~12 s on Postgres, 3.3-4.8 s on SQLite)",
+        env.backend, fetched.status
+    );
+    assert_eq!(fetched.status, 200, "{}", fetched.text);
+    assert!(took < Duration::from_millis(1_500), "{took:?}");
+
+    let started = Instant::now();
+    let patched = app
+        .send(
+            app.admin(Method::PATCH, "/admin/v1/tenants/acme")
+                .header("content-type", "application/merge-patch+json")
+                .body(r#"{"display_name": "changed under lock"}"#),
+        )
+        .await;
+    let took = started.elapsed();
+    eprintln!(
+        "{:?} locked: admin PATCH {} in {took:?} (before: hung 13 s on Postgres)",
+        env.backend, patched.status
+    );
+    patched.assert_problem(503, "database_unavailable");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let shown = app
+        .send(app.admin(Method::GET, "/admin/v1/tenants/acme"))
+        .await
+        .json();
+    assert_eq!(
+        shown["display_name"], "acme (Setu)",
+        "the refused write changed nothing"
+    );
+    let again = app
+        .send(
+            app.admin(Method::PATCH, "/admin/v1/tenants/acme")
+                .header("content-type", "application/merge-patch+json")
+                .body(r#"{"display_name": "changed after"}"#),
+        )
+        .await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    app.stop().await;
+}
+backends!(a_locked_tenants_table_costs_callers_half_a_second: Postgres, Sqlite);
