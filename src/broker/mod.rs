@@ -701,9 +701,9 @@ impl Broker {
         let now = now_ms();
         match self.circuits.state(tenant).await {
             Some(s) if s.is_open(now) => {
-                // Only a partner that failed transiently is probed early: rejected credentials
-                // wait for an admin, a partner's Retry-After is honoured.
-                let probing = matches!(want, Want::Usable { .. }) && s.last_error.is_transient();
+                // Rejected credentials wait for an admin, a partner's Retry-After is honoured;
+                // any other failure is probed early (`IssuerError::probed_early`).
+                let probing = matches!(want, Want::Usable { .. }) && s.last_error.probed_early();
                 if probing && self.circuits.try_probe(tenant).await {
                     tracing::info!(tenant = %tenant, "circuit open and no usable token: probing the partner once");
                     return Ok(Tries::Once);

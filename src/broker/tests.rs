@@ -361,6 +361,28 @@ async fn rejected_credentials_open_the_circuit_for_a_growing_cool_down() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_partner_fixed_after_bad_answers_is_used_within_a_second_or_two() {
+    let p = FakePartner::new(secs(300), ms(0), json!({"min_interval_ms": 0}));
+    let r = replica(&p, None);
+    let tenant = p.tenant();
+    p.fail_with(Some(IssuerError::BadResponse("an expired JWT".into())));
+    assert!(fetch(&r.broker, &tenant, 0).await.is_err());
+    let open = r.broker.circuit_state(&tenant).await.expect("open");
+    assert!(open.open_until_ms - now_ms() >= 4_000, "a 5 s cool-down");
+    sleep(ms(500)).await;
+    p.fail_with(None);
+    let fixed = Instant::now();
+    let token = loop {
+        match fetch(&r.broker, &tenant, 0).await {
+            Ok(t) => break t,
+            Err(_) => sleep(ms(100)).await,
+        }
+    };
+    assert!(token.starts_with("token-"));
+    assert!(fixed.elapsed() <= secs(2), "{:?} after the fix", fixed.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
 async fn partner_calls_are_paced_and_transient_failures_retried_within_the_budget() {
     let p = FakePartner::new(secs(300), ms(0), json!({"min_interval_ms": 1000}));
     let r = replica(&p, None);

@@ -106,6 +106,18 @@ impl IssuerError {
         matches!(self, Self::Unavailable(_) | Self::Timeout)
     }
 
+    /// Whether a tenant whose circuit this opened is probed early (once a second across
+    /// replicas while callers have no usable token): every failure but a credential rejection
+    /// (it waits for an admin) and the partner's own throttling (its Retry-After is honoured).
+    /// A partner that sent bad answers, redirects or garbage is used again within about a
+    /// second of being fixed.
+    pub fn probed_early(&self) -> bool {
+        !matches!(
+            self,
+            Self::RejectedCredentials { .. } | Self::RateLimited { .. } | Self::Paced { .. }
+        )
+    }
+
     /// Whether the refresh-token grant failed in a way that calls for the full grant.
     pub fn is_invalid_grant(&self) -> bool {
         matches!(
