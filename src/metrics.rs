@@ -110,6 +110,26 @@ const PROXY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Removes every series of `vec` whose `tenant` label is `tenant`.
+fn drop_series<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    tenant: &str,
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.get_name(), l.get_value()))
+                .collect();
+            if labels.get("tenant") == Some(&tenant) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -260,22 +280,23 @@ impl Metrics {
         let _ = self.token_expiry.remove_label_values(&[tenant]);
     }
 
-    /// Forgets a deleted tenant's gauges.
+    /// Forgets every series of a deleted tenant: gauges, counters and histograms, whatever
+    /// their other labels (an outcome, a status class), so churn does not grow the scrape.
     pub fn forget_tenant(&self, tenant: &str) {
         self.clear_token_expiry(tenant);
-        let _ = self.circuit_open.remove_label_values(&[tenant]);
         self.circuit_series
             .lock()
             .expect("circuit series")
             .remove(tenant);
-        let _ = self.last_mint_success.remove_label_values(&[tenant]);
-        for reason in [
-            "response_too_large",
-            "response_timeout",
-            "caller_concurrency",
-        ] {
-            let _ = self.proxy_cutoffs.remove_label_values(&[tenant, reason]);
-        }
+        drop_series(&self.token_requests, tenant);
+        drop_series(&self.upstream_requests, tenant);
+        drop_series(&self.upstream_duration, tenant);
+        drop_series(&self.invalidations, tenant);
+        drop_series(&self.proxy_requests, tenant);
+        drop_series(&self.proxy_cutoffs, tenant);
+        drop_series(&self.proxy_duration, tenant);
+        drop_series(&self.circuit_open, tenant);
+        drop_series(&self.last_mint_success, tenant);
     }
 
     /// The text exposition of every metric.

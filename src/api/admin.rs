@@ -414,9 +414,8 @@ async fn delete_tenant(
         }
         Err(e) => return Err(e.into()),
     }
-    state.broker.forget(&id).await;
+    state.broker.forget_deleted(&id).await;
     state.proxy.forget(&id);
-    state.metrics.forget_tenant(id.as_str());
     tracing::info!(tenant = %id, "tenant deleted");
     audit_admin(
         &state,

@@ -319,20 +319,26 @@ impl Broker {
     }
 
     /// Handles an event from another replica: `m <replica> <tenant>` (a new token was
-    /// written) or `d <replica> <tenant>` (the token was dropped).
+    /// written), `d <replica> <tenant>` (the token was dropped) or `x <replica> <tenant>` (the
+    /// tenant was deleted).
     pub fn on_event(&self, event: &str) {
         let mut parts = event.splitn(3, ' ');
         let (Some(kind), Some(replica), Some(tenant)) = (parts.next(), parts.next(), parts.next())
         else {
             return;
         };
-        if replica == self.replica || !matches!(kind, "m" | "d") {
+        if replica == self.replica || !matches!(kind, "m" | "d" | "x") {
             return;
         }
         let Ok(tenant) = TenantId::parse(tenant) else {
             return;
         };
         self.l1.invalidate(&tenant);
+        if kind == "x" {
+            // Deleted on another replica: nothing of it stays here, its metric series included.
+            self.last_read.invalidate(&tenant);
+            self.metrics.forget_tenant(tenant.as_str());
+        }
         if let Some(n) = self.waiters.lock().expect("waiters").get(&tenant) {
             n.notify_waiters();
         }
@@ -926,6 +932,14 @@ impl Broker {
             },
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A deleted tenant: `forget`, this replica's metric series, and the other replicas told
+    /// (`x <replica> <tenant>`) so they drop theirs.
+    pub async fn forget_deleted(self: &Arc<Self>, tenant: &TenantId) {
+        self.forget(tenant).await;
+        self.metrics.forget_tenant(tenant.as_str());
+        self.announce("x", tenant).await;
     }
 
     /// Drops the tenant's cached token everywhere and closes its circuit (credential rotation,

@@ -379,7 +379,11 @@ async fn a_partner_fixed_after_bad_answers_is_used_within_a_second_or_two() {
         }
     };
     assert!(token.starts_with("token-"));
-    assert!(fixed.elapsed() <= secs(2), "{:?} after the fix", fixed.elapsed());
+    assert!(
+        fixed.elapsed() <= secs(2),
+        "{:?} after the fix",
+        fixed.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]

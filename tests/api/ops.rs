@@ -417,3 +417,44 @@ async fn the_ready_command_checks_readyz() {
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stderr).contains("readyz"));
 }
+
+/// A deleted tenant's series (counters and histograms too, whatever their other labels) leave
+/// `/metrics` on every replica, not only on the one that served the DELETE (before: ~22 series
+/// per deleted tenant stayed on each other replica).
+async fn a_deleted_tenants_series_leave_every_replica(env: TestEnv) {
+    let (a, b) = (env.spawn().await, env.spawn().await);
+    let partner = setu_partner(300, 0).await;
+    a.create_tenant(&setu_spec("gone", &partner, "s")).await;
+    a.create_tenant(&setu_spec("kept", &partner, "s")).await;
+    let key = a.create_caller("billing", json!("*")).await;
+    for app in [&a, &b] {
+        for t in ["gone", "kept"] {
+            assert_eq!(app.get_token(t, &key).await.status, 200);
+        }
+    }
+    let series = |text: &str, t: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&format!("tenant=\"{t}\"")))
+            .count()
+    };
+    let before = b.get("/metrics").await.text;
+    assert!(series(&before, "gone") >= 2, "{before}");
+    let deleted = a
+        .send(a.admin(Method::DELETE, "/admin/v1/tenants/gone"))
+        .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text);
+    for app in [&a, &b] {
+        let mut left = usize::MAX;
+        for _ in 0..50 {
+            let text = app.get("/metrics").await.text;
+            left = series(&text, "gone");
+            if left == 0 {
+                assert!(series(&text, "kept") >= 2, "other tenants keep theirs");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(left, 0, "{} kept series of the deleted tenant", app.address);
+    }
+}
+backends!(a_deleted_tenants_series_leave_every_replica: PostgresRedis);
