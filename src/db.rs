@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use sqlx::any::AnyPoolOptions;
-use sqlx::AnyPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{AnyConnection, AnyPool};
 
 use crate::crypto::CryptoError;
 
@@ -79,6 +81,84 @@ pub mod private_file {
         }
         let _ = (path, risk, fix);
         Ok(())
+    }
+}
+
+/// What another repository writes in the same transaction as a change, so both commit or
+/// neither does (an admin change and its audit row).
+pub trait AlsoWrite: Send + Sync {
+    fn write<'c>(&'c self, conn: &'c mut AnyConnection) -> BoxFuture<'c, Result<(), sqlx::Error>>;
+}
+
+/// Nothing more to write.
+pub struct Nothing;
+
+impl AlsoWrite for Nothing {
+    fn write<'c>(&'c self, _: &'c mut AnyConnection) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A write transaction begun and ended with plain `BEGIN`/`COMMIT` on a pooled connection.
+/// A connection whose transaction state is unknown is closed, never reused: after a COMMIT
+/// that fails (SQLite rolls back a commit that hits a full disk, and a pool that still thought
+/// it inside a transaction failed every later BEGIN on it until a restart), or when the
+/// transaction is dropped and its ROLLBACK fails.
+pub struct WriteTx {
+    conn: Option<PoolConnection<sqlx::Any>>,
+}
+
+impl WriteTx {
+    /// Writes `also` and commits, both or neither.
+    pub async fn commit_with(mut self, also: &dyn AlsoWrite) -> Result<(), sqlx::Error> {
+        also.write(&mut self).await?;
+        self.commit().await
+    }
+
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        use sqlx::Executor;
+        let mut conn = self.conn.take().expect("an open transaction");
+        match conn.execute("COMMIT").await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let _ = conn.close().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        self.conn.as_ref().expect("an open transaction")
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        self.conn.as_mut().expect("an open transaction")
+    }
+}
+
+impl Drop for WriteTx {
+    /// Not committed (an error on the way): rolled back before the connection is reused, or
+    /// closed (which rolls it back) if that fails or no runtime is there to do it.
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    use sqlx::Executor;
+                    if conn.execute("ROLLBACK").await.is_err() {
+                        let _ = conn.close().await;
+                    }
+                });
+            }
+            Err(_) => drop(conn.detach()),
+        }
     }
 }
 
@@ -197,16 +277,19 @@ impl Db {
     /// SQLITE_BUSY. On Postgres `lock_timeout` and `statement_timeout` hold for this
     /// transaction only (a migration or a careless `LOCK TABLE` elsewhere costs an admin 2 s,
     /// not a hang).
-    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
+        use sqlx::Executor;
+        let mut conn = self.pool.acquire().await?;
         match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => {
-                use sqlx::Executor;
-                let mut tx = self.pool.begin().await?;
-                tx.execute(WRITE_TIMEOUTS).await?;
-                Ok(tx)
-            }
+            // A BEGIN that fails started nothing: the connection goes back as it was.
+            Backend::Sqlite => conn.execute("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => conn.execute("BEGIN").await?,
+        };
+        let mut tx = WriteTx { conn: Some(conn) };
+        if self.backend == Backend::Postgres {
+            tx.execute(WRITE_TIMEOUTS).await?;
         }
+        Ok(tx)
     }
 
     /// A cheap round trip for readiness.

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::problem::ApiError;
 use super::AppState;
 use super::{read_json, request_id_of};
-use crate::audit::Entry;
+use crate::audit::{AlsoWrite, Entry, InSameTransaction};
 use crate::auth::api_keys::ApiKey;
 use crate::auth::Admin;
 use crate::auth::{CallerRecord, Scope};
@@ -52,8 +52,25 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(web::resource("/admin/v1/audit").route(web::get().to(read_audit)));
 }
 
-/// Records an admin mutation synchronously (the database just took the change, so it takes
-/// this row too); a failure is logged, the change stands.
+/// An admin mutation's audit row, committed in the mutation's own transaction: an
+/// acknowledged change is on the record, a change whose row cannot be written did not happen.
+fn admin_row(
+    admin: &Admin,
+    req: &HttpRequest,
+    action: &'static str,
+    tenant: Option<&str>,
+    detail: Option<String>,
+) -> InSameTransaction {
+    let mut e = Entry::new("admin", action, "ok");
+    e.caller = Some(admin.name.clone());
+    e.auth_method = Some(admin.method);
+    e.tenant = tenant.map(Into::into);
+    e.detail = detail;
+    e.request_id = request_id_of(req);
+    InSameTransaction(e)
+}
+
+/// Records an admin action that changes no row of its own (the dry-run mint).
 async fn audit_admin(
     state: &AppState,
     admin: &Admin,
@@ -61,16 +78,12 @@ async fn audit_admin(
     action: &'static str,
     outcome: &'static str,
     tenant: Option<&str>,
-    detail: Option<String>,
 ) {
-    let mut e = Entry::new("admin", action, outcome);
-    e.caller = Some(admin.name.clone());
-    e.auth_method = Some(admin.method);
-    e.tenant = tenant.map(Into::into);
-    e.detail = detail;
-    e.request_id = request_id_of(req);
+    let mut row = admin_row(admin, req, action, tenant, None);
+    row.0.outcome = outcome.into();
     let now = now_ms();
-    if let Err(err) = crate::audit::store::insert(state.store.db(), &[(e, (now, now, 1))]).await {
+    if let Err(err) = crate::audit::store::insert(state.store.db(), &[(row.0, (now, now, 1))]).await
+    {
         tracing::error!(action, error = %err, "admin action not audited");
     }
 }
@@ -180,6 +193,7 @@ async fn create_tenant(
             &spec.issuer,
             &spec.credentials,
             spec.proxy.as_ref().map(|(p, h)| (p, h)),
+            &admin_row(&admin, &req, "tenant.create", Some(spec.id.as_str()), None),
         )
         .await
         .map_err(|e| match e {
@@ -191,16 +205,6 @@ async fn create_tenant(
     // A token cached under this id by an earlier tenant of the same name must not survive.
     state.broker.forget(&spec.id).await;
     tracing::info!(tenant = %spec.id, kind = spec.issuer.kind.as_str(), "tenant created");
-    audit_admin(
-        &state,
-        &admin,
-        &req,
-        "tenant.create",
-        "ok",
-        Some(spec.id.as_str()),
-        None,
-    )
-    .await;
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/admin/v1/tenants/{}", spec.id)));
     Ok(tenant_response(builder, &record))
@@ -312,13 +316,19 @@ async fn write_tenant(
     id: &TenantId,
     if_match: &IfMatch,
     change: impl Fn(&crate::tenants::Tenant) -> Result<Change, ApiError>,
+    audit: impl Fn(&Change) -> InSameTransaction,
 ) -> Result<(TenantRecord, Change), ApiError> {
     let result = state
         .store
-        .write_tenant(id, if_match.is_set(), |current| {
-            if_match.check(current.version)?;
-            change(current)
-        })
+        .write_tenant(
+            id,
+            if_match.is_set(),
+            |current| {
+                if_match.check(current.version)?;
+                change(current)
+            },
+            |c| Box::new(audit(c)) as Box<dyn AlsoWrite>,
+        )
         .await;
     result.map_err(|e| match e {
         WriteError::Store(e) => e.into(),
@@ -339,7 +349,7 @@ async fn patch_tenant(
     let body = read_json(&req, payload).await?;
     let patch = TenantPatch::parse(body)?;
     let allow_insecure = state.settings.allow_insecure_issuers;
-    let (record, change) = write_tenant(&state, &id, &if_match, |current| {
+    let change = |current: &crate::tenants::Tenant| {
         let issuer = patch.merged_issuer(&current.issuer, allow_insecure)?;
         let effective_issuer = issuer.as_ref().unwrap_or(&current.issuer);
         let creds = patch.credentials.as_ref().unwrap_or(&current.credentials);
@@ -358,8 +368,27 @@ async fn patch_tenant(
             credentials: patch.credentials.clone(),
             proxy,
         })
-    })
-    .await?;
+    };
+    let audit = |change: &Change| {
+        let changed: Vec<&str> = [
+            ("display_name", change.display_name.is_some()),
+            ("issuer", change.issuer.is_some()),
+            ("credentials", change.credentials.is_some()),
+            ("proxy", change.proxy.is_some()),
+        ]
+        .iter()
+        .filter_map(|(n, c)| c.then_some(*n))
+        .collect();
+        let detail = format!("changed: {}", changed.join(", "));
+        admin_row(
+            &admin,
+            &req,
+            "tenant.update",
+            Some(id.as_str()),
+            Some(detail),
+        )
+    };
+    let (record, change) = write_tenant(&state, &id, &if_match, change, audit).await?;
     if change.issuer.is_some() || change.credentials.is_some() {
         state.broker.forget(&id).await;
     }
@@ -367,25 +396,6 @@ async fn patch_tenant(
         state.proxy.forget(&id);
     }
     tracing::info!(tenant = %id, "tenant updated");
-    let changed: Vec<&str> = [
-        ("display_name", change.display_name.is_some()),
-        ("issuer", change.issuer.is_some()),
-        ("credentials", change.credentials.is_some()),
-        ("proxy", change.proxy.is_some()),
-    ]
-    .iter()
-    .filter_map(|(n, c)| c.then_some(*n))
-    .collect();
-    audit_admin(
-        &state,
-        &admin,
-        &req,
-        "tenant.update",
-        "ok",
-        Some(id.as_str()),
-        Some(format!("changed: {}", changed.join(", "))),
-    )
-    .await;
     Ok(tenant_response(HttpResponse::Ok(), &record))
 }
 
@@ -404,7 +414,8 @@ async fn delete_tenant(
         }
         None => None,
     };
-    match state.store.delete_tenant(&id, expected).await {
+    let row = admin_row(&admin, &req, "tenant.delete", Some(id.as_str()), None);
+    match state.store.delete_tenant(&id, expected, &row).await {
         Ok(true) => {}
         Ok(false) => return Err(ApiError::TenantNotFound),
         Err(StoreError::VersionConflict) => {
@@ -417,16 +428,6 @@ async fn delete_tenant(
     state.broker.forget_deleted(&id).await;
     state.proxy.forget(&id);
     tracing::info!(tenant = %id, "tenant deleted");
-    audit_admin(
-        &state,
-        &admin,
-        &req,
-        "tenant.delete",
-        "ok",
-        Some(id.as_str()),
-        None,
-    )
-    .await;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -442,29 +443,34 @@ async fn put_credentials(
     let creds = parse_credentials(body, "credentials")?;
     let if_match = IfMatch::parse(&req);
     // The kind cannot change between the read and the write: the write is fenced on the version.
-    let (record, _) = write_tenant(&state, &id, &if_match, |current| {
-        current.issuer.validate_credentials(&creds)?;
-        Ok(Change {
-            display_name: None,
-            issuer: None,
-            credentials: Some(creds.clone()),
-            proxy: None,
-        })
-    })
+    let fields: Vec<&str> = creds.names().collect();
+    let detail = format!("fields: {}", fields.join(", "));
+    let (record, _) = write_tenant(
+        &state,
+        &id,
+        &if_match,
+        |current| {
+            current.issuer.validate_credentials(&creds)?;
+            Ok(Change {
+                display_name: None,
+                issuer: None,
+                credentials: Some(creds.clone()),
+                proxy: None,
+            })
+        },
+        |_| {
+            admin_row(
+                &admin,
+                &req,
+                "tenant.credentials",
+                Some(id.as_str()),
+                Some(detail.clone()),
+            )
+        },
+    )
     .await?;
     state.broker.forget(&id).await;
     tracing::info!(tenant = %id, "tenant credentials rotated");
-    let fields: Vec<&str> = creds.names().collect();
-    audit_admin(
-        &state,
-        &admin,
-        &req,
-        "tenant.credentials",
-        "ok",
-        Some(id.as_str()),
-        Some(format!("fields: {}", fields.join(", "))),
-    )
-    .await;
     Ok(HttpResponse::NoContent()
         .insert_header((header::ETAG, format!("\"v{}\"", record.version)))
         .finish())
@@ -488,7 +494,6 @@ async fn test_tenant(
             "tenant.test",
             outcome,
             Some(id.as_str()),
-            None,
         )
         .await;
     }
@@ -611,22 +616,19 @@ async fn create_caller(
     check_scope(&state, &scope).await?;
     let key = ApiKey::generate();
     let id = format!("cl_{}", crate::crypto::random_hex::<8>());
-    let record = state
-        .callers
-        .create_caller(&id, &name, &key.hash(), &scope)
-        .await
-        .map_err(name_taken)?;
-    tracing::info!(caller = %record.name, caller_id = %record.id, "caller created");
-    audit_admin(
-        &state,
+    let row = admin_row(
         &admin,
         &req,
         "caller.create",
-        "ok",
         None,
-        Some(format!("caller {} ({})", record.name, record.id)),
-    )
-    .await;
+        Some(format!("caller {name} ({id})")),
+    );
+    let record = state
+        .callers
+        .create_caller(&id, &name, &key.hash(), &scope, &row)
+        .await
+        .map_err(name_taken)?;
+    tracing::info!(caller = %record.name, caller_id = %record.id, "caller created");
     let mut view = caller_view(&record);
     view["api_key"] = Value::String(key.expose().to_owned());
     Ok(HttpResponse::Created()
@@ -659,12 +661,6 @@ async fn patch_caller(
     if let Some(scope) = &scope {
         check_scope(&state, scope).await?;
     }
-    let record = state
-        .callers
-        .update_caller(&path, name.as_deref(), scope.as_ref())
-        .await
-        .map_err(name_taken)?;
-    state.auth.forget_all();
     let changed: Vec<&str> = [
         name.as_ref().map(|_| "name"),
         scope.as_ref().map(|_| "tenants"),
@@ -672,21 +668,21 @@ async fn patch_caller(
     .into_iter()
     .flatten()
     .collect();
-    audit_admin(
-        &state,
-        &admin,
-        &req,
-        "caller.update",
-        "ok",
-        None,
-        Some(format!(
+    let audit = |record: &CallerRecord| -> Box<dyn AlsoWrite> {
+        let detail = format!(
             "caller {} ({}): {}",
             record.name,
             record.id,
             changed.join(", ")
-        )),
-    )
-    .await;
+        );
+        Box::new(admin_row(&admin, &req, "caller.update", None, Some(detail)))
+    };
+    let record = state
+        .callers
+        .update_caller(&path, name.as_deref(), scope.as_ref(), audit)
+        .await
+        .map_err(name_taken)?;
+    state.auth.forget_all();
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(caller_view(&record)))
@@ -741,26 +737,26 @@ async fn rotate_caller_key(
         0
     };
     let key = ApiKey::generate();
+    let audit = |record: &CallerRecord| -> Box<dyn AlsoWrite> {
+        let detail = format!(
+            "caller {} ({}): old key valid for {grace_s} s more",
+            record.name, record.id
+        );
+        Box::new(admin_row(
+            &admin,
+            &req,
+            "caller.rotate_key",
+            None,
+            Some(detail),
+        ))
+    };
     let record = state
         .callers
-        .rotate_caller_key(&path, &key.hash(), grace_s as i64 * 1000)
+        .rotate_caller_key(&path, &key.hash(), grace_s as i64 * 1000, audit)
         .await
         .map_err(name_taken)?;
     state.auth.forget_all();
     tracing::info!(caller = %record.name, caller_id = %record.id, grace_s, "caller key rotated");
-    audit_admin(
-        &state,
-        &admin,
-        &req,
-        "caller.rotate_key",
-        "ok",
-        None,
-        Some(format!(
-            "caller {} ({}): old key valid for {grace_s} s more",
-            record.name, record.id
-        )),
-    )
-    .await;
     let mut view = caller_view(&record);
     view["api_key"] = Value::String(key.expose().to_owned());
     view["previous_key_expires_at"] = if grace_s > 0 {
@@ -779,21 +775,18 @@ async fn delete_caller(
     path: web::Path<String>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    if path.len() > 64 || !state.callers.delete_caller(&path).await? {
+    let row = admin_row(
+        &admin,
+        &req,
+        "caller.delete",
+        None,
+        Some(format!("caller {}", path.as_str())),
+    );
+    if path.len() > 64 || !state.callers.delete_caller(&path, &row).await? {
         return Err(ApiError::CallerNotFound);
     }
     state.auth.forget_all();
     tracing::info!(caller_id = %path, "caller deleted");
-    audit_admin(
-        &state,
-        &admin,
-        &req,
-        "caller.delete",
-        "ok",
-        None,
-        Some(format!("caller {}", path.as_str())),
-    )
-    .await;
     Ok(HttpResponse::NoContent().finish())
 }
 

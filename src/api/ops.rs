@@ -30,7 +30,12 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         tokio::time::timeout(CHECK_TIMEOUT, state.broker.check_shared()),
     );
     let db = matches!(db, Ok(Ok(())));
-    state.metrics.database_up.set(i64::from(db));
+    // A database that answers reads but refuses writes (a full disk) is not "ok".
+    let writes_fail = state.audit.write_failure();
+    state
+        .metrics
+        .database_up
+        .set(i64::from(db && writes_fail.is_none()));
     let redis: Option<Result<(), String>> = match redis {
         Ok(r) => r,
         Err(_) => Some(Err("unavailable (check timed out)".into())),
@@ -40,11 +45,16 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         Some(Ok(())) => "ok".to_owned(),
         Some(Err(why)) => format!("unavailable: {why}"),
     };
+    let db_word = match (db, &writes_fail) {
+        (false, _) => "unavailable".to_owned(),
+        (true, Some(why)) => format!("degraded: writes fail ({why})"),
+        (true, None) => "ok".to_owned(),
+    };
     let checks = json!({
-        "database": if db { "ok" } else { "unavailable" },
+        "database": db_word,
         "redis": redis_word,
     });
-    let degraded = !db || matches!(redis, Some(Err(_)));
+    let degraded = !db || writes_fail.is_some() || matches!(redis, Some(Err(_)));
     // Without the database this replica can still serve callers it already knows.
     let can_serve = db || state.auth.knows_callers() || state.jwt.is_some();
     if !can_serve {

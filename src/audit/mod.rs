@@ -19,6 +19,10 @@
 
 pub mod store;
 
+/// What an admin change writes with it, so both commit or neither does.
+pub use crate::db::AlsoWrite;
+pub use store::InSameTransaction;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,6 +111,8 @@ pub struct Audit {
     side: Arc<Mutex<Side>>,
     mode: AuditMode,
     metrics: Arc<Metrics>,
+    /// Why the last batch could not be written, while writes fail (for readiness).
+    failing: Arc<Mutex<Option<String>>>,
 }
 
 /// Distinct best-effort rows held between two flushes.
@@ -130,12 +136,14 @@ impl Audit {
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let side = Arc::new(Mutex::new(Side::new()));
+        let failing = Arc::new(Mutex::new(None));
         tokio::spawn(writer(
             db.clone(),
             rx,
             side.clone(),
             metrics.clone(),
             capacity.max(1),
+            failing.clone(),
         ));
         let retention_ms = (retention_days as i64).saturating_mul(86_400_000);
         tokio::spawn(async move {
@@ -153,7 +161,14 @@ impl Audit {
             side,
             mode,
             metrics,
+            failing,
         })
+    }
+
+    /// Why audit rows cannot be written now (the database reads but refuses writes: a full
+    /// disk, a lock held elsewhere), or `None` while they are written.
+    pub fn write_failure(&self) -> Option<String> {
+        self.failing.lock().expect("audit failing").clone()
     }
 
     /// Queues an entry that guards a token: in `fail_closed` mode a full queue is an error.
@@ -258,6 +273,7 @@ async fn writer(
     side: Arc<Mutex<Side>>,
     metrics: Arc<Metrics>,
     max_pending: usize,
+    failing: Arc<Mutex<Option<String>>>,
 ) {
     let mut batch: HashMap<Entry, (i64, i64, i64)> = HashMap::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
@@ -318,11 +334,17 @@ async fn writer(
                     if retry_at.take().is_some() {
                         tracing::info!("audit writes succeed again");
                         metrics.database_up.set(1);
+                        *failing.lock().expect("audit failing") = None;
                     }
                 }
                 Err(e) => {
                     metrics.audit_write_failures.inc();
                     metrics.database_up.set(0);
+                    let why = match std::error::Error::source(&e) {
+                        Some(cause) => cause.to_string(),
+                        None => e.to_string(),
+                    };
+                    *failing.lock().expect("audit failing") = Some(why);
                     tracing::warn!(error = %e, rows = rows.len(), "audit write failed; entries keep coalescing until it succeeds");
                     retry_at = Some(tokio::time::Instant::now() + delay);
                     delay = (delay * 2).min(Duration::from_secs(5));

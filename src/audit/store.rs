@@ -3,12 +3,38 @@
 use sqlx::Row as _;
 
 use super::{Entry, Row};
-use crate::db::{Db, StoreError};
+use crate::db::{AlsoWrite, Db, StoreError};
 
 /// Writes coalesced audit rows (entry, (first ms, last ms, count)) in one transaction.
 pub async fn insert(db: &Db, rows: &[(Entry, (i64, i64, i64))]) -> Result<(), StoreError> {
-    const COLS: usize = 13;
     let mut tx = db.begin_write().await?;
+    insert_on(&mut tx, rows).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// An admin change's audit row, written in the change's own transaction
+/// (`WriteTx::commit_with`): the change and its row commit together or not at all.
+pub struct InSameTransaction(pub Entry);
+
+impl AlsoWrite for InSameTransaction {
+    fn write<'c>(
+        &'c self,
+        conn: &'c mut sqlx::AnyConnection,
+    ) -> futures_util::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            let now = crate::time::now_ms();
+            insert_on(conn, &[(self.0.clone(), (now, now, 1))]).await
+        })
+    }
+}
+
+/// The rows' INSERTs on a connection inside a transaction.
+async fn insert_on(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[(Entry, (i64, i64, i64))],
+) -> Result<(), sqlx::Error> {
+    const COLS: usize = 13;
     for chunk in rows.chunks(200) {
         let mut sql = String::from(
             "INSERT INTO audit_log (at, last_at, count, kind, action, outcome, caller, auth_method, tenant, source, fingerprint, detail, request_id) VALUES ",
@@ -43,9 +69,8 @@ pub async fn insert(db: &Db, rows: &[(Entry, (i64, i64, i64))]) -> Result<(), St
                 .bind(e.detail.as_deref())
                 .bind(e.request_id.as_deref());
         }
-        q.execute(&mut *tx).await?;
+        q.execute(&mut *conn).await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::db::{Db, StoreError};
+use crate::db::{AlsoWrite, Db, StoreError, WriteTx};
 use crate::time::now_ms;
 
 /// Which tenants a caller may fetch tokens for.
@@ -68,8 +68,10 @@ impl CallerStore {
         name: &str,
         key_hash: &str,
         scope: &Scope,
+        also: &dyn AlsoWrite,
     ) -> Result<CallerRecord, StoreError> {
         let now = now_ms();
+        let mut tx = self.db.begin_write().await?;
         sqlx::query(
             "INSERT INTO callers (id, name, key_hash, tenants, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -78,8 +80,9 @@ impl CallerStore {
         .bind(key_hash)
         .bind(scope.to_json().to_string())
         .bind(now)
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await?;
+        tx.commit_with(also).await?;
         Ok(CallerRecord {
             id: id.to_owned(),
             name: name.to_owned(),
@@ -130,13 +133,15 @@ impl CallerStore {
     }
 
     /// Changes a caller's name and/or scope; `NotFound` if there is no such caller,
-    /// `Conflict` if the name is taken.
+    /// `Conflict` if the name is taken. `also` (given the changed record) commits with it.
     pub async fn update_caller(
         &self,
         id: &str,
         name: Option<&str>,
         scope: Option<&Scope>,
+        also: impl Fn(&CallerRecord) -> Box<dyn AlsoWrite>,
     ) -> Result<CallerRecord, StoreError> {
+        let mut tx = self.db.begin_write().await?;
         let done = sqlx::query(
             "UPDATE callers SET name = COALESCE($1, name), tenants = COALESCE($2, tenants), updated_at = $3 WHERE id = $4",
         )
@@ -144,12 +149,26 @@ impl CallerStore {
         .bind(scope.map(|s| s.to_json().to_string()))
         .bind(now_ms())
         .bind(id)
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
-        self.caller(id).await
+        let record = Self::caller_in(&mut tx, id).await?;
+        tx.commit_with(&*also(&record)).await?;
+        Ok(record)
+    }
+
+    /// The caller as the transaction sees it.
+    async fn caller_in(tx: &mut WriteTx, id: &str) -> Result<CallerRecord, StoreError> {
+        sqlx::query("SELECT id, name, tenants, created_at FROM callers WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .as_ref()
+            .map(Self::caller_from_row)
+            .transpose()?
+            .ok_or(StoreError::NotFound)
     }
 
     /// Gives a caller a new key; the old one keeps working for `grace_ms` (0: not at all).
@@ -158,8 +177,10 @@ impl CallerStore {
         id: &str,
         new_hash: &str,
         grace_ms: i64,
+        also: impl Fn(&CallerRecord) -> Box<dyn AlsoWrite>,
     ) -> Result<CallerRecord, StoreError> {
         let now = now_ms();
+        let mut tx = self.db.begin_write().await?;
         let done = if grace_ms > 0 {
             sqlx::query(
                 "UPDATE callers SET previous_key_hash = key_hash, previous_key_expires_at = $1, key_hash = $2, updated_at = $3 WHERE id = $4",
@@ -174,12 +195,14 @@ impl CallerStore {
         .bind(new_hash)
         .bind(now)
         .bind(id)
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
-        self.caller(id).await
+        let record = Self::caller_in(&mut tx, id).await?;
+        tx.commit_with(&*also(&record)).await?;
+        Ok(record)
     }
 
     pub async fn caller(&self, id: &str) -> Result<CallerRecord, StoreError> {
@@ -193,12 +216,17 @@ impl CallerStore {
             .ok_or(StoreError::NotFound)
     }
 
-    pub async fn delete_caller(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query("DELETE FROM callers WHERE id = $1")
+    pub async fn delete_caller(&self, id: &str, also: &dyn AlsoWrite) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        let n = sqlx::query("DELETE FROM callers WHERE id = $1")
             .bind(id)
-            .execute(self.db.pool())
+            .execute(&mut *tx)
             .await?
-            .rows_affected()
-            > 0)
+            .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
+        tx.commit_with(also).await?;
+        Ok(true)
     }
 }

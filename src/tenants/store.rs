@@ -12,7 +12,7 @@ use sqlx::Row;
 use super::proxy::ProxySpec;
 use super::{Credentials, IssuerSpec, Tenant, TenantId};
 use crate::crypto::KeyRing;
-use crate::db::Db;
+use crate::db::{AlsoWrite, Db};
 use crate::time::now_ms;
 
 pub use crate::db::{Backend, StoreError};
@@ -123,7 +123,7 @@ impl TenantStore {
         &self.keys
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    async fn begin_write(&self) -> Result<crate::db::WriteTx, sqlx::Error> {
         self.db.begin_write().await
     }
 
@@ -158,7 +158,7 @@ impl TenantStore {
     /// (`PROXY_HEADER`), sealed, leaving the other kind of row alone.
     async fn write_credentials(
         &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        tx: &mut crate::db::WriteTx,
         id: &TenantId,
         creds: &Credentials,
         prefix: &str,
@@ -196,6 +196,7 @@ impl TenantStore {
         issuer: &IssuerSpec,
         creds: &Credentials,
         proxy: Option<(&ProxySpec, &Credentials)>,
+        also: &dyn AlsoWrite,
     ) -> Result<TenantRecord, StoreError> {
         let now = now_ms();
         let issuer_json = serde_json::to_string(issuer).expect("spec serialises");
@@ -223,7 +224,7 @@ impl TenantStore {
             self.write_credentials(&mut tx, id, headers, PROXY_HEADER)
                 .await?;
         }
-        tx.commit().await?;
+        tx.commit_with(also).await?;
         Ok(TenantRecord {
             id: id.clone(),
             display_name: display_name.to_owned(),
@@ -370,12 +371,17 @@ impl TenantStore {
     pub async fn update_tenant(
         &self,
         id: &TenantId,
-        display_name: Option<&str>,
-        issuer: Option<&IssuerSpec>,
-        creds: Option<&Credentials>,
-        proxy: Option<Option<(&ProxySpec, &Credentials)>>,
+        change: &Change,
         expected_version: Option<i64>,
+        also: &dyn AlsoWrite,
     ) -> Result<TenantRecord, StoreError> {
+        let display_name = change.display_name.as_deref();
+        let issuer = change.issuer.as_ref();
+        let creds = change.credentials.as_ref();
+        let proxy = change
+            .proxy
+            .as_ref()
+            .map(|p| p.as_ref().map(|(s, h)| (s, h)));
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         let mut sql = String::from(
@@ -424,7 +430,7 @@ impl TenantStore {
             self.write_credentials(&mut tx, id, headers, PROXY_HEADER)
                 .await?;
         }
-        tx.commit().await?;
+        tx.commit_with(also).await?;
         self.tenant_record(id).await
     }
 
@@ -436,6 +442,7 @@ impl TenantStore {
         id: &TenantId,
         fenced: bool,
         change: impl Fn(&Tenant) -> Result<Change, E>,
+        also: impl Fn(&Change) -> Box<dyn AlsoWrite>,
     ) -> Result<(TenantRecord, Change), WriteError<E>> {
         let mut round = 0;
         loop {
@@ -443,14 +450,7 @@ impl TenantStore {
             let current = self.tenant(id).await.map_err(WriteError::Store)?;
             let c = change(&current).map_err(WriteError::Refused)?;
             let written = self
-                .update_tenant(
-                    id,
-                    c.display_name.as_deref(),
-                    c.issuer.as_ref(),
-                    c.credentials.as_ref(),
-                    c.proxy.as_ref().map(|p| p.as_ref().map(|(s, h)| (s, h))),
-                    Some(current.version),
-                )
+                .update_tenant(id, &c, Some(current.version), &*also(&c))
                 .await;
             match written {
                 Ok(record) => return Ok((record, c)),
@@ -471,6 +471,7 @@ impl TenantStore {
         &self,
         id: &TenantId,
         expected_version: Option<i64>,
+        also: &dyn AlsoWrite,
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin_write().await?;
         if let Some(v) = expected_version {
@@ -503,8 +504,11 @@ impl TenantStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        tx.commit().await?;
-        Ok(n > 0)
+        if n == 0 {
+            return Ok(false);
+        }
+        tx.commit_with(also).await?;
+        Ok(true)
     }
 
     pub async fn count_tenants(&self) -> Result<i64, StoreError> {

@@ -585,3 +585,162 @@ async fn a_locked_tenants_table_costs_callers_half_a_second(env: TestEnv) {
     app.stop().await;
 }
 backends!(a_locked_tenants_table_costs_callers_half_a_second: Postgres, Sqlite);
+
+/// A small filesystem of its own (tmpfs, mounted by the test: needs root), unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "this test mounts a small tmpfs to fill a disk: run it as root (or in CI, which does)"
+        );
+        Self { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills what is left with a junk file; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let junk = self.dir.path().join("junk");
+        let mut f = std::fs::File::create(&junk).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        while f.write_all(&block[..512]).is_ok() {}
+        let _ = f.sync_all();
+        junk
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// SQLite's disk fills and is then freed: while full, admin writes answer 503 and change
+/// nothing, cached tokens are still served, `/readyz` says the database refuses writes; once
+/// space returns, writes (and the audit rows held meanwhile) go through again within seconds,
+/// without a restart, and a change made then is audited in its own transaction. (Before: every
+/// transactional write kept failing until a restart, audit rows stopped, a caller created
+/// after the free got 201 with no audit row, `/readyz` said "database ok".)
+async fn a_full_disk_then_freed_recovers_without_a_restart(mut env: TestEnv) {
+    let disk = SmallDisk::mount("6m");
+    env.database_url = format!("sqlite://{}/broker.db?mode=rwc", disk.path().display());
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    app.create_tenant(&setu_spec("acme", &partner, "s")).await;
+    let key = app.create_caller("billing", json!(["acme"])).await;
+    assert_eq!(app.get_token("acme", &key).await.status, 200);
+    let rows = |entries: &[serde_json::Value], action: &str| -> i64 {
+        entries
+            .iter()
+            .filter(|e| e["action"] == action)
+            .map(|e| e["count"].as_i64().unwrap_or(1))
+            .sum()
+    };
+
+    let junk = disk.fill();
+    let refused = app
+        .send(
+            app.admin(Method::POST, "/admin/v1/callers")
+                .json(&json!({"name": "during", "tenants": ["acme"]})),
+        )
+        .await;
+    refused.assert_problem(503, "database_unavailable");
+    let mut served = 0;
+    let mut readiness = String::new();
+    for _ in 0..40 {
+        assert_eq!(app.get_token("acme", &key).await.status, 200);
+        served += 1;
+        readiness = app.get("/readyz").await.text;
+        if readiness.contains("writes fail") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("disk full: {served} tokens served, readyz {readiness}");
+    assert!(readiness.contains("degraded: writes fail"), "{readiness}");
+
+    std::fs::remove_file(&junk).unwrap();
+    let freed = Instant::now();
+    let mut created = None;
+    while freed.elapsed() < Duration::from_secs(10) {
+        let a = app
+            .send(
+                app.admin(Method::POST, "/admin/v1/callers")
+                    .json(&json!({"name": "after", "tenants": ["acme"]})),
+            )
+            .await;
+        if a.status == 201 {
+            created = Some(freed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("disk freed: first admin write after {created:?}");
+    assert!(created.is_some(), "writes never came back");
+    let callers = app
+        .send(app.admin(Method::GET, "/admin/v1/callers"))
+        .await
+        .json();
+    let names: Vec<_> = callers["callers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["after", "billing"],
+        "the refused write changed nothing"
+    );
+    let mut entries = Vec::new();
+    for _ in 0..50 {
+        entries = app.audit("limit=500").await;
+        if rows(&entries, "token.fetch") > served
+            && app.get("/readyz").await.text.contains("\"ready\"")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        entries.iter().any(|e| e["action"] == "caller.create"
+            && e["detail"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("caller after")),
+        "the write after the free is audited: {entries:?}"
+    );
+    assert!(
+        !entries.iter().any(|e| e["detail"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("caller during")),
+        "the refused write left no row"
+    );
+    assert_eq!(
+        rows(&entries, "token.fetch"),
+        served + 1,
+        "every token handed out is on the record"
+    );
+    let ready = app.get("/readyz").await.text;
+    assert!(ready.contains("\"ready\""), "{ready}");
+    app.stop().await;
+}
+backends!(a_full_disk_then_freed_recovers_without_a_restart: Sqlite);

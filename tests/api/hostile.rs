@@ -465,6 +465,7 @@ async fn api_keys_are_scannable_and_old_keys_still_work(env: TestEnv) {
             "legacy",
             &hash,
             &token_broker::auth::Scope::All,
+            &token_broker::db::Nothing,
         )
         .await
         .unwrap();
