@@ -149,7 +149,14 @@ pub fn problem_for_framework_errors<B: MessageBody + 'static>(
         _ => ApiError::Internal(format!("framework error {}", res.status())),
     };
     let (req, _) = res.into_parts();
-    let resp = err.error_response();
+    let mut resp = err.error_response();
+    if let Some(allow) = matches!(err, ApiError::MethodNotAllowed)
+        .then(|| allowed_methods(route_template(req.path())))
+        .flatten()
+    {
+        resp.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    }
     Ok(ErrorHandlerResponse::Response(
         ServiceResponse::new(req, resp).map_into_right_body(),
     ))
@@ -177,6 +184,31 @@ pub const ROUTES: &[&str] = &[
     "/oauth2/token",
     "/.well-known/oauth-authorization-server",
 ];
+
+/// The methods a route answers: the `Allow` header of its 405s (RFC 9110 §15.5.6). Held to
+/// openapi.yaml by the contract test.
+pub fn allowed_methods(template: &str) -> Option<&'static str> {
+    Some(match template {
+        "/v1/tenants/{tenant_id}/token" => "GET",
+        "/v1/tenants/{tenant_id}/token/invalidate" => "POST",
+        "/v1/tenants/{tenant_id}/proxy/{path}" => "GET, POST, PUT, PATCH, DELETE",
+        "/admin/v1/tenants" | "/admin/v1/callers" => "GET, POST",
+        "/admin/v1/tenants/{tenant_id}" => "GET, PATCH, DELETE",
+        "/admin/v1/tenants/{tenant_id}/credentials" => "PUT",
+        "/admin/v1/tenants/{tenant_id}/test" | "/admin/v1/callers/{caller_id}/rotate-key" => "POST",
+        "/admin/v1/callers/{caller_id}" => "PATCH, DELETE",
+        "/oauth2/token" => "POST",
+        "/admin/v1/audit"
+        | "/admin/console"
+        | "/admin/console/console.js"
+        | "/admin/console/console.css"
+        | "/healthz"
+        | "/readyz"
+        | "/metrics"
+        | "/.well-known/oauth-authorization-server" => "GET",
+        _ => return None,
+    })
+}
 
 /// The route template a path falls under (`unmatched` if none), segment by segment: the
 /// router's own `match_pattern` would run its regexes a second time on every request.

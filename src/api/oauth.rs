@@ -49,6 +49,9 @@ pub struct OAuthError {
     error: &'static str,
     description: Cow<'static, str>,
     retry_after: Option<u64>,
+    /// `invalid_client` without a Basic challenge: the client authenticated in the body
+    /// (`client_secret_post`), not with the Authorization header (RFC 6749 §5.2).
+    no_challenge: bool,
 }
 
 impl OAuthError {
@@ -58,6 +61,7 @@ impl OAuthError {
             error,
             description: description.into(),
             retry_after: None,
+            no_challenge: false,
         }
     }
 
@@ -99,6 +103,7 @@ impl OAuthError {
             error,
             description: format!("{}: {}", e.code(), e.detail()).into(),
             retry_after: e.retry_after(),
+            no_challenge: false,
         }
     }
 }
@@ -150,7 +155,7 @@ impl ResponseError for OAuthError {
         resp.content_type("application/json")
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .insert_header((header::PRAGMA, "no-cache"));
-        if self.error == "invalid_client" {
+        if self.error == "invalid_client" && !self.no_challenge {
             resp.insert_header((
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"token-broker\""),
@@ -211,6 +216,8 @@ impl Form {
 struct ClientCredentials {
     id: String,
     secret: zeroize::Zeroizing<String>,
+    /// Sent in the body (`client_secret_post`): a refusal carries no Basic challenge.
+    in_body: bool,
 }
 
 /// The `Authorization: Basic` credentials, form-urldecoded (RFC 6749 §2.3.1).
@@ -243,6 +250,7 @@ fn basic_credentials(req: &HttpRequest) -> Result<Option<ClientCredentials>, OAu
     Ok(Some(ClientCredentials {
         id: unescape(id).ok_or_else(malformed)?,
         secret: zeroize::Zeroizing::new(unescape(secret).ok_or_else(malformed)?),
+        in_body: false,
     }))
 }
 
@@ -264,6 +272,7 @@ fn client_credentials(
         (None, Some(id), Some(secret)) => Ok(Some(ClientCredentials {
             id: id.to_owned(),
             secret: zeroize::Zeroizing::new(secret.to_owned()),
+            in_body: true,
         })),
         (None, None, Some(_)) => Err(OAuthError::invalid_request(
             "client_secret needs its client_id",
@@ -297,7 +306,9 @@ async fn authenticate(
     let refused = |reason: &'static str| {
         let detail = format!("{reason} (client_id {})", shown_client_id(&client.id));
         super::extract::audit_refusal(state, req, "token.fetch", None, &detail);
-        OAuthError::invalid_client("client authentication failed")
+        let mut e = OAuthError::invalid_client("client authentication failed");
+        e.no_challenge = client.in_body;
+        e
     };
     if !client.secret.starts_with(api_keys::PREFIX) {
         return Err(refused("invalid credentials"));

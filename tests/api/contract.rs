@@ -100,6 +100,43 @@ fn metric_route_labels_are_the_spec_paths() {
     );
 }
 
+#[test]
+fn allow_headers_list_the_spec_methods() {
+    let mut by_path: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
+    for (method, path) in spec_routes() {
+        by_path.entry(path).or_default().insert(method);
+    }
+    for (path, methods) in by_path {
+        let allow: BTreeSet<String> = token_broker::api::allowed_methods(&path)
+            .unwrap_or_else(|| panic!("no Allow for {path}"))
+            .split(", ")
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(allow, methods, "Allow of {path}");
+    }
+}
+
+/// A 405 says which methods the resource takes (RFC 9110 §15.5.6).
+async fn a_405_names_the_allowed_methods(env: TestEnv) {
+    let app = env.spawn().await;
+    for (method, path, allow) in [
+        (Method::DELETE, "/v1/tenants/acme/token", "GET"),
+        (Method::GET, "/oauth2/token", "POST"),
+        (Method::PUT, "/admin/v1/tenants", "GET, POST"),
+        (Method::POST, "/admin/v1/callers/cl_x", "PATCH, DELETE"),
+    ] {
+        let a = app
+            .send(
+                app.client
+                    .request(method.clone(), format!("{}{path}", app.address)),
+            )
+            .await;
+        a.assert_problem(405, "method_not_allowed");
+        assert_eq!(a.headers["allow"], allow, "{method} {path}");
+    }
+}
+backends!(a_405_names_the_allowed_methods: Sqlite);
+
 async fn every_spec_route_is_live(env: TestEnv) {
     let app = env.spawn().await;
     for (method, path) in spec_routes() {
