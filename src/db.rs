@@ -27,6 +27,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("DATABASE_URL must start with sqlite: or postgres://")]
     UnsupportedUrl,
+    #[error("the database {0:?} does not exist on the Postgres server: create it (createdb -O <user> {0}, or CREATE DATABASE) and start again")]
+    NoSuchDatabase(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -244,10 +246,17 @@ impl Db {
                 })
             });
         }
-        let pool = options
-            .connect(url)
-            .await
-            .map_err(StoreError::Unavailable)?;
+        let pool = options.connect(url).await.map_err(|e| {
+            // Postgres says 3D000 (invalid_catalog_name) for a database that is not there.
+            let missing =
+                matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("3D000"));
+            match url::Url::parse(url) {
+                Ok(u) if missing => {
+                    StoreError::NoSuchDatabase(u.path().trim_start_matches('/').to_owned())
+                }
+                _ => StoreError::Unavailable(e),
+            }
+        })?;
         Ok(Self { pool, backend })
     }
 

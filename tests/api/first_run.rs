@@ -650,3 +650,34 @@ async fn the_cli_follows_no_redirect_and_keeps_http_on_loopback() {
         "{out}"
     );
 }
+
+/// A Postgres database that does not exist: the start says which and how to create it (before:
+/// only "the database is unavailable").
+#[test]
+fn a_missing_postgres_database_is_named() {
+    let Some(admin) = postgres_admin_url() else {
+        skip("Postgres");
+        return;
+    };
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path("/tb_missing_database_x");
+    let out = run(
+        &["serve"],
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN),
+            (
+                "BROKER_ENCRYPTION_KEY",
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            ),
+            ("BROKER_LISTEN", "127.0.0.1:0"),
+        ],
+        "",
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("\"tb_missing_database_x\" does not exist") && err.contains("createdb"),
+        "{err}"
+    );
+}
