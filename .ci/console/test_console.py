@@ -82,8 +82,15 @@ def main():
         wait = WebDriverWait(driver, 15)
         by_id = lambda i: wait.until(EC.visibility_of_element_located((By.ID, i)))
 
-        # A wrong token is refused with the broker's problem code; the right one signs in.
+        # A signed-out visitor sees the sign-in form and nothing else: no navigation, no
+        # "Sign out".
         driver.get(f"{base}/admin/console")
+        by_id("signin-token")
+        for hidden in ["nav", "nav-tenants", "nav-callers", "nav-audit", "sign-out"]:
+            assert not driver.find_element(By.ID, hidden).is_displayed(), \
+                f"{hidden} shows on the sign-in page"
+
+        # A wrong token is refused with the broker's problem code; the right one signs in.
         by_id("signin-token").send_keys("tbadmin_wrong")
         driver.find_element(By.ID, "signin-submit").click()
         wait.until(EC.text_to_be_present_in_element((By.ID, "signin-error"), "unauthorized"))
@@ -169,10 +176,11 @@ def main():
             source = driver.page_source
             assert SECRET not in source and admin_token not in source, f"a secret is rendered on {page}"
 
-        # Signing out forgets the token.
+        # Signing out forgets the token, and the navigation goes with it.
         driver.find_element(By.ID, "sign-out").click()
         by_id("signin-token")
         assert driver.execute_script("return sessionStorage.length") == 0
+        assert not driver.find_element(By.ID, "nav").is_displayed(), "nav shows after signing out"
 
         problems = [e for e in driver.get_log("browser")
                     if e["level"] == "SEVERE" and "401" not in e["message"]]
