@@ -38,12 +38,12 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         .set(i64::from(db && writes_fail.is_none()));
     let redis: Option<Result<(), String>> = match redis {
         Ok(r) => r,
-        Err(_) => Some(Err("unavailable (check timed out)".into())),
+        Err(_) => Some(Err("unavailable: check timed out".into())),
     };
     let redis_word = match &redis {
         None => "not_configured".to_owned(),
         Some(Ok(())) => "ok".to_owned(),
-        Some(Err(why)) => format!("unavailable: {why}"),
+        Some(Err(word)) => word.clone(),
     };
     let db_word = match (db, &writes_fail) {
         (false, _) => "unavailable".to_owned(),

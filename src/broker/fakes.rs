@@ -280,7 +280,7 @@ impl SharedCache for MemoryShared {
         let down = self.down.load(Ordering::SeqCst);
         Box::pin(async move {
             if down {
-                Err("unreachable (connection refused)".into())
+                Err("unavailable: unreachable (connection refused)".into())
             } else {
                 Ok(())
             }

@@ -635,6 +635,9 @@ impl Broker {
                 };
                 let lock = match l2.try_acquire(tenant).await {
                     Ok(lock) => lock,
+                    // Redis that refuses writes will not take a lock now or in 20 ms: mint
+                    // without it at once (it still serves the token once one is written).
+                    Err(e @ CacheError::WriteRefused(_)) => return Err(Degrade(e)),
                     Err(e) if l2.outage_confirmed_for(tenant) || Instant::now() >= deadline => {
                         return Err(Degrade(e))
                     }
@@ -685,7 +688,8 @@ impl Broker {
         match result {
             Ok(r) => r,
             Err(Degrade(e)) => {
-                // Redis is unreachable: this replica mints on its own rather than fail.
+                // Redis is unreachable or refuses writes: this replica mints on its own rather
+                // than fail.
                 self.metrics.lock_degraded.inc();
                 tracing::warn!(tenant = %tenant, error = %e, "shared cache unavailable: minting without the cross-replica lock");
                 let tries = self.check_circuit(tenant, want).await?;
@@ -1046,9 +1050,21 @@ impl Broker {
         }
         let mut dropped = self.l1.remove_if_current(tenant, access_token);
         if let Some(l2) = &self.l2 {
-            if l2.remove_if_current(tenant, access_token).await? {
-                dropped = true;
-                self.announce("d", tenant).await;
+            match l2.remove_if_current(tenant, access_token).await {
+                Ok(true) => {
+                    dropped = true;
+                    self.announce("d", tenant).await;
+                }
+                Ok(false) => {}
+                // Dropped here; Redis keeps its copy until it takes writes again (or the token
+                // expires): other replicas may serve it meanwhile.
+                Err(CacheError::WriteRefused(why)) => {
+                    tracing::warn!(tenant = %tenant, reason = %why, "rejected token dropped in this replica only: Redis refuses writes");
+                    if dropped {
+                        self.announce("d", tenant).await;
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(if dropped {

@@ -106,6 +106,10 @@ pub fn fingerprint(token: &str) -> String {
 pub enum CacheError {
     #[error("the shared cache is unavailable")]
     Unavailable(#[source] ::redis::RedisError),
+    /// Redis answers but refuses writes (`OOM` under `maxmemory`, `MISCONF`, `READONLY`,
+    /// `NOREPLICAS`): reads go on, so it is not an outage.
+    #[error("the shared cache refuses writes ({0})")]
+    WriteRefused(String),
 }
 
 /// Proof of holding a tenant's mint lock; give it back to `SharedCache::release`.
@@ -189,6 +193,7 @@ pub trait SharedCache: Send + Sync {
     /// Whether the tenant's part of the cache is down beyond doubt (then a mint without the
     /// lock is worth its risk of a duplicate).
     fn outage_confirmed_for(&self, tenant: &TenantId) -> bool;
-    /// A readiness check made of real operations: `Err` names what fails.
+    /// A readiness check made of real operations: `Err` is the readiness word, naming what
+    /// fails (`unavailable: …`, `refuses writes (…)`).
     fn check(&self) -> BoxFuture<'_, Result<(), String>>;
 }

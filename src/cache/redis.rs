@@ -102,6 +102,8 @@ pub struct RedisCache {
     /// When the view of other replicas' writes last had a gap (a lost subscription, an
     /// outage): tokens held in memory from before it are re-checked here on next use.
     gap_at: Arc<AtomicI64>,
+    /// When Redis last refused a write (unix ms; 0: never), to log it once in a while.
+    writes_refused_at: Arc<AtomicI64>,
     up: Option<prometheus::IntGauge>,
     remove_if: Arc<Script>,
     put_unless_newer: Arc<Script>,
@@ -129,6 +131,7 @@ impl RedisCache {
             timeout,
             breaker: Arc::new(Breaker::new()),
             gap_at: Arc::new(AtomicI64::new(0)),
+            writes_refused_at: Arc::new(AtomicI64::new(0)),
             up,
             remove_if: Arc::new(Script::new(REMOVE_IF)),
             put_unless_newer: Arc::new(Script::new(PUT_UNLESS_NEWER)),
@@ -258,6 +261,20 @@ impl RedisCache {
             }
             // A script or type error is a bug, not an outage: it does not open the breaker.
             Err(e) if e.kind() == redis::ErrorKind::TypeError => Err(CacheError::Unavailable(e)),
+            // Redis answers but will not take a write: reads still work, so the breaker stays
+            // closed (opening it would block them too, and each read that worked would close
+            // it again). A read-only node may be a demoted primary: look for the new one.
+            Err(e) if refuses_writes(&e) => {
+                if e.kind() == redis::ErrorKind::ReadOnly {
+                    self.conn.suspect();
+                }
+                let why = describe(&e);
+                let now = now_ms();
+                if self.writes_refused_at.swap(now, Ordering::Relaxed) < now - 5_000 {
+                    tracing::warn!(slot, reason = %why, "Redis refuses writes: tokens are served and minted without the shared cache's lock until it takes them again");
+                }
+                Err(CacheError::WriteRefused(why))
+            }
             Err(e) => {
                 let definitive = e.is_connection_refusal()
                     || e.is_connection_dropped()
@@ -379,6 +396,17 @@ impl Drop for ProbeGuard<'_> {
             self.breaker.probe_abandoned(self.slot);
         }
     }
+}
+
+/// Whether Redis refused a write it was able to read for: out of memory under `maxmemory`
+/// with `noeviction`, a failed background save (`MISCONF`), a read-only replica, too few
+/// replicas for `min-replicas-to-write`.
+fn refuses_writes(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::ReadOnly
+        || matches!(
+            e.code(),
+            Some("OOM" | "MISCONF" | "NOREPLICAS" | "READONLY")
+        )
 }
 
 /// A short, secret-free description of a Redis failure, for readiness reports.
@@ -504,25 +532,33 @@ impl RedisCache {
         let probes = ranges.iter().map(|&(start, end)| async move {
             (start, self.probe(&self.tag_for(start, end)).await)
         });
+        let mut refused = None;
         for (start, result) in futures_util::future::join_all(probes).await {
-            if let Err(CacheError::Unavailable(e)) = result {
-                let what = if self.is_cluster() {
-                    format!("slot {start} unreachable")
-                } else {
-                    "unreachable".to_owned()
-                };
-                return Err(format!("{what} ({})", describe(&e)));
+            match result {
+                Err(CacheError::Unavailable(e)) => {
+                    let what = if self.is_cluster() {
+                        format!("slot {start} unreachable")
+                    } else {
+                        "unreachable".to_owned()
+                    };
+                    return Err(format!("unavailable: {what} ({})", describe(&e)));
+                }
+                Err(CacheError::WriteRefused(why)) => refused = Some(why),
+                Ok(()) => {}
             }
         }
         // A slot that failed a real call and has not been probed since is still reported.
         if let Some(d) = self.breaker.down_slots().first() {
             return Err(if self.is_cluster() {
-                format!("slot {} unreachable ({})", d.slot, d.reason)
+                format!("unavailable: slot {} unreachable ({})", d.slot, d.reason)
             } else {
-                format!("unreachable ({})", d.reason)
+                format!("unavailable: unreachable ({})", d.reason)
             });
         }
-        Ok(())
+        match refused {
+            Some(why) => Err(format!("refuses writes ({why})")),
+            None => Ok(()),
+        }
     }
 
     /// Nodes of the cluster as the cluster itself reports them (for the event listener).
