@@ -141,7 +141,7 @@ impl SharedCache for MemoryShared {
         token: Arc<CachedToken>,
     ) -> BoxFuture<'a, Result<Arc<CachedToken>, CacheError>> {
         self.op(move |k, now| match live(k.tokens.get(tenant), now) {
-            Some(held) if held.expires_at_ms > token.expires_at_ms => held,
+            Some(held) if held.issued_at_ms > token.issued_at_ms => held,
             _ => {
                 let until = token.usable_until_ms;
                 k.tokens.insert(tenant.clone(), (token.clone(), until));

@@ -52,13 +52,22 @@ if v and string.match(v, '^%-?%d+:(%x+):') == ARGV[1] then
 end
 return 0";
 
-/// Fenced write: keep whichever token expires later; returns the kept value if it is not ours.
+/// Fenced write: keep whichever token's mint started later (its trailing issued-at; a value
+/// written before that field existed: whichever expires later); returns the kept value if it
+/// is not ours.
 const PUT_UNLESS_NEWER: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local exp = tonumber(string.match(cur, '^(%-?%d+):'))
-  if exp and exp > tonumber(ARGV[2]) then
-    return cur
+  local iss = tonumber(string.match(cur, ':(%d+)$'))
+  if iss then
+    if iss > tonumber(ARGV[4]) then
+      return cur
+    end
+  else
+    local exp = tonumber(string.match(cur, '^(%-?%d+):'))
+    if exp and exp > tonumber(ARGV[2]) then
+      return cur
+    end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
@@ -349,16 +358,20 @@ impl RedisCache {
         };
         let json = Zeroizing::new(serde_json::to_vec(&stored).expect("serialises"));
         let sealed = self.keys.seal(tenant.as_str(), TOKEN_FIELD, &json);
+        // `<expires>:<fingerprint>:<sealed>:<issued>`: the fenced write orders tokens by when
+        // their mint started (the trailing field), the expiry prefix stays for older readers.
         format!(
-            "{}:{}:{}",
+            "{}:{}:{}:{}",
             t.expires_at_ms,
             t.fingerprint(),
-            B64.encode(sealed)
+            B64.encode(sealed),
+            t.issued_at_ms.max(0)
         )
     }
 
     fn decode(&self, tenant: &TenantId, raw: &str) -> Option<CachedToken> {
-        let mut parts = raw.splitn(3, ':');
+        // `<expires>:<fingerprint>:<sealed>[:<issued>]` (the issued field since fencing by order).
+        let mut parts = raw.splitn(4, ':');
         let (_exp, _fp, b64) = (parts.next()?, parts.next()?, parts.next()?);
         let sealed = B64.decode(b64).ok()?;
         let json = match self.keys.open(tenant.as_str(), TOKEN_FIELD, &sealed) {
@@ -468,6 +481,7 @@ impl RedisCache {
                     .arg(value.as_str())
                     .arg(token.expires_at_ms)
                     .arg(ttl)
+                    .arg(token.issued_at_ms)
                     .invoke_async(&mut conn),
             )
             .await?;

@@ -256,25 +256,39 @@ async fn a_stalled_writer_cannot_overwrite_a_newer_token(env: TestEnv) {
     let shared = app.state.broker.shared_cache().unwrap().clone();
     let tenant = token_broker::tenants::TenantId::parse("fenced").unwrap();
     let now = token_broker::time::now_ms();
-    let token = |value: &str, life_ms: i64| {
+    let token = |value: &str, issued_ago_ms: i64, life_ms: i64| {
         Arc::new(CachedToken::from_minted(Minted {
             access_token: value.to_owned().into(),
             refresh_token: None,
-            issued_at_ms: now,
-            expires_at_ms: now + life_ms,
+            issued_at_ms: now - issued_ago_ms,
+            expires_at_ms: now - issued_ago_ms + life_ms,
         }))
     };
     use secrecy::ExposeSecret;
-    let newer = shared.put(&tenant, token("newer", 600_000)).await.unwrap();
+    let newer = shared
+        .put(&tenant, token("newer", 0, 300_000))
+        .await
+        .unwrap();
     assert_eq!(newer.access_token.expose_secret(), "newer");
-    let kept = shared.put(&tenant, token("stale", 300_000)).await.unwrap();
+    // A replica paused mid-mint writes late a token whose mint started earlier, though the
+    // partner gave it a longer life: order is by mint start, not by expiry.
+    let kept = shared
+        .put(&tenant, token("stale", 5_000, 600_000))
+        .await
+        .unwrap();
     assert_eq!(
         kept.access_token.expose_secret(),
         "newer",
-        "the later expiry wins"
+        "the later mint wins, whatever the expiries"
     );
     let got = shared.get(&tenant).await.unwrap().unwrap();
     assert_eq!(got.access_token.expose_secret(), "newer");
+    // A later mint replaces it, even one that expires sooner.
+    let later = shared
+        .put(&tenant, token("later", -1_000, 60_000))
+        .await
+        .unwrap();
+    assert_eq!(later.access_token.expose_secret(), "later");
     app.stop().await;
 }
 backends!(a_stalled_writer_cannot_overwrite_a_newer_token: PostgresRedis);
