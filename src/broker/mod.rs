@@ -283,6 +283,10 @@ pub struct Broker {
     refresh_not_before: Mutex<HashMap<TenantId, i64>>,
     /// The last tenant rows read for a mint, still sealed: minting survives a database outage.
     last_read: moka::sync::Cache<TenantId, Arc<SealedTenant>>,
+    /// Tenants whose token this replica minted but could not write to the shared cache (it was
+    /// down or refused writes): written back (fenced) at the first miss once it answers, so
+    /// the heal costs no partner call.
+    unshared: Mutex<std::collections::HashSet<TenantId>>,
 }
 
 impl Broker {
@@ -310,6 +314,7 @@ impl Broker {
             waiters: Mutex::new(HashMap::new()),
             refresh_not_before: Mutex::new(HashMap::new()),
             last_read: moka::sync::Cache::new(1_000_000),
+            unshared: Mutex::new(Default::default()),
         })
     }
 
@@ -333,7 +338,13 @@ impl Broker {
         let Ok(tenant) = TenantId::parse(tenant) else {
             return;
         };
-        self.l1.invalidate(&tenant);
+        if kind == "m" {
+            // A newer token is in the shared cache: read it there next time; if that read
+            // fails (this replica's breaker still open), the held token is served meanwhile.
+            self.l1.mark_stale(&tenant);
+        } else {
+            self.l1.invalidate(&tenant);
+        }
         if kind == "x" {
             // Deleted on another replica: nothing of it stays here, its metric series included.
             self.last_read.invalidate(&tenant);
@@ -436,11 +447,20 @@ impl Broker {
         match l2.get(tenant).await {
             Ok(Some(t)) => {
                 self.metrics.l2_hit.inc();
+                let shared_fp = t.fingerprint();
                 let t = if self.timing.l1_enabled {
                     self.l1.insert_unless_newer(tenant, t)
                 } else {
                     t
                 };
+                // This replica holds a later mint the shared cache never took (it was away):
+                // write it back so every replica converges on it.
+                if t.fingerprint() != shared_fp
+                    && self.unshared.lock().expect("unshared").remove(tenant)
+                    && l2.put(tenant, t.clone()).await.is_ok()
+                {
+                    self.announce("m", tenant).await;
+                }
                 self.metrics
                     .set_token_expiry(tenant.as_str(), t.expires_at_ms);
                 if t.serves(now, min_ttl_ms) {
@@ -450,10 +470,28 @@ impl Broker {
                 Lookup::Known(Some(t))
             }
             Ok(None) => {
+                self.metrics.l2_miss.inc();
+                // A token this replica minted while the shared cache was away: write it back
+                // (fenced; a newer one written meanwhile wins) and serve what is kept.
+                if let Some(t) = known.as_ref().filter(|t| t.serves(now, min_ttl_ms)) {
+                    if self.unshared.lock().expect("unshared").contains(tenant) {
+                        if let Ok(kept) = l2.put(tenant, t.clone()).await {
+                            self.unshared.lock().expect("unshared").remove(tenant);
+                            if kept.fingerprint() == t.fingerprint() {
+                                tracing::info!(tenant = %tenant, "token minted while the shared cache was away written back");
+                                self.announce("m", tenant).await;
+                            }
+                            let kept = self.l1.insert_unless_newer(tenant, kept);
+                            if kept.serves(now, min_ttl_ms) {
+                                return Lookup::Serve(kept);
+                            }
+                            return Lookup::Known(Some(kept));
+                        }
+                    }
+                }
                 // Dropped, expired, or lost with a Redis that restarted empty: a new token is
                 // minted; the held one stays only as the fallback of a failed mint (see
                 // `token`). Drops announced by events have already removed it here.
-                self.metrics.l2_miss.inc();
                 Lookup::Known(known)
             }
             Err(e) => {
@@ -770,11 +808,16 @@ impl Broker {
         let kept = match &self.l2 {
             Some(l2) => match l2.put(tenant_id, token.clone()).await {
                 Ok(kept) => {
+                    self.unshared.lock().expect("unshared").remove(tenant_id);
                     self.announce("m", tenant_id).await;
                     kept
                 }
                 Err(e) => {
-                    tracing::warn!(tenant = %tenant_id, error = %e, "minted token not shared: the shared cache is unavailable");
+                    tracing::warn!(tenant = %tenant_id, error = %e, "minted token not shared: the shared cache is unavailable (written back when it answers)");
+                    self.unshared
+                        .lock()
+                        .expect("unshared")
+                        .insert(tenant_id.clone());
                     token
                 }
             },
@@ -952,6 +995,7 @@ impl Broker {
     /// does not answer, dropping it there is retried in the background until it does.
     pub async fn forget(self: &Arc<Self>, tenant: &TenantId) {
         self.l1.invalidate(tenant);
+        self.unshared.lock().expect("unshared").remove(tenant);
         self.last_read.invalidate(tenant);
         self.metrics.clear_token_expiry(tenant.as_str());
         if self.forget_shared(tenant).await {

@@ -463,6 +463,55 @@ async fn a_stalled_database_costs_a_mint_half_a_second_not_the_lock_wait() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn tokens_minted_during_an_outage_are_written_back_without_a_partner_call() {
+    let shared = MemoryShared::new();
+    let p = FakePartner::new(secs(300), ms(0), json!({"min_interval_ms": 0}));
+    let (a, b) = (replica(&p, Some(&shared)), replica(&p, Some(&shared)));
+    let tenant = p.tenant();
+    shared.go_down(true);
+    // Each replica mints on its own while Redis is away.
+    assert_eq!(fetch(&a.broker, &tenant, 0).await.unwrap(), "token-1");
+    sleep(ms(10)).await;
+    assert_eq!(fetch(&b.broker, &tenant, 0).await.unwrap(), "token-2");
+    assert_eq!(p.calls(), 2);
+    // Redis is back (empty of these tokens); every replica re-checks what it holds.
+    shared.come_back();
+    shared.mark_gap();
+    sleep(ms(10)).await;
+    let from_a = fetch(&a.broker, &tenant, 0).await.unwrap();
+    let from_b = fetch(&b.broker, &tenant, 0).await.unwrap();
+    sleep(ms(10)).await;
+    let again_a = fetch(&a.broker, &tenant, 0).await.unwrap();
+    assert_eq!(p.calls(), 2, "no partner call at the heal");
+    assert_eq!(
+        (from_b.as_str(), again_a.as_str()),
+        ("token-2", "token-2"),
+        "both converge on the later mint (a served {from_a} first)"
+    );
+    let in_redis = shared.get(&tenant).await.unwrap().unwrap();
+    assert_eq!(value(&in_redis), "token-2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_token_event_while_redis_cannot_be_read_keeps_the_held_token() {
+    let shared = MemoryShared::new();
+    let p = FakePartner::new(secs(300), ms(0), json!({"min_interval_ms": 0}));
+    let (a, b) = (replica(&p, Some(&shared)), replica(&p, Some(&shared)));
+    let tenant = p.tenant();
+    assert_eq!(fetch(&a.broker, &tenant, 0).await.unwrap(), "token-1");
+    assert_eq!(fetch(&b.broker, &tenant, 0).await.unwrap(), "token-1");
+    // Another replica's "new token" event arrives, then this replica cannot read Redis.
+    b.broker.on_event(&format!("m other-replica {tenant}"));
+    shared.go_down(true);
+    assert_eq!(
+        fetch(&b.broker, &tenant, 0).await.unwrap(),
+        "token-1",
+        "the held token is served, not a lock-less mint"
+    );
+    assert_eq!(p.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_longer_min_ttl_renews_with_the_refresh_grant() {
     let p = FakePartner::new(secs(60), ms(0), json!({}));
     p.refresh_tokens.store(true, Ordering::SeqCst);

@@ -68,7 +68,8 @@ impl MemoryCache {
         self.inner.get(tenant)
     }
 
-    /// Inserts `token` unless the held one expires later; returns the token kept.
+    /// Inserts `token` unless the held one was minted later (the same order as the shared
+    /// cache's fenced write); returns the token kept.
     pub fn insert_unless_newer(
         &self,
         tenant: &TenantId,
@@ -78,13 +79,25 @@ impl MemoryCache {
             .inner
             .entry(tenant.clone())
             .and_compute_with(|entry| match entry {
-                Some(e) if e.value().0.expires_at_ms > token.expires_at_ms => Op::Nop,
+                Some(e) if e.value().0.issued_at_ms > token.issued_at_ms => Op::Nop,
                 _ => Op::Put((token.clone(), now_ms())),
             });
         match result {
             moka::ops::compute::CompResult::Unchanged(e) => e.into_value().0,
             _ => token,
         }
+    }
+
+    /// Keeps the held token but has the next lookup check the shared cache first (another
+    /// replica wrote a newer one): if the shared cache cannot be read then, the held token is
+    /// still served instead of minting without the lock.
+    pub fn mark_stale(&self, tenant: &TenantId) {
+        self.inner
+            .entry(tenant.clone())
+            .and_compute_with(|entry| match entry {
+                Some(e) => Op::Put((e.value().0.clone(), 0)),
+                None => Op::Nop,
+            });
     }
 
     pub fn invalidate(&self, tenant: &TenantId) {
@@ -109,11 +122,16 @@ mod tests {
     use secrecy::SecretString;
 
     fn token(value: &str, usable_for_ms: i64) -> Arc<CachedToken> {
+        minted(value, 0, usable_for_ms)
+    }
+
+    /// A token minted `ago_ms` before now, usable for `usable_for_ms` from now.
+    fn minted(value: &str, ago_ms: i64, usable_for_ms: i64) -> Arc<CachedToken> {
         let now = now_ms();
         Arc::new(CachedToken {
             access_token: SecretString::from(value.to_owned()),
             refresh_token: None,
-            issued_at_ms: now,
+            issued_at_ms: now - ago_ms,
             expires_at_ms: now + usable_for_ms + 1000,
             usable_until_ms: now + usable_for_ms,
             refresh_at_ms: now + usable_for_ms / 2,
@@ -135,18 +153,30 @@ mod tests {
     }
 
     #[test]
-    fn a_later_token_is_not_overwritten() {
+    fn a_later_mint_is_not_overwritten() {
         let c = MemoryCache::new(100);
         let t = TenantId::parse("t").unwrap();
-        let newer = token("newer", 60_000);
+        let newer = minted("newer", 0, 30_000);
         c.insert_unless_newer(&t, newer.clone());
-        let kept = c.insert_unless_newer(&t, token("older", 30_000));
+        // Minted earlier, though it lives longer: the later mint stays.
+        let kept = c.insert_unless_newer(&t, minted("older", 5_000, 90_000));
         assert!(Arc::ptr_eq(&kept, &newer));
-        let newest = token("newest", 90_000);
+        let newest = minted("newest", -1_000, 10_000);
         assert!(Arc::ptr_eq(
             &c.insert_unless_newer(&t, newest.clone()),
             &newest
         ));
+    }
+
+    #[test]
+    fn a_stale_mark_keeps_the_token_but_asks_for_a_check() {
+        let c = MemoryCache::new(100);
+        let t = TenantId::parse("t").unwrap();
+        c.insert_unless_newer(&t, token("x", 60_000));
+        assert!(c.get_held(&t).unwrap().1 > 0);
+        c.mark_stale(&t);
+        let (held, checked) = c.get_held(&t).unwrap();
+        assert_eq!((held.access_token.expose_secret(), checked), ("x", 0));
     }
 
     #[test]
