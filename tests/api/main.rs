@@ -5,6 +5,7 @@ mod helpers;
 mod admin;
 mod cluster;
 mod contract;
+mod drift;
 mod failures;
 mod faults;
 mod first_run;
