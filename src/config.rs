@@ -94,6 +94,45 @@ fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Settings that may be read from a file named by `<NAME>_FILE`.
+pub const FILE_SETTINGS: &[&str] = &[
+    "BROKER_ADMIN_TOKEN",
+    "BROKER_ENCRYPTION_KEY",
+    "BROKER_ENCRYPTION_KEYS",
+    "BROKER_METRICS_TOKEN",
+    "DATABASE_URL",
+    "REDIS_URL",
+];
+
+/// The contents of `<NAME>_FILE` for each of `FILE_SETTINGS` given that way. Setting both
+/// `NAME` and `NAME_FILE` is an error, as is a file that cannot be read (the message names the
+/// variable and the file, never the contents).
+fn secrets_from_files(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<std::collections::HashMap<&'static str, String>, ConfigError> {
+    let mut out = std::collections::HashMap::new();
+    for name in FILE_SETTINGS {
+        let file_var = format!("{name}_FILE");
+        let Some(path) = get(&file_var).filter(|p| !p.trim().is_empty()) else {
+            continue;
+        };
+        if get(name).is_some_and(|v| !v.trim().is_empty()) {
+            return Err(invalid(
+                name,
+                format!("set either {name} or {file_var}, not both"),
+            ));
+        }
+        let text = std::fs::read_to_string(path.trim()).map_err(|e| {
+            invalid(
+                name,
+                format!("{file_var}: cannot read {}: {}", path.trim(), e.kind()),
+            )
+        })?;
+        out.insert(*name, text);
+    }
+    Ok(out)
+}
+
 /// Shortest static admin token accepted.
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
 
@@ -130,10 +169,13 @@ impl Settings {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
-    /// Reads settings through `get` (the environment, or a map in tests).
+    /// Reads settings through `get` (the environment, or a map in tests). A secret may come
+    /// from a file instead (`<NAME>_FILE`, as mounted Kubernetes or Docker secrets are).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let from_files = secrets_from_files(&get)?;
         let lookup = |k: &str| {
             get(k)
+                .or_else(|| from_files.get(k).cloned())
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
@@ -552,6 +594,48 @@ mod tests {
         );
         assert!(s.redis.is_none() && s.admin_token.is_none());
         assert_eq!(s.audit, AuditMode::FailClosed);
+    }
+
+    #[test]
+    fn secrets_may_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("admin-token");
+        std::fs::write(&token_file, "4f0c1e6b2a9d83f5c7e1a0b9d2c4e6f8-from-file\n").unwrap();
+        let url_file = dir.path().join("database-url");
+        std::fs::write(&url_file, "postgres://broker@db/broker\n").unwrap();
+        let path = |p: &std::path::Path| p.display().to_string();
+        let s = settings(&[
+            ("BROKER_ADMIN_TOKEN_FILE", &path(&token_file)),
+            ("DATABASE_URL_FILE", &path(&url_file)),
+            (
+                "BROKER_ENCRYPTION_KEY",
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.admin_token
+                .as_ref()
+                .map(|t| secrecy::ExposeSecret::expose_secret(t).to_owned()),
+            Some("4f0c1e6b2a9d83f5c7e1a0b9d2c4e6f8-from-file".to_owned())
+        );
+        assert_eq!(s.database_url, "postgres://broker@db/broker");
+        let both = settings(&[
+            ("BROKER_ADMIN_TOKEN_FILE", &path(&token_file)),
+            ("BROKER_ADMIN_TOKEN", "4f0c1e6b2a9d83f5c7e1a0b9d2c4e6f8"),
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(both.contains("not both"), "{both}");
+        let missing = settings(&[("BROKER_ADMIN_TOKEN_FILE", "/nonexistent/secret")])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            missing.contains("BROKER_ADMIN_TOKEN_FILE") && missing.contains("/nonexistent/secret"),
+            "{missing}"
+        );
     }
 
     #[test]
