@@ -47,6 +47,13 @@ enum Command {
     Callers(cli::CallersArgs),
     /// The audit trail of a running broker (BROKER_URL, BROKER_ADMIN_TOKEN).
     Audit(cli::AuditArgs),
+    /// Prints a shell completion script: `source <(token-broker completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Prints the manual page (roff): `token-broker man > token-broker.1; man ./token-broker.1`.
+    Man,
 }
 
 /// Shows a generated admin token once, with what to do next.
@@ -147,6 +154,21 @@ fn main() -> ExitCode {
         Command::Tenants(args) => return cli::tenants(args),
         Command::Callers(args) => return cli::callers(args),
         Command::Audit(args) => return cli::audit(args),
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "token-broker", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            return match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("token-broker: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         other => other,
     };
     let settings = match Settings::from_env() {

@@ -76,6 +76,12 @@ fn is_loopback(url: &url::Url) -> bool {
     }
 }
 
+/// The signals that end a `--follow`.
+pub struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
 /// A connection to one broker's admin API.
 pub struct Client {
     base: String,
@@ -197,6 +203,27 @@ impl Client {
             detail: field("detail")
                 .or_else(|| field("title"))
                 .unwrap_or_else(|| format!("{} answered {status}", self.base)),
+        })
+    }
+
+    /// SIGINT and SIGTERM, watched from now on (handlers installed, whatever the parent set).
+    pub fn interrupts(&self) -> std::io::Result<Interrupts> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _in_runtime = self.runtime.enter();
+        Ok(Interrupts {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Sleeps `d`; true if interrupted (SIGINT or SIGTERM) instead.
+    pub fn sleep_unless_interrupted(&self, d: Duration, i: &mut Interrupts) -> bool {
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => false,
+                _ = i.int.recv() => true,
+                _ = i.term.recv() => true,
+            }
         })
     }
 

@@ -92,8 +92,11 @@ struct CreateArgs {
     /// kinds need a spec file).
     #[arg(long, requires = "token_url")]
     kind: Option<String>,
+    /// The partner's token endpoint (https; plain http and internal addresses only with
+    /// BROKER_ALLOW_INSECURE_ISSUERS=true on the broker).
     #[arg(long)]
     token_url: Option<String>,
+    /// A name for people (default: the id).
     #[arg(long)]
     display_name: Option<String>,
     /// The lifetime assumed when the partner's answer states none.
@@ -112,8 +115,10 @@ struct UpdateArgs {
     /// A JSON merge patch (see openapi.yaml); `-` reads standard input.
     #[arg(long, short = 'f')]
     file: Option<String>,
+    /// A new name for people.
     #[arg(long)]
     display_name: Option<String>,
+    /// A new token endpoint of the partner.
     #[arg(long)]
     token_url: Option<String>,
     #[command(flatten)]
@@ -140,6 +145,24 @@ enum CallersCommand {
         /// A tenant it may fetch (repeat, or `*` for all).
         #[arg(long = "tenant", required = true)]
         tenants: Vec<String>,
+    },
+    /// Change a caller's name and/or the tenants it may fetch; its key stays.
+    Update {
+        id: String,
+        /// A new name.
+        #[arg(long)]
+        name: Option<String>,
+        /// The tenants it may fetch from now on (repeat, or `*` for all); replaces the list.
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+    },
+    /// Give a caller a new API key (printed once); the old one keeps working for
+    /// `--grace-seconds` (default 0) so services can roll.
+    RotateKey {
+        id: String,
+        /// How long the old key keeps working (at most 7 days).
+        #[arg(long, default_value_t = 0)]
+        grace_seconds: u64,
     },
     /// Delete a caller: its key stops working.
     Delete { id: String },
@@ -187,6 +210,15 @@ pub fn audit(args: AuditArgs) -> ExitCode {
     run(|r| r.audit(&args), &args.common)
 }
 
+/// `--tenant` values as the API's scope: `*` alone is "every tenant", a string in the API.
+fn scope_json(tenants: &[String]) -> Value {
+    if tenants == ["*"] {
+        json!("*")
+    } else {
+        json!(tenants)
+    }
+}
+
 /// One command's client and output mode.
 pub struct Runner {
     client: Client,
@@ -212,6 +244,7 @@ impl Runner {
     fn print(&self, json: &Value, table: impl FnOnce(&Value) -> String) {
         match self.output {
             Output::Json => println!("{}", output::pretty_json(json)),
+            Output::Yaml => print!("{}", output::yaml(json)),
             Output::Table => println!("{}", table(json)),
         }
     }
@@ -344,12 +377,7 @@ impl Runner {
                 self.print(&v, caller_table);
             }
             CallersCommand::Create { name, tenants } => {
-                // `*` alone is the scope "every tenant", a string in the API.
-                let scope = if tenants == ["*"] {
-                    json!("*")
-                } else {
-                    json!(tenants)
-                };
+                let scope = scope_json(&tenants);
                 let body = json!({"name": name, "tenants": scope});
                 let c = self
                     .client
@@ -363,6 +391,51 @@ impl Runner {
                             ("name", output::text(c, "name")),
                             ("tenants", scope_text(&c["tenants"])),
                             ("api_key", output::text(c, "api_key")),
+                        ])
+                    )
+                });
+            }
+            CallersCommand::Update { id, name, tenants } => {
+                let mut body = serde_json::Map::new();
+                if let Some(n) = name {
+                    body.insert("name".into(), json!(n));
+                }
+                if !tenants.is_empty() {
+                    body.insert("tenants".into(), scope_json(&tenants));
+                }
+                if body.is_empty() {
+                    return Err(Failure::Usage(
+                        "nothing to change: give --name and/or --tenant".into(),
+                    ));
+                }
+                let path = format!("/admin/v1/callers/{}", segment(&id));
+                let c = self
+                    .client
+                    .call(Method::PATCH, &path, &[], Some(&Value::Object(body)))?
+                    .unwrap_or_default();
+                self.print(&c, |c| {
+                    output::fields(&[
+                        ("id", output::text(c, "id")),
+                        ("name", output::text(c, "name")),
+                        ("tenants", scope_text(&c["tenants"])),
+                    ])
+                });
+            }
+            CallersCommand::RotateKey { id, grace_seconds } => {
+                let path = format!("/admin/v1/callers/{}/rotate-key", segment(&id));
+                let body = json!({ "grace_seconds": grace_seconds });
+                let c = self
+                    .client
+                    .call(Method::POST, &path, &[], Some(&body))?
+                    .unwrap_or_default();
+                self.print(&c, |c| {
+                    format!(
+                        "{}\n\nThe new API key is shown once: store it in the caller's secret store now.",
+                        output::fields(&[
+                            ("id", output::text(c, "id")),
+                            ("name", output::text(c, "name")),
+                            ("api_key", output::text(c, "api_key")),
+                            ("old key valid until", output::text(c, "previous_key_expires_at")),
                         ])
                     )
                 });
@@ -399,8 +472,19 @@ impl Runner {
             .max()
             .unwrap_or(0);
         self.print_entries(&entries, true);
+        // SIGINT and SIGTERM end it cleanly (exit 0), also when the shell that started it
+        // ignores SIGINT (a background job): the handlers are installed here, not inherited.
+        let mut interrupts = self
+            .client
+            .interrupts()
+            .map_err(|e| Failure::Usage(format!("cannot watch for interrupts: {e}")))?;
         loop {
-            std::thread::sleep(Duration::from_secs(2));
+            if self
+                .client
+                .sleep_unless_interrupted(Duration::from_secs(2), &mut interrupts)
+            {
+                return Ok(());
+            }
             let fresh = self.entries_after(&query, last)?;
             if let Some(max) = fresh.iter().filter_map(|e| e["id"].as_i64()).max() {
                 last = max;
@@ -440,6 +524,12 @@ impl Runner {
             Output::Json => {
                 for e in entries {
                     println!("{e}");
+                }
+            }
+            // One YAML document per entry, so a follower can split the stream.
+            Output::Yaml => {
+                for e in entries {
+                    print!("---\n{}", output::yaml(e));
                 }
             }
             Output::Table if entries.is_empty() => {}

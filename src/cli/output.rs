@@ -8,6 +8,7 @@ use serde_json::Value;
 pub enum Output {
     Table,
     Json,
+    Yaml,
 }
 
 impl Output {
@@ -62,6 +63,11 @@ pub fn fields(rows: &[(&str, String)]) -> String {
         .map(|(k, v)| format!("{k:width$}  {}", printable(v)))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The broker's JSON as YAML (the same fields).
+pub fn yaml(v: &Value) -> String {
+    serde_yaml::to_string(v).expect("JSON values serialise as YAML")
 }
 
 pub fn pretty_json(v: &Value) -> String {

@@ -376,8 +376,15 @@ async fn the_cli_manages_callers_and_follows_the_audit_trail() {
         .unwrap();
     assert_eq!(fetched.status(), 200);
     // `audit --follow` prints entries as they arrive, one JSON object per line.
-    let mut follow = Command::new(env!("CARGO_BIN_EXE_token-broker"))
-        .args(["audit", "--follow", "--limit", "1", "-o", "json"])
+    // Started the way a background job of a non-interactive shell is: SIGINT ignored.
+    let mut follow = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "trap '' INT; exec {} audit --follow --limit 1 -o json",
+                env!("CARGO_BIN_EXE_token-broker")
+            ),
+        ])
         .env_clear()
         .env("BROKER_URL", &t.broker.address)
         .env("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -406,9 +413,83 @@ async fn the_cli_manages_callers_and_follows_the_audit_trail() {
         let e: Value = serde_json::from_str(&line).unwrap();
         (e["action"] == "caller.create").then_some(e)
     });
-    let _ = follow.kill();
-    let _ = follow.wait();
+    // SIGINT ends it cleanly (exit 0) although the shell ignored it.
+    let interrupted = Command::new("kill")
+        .args(["-INT", &follow.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let mut status = None;
+    for _ in 0..50 {
+        if let Some(s) = follow.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let Some(status) = status else {
+        let _ = follow.kill();
+        panic!("audit --follow ignored SIGINT");
+    };
+    assert_eq!(status.code(), Some(0), "a clean stop");
     assert!(arrived.is_some_and(|e| e["detail"].as_str().unwrap().contains("followed")));
+
+    // Change a caller and rotate its key from the CLI; YAML output.
+    let id = caller["id"].as_str().unwrap();
+    let updated = t.json(
+        &[
+            "callers",
+            "update",
+            id,
+            "--name",
+            "billing-v2",
+            "-o",
+            "json",
+        ],
+        "",
+    );
+    assert_eq!(updated["name"], "billing-v2");
+    assert_eq!(updated["tenants"], serde_json::json!(["acme"]));
+    let rotated = t.json(
+        &[
+            "callers",
+            "rotate-key",
+            id,
+            "--grace-seconds",
+            "60",
+            "-o",
+            "json",
+        ],
+        "",
+    );
+    let new_key = rotated["api_key"].as_str().unwrap().to_owned();
+    assert!(new_key.starts_with("tbk_") && new_key != key);
+    assert!(rotated["previous_key_expires_at"].is_string());
+    let nothing = t.run(&["callers", "update", id], "");
+    assert_eq!(nothing.status.code(), Some(2));
+    let yaml = t.run(&["callers", "list", "-o", "yaml"], "");
+    assert!(yaml.status.success());
+    let doc: serde_yaml::Value = serde_yaml::from_slice(&yaml.stdout).unwrap();
+    assert!(
+        doc["callers"].as_sequence().is_some_and(|c| c.len() == 2),
+        "{}",
+        text(&yaml.stdout)
+    );
+
+    // Completion scripts and the manual page.
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completion", shell], &[], "");
+        assert!(
+            out.status.success() && text(&out.stdout).contains("rotate-key"),
+            "{shell}"
+        );
+    }
+    let man = run(&["man"], &[], "");
+    assert!(
+        man.status.success() && text(&man.stdout).starts_with(".ie"),
+        "{}",
+        text(&man.stdout)
+    );
 
     let callers = t.json(&["callers", "list"], "");
     let names: Vec<&str> = callers["callers"]
@@ -418,7 +499,7 @@ async fn the_cli_manages_callers_and_follows_the_audit_trail() {
         .filter_map(|c| c["name"].as_str())
         .collect();
     assert!(
-        names.contains(&"billing") && names.contains(&"followed"),
+        names.contains(&"billing-v2") && names.contains(&"followed"),
         "{names:?}"
     );
 
@@ -435,7 +516,7 @@ async fn the_cli_manages_callers_and_follows_the_audit_trail() {
 
     let deleted = t.run(&["callers", "delete", caller["id"].as_str().unwrap()], "");
     assert!(deleted.status.success());
-    t.assert_logs_hold_none_of(&[SECRET, &key]);
+    t.assert_logs_hold_none_of(&[SECRET, &key, &new_key]);
 }
 
 /// Any kind from a spec file (`-f`, or `-f -` for standard input), and a merge-patch file.
