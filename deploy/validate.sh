@@ -22,9 +22,14 @@ for f in sorted(glob.glob("**/*.yml", recursive=True) + glob.glob("**/*.yaml", r
     print(f"yaml ok: {f}")
 dash = json.load(open("grafana/dashboards/token-broker.json"))
 assert dash["panels"], "dashboard has no panels"
+variables = {v["name"] for v in dash["templating"]["list"]}
+assert {"instance", "tenant"} <= variables, f"dashboard variables: {variables}"
 for p in dash["panels"]:
     assert p["targets"] and all(t["expr"] for t in p["targets"]), p["title"]
-print(f"dashboard ok: {len(dash['panels'])} panels")
+    # Every query follows the replica picker (so one failing replica is not averaged away).
+    for t in p["targets"]:
+        assert '$instance' in t["expr"], f"{p['title']}: {t['expr']} ignores $instance"
+print(f"dashboard ok: {len(dash['panels'])} panels, variables {sorted(variables)}")
 rules = yaml.safe_load(open("prometheus/alerts.yml"))
 names = [r["alert"] for g in rules["groups"] for r in g["rules"]]
 print(f"alert rules: {', '.join(names)}")
