@@ -35,6 +35,11 @@ names = [r["alert"] for g in rules["groups"] for r in g["rules"]]
 print(f"alert rules: {', '.join(names)}")
 PY
 
+# The PrometheusRule is generated from the rules file: one source.
+python3 k8s/prometheusrule.py | diff -u k8s/base/prometheusrule.yaml - ||
+  { echo "k8s/base/prometheusrule.yaml is stale: run python3 k8s/prometheusrule.py > k8s/base/prometheusrule.yaml in deploy/" >&2; exit 1; }
+echo "prometheusrule ok: generated from prometheus/alerts.yml"
+
 if command -v promtool >/dev/null; then
   promtool check rules prometheus/alerts.yml
   promtool test rules prometheus/alerts_test.yml
@@ -44,7 +49,7 @@ fi
 
 if command -v kubernetes-validate >/dev/null; then
   for f in k8s/base/*.yaml; do
-    case "$f" in *kustomization.yaml|*servicemonitor.yaml) continue ;; esac
+    case "$f" in *kustomization.yaml|*servicemonitor.yaml|*prometheusrule.yaml) continue ;; esac
     kubernetes-validate --strict "$f"
   done
 else

@@ -210,6 +210,7 @@ pub async fn rekey(settings: &Settings) -> Result<(u64, u64), BuildError> {
 /// A built, bound, not yet running service.
 pub struct Application {
     port: u16,
+    admin_port: Option<u16>,
     server: Server,
     state: web::Data<AppState>,
     generated_admin_token: Option<secrecy::SecretString>,
@@ -239,16 +240,34 @@ impl Application {
         let started = async {
             let state = build_state(settings.clone(), admin).await?;
             let port = listener.local_addr()?.port();
-            let server = serve(state.clone(), listener, workers)?;
-            Ok::<_, BuildError>((state, port, server))
+            let admin_listener = match settings.admin_listen {
+                Some(addr) => Some(TcpListener::bind(addr)?),
+                None => None,
+            };
+            let admin_port = match &admin_listener {
+                Some(l) => Some(l.local_addr()?.port()),
+                None => None,
+            };
+            let server = serve(state.clone(), listener, admin_listener, workers)?;
+            Ok::<_, BuildError>((state, port, admin_port, server))
         };
-        let (state, port, server) = started.await.map_err(forget_generated)?;
-        tracing::info!(port, "token-broker listening");
+        let (state, port, admin_port, server) = started.await.map_err(forget_generated)?;
+        match admin_port {
+            Some(admin_port) => {
+                tracing::info!(
+                    port,
+                    admin_port,
+                    "token-broker listening (admin API, console and metrics on the admin port)"
+                )
+            }
+            None => tracing::info!(port, "token-broker listening"),
+        }
         if state.settings.public_url.is_none() {
             tracing::warn!("BROKER_PUBLIC_URL is unset: the OAuth metadata's issuer and token_endpoint are derived from each request's Host (and from Forwarded/X-Forwarded-* only when the peer is in BROKER_TRUSTED_PROXIES); set BROKER_PUBLIC_URL to the URL callers use");
         }
         Ok(Self {
             port,
+            admin_port,
             server,
             state,
             generated_admin_token,
@@ -257,6 +276,11 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The admin port, when `BROKER_ADMIN_LISTEN` separates it.
+    pub fn admin_port(&self) -> Option<u16> {
+        self.admin_port
     }
 
     /// The admin token this start generated (the embedded default's first start, or an
@@ -393,12 +417,20 @@ async fn build_state(
 fn serve(
     state: web::Data<AppState>,
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     workers: usize,
 ) -> Result<Server, BuildError> {
     let app_state = state;
+    let ports = web::Data::new(crate::api::Ports {
+        admin: match &admin_listener {
+            Some(l) => Some(l.local_addr()?.port()),
+            None => None,
+        },
+    });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
+            .app_data(ports.clone())
             .wrap(ErrorHandlers::new().default_handler(problem_for_framework_errors))
             .wrap(from_fn(observe))
             // The router tries patterns in order (each dynamic one is a regex): the token
@@ -416,7 +448,10 @@ fn serve(
     .workers(workers)
     .shutdown_timeout(10)
     .client_request_timeout(Duration::from_secs(10))
-    .listen(listener)?
-    .run();
-    Ok(server)
+    .listen(listener)?;
+    let server = match admin_listener {
+        Some(l) => server.listen(l)?,
+        None => server,
+    };
+    Ok(server.run())
 }

@@ -28,6 +28,9 @@ pub enum KeySource {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// `BROKER_ADMIN_LISTEN`: a separate address for the admin API, the console and
+    /// `/metrics` (unset: the same port as the token API).
+    pub admin_listen: Option<SocketAddr>,
     pub database_url: String,
     /// `REDIS_URL`, parsed: one node, a cluster, or a Sentinel-managed primary.
     pub redis: Option<Target>,
@@ -184,6 +187,16 @@ impl Settings {
             .unwrap_or_else(|| "127.0.0.1:8080".into())
             .parse()
             .map_err(|_| invalid("BROKER_LISTEN", "expected host:port such as 0.0.0.0:8080"))?;
+        let admin_listen = var("BROKER_ADMIN_LISTEN")
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    invalid(
+                        "BROKER_ADMIN_LISTEN",
+                        "expected host:port such as 0.0.0.0:9090",
+                    )
+                })
+            })
+            .transpose()?;
         let (database_url, keys) = store_section(var)?;
         let (redis, redis_prefix, redis_timeout) = redis_section(var)?;
         let admin_token = var("BROKER_ADMIN_TOKEN")
@@ -206,6 +219,7 @@ impl Settings {
         let (public_url, allowed_networks, trusted_proxies) = reach_section(var)?;
         Ok(Self {
             listen,
+            admin_listen,
             database_url,
             redis,
             redis_prefix,

@@ -264,6 +264,31 @@ pub fn request_id_of(req: &HttpRequest) -> Option<String> {
     req.extensions().get::<RequestId>().map(|r| r.0.clone())
 }
 
+/// Which port serves what (`BROKER_ADMIN_LISTEN`): with an admin port, the admin API, the
+/// console and `/metrics` answer only there, and the token API, proxy mode and OAuth only on
+/// the main port; `/healthz` and `/readyz` answer on both.
+pub struct Ports {
+    pub admin: Option<u16>,
+}
+
+/// Whether a path belongs on the admin port.
+fn admin_side(path: &str) -> bool {
+    path == "/metrics" || path == "/admin" || path.starts_with("/admin/")
+}
+
+/// Whether this request came to a port that does not serve its path (404 as if absent).
+fn wrong_port(req: &ServiceRequest) -> bool {
+    let Some(admin) = req.app_data::<web::Data<Ports>>().and_then(|p| p.admin) else {
+        return false;
+    };
+    let path = req.path();
+    if matches!(path, "/healthz" | "/readyz") {
+        return false;
+    }
+    let on_admin_port = req.app_config().local_addr().port() == admin;
+    on_admin_port != admin_side(path)
+}
+
 /// Per-request span, request id echo and HTTP metrics, labelled by route template.
 pub async fn observe(
     req: ServiceRequest,
@@ -272,6 +297,9 @@ pub async fn observe(
     if req.path().len() > MAX_PATH_BYTES {
         // Before routing: matching a 24 KB path against every route costs ~2 ms of CPU.
         return Err(ApiError::UriTooLong(MAX_PATH_BYTES).into());
+    }
+    if wrong_port(&req) {
+        return Err(ApiError::RouteNotFound.into());
     }
     let started = Instant::now();
     let state = req.app_data::<web::Data<AppState>>().cloned();

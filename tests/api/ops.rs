@@ -458,3 +458,58 @@ async fn a_deleted_tenants_series_leave_every_replica(env: TestEnv) {
     }
 }
 backends!(a_deleted_tenants_series_leave_every_replica: PostgresRedis);
+
+/// `BROKER_ADMIN_LISTEN`: the admin API, the console and `/metrics` answer only on the admin
+/// port, the token API and OAuth only on the main one; health on both. (So a NetworkPolicy can
+/// open the token port widely and the admin port narrowly.)
+async fn an_admin_port_of_its_own(mut env: TestEnv) {
+    env.extra
+        .insert("BROKER_ADMIN_LISTEN".into(), "127.0.0.1:0".into());
+    let app = token_broker::app::Application::build(env.settings())
+        .await
+        .unwrap();
+    let (main, admin) = (app.port(), app.admin_port().expect("an admin port"));
+    assert_ne!(main, admin);
+    let handle = app.handle();
+    tokio::spawn(app.run_until_stopped());
+    let client = reqwest::Client::new();
+    let status = |port: u16, path: &'static str, admin_auth: bool| {
+        let mut req = client.get(format!("http://127.0.0.1:{port}{path}"));
+        if admin_auth {
+            req = req.bearer_auth(ADMIN_TOKEN);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    for (path, auth) in [
+        ("/admin/v1/tenants", true),
+        ("/metrics", false),
+        ("/admin/console", false),
+    ] {
+        assert_eq!(
+            status(admin, path, auth).await,
+            200,
+            "{path} on the admin port"
+        );
+        assert_eq!(
+            status(main, path, auth).await,
+            404,
+            "{path} on the main port"
+        );
+    }
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(status(main, path, false).await, 200, "{path}");
+        assert_eq!(status(admin, path, false).await, 200, "{path}");
+    }
+    assert_eq!(
+        status(main, "/.well-known/oauth-authorization-server", false).await,
+        200
+    );
+    assert_eq!(
+        status(admin, "/.well-known/oauth-authorization-server", false).await,
+        404
+    );
+    assert_eq!(status(main, "/v1/tenants/acme/token", false).await, 401);
+    assert_eq!(status(admin, "/v1/tenants/acme/token", false).await, 404);
+    handle.stop(true).await;
+}
+backends!(an_admin_port_of_its_own: Sqlite);
