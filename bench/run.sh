@@ -15,7 +15,7 @@ LAT="${PARTNER_LATENCY_MS:-200}"
 N_RSS="${BENCH_TENANTS_RSS:-10000}"
 N_MANY="${BENCH_TENANTS_MANY:-100000}"
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
-ADMIN="bench-admin-token"
+ADMIN="bench-admin-token-$(od -An -N16 -tx1 /dev/urandom | tr -d " \n")"
 
 say() { printf '%s\n' "bench: $*" >&2; }
 
