@@ -36,7 +36,9 @@ def caller(a):
     status, data = request(a.base, "POST", "/admin/v1/callers", a.admin, {"name": a.name, "tenants": "*"})
     if status != 201:
         raise SystemExit(f"caller: {status} {data[:200]}")
-    print(json.loads(data)["api_key"])
+    body = json.loads(data)
+    # `--with-id`: "<id> <key>" (the OAuth client id and secret).
+    print(f'{body["id"]} {body["api_key"]}' if a.with_id else body["api_key"])
 
 
 def warm(a):
@@ -53,7 +55,7 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("register"); r.add_argument("--base"); r.add_argument("--admin"); r.add_argument("--partner")
     r.add_argument("--prefix", default="t"); r.add_argument("--start", type=int, default=0); r.add_argument("--count", type=int); r.add_argument("--concurrency", type=int, default=16)
-    c = sub.add_parser("caller"); c.add_argument("--base"); c.add_argument("--admin"); c.add_argument("--name", default="bench")
+    c = sub.add_parser("caller"); c.add_argument("--base"); c.add_argument("--admin"); c.add_argument("--name", default="bench"); c.add_argument("--with-id", action="store_true")
     w = sub.add_parser("warm"); w.add_argument("--base"); w.add_argument("--key"); w.add_argument("--prefix", default="t")
     w.add_argument("--start", type=int, default=0); w.add_argument("--count", type=int); w.add_argument("--concurrency", type=int, default=16)
 

@@ -43,6 +43,9 @@ pub struct Memo {
     pub expires_at: std::sync::OnceLock<String>,
     /// The tenant's `broker_token_requests_total{outcome="cache"}` series.
     pub hit_counter: std::sync::OnceLock<prometheus::IntCounter>,
+    /// The token answer up to its last field (`…,"expires_in":`), serialized once: only the
+    /// seconds left change between hits. Holds the token, so it is wiped with it.
+    pub answer_prefix: std::sync::OnceLock<zeroize::Zeroizing<String>>,
 }
 
 impl CachedToken {
