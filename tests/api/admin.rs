@@ -383,6 +383,36 @@ async fn tenants_and_a_caller(env: &TestEnv) -> (TestApp, MockServer, String, St
 /// A caller's scope names registered tenants only (422 naming the entry); `"*"` stays allowed.
 async fn caller_scopes_name_registered_tenants(env: TestEnv) {
     let (app, _partner, _id, _key) = tenants_and_a_caller(&env).await;
+    let unknown = app
+        .send(
+            app.admin(Method::POST, "/admin/v1/callers")
+                .json(&json!({"name": "ghostly", "tenants": ["alpha", "ghost"]})),
+        )
+        .await;
+    let body = unknown.assert_problem(422, "invalid_caller");
+    assert!(
+        body["field"].as_str().unwrap_or("").starts_with("tenants"),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("ghost"),
+        "{body}"
+    );
+    let names: Vec<String> = app
+        .send(app.admin(Method::GET, "/admin/v1/callers"))
+        .await
+        .json()["callers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !names.contains(&"ghostly".to_owned()),
+        "refused, not created"
+    );
+    // Every tenant, registered or to come, stays allowed.
+    app.create_caller("everything", json!("*")).await;
     app.stop().await;
 }
 backends!(caller_scopes_name_registered_tenants: Sqlite);

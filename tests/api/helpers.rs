@@ -1231,7 +1231,8 @@ pub async fn load(
     all
 }
 
-/// A Comm100-style partner whose latency, token lifetime and health the test controls.
+/// A Comm100-style partner (the documented answer: `access_token`, `expires_in`, `token_type`,
+/// `refresh_token`, `scope`) whose latency, token lifetime and health the test controls.
 pub struct Partner {
     pub server: MockServer,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
@@ -1254,8 +1255,9 @@ pub async fn comm100_partner(lifetime_s: i64, delay_ms: u64) -> Partner {
                     "access_token": comm100_jwt(lifetime_s),
                     "expires_in": lifetime_s,
                     "token_type": "Bearer",
-                    "refresh_token": "r",
-                    "scope": "x",
+                    // As Comm100's documentation shows it.
+                    "refresh_token": "F13741023427FFB7404FDE64EF485D858721D88A488763592B08CF303E721BE0",
+                    "scope": "comm100 offline_access",
                 }))
                 .set_delay(Duration::from_millis(delay_ms))
         })

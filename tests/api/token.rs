@@ -3,29 +3,11 @@
 use std::time::Duration;
 
 use serde_json::json;
-use wiremock::matchers::{method, path};
+use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::backends;
 use crate::helpers::*;
-
-async fn comm100_partner() -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/oauth/token"))
-        .respond_with(|_: &wiremock::Request| {
-            ResponseTemplate::new(200).set_body_json(json!({
-                "access_token": comm100_jwt(43200),
-                "expires_in": 43200,
-                "token_type": "Bearer",
-                "refresh_token": "F13741023427FFB7404FDE64EF485D858721D88A488763592B08CF303E721BE0",
-                "scope": "comm100 offline_access"
-            }))
-        })
-        .mount(&server)
-        .await;
-    server
-}
 
 async fn setu_ttl_follows_the_jwt_exp(env: TestEnv) {
     let app = env.spawn().await;
@@ -70,7 +52,7 @@ backends!(setu_ttl_follows_the_jwt_exp: Sqlite, Postgres, PostgresRedis);
 
 async fn comm100_ttl_follows_expires_in(env: TestEnv) {
     let app = env.spawn().await;
-    let partner = comm100_partner().await;
+    let partner = comm100_partner(43200, 0).await.server;
     let created = app
         .create_tenant(&comm100_spec("acme-chat", &partner, "chat-pw"))
         .await;
