@@ -2,7 +2,8 @@
 # The token-path benchmark. One command on a fresh checkout:  bash bench/run.sh
 # Builds the release binary, makes sure Redis answers, starts the broker(s) and a fake partner
 # and IdP, registers tenants and callers, warms tokens, drives wrk, and prints one table (also
-# written to bench/results/). Knobs: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (32),
+# written to bench/results/). Knobs: BENCH_BIN (a broker binary to measure instead of this
+# tree's), BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (32),
 # PARTNER_LATENCY_MS (herd, 200), BENCH_TENANTS_RSS (10000), BENCH_TENANTS_MANY (100000),
 # BENCH_WORKERS (BROKER_WORKERS for the brokers; default: the broker's own default, the cores),
 # REDIS_URL (redis://127.0.0.1:6379).
@@ -29,12 +30,13 @@ if ! (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null; then
 fi
 
 say "building the release binary and the herd client"
-cargo build --release --quiet
+[ -n "${BENCH_BIN:-}" ] || cargo build --release --quiet
 cargo bench --no-run --quiet --bench herd 2>/dev/null
 cargo bench --no-run --quiet --bench partner_api 2>/dev/null
 cargo bench --no-run --quiet --bench bare_forwarder 2>/dev/null
 cargo bench --no-run --quiet --bench bare_actix 2>/dev/null
-BIN="$PWD/target/release/token-broker"
+# BENCH_BIN: another broker binary (an older build, for a before/after in one session).
+BIN="${BENCH_BIN:-$PWD/target/release/token-broker}"
 
 work=$(mktemp -d)
 pids=()
@@ -87,6 +89,15 @@ p50 = ms(re.search(r"^\s*50%\s+(\S+)", t, re.M).group(1)); p99 = ms(re.search(r"
 print(f"{rps:.0f} {p50:.3f} {p99:.3f}")'
 }
 
+# start_server <bench target> <url that answers once it is up> [VAR=value ...]: one of the
+# comparison servers in benches/ (partner API, ceilings), stopped with the others at exit.
+start_server() {
+  local bench=$1 ready=$2; shift 2
+  env "$@" cargo bench --quiet --bench "$bench" >"$work/$bench.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do curl -fs "$ready" >/dev/null 2>&1 && break; sleep 0.1; done
+}
+
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$(cat "$work/$1.pid")/status"; }
 
 # --- (a)-(c): one broker on the embedded default, in-process cache, API key and JWT callers.
@@ -103,9 +114,7 @@ curl -fs -o /dev/null -H "authorization: Bearer $JWT" "$B1/v1/tenants/t0/token"
 # of the broker's token answer on the same route pattern.
 BODY_BYTES=$(curl -fs -H "authorization: Bearer $KEY" "$B1/v1/tenants/t0/token" | wc -c)
 BP=$(port)
-BARE_PORT="$BP" BODY_BYTES="$BODY_BYTES" cargo bench --quiet --bench bare_actix >"$work/bare.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$BP/v1/tenants/t0/token" >/dev/null 2>&1 && break; sleep 0.1; done
+start_server bare_actix "http://127.0.0.1:$BP/v1/tenants/t0/token" BARE_PORT="$BP" BODY_BYTES="$BODY_BYTES"
 say "(a0) bare actix-web, $BODY_BYTES-byte body"; read -r Z_RPS Z_P50 Z_P99 < <(wrk_run "http://127.0.0.1:$BP/v1/tenants/t0/token")
 kill "${pids[-1]}" 2>/dev/null || true
 say "(a) /healthz";                 read -r A_RPS A_P50 A_P99 < <(wrk_run "$B1/healthz")
@@ -169,9 +178,7 @@ read -r F_RPS F_P50 F_P99 < <(wrk_run "$B4/v1/tenants/t0/token" "$KEY4")
 
 # --- (g): proxy mode against a fast local partner API (Rust), direct and through the broker.
 AP=$(port)
-PARTNER_API_PORT="$AP" cargo bench --quiet --bench partner_api >"$work/api.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$AP/v2/ping" >/dev/null 2>&1 && break; sleep 0.1; done
+start_server partner_api "http://127.0.0.1:$AP/v2/ping" PARTNER_API_PORT="$AP"
 P5=$(port)
 start_broker proxy "$P5" DATABASE_URL="sqlite://$work/proxy.db"
 B5="http://127.0.0.1:$P5"
@@ -185,9 +192,7 @@ say "(g) partner API direct";     read -r G_RPS G_P50 G_P99 < <(wrk_run "http://
 say "(g) partner API via proxy";  read -r H_RPS H_P50 H_P99 < <(wrk_run "$B5/v1/tenants/p0/proxy/accounts/42/balance" "$KEY5")
 # The stack's own ceiling: a bare actix-web + reqwest forwarder (no broker logic at all).
 FP=$(port)
-FORWARD_PORT="$FP" FORWARD_TO="http://127.0.0.1:$AP" cargo bench --quiet --bench bare_forwarder >"$work/fwd.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$FP/v2/ping" >/dev/null 2>&1 && break; sleep 0.1; done
+start_server bare_forwarder "http://127.0.0.1:$FP/v2/ping" FORWARD_PORT="$FP" FORWARD_TO="http://127.0.0.1:$AP"
 say "(g) partner API via a bare forwarder"; read -r K_RPS K_P50 K_P99 < <(wrk_run "http://127.0.0.1:$FP/v2/accounts/42/balance")
 kill "${pids[-1]}" 2>/dev/null || true
 head -c $((50 * 1024 * 1024)) /dev/zero >"$work/upload.bin"

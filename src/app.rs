@@ -238,8 +238,6 @@ impl Application {
             e
         };
         let started = async {
-            let state = build_state(settings.clone(), admin).await?;
-            let port = listener.local_addr()?.port();
             let admin_listener = match settings.admin_listen {
                 Some(addr) => Some(TcpListener::bind(addr)?),
                 None => None,
@@ -248,6 +246,8 @@ impl Application {
                 Some(l) => Some(l.local_addr()?.port()),
                 None => None,
             };
+            let state = build_state(settings.clone(), admin, admin_port).await?;
+            let port = listener.local_addr()?.port();
             let server = serve(state.clone(), listener, admin_listener, workers)?;
             Ok::<_, BuildError>((state, port, admin_port, server))
         };
@@ -313,6 +313,7 @@ impl Application {
 async fn build_state(
     settings: Settings,
     admin: AdminToken,
+    admin_port: Option<u16>,
 ) -> Result<web::Data<AppState>, BuildError> {
     if !crate::egress::allow_networks(settings.allowed_networks.clone()) {
         tracing::warn!("BROKER_ALLOWED_NETWORKS differs from the ranges this process started with: the first ones stay in force");
@@ -405,6 +406,7 @@ async fn build_state(
         proxy,
         health: HealthStore::new(store.db().clone()),
         admin,
+        admin_port,
         metrics_token: StaticToken::new(settings.metrics_token.as_ref()),
         store,
         metrics,
@@ -421,16 +423,9 @@ fn serve(
     workers: usize,
 ) -> Result<Server, BuildError> {
     let app_state = state;
-    let ports = web::Data::new(crate::api::Ports {
-        admin: match &admin_listener {
-            Some(l) => Some(l.local_addr()?.port()),
-            None => None,
-        },
-    });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
-            .app_data(ports.clone())
             .wrap(ErrorHandlers::new().default_handler(problem_for_framework_errors))
             .wrap(from_fn(observe))
             // The router tries patterns in order (each dynamic one is a regex): the token

@@ -49,6 +49,8 @@ pub struct AppState {
     pub proxy: crate::proxy::Targets,
     pub auth: Authenticator,
     pub admin: AdminToken,
+    /// The admin port when `BROKER_ADMIN_LISTEN` separates it.
+    pub admin_port: Option<u16>,
     /// `BROKER_METRICS_TOKEN`: `/metrics` is open unless it is set.
     pub metrics_token: StaticToken,
     pub metrics: Arc<Metrics>,
@@ -264,21 +266,16 @@ pub fn request_id_of(req: &HttpRequest) -> Option<String> {
     req.extensions().get::<RequestId>().map(|r| r.0.clone())
 }
 
-/// Which port serves what (`BROKER_ADMIN_LISTEN`): with an admin port, the admin API, the
-/// console and `/metrics` answer only there, and the token API, proxy mode and OAuth only on
-/// the main port; `/healthz` and `/readyz` answer on both.
-pub struct Ports {
-    pub admin: Option<u16>,
-}
-
 /// Whether a path belongs on the admin port.
 fn admin_side(path: &str) -> bool {
     path == "/metrics" || path == "/admin" || path.starts_with("/admin/")
 }
 
-/// Whether this request came to a port that does not serve its path (404 as if absent).
-fn wrong_port(req: &ServiceRequest) -> bool {
-    let Some(admin) = req.app_data::<web::Data<Ports>>().and_then(|p| p.admin) else {
+/// Whether this request came to a port that does not serve its path (404 as if absent). With
+/// an admin port (`BROKER_ADMIN_LISTEN`), the admin API, the console and `/metrics` answer only
+/// there, the token API, proxy mode and OAuth only on the main port; health on both.
+fn wrong_port(req: &ServiceRequest, admin_port: Option<u16>) -> bool {
+    let Some(admin) = admin_port else {
         return false;
     };
     let path = req.path();
@@ -298,11 +295,11 @@ pub async fn observe(
         // Before routing: matching a 24 KB path against every route costs ~2 ms of CPU.
         return Err(ApiError::UriTooLong(MAX_PATH_BYTES).into());
     }
-    if wrong_port(&req) {
-        return Err(ApiError::RouteNotFound.into());
-    }
     let started = Instant::now();
     let state = req.app_data::<web::Data<AppState>>().cloned();
+    if wrong_port(&req, state.as_ref().and_then(|s| s.admin_port)) {
+        return Err(ApiError::RouteNotFound.into());
+    }
     let route = route_template(req.path());
     let method: &'static str = match req.method().as_str() {
         "GET" => "GET",

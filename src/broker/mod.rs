@@ -445,21 +445,19 @@ impl Broker {
             return Lookup::Known(known);
         };
         match l2.get(tenant).await {
-            Ok(Some(t)) => {
+            Ok(Some(shared)) => {
                 self.metrics.l2_hit.inc();
-                let shared_fp = t.fingerprint();
                 let t = if self.timing.l1_enabled {
-                    self.l1.insert_unless_newer(tenant, t)
+                    self.l1.insert_unless_newer(tenant, shared.clone())
                 } else {
-                    t
+                    shared.clone()
                 };
-                // This replica holds a later mint the shared cache never took (it was away):
+                // L1 kept its own, later mint, one the shared cache never took (it was away):
                 // write it back so every replica converges on it.
-                if t.fingerprint() != shared_fp
-                    && self.unshared.lock().expect("unshared").remove(tenant)
-                    && l2.put(tenant, t.clone()).await.is_ok()
+                if !Arc::ptr_eq(&t, &shared)
+                    && self.unshared.lock().expect("unshared").contains(tenant)
                 {
-                    self.announce("m", tenant).await;
+                    let _ = self.write_back(l2, tenant, &t).await;
                 }
                 self.metrics
                     .set_token_expiry(tenant.as_str(), t.expires_at_ms);
@@ -472,15 +470,10 @@ impl Broker {
             Ok(None) => {
                 self.metrics.l2_miss.inc();
                 // A token this replica minted while the shared cache was away: write it back
-                // (fenced; a newer one written meanwhile wins) and serve what is kept.
+                // and serve what is kept.
                 if let Some(t) = known.as_ref().filter(|t| t.serves(now, min_ttl_ms)) {
                     if self.unshared.lock().expect("unshared").contains(tenant) {
-                        if let Ok(kept) = l2.put(tenant, t.clone()).await {
-                            self.unshared.lock().expect("unshared").remove(tenant);
-                            if kept.fingerprint() == t.fingerprint() {
-                                tracing::info!(tenant = %tenant, "token minted while the shared cache was away written back");
-                                self.announce("m", tenant).await;
-                            }
+                        if let Some(kept) = self.write_back(l2, tenant, t).await {
                             let kept = self.l1.insert_unless_newer(tenant, kept);
                             if kept.serves(now, min_ttl_ms) {
                                 return Lookup::Serve(kept);
@@ -505,6 +498,24 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// Writes a token this replica minted while the shared cache was away (fenced: a later
+    /// mint written meanwhile wins) and announces it if it was kept; the token kept, or `None`
+    /// if the shared cache did not answer (it stays unshared, to try again).
+    async fn write_back(
+        &self,
+        l2: &SharedCache,
+        tenant: &TenantId,
+        token: &Arc<CachedToken>,
+    ) -> Option<Arc<CachedToken>> {
+        let kept = l2.put(tenant, token.clone()).await.ok()?;
+        self.unshared.lock().expect("unshared").remove(tenant);
+        if Arc::ptr_eq(&kept, token) {
+            tracing::info!(tenant = %tenant, "token minted while the shared cache was away written back");
+            self.announce("m", tenant).await;
+        }
+        Some(kept)
     }
 
     /// A token from a flight, within the caller deadline: joins the tenant's running flight
