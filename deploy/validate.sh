@@ -55,3 +55,10 @@ if command -v kubernetes-validate >/dev/null; then
 else
   missing kubernetes-validate "manifests checked as YAML only"
 fi
+
+# Security policy checks on the manifests as files and as kustomize renders them.
+if command -v checkov >/dev/null; then
+  checkov -d k8s/base --framework kubernetes,kustomize --compact --quiet --skip-download
+else
+  missing checkov "manifests not checked against security policies"
+fi

@@ -17,7 +17,7 @@ rules = yaml.safe_load(open("prometheus/alerts.yml"))
 doc = {
     "apiVersion": "monitoring.coreos.com/v1",
     "kind": "PrometheusRule",
-    "metadata": {"name": "token-broker"},
+    "metadata": {"name": "token-broker", "namespace": "token-broker"},
     "spec": {"groups": rules["groups"]},
 }
 sys.stdout.write(

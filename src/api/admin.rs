@@ -295,7 +295,9 @@ async fn health_view(state: &AppState, id: &TenantId, now: i64) -> Result<Value,
         "circuit": circuit.map(|c| json!({
             "open": c.is_open(now),
             "failures": c.failures,
-            "retry_after": c.is_open(now).then(|| c.retry_after_s(now)),
+            "retry_after": c.next_call_in_s(now),
+            "probed": c.probed(),
+            "cooldown_remaining": c.is_open(now).then(|| c.retry_after_s(now)),
         })),
         "token": token.map(|(issued_at, expires_at)| json!({
             "issued_at": rfc3339(issued_at),

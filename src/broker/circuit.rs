@@ -36,9 +36,30 @@ impl CircuitState {
         now < self.open_until_ms
     }
 
-    /// Whole seconds until the partner is called again (at least 1 while open).
+    /// Whole seconds until the cool-down ends (at least 1 while open).
     pub fn retry_after_s(&self, now: i64) -> u64 {
         ((self.open_until_ms - now + 999) / 1000).max(1) as u64
+    }
+
+    /// Whether the open circuit is probed (one call per `PROBE_EVERY_MS` when a token is
+    /// needed) rather than waited out: every failure but a credential rejection and a 429.
+    pub fn probed(&self) -> bool {
+        self.last_error.probed_early()
+    }
+
+    /// Whole seconds until the broker calls the partner again once it needs a token: the probe
+    /// interval for a probed circuit, the rest of the cool-down otherwise; `None` when closed.
+    pub fn next_call_in_s(&self, now: i64) -> Option<u64> {
+        if !self.is_open(now) {
+            return None;
+        }
+        Some(if self.probed() {
+            (PROBE_EVERY_MS as u64)
+                .div_ceil(1000)
+                .min(self.retry_after_s(now))
+        } else {
+            self.retry_after_s(now)
+        })
     }
 }
 

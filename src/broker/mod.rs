@@ -749,10 +749,11 @@ impl Broker {
     }
 
     /// While the tenant's circuit is open, answers with its last problem. Two exceptions: the
-    /// admin dry run (`Want::Fresh`) is let through, and when callers are failing for want of
-    /// a usable token, one probe per `circuit::PROBE_EVERY_MS` (across replicas) is let
-    /// through with a single attempt (half-open), so recovery follows the partner's within
-    /// about that interval.
+    /// admin dry run (`Want::Fresh`) is let through, and when the broker needs a token (callers
+    /// have no usable one, or the held one is past its refresh point), one probe per
+    /// `circuit::PROBE_EVERY_MS` (across replicas) is let through with a single attempt
+    /// (half-open), so recovery follows the partner's within about that interval (refresh-ahead
+    /// runs at most every `REFRESH_RETRY_MS` per replica) rather than after the cool-down.
     async fn check_circuit(&self, tenant: &TenantId, want: Want) -> Result<Tries, BrokerError> {
         if matches!(want, Want::Fresh) {
             return Ok(Tries::WithRetries);
@@ -762,7 +763,7 @@ impl Broker {
             Some(s) if s.is_open(now) => {
                 // Rejected credentials wait for an admin, a partner's Retry-After is honoured;
                 // any other failure is probed early (`IssuerError::probed_early`).
-                let probing = matches!(want, Want::Usable { .. }) && s.last_error.probed_early();
+                let probing = !matches!(want, Want::Fresh) && s.last_error.probed_early();
                 if probing && self.circuits.try_probe(tenant).await {
                     tracing::info!(tenant = %tenant, "circuit open and no usable token: probing the partner once");
                     return Ok(Tries::Once);

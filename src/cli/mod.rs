@@ -683,9 +683,13 @@ fn tenant_fields(t: &Value) -> String {
     };
     let circuit = match h["circuit"].as_object() {
         Some(_) if h["circuit"]["open"].as_bool() == Some(true) => format!(
-            "open ({} failures, retry in {} s)",
+            "open ({} failures, {})",
             output::text(&h["circuit"], "failures"),
-            output::text(&h["circuit"], "retry_after")
+            if h["circuit"]["probed"].as_bool() == Some(true) {
+                "probed each second a token is needed".to_string()
+            } else {
+                format!("retry in {} s", output::text(&h["circuit"], "retry_after"))
+            }
         ),
         Some(_) => format!(
             "closed ({} recent failures)",

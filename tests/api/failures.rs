@@ -327,3 +327,85 @@ async fn token_urls_that_reach_inside_are_refused(mut env: TestEnv) {
     app.stop().await;
 }
 backends!(token_urls_that_reach_inside_are_refused: Sqlite);
+
+/// A partner that failed while callers still held a usable token: the circuit's cool-down has
+/// grown past the token's life, yet once the held token is past its refresh point the
+/// background refresh probes the partner (one call a second at most) and closes the circuit.
+/// The tenant view says so while it is open: probed, next call in 1 s, the cool-down apart.
+async fn refresh_ahead_probes_an_open_circuit(env: TestEnv) {
+    let app = env.spawn().await;
+    let down = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let partner = MockServer::start().await;
+    let (d, c) = (down.clone(), calls.clone());
+    Mock::given(method("POST"))
+        .respond_with(move |_: &wiremock::Request| {
+            c.fetch_add(1, Ordering::SeqCst);
+            if d.load(Ordering::SeqCst) {
+                ResponseTemplate::new(503)
+            } else {
+                ResponseTemplate::new(200).set_body_json(json!({"accessToken": setu_jwt(20)}))
+            }
+        })
+        .mount(&partner)
+        .await;
+    let mut spec = setu_spec("recovers", &partner, "s");
+    spec["issuer"]["min_interval_ms"] = json!(0);
+    app.create_tenant(&spec).await;
+    let key = app.create_caller("c", json!("*")).await;
+    let started = Instant::now();
+    let first = app.get_token("recovers", &key).await.json()["access_token"].clone();
+
+    // The partner fails three admin tests: a cool-down of 20 s, longer than the token lives.
+    down.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let test = app
+            .send(app.admin(Method::POST, "/admin/v1/tenants/recovers/test"))
+            .await;
+        assert_ne!(test.status, 200, "{:?}", test.json());
+    }
+    let view = app
+        .send(app.admin(Method::GET, "/admin/v1/tenants/recovers"))
+        .await
+        .json();
+    let circuit = &view["health"]["circuit"];
+    assert_eq!(circuit["open"], true, "{view}");
+    assert_eq!(circuit["probed"], true, "{view}");
+    assert_eq!(circuit["retry_after"], 1, "{view}");
+    let cooldown = circuit["cooldown_remaining"].as_u64().unwrap();
+    assert!((10..=20).contains(&cooldown), "{view}");
+
+    // The partner is back; callers are still served the held token.
+    down.store(false, Ordering::SeqCst);
+    let before = calls.load(Ordering::SeqCst);
+    // Past the refresh point (at most 13.4 s in), before the usable end (15.5 s in).
+    tokio::time::sleep(Duration::from_millis(13_600).saturating_sub(started.elapsed())).await;
+    let held = app.get_token("recovers", &key).await;
+    assert_eq!(held.status, 200);
+    assert_eq!(
+        held.json()["access_token"],
+        first,
+        "the held token is served"
+    );
+    let mut closed = false;
+    for _ in 0..30 {
+        let view = app
+            .send(app.admin(Method::GET, "/admin/v1/tenants/recovers"))
+            .await
+            .json();
+        if view["health"]["circuit"].is_null() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        closed,
+        "the refresh-ahead probe closes the circuit within 1.5 s"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), before + 1, "one probe");
+    let now = app.get_token("recovers", &key).await.json()["access_token"].clone();
+    assert_ne!(now, first, "the refreshed token is served");
+    app.stop().await;
+}
+backends!(refresh_ahead_probes_an_open_circuit: Sqlite, PostgresRedis);

@@ -103,6 +103,7 @@ function tokenBar(health) {
 
 function circuitText(c) {
   if (!c) return 'closed';
+  if (c.open && c.probed) return 'open, probed each second a token is needed';
   if (c.open) return 'open, retry in ' + c.retry_after + ' s';
   return c.failures ? 'closed (' + c.failures + ' recent failures)' : 'closed';
 }
