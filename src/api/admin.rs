@@ -129,28 +129,36 @@ struct IfMatch {
 }
 
 impl IfMatch {
-    fn parse(req: &HttpRequest) -> Self {
+    /// 400 `invalid_request` for a header that is not `*` or a list of entity tags (RFC 9110
+    /// §13.1.1): an empty value, a bare word, an unquoted tag. A well-formed tag that is not one
+    /// of this tenant's versions matches nothing (412 on the write).
+    fn parse(req: &HttpRequest) -> Result<Self, ApiError> {
         let mut m = Self {
             present: false,
             any: false,
             versions: Vec::new(),
         };
+        let malformed = || {
+            ApiError::invalid(
+                "If-Match must be * or a list of entity tags (\"v<version>\", from ETag)",
+                Some("If-Match"),
+            )
+        };
         for value in req.headers().get_all(header::IF_MATCH) {
             m.present = true;
-            for tag in value.to_str().unwrap_or("").split(',').map(str::trim) {
-                if tag == "*" {
-                    m.any = true;
-                } else if let Some(v) = tag
-                    .trim_start_matches("W/")
-                    .strip_prefix("\"v")
-                    .and_then(|t| t.strip_suffix('"'))
-                    .and_then(|n| n.parse().ok())
-                {
-                    m.versions.push(v);
+            let tags = entity_tags(value.as_bytes()).ok_or_else(malformed)?;
+            for tag in tags {
+                match tag {
+                    None => m.any = true,
+                    Some(opaque) => {
+                        if let Some(v) = opaque.strip_prefix('v').and_then(|n| n.parse().ok()) {
+                            m.versions.push(v);
+                        }
+                    }
                 }
             }
         }
-        m
+        Ok(m)
     }
 
     fn is_set(&self) -> bool {
@@ -170,6 +178,44 @@ impl IfMatch {
             Err(ApiError::PreconditionFailed(format!("\"v{current}\"")))
         }
     }
+}
+
+/// An `If-Match` value as RFC 9110 writes it: `*` (`None`) or a non-empty, comma-separated
+/// list of entity tags, `W/` allowed, each opaque tag's characters `%x21 / %x23-7E`; `None`
+/// for anything else. Returns each opaque tag without its quotes.
+fn entity_tags(value: &[u8]) -> Option<Vec<Option<&str>>> {
+    let mut rest = std::str::from_utf8(value).ok()?;
+    let mut tags = Vec::new();
+    loop {
+        // Empty list elements are skipped (RFC 9110 §5.6.1.2).
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        if rest.is_empty() {
+            break;
+        }
+        if let Some(r) = rest.strip_prefix('*') {
+            tags.push(None);
+            rest = r;
+        } else {
+            let r = rest.strip_prefix("W/").unwrap_or(rest).strip_prefix('"')?;
+            let end = r.find('"')?;
+            let opaque = &r[..end];
+            if !opaque
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x7e).contains(&b))
+            {
+                return None;
+            }
+            tags.push(Some(opaque));
+            rest = &r[end + 1..];
+        }
+        rest = rest.trim_start_matches([' ', '\t']);
+        if !(rest.is_empty() || rest.starts_with(',')) {
+            return None;
+        }
+    }
+    // Not empty, and `*` stands alone.
+    let ok = tags.len() == 1 || (!tags.is_empty() && tags.iter().all(Option::is_some));
+    ok.then_some(tags)
 }
 
 /// A tenant id from the path; one that cannot exist is simply not found.
@@ -237,7 +283,7 @@ async fn list_tenants(
 ) -> Result<HttpResponse, ApiError> {
     let limit = parse_limit(query.limit.as_deref())?;
     let after = query.after.as_deref().filter(|a| !a.is_empty());
-    if after.is_some_and(|a| a.len() > 64) {
+    if after.is_some_and(|a| TenantId::parse(a).is_err()) {
         return Err(ApiError::invalid(
             "after must be a tenant id",
             Some("after"),
@@ -347,7 +393,7 @@ async fn patch_tenant(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
-    let if_match = IfMatch::parse(&req);
+    let if_match = IfMatch::parse(&req)?;
     let body = read_json(&req, payload).await?;
     let patch = TenantPatch::parse(body)?;
     let allow_insecure = state.settings.allow_insecure_issuers;
@@ -408,7 +454,7 @@ async fn delete_tenant(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
-    let if_match = IfMatch::parse(&req);
+    let if_match = IfMatch::parse(&req)?;
     let expected = match if_match.version() {
         Some(v) => Some(v),
         None if if_match.is_set() && !if_match.any => {
@@ -443,7 +489,7 @@ async fn put_credentials(
     let id = tenant_id(&path)?;
     let body = read_json(&req, payload).await?;
     let creds = parse_credentials(body, "credentials")?;
-    let if_match = IfMatch::parse(&req);
+    let if_match = IfMatch::parse(&req)?;
     // The kind cannot change between the read and the write: the write is fenced on the version.
     let fields: Vec<&str> = creds.names().collect();
     let detail = format!("fields: {}", fields.join(", "));
@@ -855,4 +901,31 @@ async fn read_audit(
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(json!({"entries": entries, "next_before": next_before})))
+}
+
+#[cfg(test)]
+mod if_match_tests {
+    use super::entity_tags;
+
+    #[test]
+    fn entity_tag_lists_as_rfc_9110_writes_them() {
+        assert_eq!(entity_tags(b"*"), Some(vec![None]));
+        assert_eq!(entity_tags(b"\"v3\""), Some(vec![Some("v3")]));
+        assert_eq!(
+            entity_tags(b"W/\"v1\" ,\t\"h,yvK\", ,\"v2\""),
+            Some(vec![Some("v1"), Some("h,yvK"), Some("v2")])
+        );
+        for bad in [
+            &b""[..],
+            b" , ",
+            b"v3",
+            b"\"v3",
+            b"\"v3\" x",
+            b"*, \"v3\"",
+            b"\"a b\"",
+            b"\"\xc3\xa9\"",
+        ] {
+            assert_eq!(entity_tags(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 }

@@ -77,7 +77,7 @@ pub const BODY_READ_DEADLINE: std::time::Duration = std::time::Duration::from_se
 /// 408 if it does not arrive within `BODY_READ_DEADLINE`, 400 if malformed.
 pub async fn read_json(req: &HttpRequest, payload: web::Payload) -> Result<Value, ApiError> {
     let body = read_body(req, payload, "application/json").await?;
-    serde_json::from_slice(&body).map_err(|e| {
+    let mut value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::InvalidJson(format!(
             "{} at line {} column {}",
             match e.classify() {
@@ -87,7 +87,27 @@ pub async fn read_json(req: &HttpRequest, payload: web::Payload) -> Result<Value
             e.line(),
             e.column()
         ))
-    })
+    })?;
+    integral_numbers_as_integers(&mut value);
+    Ok(value)
+}
+
+/// `253.0` is the integer 253 to JSON Schema (and to every encoder that writes all numbers as
+/// floats): whole numbers written with a fraction are read as integers, so `"grace_seconds":
+/// 253.0` means what it says instead of failing a whole-number check.
+fn integral_numbers_as_integers(value: &mut Value) {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Exactly representable whole numbers only (|f| < 2^53).
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                *value = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_numbers_as_integers),
+        _ => {}
+    }
 }
 
 /// Reads a body of the given media type (for JSON, `+json` types too): 415 on another type

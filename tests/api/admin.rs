@@ -263,6 +263,14 @@ async fn concurrent_updates_and_if_match(env: TestEnv) {
     )
     .await
     .assert_problem(412, "precondition_failed");
+    // A header that is not an entity-tag list is a bad request, not a lost race.
+    for bad in ["", "v2", "\"v2", "*, \"v2\""] {
+        let p = app
+            .send(patch(bad, json!({"display_name": "Malformed"})))
+            .await
+            .assert_problem(400, "invalid_request");
+        assert_eq!(p["field"], "If-Match", "{bad:?}");
+    }
     let now = app
         .send(app.admin(Method::GET, "/admin/v1/tenants/cc"))
         .await
