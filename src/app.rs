@@ -12,7 +12,7 @@ use actix_web::{web, App, HttpServer};
 use crate::api::problem::ApiError;
 use crate::api::ratelimit::CallerLimiter;
 use crate::api::{
-    admin, console, oauth, observe, ops, problem_for_framework_errors, proxy, token, AppState,
+    admin, console, oauth, observe, ops, pop, problem_for_framework_errors, proxy, token, AppState,
 };
 use crate::audit::Audit;
 use crate::auth::admin_token::{self, AdminToken};
@@ -432,6 +432,7 @@ fn serve(
             // routes first, then proxy mode, so neither hot path pays for the admin routes.
             .configure(token::routes)
             .configure(proxy::routes)
+            .configure(pop::routes)
             .configure(admin::routes)
             .configure(ops::routes)
             .configure(oauth::routes)

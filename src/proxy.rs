@@ -221,6 +221,12 @@ pub struct Target {
     pub base: Url,
     pub auth_header: HeaderName,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The tenant's DPoP key: every call carries a fresh proof (RFC 9449 §7).
+    pub dpop: Option<crate::issuers::pop::SigningKey>,
+    /// The partner API's latest `DPoP-Nonce` for this tenant.
+    pub dpop_nonce: std::sync::Mutex<Option<String>>,
+    /// The tenant's own client when it presents a certificate or trusts a private CA.
+    pub tls_client: Option<reqwest::Client>,
 }
 
 impl std::fmt::Debug for Target {
@@ -228,8 +234,20 @@ impl std::fmt::Debug for Target {
         f.debug_struct("Target")
             .field("base", &self.base.as_str())
             .field("headers", &self.spec.header_names)
+            .field("dpop", &self.dpop.is_some())
             .finish()
     }
+}
+
+/// Whether a partner API's answer asks for a DPoP nonce (RFC 9449 §9): 401 with a `DPoP`
+/// challenge saying `error="use_dpop_nonce"`.
+pub fn asks_for_dpop_nonce(status: u16, headers: &HeaderMap) -> bool {
+    status == 401
+        && headers
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.to_ascii_lowercase().contains("use_dpop_nonce"))
 }
 
 /// The HTTP client for proxied calls: no redirects followed, no proxy from the environment,
@@ -250,11 +268,33 @@ pub fn client(connect_timeout: Duration, allow_insecure: bool) -> reqwest::Clien
     builder.build().expect("the TLS backend initialises")
 }
 
+/// A tenant's signing keys, opened: its `private_key` (client assertions, the JWT bearer
+/// grant) and its DPoP key, and whether it publishes their public halves.
+#[derive(Debug, Default)]
+pub struct TenantKeys {
+    pub private: Option<crate::issuers::pop::SigningKey>,
+    pub dpop: Option<crate::issuers::pop::SigningKey>,
+    pub publish: bool,
+}
+
+impl TenantKeys {
+    /// The public JWK set (RFC 7517 §5): each key with `kid`, `alg` and `use`.
+    pub fn jwks(&self) -> serde_json::Value {
+        let keys: Vec<serde_json::Value> = [&self.private, &self.dpop]
+            .into_iter()
+            .flatten()
+            .map(|k| k.public_jwk("sig"))
+            .collect();
+        serde_json::json!({ "keys": keys })
+    }
+}
+
 /// Tenants' proxy targets, read from the store and cached for `TARGET_TTL`, and the clients
-/// that call them.
+/// that call them; tenants' signing keys, cached the same way.
 pub struct Targets {
     store: TenantStore,
     cache: Cache<TenantId, Option<Arc<Target>>>,
+    keys: Cache<TenantId, Arc<TenantKeys>>,
     connect_timeout: Duration,
     allow_insecure: bool,
     /// Proxied requests in flight per caller (`BROKER_PROXY_CALLER_CONCURRENCY`).
@@ -333,7 +373,48 @@ impl Targets {
                 .max_capacity(100_000)
                 .time_to_live(TARGET_TTL)
                 .build(),
+            keys: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(TARGET_TTL)
+                .build(),
         }
+    }
+
+    /// The tenant's signing keys (`NotFound` if there is no such tenant). `fresh` reads the
+    /// store past the cache (a token bound to a key this replica has not seen yet).
+    pub async fn keys(&self, id: &TenantId, fresh: bool) -> Result<Arc<TenantKeys>, StoreError> {
+        if !fresh {
+            if let Some(hit) = self.keys.get(id) {
+                return Ok(hit);
+            }
+        }
+        let tenant = self.store.tenant(id).await?;
+        let unusable = |what: &str| StoreError::Corrupt(format!("{what} of tenant {id}"));
+        let private = match tenant.credentials.get("private_key") {
+            Some(pem) => Some(
+                crate::issuers::pop::SigningKey::from_pem(
+                    pem,
+                    tenant.issuer.assertion_alg,
+                    tenant.credentials.get("key_id"),
+                )
+                .map_err(|_| unusable("private_key"))?,
+            ),
+            None => None,
+        };
+        let dpop = match tenant.credentials.get("dpop_private_key") {
+            Some(pem) => Some(
+                crate::issuers::pop::SigningKey::from_pem(pem, None, None)
+                    .map_err(|_| unusable("dpop_private_key"))?,
+            ),
+            None => None,
+        };
+        let keys = Arc::new(TenantKeys {
+            private,
+            dpop,
+            publish: tenant.issuer.publish_jwks,
+        });
+        self.keys.insert(id.clone(), keys.clone());
+        Ok(keys)
     }
 
     /// The tenant's target; `Ok(None)` if it has no proxy settings, `NotFound` if there is no
@@ -343,7 +424,7 @@ impl Targets {
             return Ok(hit);
         }
         let tenant = self.store.tenant(id).await?;
-        let target = match tenant.proxy {
+        let target = match tenant.proxy.clone() {
             None => None,
             Some(spec) => {
                 let base = Url::parse(&spec.base_url)
@@ -359,16 +440,34 @@ impl Targets {
                     v.set_sensitive(true);
                     headers.push((n, v));
                 }
+                let settings = crate::issuers::IssuerSettings {
+                    allow_insecure: self.allow_insecure,
+                    connect_timeout: self.connect_timeout,
+                    request_timeout: Duration::from_secs(3600),
+                };
+                let unusable = |what: &str| StoreError::Corrupt(format!("{what} of tenant {id}"));
                 Some(Arc::new(Target {
                     auth_header: spec.auth_header(),
                     base,
                     headers,
                     spec,
+                    dpop: crate::issuers::dpop_key(&tenant).map_err(|_| unusable("DPoP key"))?,
+                    dpop_nonce: Default::default(),
+                    tls_client: crate::issuers::tenant_tls_client(&settings, &tenant)
+                        .map_err(|_| unusable("TLS settings"))?,
                 }))
             }
         };
         self.cache.insert(id.clone(), target.clone());
         Ok(target)
+    }
+
+    /// The client for `target`: its own when it has TLS settings, else this thread's.
+    pub fn client_for(&self, target: &Target) -> reqwest::Client {
+        match &target.tls_client {
+            Some(c) => c.clone(),
+            None => self.client(),
+        }
     }
 
     /// This thread's client for proxied calls.
@@ -382,6 +481,7 @@ impl Targets {
     /// Drops a cached target (after the tenant changed on this replica).
     pub fn forget(&self, id: &TenantId) {
         self.cache.invalidate(id);
+        self.keys.invalidate(id);
     }
 }
 
@@ -480,6 +580,9 @@ mod tests {
                 HeaderValue::from_static("p"),
             )],
             spec,
+            dpop: None,
+            dpop_nonce: Default::default(),
+            tls_client: None,
         };
         let listed = connection_listed(&["close, X-Secret-Hop"]);
         for h in [

@@ -400,8 +400,12 @@ async fn patch_tenant(
     let change = |current: &crate::tenants::Tenant| {
         let issuer = patch.merged_issuer(&current.issuer, allow_insecure)?;
         let effective_issuer = issuer.as_ref().unwrap_or(&current.issuer);
-        let creds = patch.credentials.as_ref().unwrap_or(&current.credentials);
-        effective_issuer.validate_credentials(creds)?;
+        let mut creds = patch
+            .credentials
+            .clone()
+            .unwrap_or_else(|| current.credentials.clone());
+        let completed = effective_issuer.complete_credentials(&mut creds);
+        effective_issuer.validate_credentials(&creds)?;
         let proxy = match &patch.proxy {
             None => None,
             Some(p) => Some(crate::tenants::proxy::apply(
@@ -413,7 +417,7 @@ async fn patch_tenant(
         Ok(Change {
             display_name: patch.display_name.clone(),
             issuer,
-            credentials: patch.credentials.clone(),
+            credentials: (patch.credentials.is_some() || completed).then_some(creds),
             proxy,
         })
     };
@@ -498,11 +502,13 @@ async fn put_credentials(
         &id,
         &if_match,
         |current| {
+            let mut creds = creds.clone();
+            current.issuer.complete_credentials(&mut creds);
             current.issuer.validate_credentials(&creds)?;
             Ok(Change {
                 display_name: None,
                 issuer: None,
-                credentials: Some(creds.clone()),
+                credentials: Some(creds),
                 proxy: None,
             })
         },

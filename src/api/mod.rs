@@ -6,6 +6,7 @@ pub mod console;
 pub mod extract;
 pub mod oauth;
 pub mod ops;
+pub mod pop;
 pub mod problem;
 pub mod proxy;
 pub mod ratelimit;
@@ -189,10 +190,13 @@ pub const ROUTES: &[&str] = &[
     "/v1/tenants/{tenant_id}/token",
     "/v1/tenants/{tenant_id}/token/invalidate",
     "/v1/tenants/{tenant_id}/proxy/{path}",
+    "/v1/tenants/{tenant_id}/dpop-proof",
+    "/v1/tenants/{tenant_id}/jwks.json",
     "/admin/v1/tenants",
     "/admin/v1/tenants/{tenant_id}",
     "/admin/v1/tenants/{tenant_id}/credentials",
     "/admin/v1/tenants/{tenant_id}/test",
+    "/admin/v1/tenants/{tenant_id}/jwks",
     "/admin/v1/callers",
     "/admin/v1/callers/{caller_id}",
     "/admin/v1/callers/{caller_id}/rotate-key",
@@ -212,7 +216,7 @@ pub const ROUTES: &[&str] = &[
 pub fn allowed_methods(template: &str) -> Option<&'static str> {
     Some(match template {
         "/v1/tenants/{tenant_id}/token" => "GET",
-        "/v1/tenants/{tenant_id}/token/invalidate" => "POST",
+        "/v1/tenants/{tenant_id}/token/invalidate" | "/v1/tenants/{tenant_id}/dpop-proof" => "POST",
         "/v1/tenants/{tenant_id}/proxy/{path}" => "GET, POST, PUT, PATCH, DELETE",
         "/admin/v1/tenants" | "/admin/v1/callers" => "GET, POST",
         "/admin/v1/tenants/{tenant_id}" => "GET, PATCH, DELETE",
@@ -221,6 +225,8 @@ pub fn allowed_methods(template: &str) -> Option<&'static str> {
         "/admin/v1/callers/{caller_id}" => "PATCH, DELETE",
         "/oauth2/token" => "POST",
         "/admin/v1/audit"
+        | "/v1/tenants/{tenant_id}/jwks.json"
+        | "/admin/v1/tenants/{tenant_id}/jwks"
         | "/admin/console"
         | "/admin/console/console.js"
         | "/admin/console/console.css"

@@ -500,7 +500,7 @@ async fn token(
     let token = hand_out(&state, &caller, &id, min_ttl, Some(&via), &req).await?;
     let body = serde_json::to_string(&TokenAnswer {
         access_token: token.access_token.expose_secret(),
-        token_type: "Bearer",
+        token_type: token.token_type(),
         expires_in: expires_in(&token),
         issued_token_type: (grant == TOKEN_EXCHANGE).then_some(TYPE_ACCESS_TOKEN),
     })

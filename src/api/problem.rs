@@ -29,6 +29,10 @@ pub enum ApiError {
     CallerNotFound,
     #[error("no such resource")]
     RouteNotFound,
+    #[error(
+        "this tenant's tokens are not bound with DPoP (issuer.dpop is off), so they need no proof"
+    )]
+    DpopNotEnabled,
     #[error("method not allowed on this resource")]
     MethodNotAllowed,
     #[error("the body is not valid JSON: {0}")]
@@ -108,6 +112,7 @@ impl ApiError {
             Self::TenantNotFound => "tenant_not_found",
             Self::CallerNotFound => "caller_not_found",
             Self::RouteNotFound => "not_found",
+            Self::DpopNotEnabled => "dpop_not_enabled",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::InvalidJson(_) => "invalid_json",
             Self::InvalidRequest { .. } => "invalid_request",
@@ -185,6 +190,11 @@ pub const PROBLEMS: &[(&str, u16, &str)] = &[
     ("tenant_not_found", 404, "Tenant not found"),
     ("caller_not_found", 404, "Caller not found"),
     ("not_found", 404, "Not found"),
+    (
+        "dpop_not_enabled",
+        409,
+        "The tenant does not bind tokens with DPoP",
+    ),
     (
         "proxy_not_configured",
         404,

@@ -22,8 +22,8 @@ use crate::broker::Invalidation;
 use crate::cache::CachedToken;
 use crate::issuers::{classify_transport, IssuerError};
 use crate::proxy::{
-    connection_listed, forwards_request_header, forwards_response_header, partner_url,
-    token_refused, Target, RETRY_BUFFER_BYTES,
+    asks_for_dpop_nonce, connection_listed, forwards_request_header, forwards_response_header,
+    partner_url, token_refused, Target, RETRY_BUFFER_BYTES,
 };
 use crate::tenants::TenantId;
 
@@ -145,14 +145,45 @@ impl Call<'_> {
         for (n, v) in &self.target.headers {
             headers.insert(n.clone(), v.clone());
         }
-        let auth = self
-            .target
-            .spec
-            .auth_value(token.access_token.expose_secret())
-            .ok_or_else(|| {
-                IssuerError::BadResponse("the token cannot be sent in a header".into())
-            })?;
-        headers.insert(self.target.auth_header.clone(), auth);
+        let secret = token.access_token.expose_secret();
+        match (&self.target.dpop, &token.dpop_jkt) {
+            // A DPoP-bound token goes as `Authorization: DPoP <token>` with a fresh proof for
+            // this method and URL (no query), bound to the token (`ath`), with the partner's
+            // latest nonce (RFC 9449 §7).
+            (Some(key), Some(_)) => {
+                let nonce = self.target.dpop_nonce.lock().expect("nonce").clone();
+                let proof = key
+                    .dpop_proof(
+                        self.req.method().as_str(),
+                        &crate::issuers::htu_of(&self.url),
+                        nonce.as_deref(),
+                        Some(secret),
+                    )
+                    .map_err(|e| IssuerError::Recipe(format!("the DPoP proof: {e}")))?;
+                let mut auth = reqwest::header::HeaderValue::from_str(&format!("DPoP {secret}"))
+                    .map_err(|_| {
+                        IssuerError::BadResponse("the token cannot be sent in a header".into())
+                    })?;
+                auth.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, auth);
+                headers.insert(
+                    "dpop",
+                    reqwest::header::HeaderValue::from_str(&proof)
+                        .map_err(|_| IssuerError::Recipe("the DPoP proof".into()))?,
+                );
+            }
+            (None, Some(_)) => {
+                return Err(IssuerError::Recipe(
+                    "a DPoP-bound token needs the tenant's DPoP key".into(),
+                ))
+            }
+            _ => {
+                let auth = self.target.spec.auth_value(secret).ok_or_else(|| {
+                    IssuerError::BadResponse("the token cannot be sent in a header".into())
+                })?;
+                headers.insert(self.target.auth_header.clone(), auth);
+            }
+        }
         if let Some(id) =
             request_id_of(self.req).and_then(|id| reqwest::header::HeaderValue::from_str(&id).ok())
         {
@@ -163,13 +194,20 @@ impl Call<'_> {
         let sent = self
             .state
             .proxy
-            .client()
+            .client_for(self.target)
             .request(method, self.url.clone())
             .headers(headers)
             .body(body)
             .send();
         match tokio::time::timeout(self.timeout, sent).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                if self.target.dpop.is_some() {
+                    if let Some(n) = crate::issuers::dpop_nonce_of(resp.headers()) {
+                        *self.target.dpop_nonce.lock().expect("nonce") = Some(n);
+                    }
+                }
+                Ok(resp)
+            }
             Ok(Err(e)) => Err(classify_transport(e)),
             Err(_) => Err(IssuerError::Timeout),
         }
@@ -318,7 +356,22 @@ async fn proxy(
         }
     };
     let mut resp = call.send(&token, first).await.map_err(too_big)?;
-    if let Some(bytes) = kept.filter(|_| token_refused(resp.status().as_u16(), resp.headers())) {
+    if token.dpop_jkt.is_some() && asks_for_dpop_nonce(resp.status().as_u16(), resp.headers()) {
+        // The partner wants its new nonce in the proof (already taken from the answer): send
+        // once more with it; no re-mint for that (RFC 9449 §9). A streamed body cannot be
+        // sent twice: the caller gets the 401 and retries.
+        if let Some(bytes) = kept.clone() {
+            tracing::info!(tenant = %id, "partner API asked for a DPoP nonce; sending the call again with it");
+            resp = call
+                .send(&token, reqwest::Body::from(bytes))
+                .await
+                .map_err(ApiError::Upstream)?;
+        }
+    }
+    let refused = token_refused(resp.status().as_u16(), resp.headers())
+        && !(token.dpop_jkt.is_some()
+            && asks_for_dpop_nonce(resp.status().as_u16(), resp.headers()));
+    if let Some(bytes) = kept.filter(|_| refused) {
         // Exactly this token is dropped (compare-and-delete: concurrent proxies cause one
         // re-mint), a fresh one is fetched under the usual single flight, and the request is
         // sent once more. A partner that keeps refusing gets this one retry, never more.

@@ -131,7 +131,7 @@ async fn get_token(
         let mut full = zeroize::Zeroizing::new(
             serde_json::to_string(&TokenAnswer {
                 access_token: token.access_token.expose_secret(),
-                token_type: "Bearer",
+                token_type: token.token_type(),
                 expires_at: token
                     .memo
                     .expires_at

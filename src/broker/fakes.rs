@@ -436,6 +436,7 @@ impl Upstream for FakePartner {
                     .then(|| format!("rt-{n}").into()),
                 issued_at_ms,
                 expires_at_ms: issued_at_ms + lifetime,
+                dpop_jkt: None,
             })
         })
     }

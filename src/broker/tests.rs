@@ -61,6 +61,7 @@ fn token(value: &str, lifetime_ms: i64) -> Arc<CachedToken> {
         refresh_token: None,
         issued_at_ms: now,
         expires_at_ms: now + lifetime_ms,
+        dpop_jkt: None,
     }))
 }
 

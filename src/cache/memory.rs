@@ -135,6 +135,7 @@ mod tests {
             expires_at_ms: now + usable_for_ms + 1000,
             usable_until_ms: now + usable_for_ms,
             refresh_at_ms: now + usable_for_ms / 2,
+            dpop_jkt: None,
             audit_fp: Default::default(),
             memo: Default::default(),
         })

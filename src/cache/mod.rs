@@ -31,6 +31,9 @@ pub struct CachedToken {
     pub usable_until_ms: i64,
     /// After this a fetch triggers a renewal.
     pub refresh_at_ms: i64,
+    /// The RFC 7638 thumbprint of the DPoP key the token is bound to (RFC 9449): `token_type:
+    /// DPoP`, usable only with a proof signed by that key.
+    pub dpop_jkt: Option<String>,
     /// Per-token memos for the hot path, each computed once.
     pub audit_fp: std::sync::OnceLock<Arc<str>>,
     pub memo: Memo,
@@ -69,8 +72,18 @@ impl CachedToken {
             expires_at_ms: m.expires_at_ms,
             usable_until_ms,
             refresh_at_ms,
+            dpop_jkt: m.dpop_jkt,
             audit_fp: Default::default(),
             memo: Memo::default(),
+        }
+    }
+
+    /// `DPoP` for a token bound to the tenant's key (RFC 9449), else `Bearer`.
+    pub fn token_type(&self) -> &'static str {
+        if self.dpop_jkt.is_some() {
+            "DPoP"
+        } else {
+            "Bearer"
         }
     }
 

@@ -30,6 +30,9 @@ struct Stored {
     e: i64,
     u: i64,
     f: i64,
+    /// The thumbprint of the DPoP key the token is bound to (RFC 9449).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    d: Option<String>,
 }
 
 impl Drop for Stored {
@@ -355,6 +358,7 @@ impl RedisCache {
             e: t.expires_at_ms,
             u: t.usable_until_ms,
             f: t.refresh_at_ms,
+            d: t.dpop_jkt.clone(),
         };
         let json = Zeroizing::new(serde_json::to_vec(&stored).expect("serialises"));
         let sealed = self.keys.seal(tenant.as_str(), TOKEN_FIELD, &json);
@@ -390,6 +394,7 @@ impl RedisCache {
             expires_at_ms: s.e,
             usable_until_ms: s.u,
             refresh_at_ms: s.f,
+            dpop_jkt: s.d.take(),
             audit_fp: Default::default(),
             memo: Default::default(),
         })

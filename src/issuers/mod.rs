@@ -2,6 +2,7 @@
 //! classification of every upstream outcome.
 
 pub mod expiry;
+pub mod pop;
 pub mod recipes;
 
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use serde_json::Value;
 
 pub use recipes::Grant;
 
-use crate::tenants::Tenant;
+use std::collections::HashMap;
+
+use crate::tenants::{Tenant, TenantId};
 use crate::time::now_ms;
 
 /// Largest partner answer read.
@@ -26,6 +29,8 @@ pub struct Minted {
     /// When the request was sent (lifetimes count from here), unix ms.
     pub issued_at_ms: i64,
     pub expires_at_ms: i64,
+    /// The thumbprint of the DPoP key the token is bound to (`token_type: DPoP`).
+    pub dpop_jkt: Option<String>,
 }
 
 /// Why a mint failed. Messages are written for operators and never carry secrets or the
@@ -118,6 +123,15 @@ impl IssuerError {
         )
     }
 
+    /// The partner asked for a DPoP nonce (RFC 9449 §8): `error=use_dpop_nonce`.
+    pub fn is_use_dpop_nonce(&self) -> bool {
+        matches!(
+            self,
+            Self::RejectedRequest { error: Some(e), .. } | Self::RejectedCredentials { error: Some(e), .. }
+                if e == "use_dpop_nonce"
+        )
+    }
+
     /// Whether the refresh-token grant failed in a way that calls for the full grant.
     pub fn is_invalid_grant(&self) -> bool {
         matches!(
@@ -143,52 +157,159 @@ pub const MAX_RETRY_AFTER_S: u64 = 300;
 #[derive(Clone)]
 pub struct Issuers {
     client: reqwest::Client,
-    allow_insecure: bool,
+    settings: IssuerSettings,
+    /// Clients of tenants with their own TLS settings (a client certificate, a private CA),
+    /// keyed by tenant and a hash of those settings: a rotation gets a new client.
+    tls_clients: moka::sync::Cache<(TenantId, [u8; 32]), reqwest::Client>,
+    /// The latest `DPoP-Nonce` each DPoP tenant's token endpoint gave (RFC 9449 §8).
+    nonces: Arc<std::sync::Mutex<HashMap<TenantId, String>>>,
+}
+
+/// A DPoP nonce is short printable ASCII (RFC 9449 §8.1: `1*NQCHAR`); anything else is ignored.
+pub fn dpop_nonce_of(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let v = headers.get("dpop-nonce")?.to_str().ok()?;
+    ((1..=512).contains(&v.len()) && v.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b'"'))
+        .then(|| v.to_owned())
+}
+
+/// The `htu` of a DPoP proof: the URL without query and fragment (RFC 9449 §4.2).
+pub fn htu_of(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    u.set_fragment(None);
+    u.to_string()
+}
+
+/// The tenant's DPoP key, when it binds tokens.
+pub fn dpop_key(tenant: &Tenant) -> Result<Option<pop::SigningKey>, IssuerError> {
+    if !tenant.issuer.dpop {
+        return Ok(None);
+    }
+    let pem = tenant.credentials.get("dpop_private_key").ok_or_else(|| {
+        IssuerError::Recipe("credential field dpop_private_key is missing".into())
+    })?;
+    pop::SigningKey::from_pem(pem, None, None)
+        .map(Some)
+        .map_err(|e| IssuerError::Recipe(format!("the DPoP key cannot sign: {e}")))
+}
+
+fn base_builder(settings: &IssuerSettings) -> reqwest::ClientBuilder {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(settings.connect_timeout)
+        .timeout(settings.request_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        // A proxy from the environment would see the real target instead of the address
+        // guard: partner calls always go direct.
+        .no_proxy()
+        .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(60));
+    if !settings.allow_insecure {
+        builder = builder
+            .https_only(true)
+            .dns_resolver(Arc::new(crate::egress::PublicOnlyResolver));
+    }
+    builder
+}
+
+/// A client for a tenant's own TLS settings: its client certificate (RFC 8705) and the
+/// private CA it trusts for its partner, beside the usual roots. `None` when it has neither.
+pub fn tenant_tls_client(
+    settings: &IssuerSettings,
+    tenant: &Tenant,
+) -> Result<Option<reqwest::Client>, IssuerError> {
+    let identity = match (
+        tenant.credentials.get("tls_certificate"),
+        tenant.credentials.get("tls_private_key"),
+    ) {
+        (Some(cert), Some(key)) => {
+            let pem = zeroize::Zeroizing::new(format!("{cert}\n{key}\n"));
+            Some(reqwest::Identity::from_pem(pem.as_bytes()).map_err(|_| {
+                IssuerError::Recipe("the tenant's TLS client certificate cannot be used".into())
+            })?)
+        }
+        _ => None,
+    };
+    let ca = tenant.issuer.tls_ca.as_deref();
+    if identity.is_none() && ca.is_none() {
+        return Ok(None);
+    }
+    let mut builder = base_builder(settings).use_rustls_tls();
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
+    if let Some(ca) = ca {
+        let roots = reqwest::Certificate::from_pem_bundle(ca.as_bytes())
+            .map_err(|_| IssuerError::Recipe("issuer.tls_ca cannot be read".into()))?;
+        for root in roots {
+            builder = builder.add_root_certificate(root);
+        }
+    }
+    builder
+        .build()
+        .map(Some)
+        .map_err(|_| IssuerError::Recipe("the tenant's TLS settings cannot be used".into()))
+}
+
+/// A hash of what a tenant's TLS client is built from (never kept or shown).
+fn tls_settings_hash(tenant: &Tenant) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [
+        tenant.credentials.get("tls_certificate"),
+        tenant.credentials.get("tls_private_key"),
+        tenant.issuer.tls_ca.as_deref(),
+    ] {
+        h.update(part.unwrap_or("").as_bytes());
+        h.update([0]);
+    }
+    h.finalize().into()
 }
 
 impl Issuers {
     pub fn new(settings: &IssuerSettings) -> Self {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
-            .timeout(settings.request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            // A proxy from the environment would see the real target instead of the address
-            // guard: partner calls always go direct.
-            .no_proxy()
-            .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60));
-        if !settings.allow_insecure {
-            builder = builder
-                .https_only(true)
-                .dns_resolver(Arc::new(crate::egress::PublicOnlyResolver));
-        }
         Self {
-            client: builder.build().expect("the TLS backend initialises"),
-            allow_insecure: settings.allow_insecure,
+            client: base_builder(settings)
+                .build()
+                .expect("the TLS backend initialises"),
+            settings: settings.clone(),
+            tls_clients: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+            nonces: Arc::default(),
         }
     }
 
-    /// Asks the tenant's partner for a token, giving up after `timeout`.
+    /// The client for `tenant`: the shared one, or its own when it has TLS settings.
+    pub fn client_for(&self, tenant: &Tenant) -> Result<reqwest::Client, IssuerError> {
+        if tenant.issuer.tls_ca.is_none() && tenant.credentials.get("tls_certificate").is_none() {
+            return Ok(self.client.clone());
+        }
+        let key = (tenant.id.clone(), tls_settings_hash(tenant));
+        if let Some(c) = self.tls_clients.get(&key) {
+            return Ok(c);
+        }
+        let client =
+            tenant_tls_client(&self.settings, tenant)?.unwrap_or_else(|| self.client.clone());
+        self.tls_clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// Asks the tenant's partner for a token, giving up after `timeout`. A DPoP tenant sends
+    /// a proof with the partner's latest nonce, and once more with a new one when the partner
+    /// answers `use_dpop_nonce` (RFC 9449 §8).
     pub async fn mint(
         &self,
         tenant: &Tenant,
         grant: Grant<'_>,
         timeout: Duration,
     ) -> Result<Minted, IssuerError> {
-        let url = crate::egress::check_token_url(&tenant.issuer.token_url, self.allow_insecure)
-            .map_err(|e| IssuerError::Blocked(e.to_string()))?;
-        let prepared =
-            recipes::prepare(tenant, &grant).map_err(|e| IssuerError::Recipe(e.to_string()))?;
-        let mut req = self
-            .client
-            .post(url)
-            .header(CONTENT_TYPE, prepared.content_type)
-            .header(ACCEPT, "application/json")
-            .timeout(timeout);
-        for (name, value) in prepared.headers {
-            req = req.header(name, value);
-        }
-        let req = req.body(prepared.body.to_vec());
+        let url =
+            crate::egress::check_token_url(&tenant.issuer.token_url, self.settings.allow_insecure)
+                .map_err(|e| IssuerError::Blocked(e.to_string()))?;
+        let client = self.client_for(tenant)?;
+        let dpop = dpop_key(tenant)?;
+        let htu = htu_of(&url);
         let issued_at_ms = now_ms();
         let started = Instant::now();
         let span = tracing::info_span!(
@@ -198,7 +319,51 @@ impl Issuers {
             grant = match grant { Grant::Initial => "initial", Grant::Refresh(_) => "refresh_token" },
             status = tracing::field::Empty,
         );
-        let result = tracing::Instrument::instrument(self.exchange(req), span.clone()).await;
+        let mut nonce = dpop
+            .as_ref()
+            .and_then(|_| self.nonces.lock().expect("nonces").get(&tenant.id).cloned());
+        let mut retried = false;
+        let result = loop {
+            // Prepared afresh for a retry: a client assertion's jti is used once.
+            let prepared =
+                recipes::prepare(tenant, &grant).map_err(|e| IssuerError::Recipe(e.to_string()))?;
+            let mut req = client
+                .post(url.clone())
+                .header(CONTENT_TYPE, prepared.content_type)
+                .header(ACCEPT, "application/json")
+                .timeout(timeout);
+            for (name, value) in prepared.headers {
+                req = req.header(name, value);
+            }
+            if let Some(key) = &dpop {
+                let proof = key
+                    .dpop_proof("POST", &htu, nonce.as_deref(), None)
+                    .map_err(|e| IssuerError::Recipe(format!("the DPoP proof: {e}")))?;
+                req = req.header("DPoP", proof);
+            }
+            let req = req.body(prepared.body.to_vec());
+            let (result, new_nonce) =
+                tracing::Instrument::instrument(self.exchange(req), span.clone()).await;
+            if let (Some(n), Some(_)) = (&new_nonce, &dpop) {
+                self.nonces
+                    .lock()
+                    .expect("nonces")
+                    .insert(tenant.id.clone(), n.clone());
+            }
+            match result {
+                Err(e)
+                    if dpop.is_some()
+                        && !retried
+                        && e.is_use_dpop_nonce()
+                        && new_nonce.is_some() =>
+                {
+                    tracing::info!(tenant = %tenant.id, "partner asked for a DPoP nonce; sending the proof again with it");
+                    nonce = new_nonce;
+                    retried = true;
+                }
+                other => break other,
+            }
+        };
         let _entered = span.enter();
         let elapsed = started.elapsed();
         let doc = match result {
@@ -229,11 +394,24 @@ impl Issuers {
             refresh_token: extracted.refresh_token,
             issued_at_ms,
             expires_at_ms,
+            dpop_jkt: dpop.as_ref().map(|k| k.thumbprint().to_owned()),
         })
     }
 
-    async fn exchange(&self, req: reqwest::RequestBuilder) -> Result<Value, IssuerError> {
-        let resp = req.send().await.map_err(classify_transport)?;
+    /// One exchange: the answer (or why it failed) and the `DPoP-Nonce` the partner sent.
+    async fn exchange(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> (Result<Value, IssuerError>, Option<String>) {
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return (Err(classify_transport(e)), None),
+        };
+        let nonce = dpop_nonce_of(resp.headers());
+        (Self::answer(resp).await, nonce)
+    }
+
+    async fn answer(resp: reqwest::Response) -> Result<Value, IssuerError> {
         let status = resp.status().as_u16();
         tracing::Span::current().record("status", status);
         let retry_after = resp

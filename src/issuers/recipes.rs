@@ -9,6 +9,7 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::expiry::parse_expires_in;
+use super::pop::{self, SigningKey};
 use crate::tenants::template::{self, TemplateError};
 use crate::tenants::{AuthMethod, BodyType, IssuerKind, IssuerSpec, Tenant};
 
@@ -51,6 +52,10 @@ pub enum RecipeError {
     FormValueNotString,
     #[error(transparent)]
     Template(#[from] TemplateError),
+    #[error("the tenant's key cannot sign: {0}")]
+    Key(String),
+    #[error("jwt_bearer has no assertion")]
+    NoAssertion,
 }
 
 /// Why a successful answer holds no usable token.
@@ -60,6 +65,8 @@ pub enum AnswerError {
     NotAnObject,
     #[error("token_type is not Bearer")]
     NotBearer,
+    #[error("token_type is not DPoP: the partner did not bind the token to the tenant's DPoP key")]
+    NotDpop,
     #[error("{what} at {pointer} is not a non-empty string")]
     NotAString { what: &'static str, pointer: String },
     #[error("the answer has no {what} at {pointer}")]
@@ -135,8 +142,69 @@ pub fn prepare(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, RecipeErr
         (IssuerKind::Oauth2ClientCredentials | IssuerKind::Oauth2Password, _) => {
             oauth2(tenant, grant)
         }
+        (IssuerKind::JwtBearer, _) => jwt_bearer(tenant),
         (IssuerKind::Custom, _) => custom(tenant),
     }
+}
+
+const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// The tenant's `private_key`, ready to sign.
+fn private_key(tenant: &Tenant) -> Result<SigningKey, RecipeError> {
+    SigningKey::from_pem(
+        cred(tenant, "private_key")?,
+        tenant.issuer.assertion_alg,
+        tenant.credentials.get("key_id"),
+    )
+    .map_err(|e| RecipeError::Key(e.to_string()))
+}
+
+/// The JWT bearer grant (RFC 7523 §2.1): `assertion` signed with `private_key`, its claims
+/// templated from the credentials; `scope` also sent as a parameter.
+fn jwt_bearer(tenant: &Tenant) -> Result<Prepared, RecipeError> {
+    let spec = tenant
+        .issuer
+        .assertion
+        .as_ref()
+        .ok_or(RecipeError::NoAssertion)?;
+    let render = |t: &str| template::render(t, &tenant.credentials);
+    let (iss, sub, aud) = (render(&spec.iss)?, render(&spec.sub)?, render(&spec.aud)?);
+    let claims = pop::assertion_claims(
+        &iss,
+        &sub,
+        &aud,
+        spec.scope.as_deref(),
+        Some(spec.lifetime_seconds.unwrap_or(300) as i64),
+    );
+    let assertion = Zeroizing::new(
+        private_key(tenant)?
+            .grant_assertion(&claims)
+            .map_err(|e| RecipeError::Key(e.to_string()))?,
+    );
+    let mut pairs = vec![
+        ("grant_type", JWT_BEARER_GRANT),
+        ("assertion", assertion.as_str()),
+    ];
+    if let Some(scope) = &spec.scope {
+        pairs.push(("scope", scope));
+    }
+    // Client authentication when the partner wants it beside the grant (RFC 7523 §3.1 allows
+    // none): Basic with a secret, else the client id alone.
+    let mut headers = vec![];
+    match (
+        tenant.credentials.get("client_id"),
+        tenant.credentials.get("client_secret"),
+    ) {
+        (Some(id), Some(secret)) => headers.push(basic_auth(id, secret)?),
+        (Some(id), None) => pairs.push(("client_id", id)),
+        _ => {}
+    }
+    Ok(Prepared {
+        content_type: FORM,
+        body: form(&pairs),
+        headers,
+    })
 }
 
 fn oauth2(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, RecipeError> {
@@ -163,13 +231,51 @@ fn oauth2(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, RecipeError> {
     let id = cred(tenant, "client_id")?;
     let secret = tenant.credentials.get("client_secret");
     let mut headers = vec![];
+    // The client assertion's audience: the partner's choice, else its token endpoint.
+    let aud = spec
+        .assertion_audience
+        .as_deref()
+        .unwrap_or(&spec.token_url);
+    let assertion: Zeroizing<String>;
     match (spec.auth_method.unwrap_or_default(), secret) {
         (AuthMethod::ClientSecretBasic, Some(secret)) => headers.push(basic_auth(id, secret)?),
         (AuthMethod::ClientSecretPost, Some(secret)) => {
             pairs.push(("client_id", id));
             pairs.push(("client_secret", secret));
         }
-        (_, None) => pairs.push(("client_id", id)),
+        (AuthMethod::ClientSecretJwt, Some(secret)) => {
+            assertion = Zeroizing::new(
+                pop::secret_assertion(id, secret, aud)
+                    .map_err(|e| RecipeError::Key(e.to_string()))?,
+            );
+            pairs.extend([
+                ("client_id", id),
+                ("client_assertion_type", CLIENT_ASSERTION_TYPE),
+                ("client_assertion", assertion.as_str()),
+            ]);
+        }
+        (AuthMethod::PrivateKeyJwt, _) => {
+            assertion = Zeroizing::new(
+                private_key(tenant)?
+                    .client_assertion(id, aud)
+                    .map_err(|e| RecipeError::Key(e.to_string()))?,
+            );
+            pairs.extend([
+                ("client_id", id),
+                ("client_assertion_type", CLIENT_ASSERTION_TYPE),
+                ("client_assertion", assertion.as_str()),
+            ]);
+        }
+        // The certificate is presented by the tenant's own TLS client (RFC 8705 §2).
+        (AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth, _) => {
+            pairs.push(("client_id", id))
+        }
+        (AuthMethod::ClientSecretJwt, None) => {
+            return Err(RecipeError::MissingCredential("client_secret".into()))
+        }
+        (AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost, None) => {
+            pairs.push(("client_id", id))
+        }
     }
     Ok(Prepared {
         content_type: FORM,
@@ -290,11 +396,17 @@ pub fn extract(spec: &IssuerSpec, doc: &Value) -> Result<Extracted, AnswerError>
         }),
         IssuerKind::Comm100Partner
         | IssuerKind::Oauth2ClientCredentials
-        | IssuerKind::Oauth2Password => {
-            if let Some(tt) = doc.get("token_type").and_then(Value::as_str) {
-                if !tt.eq_ignore_ascii_case("bearer") {
-                    return Err(AnswerError::NotBearer);
+        | IssuerKind::Oauth2Password
+        | IssuerKind::JwtBearer => {
+            let token_type = doc.get("token_type").and_then(Value::as_str);
+            if spec.dpop {
+                // A DPoP tenant takes only bound tokens (RFC 9449 §5): an unbound one would
+                // be handed out as if the key protected it.
+                if !token_type.is_some_and(|t| t.eq_ignore_ascii_case("dpop")) {
+                    return Err(AnswerError::NotDpop);
                 }
+            } else if token_type.is_some_and(|t| !t.eq_ignore_ascii_case("bearer")) {
+                return Err(AnswerError::NotBearer);
             }
             Ok(Extracted {
                 access_token: token_at(doc, "/access_token", "access_token")?,
@@ -326,6 +438,7 @@ pub fn supports_refresh(kind: IssuerKind) -> bool {
         IssuerKind::Comm100Partner
             | IssuerKind::Oauth2ClientCredentials
             | IssuerKind::Oauth2Password
+            | IssuerKind::JwtBearer
     )
 }
 

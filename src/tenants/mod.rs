@@ -86,6 +86,10 @@ impl Credentials {
         self.0.get(name).map(|s| s.expose_secret())
     }
 
+    pub fn insert(&mut self, name: &str, value: SecretString) {
+        self.0.insert(name.to_owned(), value);
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(String::as_str)
     }

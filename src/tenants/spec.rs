@@ -36,6 +36,8 @@ pub enum IssuerKind {
     Comm100Partner,
     Oauth2ClientCredentials,
     Oauth2Password,
+    /// The JWT bearer grant (RFC 7523 §2.1): a signed `issuer.assertion` instead of a secret.
+    JwtBearer,
     Custom,
 }
 
@@ -46,28 +48,23 @@ impl IssuerKind {
             Self::Comm100Partner => "comm100_partner",
             Self::Oauth2ClientCredentials => "oauth2_client_credentials",
             Self::Oauth2Password => "oauth2_password",
+            Self::JwtBearer => "jwt_bearer",
             Self::Custom => "custom",
-        }
-    }
-
-    /// (required, optional) credential fields; `None` for `custom` (any names).
-    fn credential_fields(self) -> Option<(&'static [&'static str], &'static [&'static str])> {
-        match self {
-            Self::SetuPartner | Self::Oauth2ClientCredentials => {
-                Some((&["client_id", "client_secret"], &[]))
-            }
-            Self::Comm100Partner => Some((&["client_id", "email", "password"], &[])),
-            Self::Oauth2Password => {
-                Some((&["client_id", "username", "password"], &["client_secret"]))
-            }
-            Self::Custom => None,
         }
     }
 
     fn is_oauth2(self) -> bool {
         matches!(self, Self::Oauth2ClientCredentials | Self::Oauth2Password)
     }
+
+    /// Kinds that speak OAuth 2.0 at the token endpoint (and so may bind tokens with DPoP).
+    fn speaks_oauth(self) -> bool {
+        self.is_oauth2() || self == Self::JwtBearer
+    }
 }
+
+/// Credential fields holding private keys: sealed like the rest, checked to parse at write.
+pub const KEY_FIELDS: [&str; 3] = ["private_key", "tls_private_key", "dpop_private_key"];
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -76,6 +73,34 @@ pub enum AuthMethod {
     #[default]
     ClientSecretBasic,
     ClientSecretPost,
+    /// An HS256 client assertion made with `client_secret` (RFC 7523, OIDC Core §9).
+    ClientSecretJwt,
+    /// A client assertion signed with `private_key` (RFC 7523 §2.2, OIDC Core §9).
+    PrivateKeyJwt,
+    /// The TLS client certificate `tls_certificate` (PKI-bound, RFC 8705 §2.1).
+    TlsClientAuth,
+    /// A self-signed TLS client certificate (RFC 8705 §2.2).
+    SelfSignedTlsClientAuth,
+}
+
+impl AuthMethod {
+    pub fn is_tls(self) -> bool {
+        matches!(self, Self::TlsClientAuth | Self::SelfSignedTlsClientAuth)
+    }
+}
+
+/// The JWT bearer grant's assertion (kind `jwt_bearer`): string values may hold `{{field}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionSpec {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Life of each assertion, 1-3600 s (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_seconds: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -139,6 +164,24 @@ pub struct IssuerSpec {
     pub request: Option<CustomRequest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<CustomResponse>,
+    /// `private_key_jwt` and `jwt_bearer` with an RSA key: RS256 (default) or PS256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion_alg: Option<crate::issuers::pop::AssertionAlg>,
+    /// The client assertion's `aud` (default: the token endpoint), e.g. the partner's issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion_audience: Option<String>,
+    /// Kind `jwt_bearer`: the assertion's claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion: Option<AssertionSpec>,
+    /// Bind tokens to the tenant's DPoP key (RFC 9449).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dpop: bool,
+    /// Serve the tenant's public keys at `GET /v1/tenants/{id}/jwks.json`, unauthenticated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_jwks: bool,
+    /// PEM certificates trusted for this tenant's partner (a private CA), beside the usual roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
 }
 
 const MAX_TTL_SECONDS: u64 = 366 * 24 * 3600;
@@ -202,6 +245,7 @@ impl IssuerSpec {
                 ));
             }
         }
+        self.validate_proof_settings()?;
         match (self.kind, &self.request, &self.response) {
             (IssuerKind::Custom, Some(req), Some(resp)) => validate_custom(req, resp),
             (IssuerKind::Custom, None, _) => {
@@ -223,11 +267,179 @@ impl IssuerSpec {
         }
     }
 
+    /// The proof-of-possession settings: each only where it means something.
+    fn validate_proof_settings(&self) -> Result<(), SpecError> {
+        let method = self.auth_method.unwrap_or_default();
+        let signs = self.kind == IssuerKind::JwtBearer || method == AuthMethod::PrivateKeyJwt;
+        let asserts = signs || method == AuthMethod::ClientSecretJwt;
+        let rules = [
+            ("assertion_alg", self.assertion_alg.is_some() && !signs, "only private_key_jwt and jwt_bearer sign with a private key"),
+            ("assertion_audience", self.assertion_audience.is_some() && !asserts, "only client assertions (client_secret_jwt, private_key_jwt) and jwt_bearer take an audience"),
+            ("dpop", self.dpop && !self.kind.speaks_oauth(), "only oauth2 kinds and jwt_bearer bind tokens with DPoP"),
+            ("assertion", self.assertion.is_some() != (self.kind == IssuerKind::JwtBearer), "kind jwt_bearer needs an assertion, and only it takes one"),
+        ];
+        for (name, broken, why) in rules {
+            if broken {
+                return Err(SpecError::new(format!("issuer.{name}"), why));
+            }
+        }
+        if self
+            .assertion_audience
+            .as_ref()
+            .is_some_and(|a| a.is_empty() || a.len() > MAX_TEXT)
+        {
+            return Err(SpecError::new(
+                "issuer.assertion_audience",
+                format!("must be 1-{MAX_TEXT} characters"),
+            ));
+        }
+        if let Some(a) = &self.assertion {
+            for (name, text) in [("iss", &a.iss), ("sub", &a.sub), ("aud", &a.aud)] {
+                if text.is_empty() || text.len() > MAX_TEXT {
+                    return Err(SpecError::new(
+                        format!("issuer.assertion.{name}"),
+                        format!("must be 1-{MAX_TEXT} characters"),
+                    ));
+                }
+                template::placeholders(text).map_err(|e| {
+                    SpecError::new(format!("issuer.assertion.{name}"), e.to_string())
+                })?;
+            }
+            if a.lifetime_seconds.is_some_and(|l| !(1..=3600).contains(&l)) {
+                return Err(SpecError::new(
+                    "issuer.assertion.lifetime_seconds",
+                    "must be between 1 and 3600",
+                ));
+            }
+        }
+        if let Some(ca) = &self.tls_ca {
+            let parsed = reqwest::Certificate::from_pem_bundle(ca.as_bytes());
+            if ca.len() > 65_536 || !parsed.is_ok_and(|c| !c.is_empty()) {
+                return Err(SpecError::new(
+                    "issuer.tls_ca",
+                    "must be one or more PEM certificates (at most 64 KiB)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// (required, optional) credential fields for this kind and client authentication;
+    /// `None` for `custom` (any names its templates use).
+    pub fn credential_fields(&self) -> Option<(Vec<&'static str>, Vec<&'static str>)> {
+        let method = self.auth_method.unwrap_or_default();
+        let client: (&[&'static str], &[&'static str]) = match method {
+            AuthMethod::ClientSecretBasic
+            | AuthMethod::ClientSecretPost
+            | AuthMethod::ClientSecretJwt => (&["client_id", "client_secret"], &[]),
+            AuthMethod::PrivateKeyJwt => (&["client_id", "private_key"], &["key_id"]),
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
+                (&["client_id", "tls_certificate", "tls_private_key"], &[])
+            }
+        };
+        let (mut required, mut optional): (Vec<&str>, Vec<&str>) = match self.kind {
+            IssuerKind::SetuPartner => (vec!["client_id", "client_secret"], vec![]),
+            IssuerKind::Comm100Partner => (vec!["client_id", "email", "password"], vec![]),
+            IssuerKind::Oauth2ClientCredentials => (client.0.to_vec(), client.1.to_vec()),
+            IssuerKind::Oauth2Password => {
+                let mut required = vec!["client_id", "username", "password"];
+                let mut optional = vec![];
+                match method {
+                    // The secret is optional for basic/post (public clients).
+                    AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost => {
+                        optional.push("client_secret")
+                    }
+                    _ => {
+                        required.extend(client.0.iter().filter(|f| **f != "client_id"));
+                        optional.extend(client.1);
+                    }
+                }
+                (required, optional)
+            }
+            IssuerKind::JwtBearer => (
+                vec!["private_key"],
+                vec!["key_id", "client_id", "client_secret"],
+            ),
+            IssuerKind::Custom => return None,
+        };
+        if self.dpop {
+            // Generated and sealed at write when not given.
+            required.push("dpop_private_key");
+        } else if self.kind.speaks_oauth() {
+            // Kept when DPoP is turned off, reused if it is turned on again.
+            optional.push("dpop_private_key");
+        }
+        optional.retain(|f| !required.contains(f));
+        Some((required, optional))
+    }
+
+    /// Fills in what the broker makes itself: a fresh P-256 `dpop_private_key` for a DPoP
+    /// tenant that brought none. True when something was added.
+    pub fn complete_credentials(&self, creds: &mut Credentials) -> bool {
+        if self.dpop && creds.get("dpop_private_key").is_none() {
+            let pem = crate::issuers::pop::SigningKey::generate_p256_pem();
+            creds.insert(
+                "dpop_private_key",
+                SecretString::from(pem.as_str().to_owned()),
+            );
+            return true;
+        }
+        false
+    }
+
+    /// Checks that every key in `creds` can do its job (never saying what it holds).
+    fn validate_keys(&self, creds: &Credentials) -> Result<(), SpecError> {
+        use crate::issuers::pop::SigningKey;
+        if let Some(pem) = creds.get("private_key") {
+            SigningKey::from_pem(pem, self.assertion_alg, creds.get("key_id"))
+                .map_err(|e| SpecError::new("credentials.private_key", e.to_string()))?;
+        }
+        if let Some(pem) = creds.get("dpop_private_key") {
+            SigningKey::from_pem(pem, None, None)
+                .map_err(|e| SpecError::new("credentials.dpop_private_key", e.to_string()))?;
+        }
+        match (creds.get("tls_certificate"), creds.get("tls_private_key")) {
+            (Some(cert), Some(key)) => {
+                let pem = zeroize::Zeroizing::new(format!("{cert}\n{key}\n"));
+                reqwest::Identity::from_pem(pem.as_bytes()).map_err(|_| {
+                    SpecError::new(
+                        "credentials.tls_certificate",
+                        "tls_certificate and tls_private_key must be a PEM certificate chain and its PEM private key",
+                    )
+                })?;
+            }
+            (None, None) => {}
+            (_, None) => {
+                return Err(SpecError::new(
+                    "credentials.tls_private_key",
+                    "required with tls_certificate",
+                ))
+            }
+            (None, _) => {
+                return Err(SpecError::new(
+                    "credentials.tls_certificate",
+                    "required with tls_private_key",
+                ))
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that `creds` carry exactly what this kind needs (and what the templates use).
     pub fn validate_credentials(&self, creds: &Credentials) -> Result<(), SpecError> {
-        match self.kind.credential_fields() {
+        self.validate_keys(creds)?;
+        if self.publish_jwks
+            && creds.get("private_key").is_none()
+            && creds.get("dpop_private_key").is_none()
+        {
+            return Err(SpecError::new(
+                "issuer.publish_jwks",
+                "the tenant has no key to publish (private_key or dpop)",
+            ));
+        }
+        match self.credential_fields() {
             Some((required, optional)) => {
-                for name in required {
+                for name in &required {
                     if creds.get(name).is_none() {
                         return Err(SpecError::new(
                             format!("credentials.{name}"),
@@ -488,7 +700,7 @@ impl TenantSpec {
                 .ok_or_else(|| SpecError::new("issuer", "missing field"))?,
             "issuer",
         )?;
-        let credentials = parse_credentials(
+        let mut credentials = parse_credentials(
             obj.remove("credentials")
                 .ok_or_else(|| SpecError::new("credentials", "missing field"))?,
             "credentials",
@@ -504,6 +716,7 @@ impl TenantSpec {
             ));
         }
         issuer.validate(allow_insecure)?;
+        issuer.complete_credentials(&mut credentials);
         issuer.validate_credentials(&credentials)?;
         Ok(Self {
             id,

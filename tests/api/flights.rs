@@ -262,6 +262,7 @@ async fn a_stalled_writer_cannot_overwrite_a_newer_token(env: TestEnv) {
             refresh_token: None,
             issued_at_ms: now - issued_ago_ms,
             expires_at_ms: now - issued_ago_ms + life_ms,
+            dpop_jkt: None,
         }))
     };
     use secrecy::ExposeSecret;
