@@ -13,6 +13,7 @@ pub mod db;
 pub mod egress;
 pub mod issuers;
 pub mod metrics;
+pub mod pop;
 pub mod proxy;
 pub mod telemetry;
 pub mod tenants;

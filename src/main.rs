@@ -42,7 +42,7 @@ enum Command {
         rotate: bool,
     },
     /// Tenants on a running broker (BROKER_URL, BROKER_ADMIN_TOKEN).
-    Tenants(cli::TenantsArgs),
+    Tenants(Box<cli::TenantsArgs>),
     /// Callers on a running broker (BROKER_URL, BROKER_ADMIN_TOKEN).
     Callers(cli::CallersArgs),
     /// The audit trail of a running broker (BROKER_URL, BROKER_ADMIN_TOKEN).
@@ -151,7 +151,7 @@ fn main() -> ExitCode {
     let command = match cli.command {
         // These read no broker configuration.
         Command::Ready { url } => return ready(url),
-        Command::Tenants(args) => return cli::tenants(args),
+        Command::Tenants(args) => return cli::tenants(*args),
         Command::Callers(args) => return cli::callers(args),
         Command::Audit(args) => return cli::audit(args),
         Command::Completion { shell } => {

@@ -222,7 +222,7 @@ pub struct Target {
     pub auth_header: HeaderName,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The tenant's DPoP key: every call carries a fresh proof (RFC 9449 §7).
-    pub dpop: Option<crate::issuers::pop::SigningKey>,
+    pub dpop: Option<crate::pop::SigningKey>,
     /// The partner API's latest `DPoP-Nonce` for this tenant.
     pub dpop_nonce: std::sync::Mutex<Option<String>>,
     /// The tenant's own client when it presents a certificate or trusts a private CA.
@@ -272,8 +272,8 @@ pub fn client(connect_timeout: Duration, allow_insecure: bool) -> reqwest::Clien
 /// grant) and its DPoP key, and whether it publishes their public halves.
 #[derive(Debug, Default)]
 pub struct TenantKeys {
-    pub private: Option<crate::issuers::pop::SigningKey>,
-    pub dpop: Option<crate::issuers::pop::SigningKey>,
+    pub private: Option<crate::pop::SigningKey>,
+    pub dpop: Option<crate::pop::SigningKey>,
     pub publish: bool,
 }
 
@@ -392,7 +392,7 @@ impl Targets {
         let unusable = |what: &str| StoreError::Corrupt(format!("{what} of tenant {id}"));
         let private = match tenant.credentials.get("private_key") {
             Some(pem) => Some(
-                crate::issuers::pop::SigningKey::from_pem(
+                crate::pop::SigningKey::from_pem(
                     pem,
                     tenant.issuer.assertion_alg,
                     tenant.credentials.get("key_id"),
@@ -403,7 +403,7 @@ impl Targets {
         };
         let dpop = match tenant.credentials.get("dpop_private_key") {
             Some(pem) => Some(
-                crate::issuers::pop::SigningKey::from_pem(pem, None, None)
+                crate::pop::SigningKey::from_pem(pem, None, None)
                     .map_err(|_| unusable("dpop_private_key"))?,
             ),
             None => None,

@@ -58,6 +58,10 @@ made = [
             "credentials": {"client_id": "mtls", "tls_certificate": read("client.pem"),
                             "tls_private_key": read("client.key")},
             "proxy": {"base_url": RS_TLS}}),
+    tenant({"id": "selfsigned", "issuer": {"kind": "oauth2_client_credentials", "token_url": f"{AS_TLS}/token",
+            "auth_method": "self_signed_tls_client_auth", "tls_ca": read("ca.pem")},
+            "credentials": {"client_id": "selfsigned", "tls_certificate": read("selfsigned.pem"),
+                            "tls_private_key": read("selfsigned.key")}}),
     tenant({"id": "jwtb", "issuer": {"kind": "jwt_bearer", "token_url": f"{AS}/token",
             "assertion": {"iss": "{{client_id}}@broker.test", "sub": "svc@broker.test",
                           "aud": f"{AS}/token", "scope": "openid"}},
@@ -89,7 +93,7 @@ try:
     C = {"authorization": f"Bearer {caller['api_key']}"}
 
     tokens = {}
-    for t, typ in [("pkjwt", "Bearer"), ("csjwt", "Bearer"), ("dpop", "DPoP"), ("mtls", "Bearer"), ("jwtb", "Bearer")]:
+    for t, typ in [("pkjwt", "Bearer"), ("csjwt", "Bearer"), ("dpop", "DPoP"), ("mtls", "Bearer"), ("selfsigned", "Bearer"), ("jwtb", "Bearer")]:
         r = requests.get(f"{broker}/v1/tenants/{t}/token", headers=C)
         check(r.status_code == 200, f"{t}: the partner accepted the broker's client authentication", r.status_code, r.text)
         check(r.json()["token_type"] == typ, f"{t}: token_type {typ}", r.json()["token_type"])

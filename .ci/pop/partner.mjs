@@ -7,7 +7,8 @@
 //   node partner.mjs <http port> <https port> <resource http port> <resource https port> <dir>
 //
 // <dir> holds client.jwk.json (the broker tenant's public key), ca.pem, server.pem,
-// server.key (the HTTPS listener's certificate, signed by ca.pem). Prints "ready" when up.
+// server.key (the HTTPS listener's certificate, signed by ca.pem), selfsigned.pem (a
+// self-signed client certificate). Prints "ready" when up.
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
@@ -20,6 +21,9 @@ const read = (f) => fs.readFileSync(`${dir}/${f}`, 'utf8');
 const clientJwk = JSON.parse(read('client.jwk.json'));
 const issuer = `http://127.0.0.1:${httpPort}`;
 const cc = { grant_types: ['client_credentials'], response_types: [], redirect_uris: [] };
+// The self-signed client certificate, registered as a JWK with its x5c (RFC 8705 §2.2).
+const selfSigned = new crypto.X509Certificate(read('selfsigned.pem'));
+const selfSignedJwk = { ...await jose.exportJWK(selfSigned.publicKey), x5c: [selfSigned.raw.toString('base64')] };
 const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
 
 const provider = new Provider(issuer, {
@@ -27,10 +31,11 @@ const provider = new Provider(issuer, {
     { client_id: 'pkjwt', token_endpoint_auth_method: 'private_key_jwt', jwks: { keys: [clientJwk] }, ...cc },
     { client_id: 'csjwt', client_secret: 'csjwt-secret-that-is-at-least-32-bytes-long', token_endpoint_auth_method: 'client_secret_jwt', ...cc },
     { client_id: 'dpop', token_endpoint_auth_method: 'private_key_jwt', jwks: { keys: [clientJwk] }, dpop_bound_access_tokens: true, ...cc },
+    { client_id: 'selfsigned', token_endpoint_auth_method: 'self_signed_tls_client_auth', jwks: { keys: [selfSignedJwk] }, tls_client_certificate_bound_access_tokens: true, ...cc },
     { client_id: 'mtls', token_endpoint_auth_method: 'tls_client_auth', tls_client_auth_subject_dn: 'CN=token-broker-test', tls_client_certificate_bound_access_tokens: true, ...cc },
     { client_id: 'bearer', token_endpoint_auth_method: 'none', grant_types: [JWT_BEARER], response_types: [], redirect_uris: [] },
   ],
-  clientAuthMethods: ['client_secret_jwt', 'private_key_jwt', 'tls_client_auth', 'none'],
+  clientAuthMethods: ['client_secret_jwt', 'private_key_jwt', 'tls_client_auth', 'self_signed_tls_client_auth', 'none'],
   features: {
     clientCredentials: { enabled: true },
     devInteractions: { enabled: false },
@@ -38,6 +43,7 @@ const provider = new Provider(issuer, {
     mTLS: {
       enabled: true,
       tlsClientAuth: true,
+      selfSignedTlsClientAuth: true,
       certificateBoundAccessTokens: true,
       getCertificate: (ctx) => ctx.req.socket.getPeerX509Certificate?.() ?? undefined,
       certificateAuthorized: (ctx) => ctx.req.socket.authorized === true,

@@ -26,6 +26,7 @@ openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out s
 openssl req "${ec[@]}" -keyout client.key -out client.csr -subj /CN=token-broker-test 2>/dev/null
 openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 \
   -extfile <(printf 'extendedKeyUsage=clientAuth') 2>/dev/null
+openssl req -x509 "${ec[@]}" -keyout selfsigned.key -out selfsigned.pem -days 2 -subj /CN=self-signed-client 2>/dev/null
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out tenant.pem 2>/dev/null
 cd "$root"
 

@@ -444,7 +444,8 @@ async fn patch_tenant(
     if change.issuer.is_some() || change.credentials.is_some() {
         state.broker.forget(&id).await;
     }
-    if change.proxy.is_some() {
+    // Proxy targets and signing keys hold the issuer's and the credentials' keys too.
+    if change.proxy.is_some() || change.issuer.is_some() || change.credentials.is_some() {
         state.proxy.forget(&id);
     }
     tracing::info!(tenant = %id, "tenant updated");
@@ -524,6 +525,7 @@ async fn put_credentials(
     )
     .await?;
     state.broker.forget(&id).await;
+    state.proxy.forget(&id);
     tracing::info!(tenant = %id, "tenant credentials rotated");
     Ok(HttpResponse::NoContent()
         .insert_header((header::ETAG, format!("\"v{}\"", record.version)))

@@ -2,7 +2,6 @@
 //! classification of every upstream outcome.
 
 pub mod expiry;
-pub mod pop;
 pub mod recipes;
 
 use std::sync::Arc;
@@ -181,14 +180,14 @@ pub fn htu_of(url: &reqwest::Url) -> String {
 }
 
 /// The tenant's DPoP key, when it binds tokens.
-pub fn dpop_key(tenant: &Tenant) -> Result<Option<pop::SigningKey>, IssuerError> {
+pub fn dpop_key(tenant: &Tenant) -> Result<Option<crate::pop::SigningKey>, IssuerError> {
     if !tenant.issuer.dpop {
         return Ok(None);
     }
     let pem = tenant.credentials.get("dpop_private_key").ok_or_else(|| {
         IssuerError::Recipe("credential field dpop_private_key is missing".into())
     })?;
-    pop::SigningKey::from_pem(pem, None, None)
+    crate::pop::SigningKey::from_pem(pem, None, None)
         .map(Some)
         .map_err(|e| IssuerError::Recipe(format!("the DPoP key cannot sign: {e}")))
 }

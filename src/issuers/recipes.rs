@@ -9,7 +9,7 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::expiry::parse_expires_in;
-use super::pop::{self, SigningKey};
+use crate::pop::{self, SigningKey};
 use crate::tenants::template::{self, TemplateError};
 use crate::tenants::{AuthMethod, BodyType, IssuerKind, IssuerSpec, Tenant};
 

@@ -166,7 +166,7 @@ pub struct IssuerSpec {
     pub response: Option<CustomResponse>,
     /// `private_key_jwt` and `jwt_bearer` with an RSA key: RS256 (default) or PS256.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub assertion_alg: Option<crate::issuers::pop::AssertionAlg>,
+    pub assertion_alg: Option<crate::pop::AssertionAlg>,
     /// The client assertion's `aud` (default: the token endpoint), e.g. the partner's issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assertion_audience: Option<String>,
@@ -377,7 +377,7 @@ impl IssuerSpec {
     /// tenant that brought none. True when something was added.
     pub fn complete_credentials(&self, creds: &mut Credentials) -> bool {
         if self.dpop && creds.get("dpop_private_key").is_none() {
-            let pem = crate::issuers::pop::SigningKey::generate_p256_pem();
+            let pem = crate::pop::SigningKey::generate_p256_pem();
             creds.insert(
                 "dpop_private_key",
                 SecretString::from(pem.as_str().to_owned()),
@@ -389,7 +389,7 @@ impl IssuerSpec {
 
     /// Checks that every key in `creds` can do its job (never saying what it holds).
     fn validate_keys(&self, creds: &Credentials) -> Result<(), SpecError> {
-        use crate::issuers::pop::SigningKey;
+        use crate::pop::SigningKey;
         if let Some(pem) = creds.get("private_key") {
             SigningKey::from_pem(pem, self.assertion_alg, creds.get("key_id"))
                 .map_err(|e| SpecError::new("credentials.private_key", e.to_string()))?;

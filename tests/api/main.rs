@@ -15,6 +15,7 @@ mod oauth;
 mod ops;
 mod partners;
 mod persistence;
+mod pop;
 mod proxy;
 mod secrets;
 mod security;

@@ -1,6 +1,7 @@
-//! Proof of possession at partners: the signed client assertions of RFC 7523 (`private_key_jwt`,
-//! `client_secret_jwt`, the JWT bearer grant) and DPoP proofs (RFC 9449), the tenant keys they
-//! are signed with, and those keys' public halves as JWKs (RFC 7517) with RFC 7638 thumbprints.
+//! Proof of possession at partners (below `tenants` and `issuers`, which both use it): the
+//! signed client assertions of RFC 7523 (`private_key_jwt`, `client_secret_jwt`, the JWT
+//! bearer grant) and DPoP proofs (RFC 9449), the tenant keys they are signed with, and those
+//! keys' public halves as JWKs (RFC 7517) with RFC 7638 thumbprints.
 //!
 //! Signing is jsonwebtoken's; `ring` (already what jsonwebtoken signs with) reads the public
 //! half out of a private key and generates P-256 keys. Errors name a problem, never key material.
@@ -393,8 +394,8 @@ mod tests {
 
     #[test]
     fn rsa_keys_in_pkcs8_and_pkcs1_sign_rs256_and_ps256() {
-        let pkcs8 = include_str!("../../tests/fixtures/rsa1.pem");
-        let pkcs1 = include_str!("../../tests/fixtures/rsa1-pkcs1.pem");
+        let pkcs8 = include_str!("../tests/fixtures/rsa1.pem");
+        let pkcs1 = include_str!("../tests/fixtures/rsa1-pkcs1.pem");
         let a = SigningKey::from_pem(pkcs8, None, Some("k1")).unwrap();
         let b = SigningKey::from_pem(pkcs1, Some(AssertionAlg::PS256), None).unwrap();
         assert_eq!((a.alg_name(), a.kid.as_str()), ("RS256", "k1"));
