@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """The admin console end to end in headless Chromium (see run.sh)."""
+import json
 import os
 import re
 import shutil
@@ -125,6 +126,28 @@ def main():
         wait.until(EC.text_to_be_present_in_element((By.ID, "tenant-result"), "Credentials replaced"))
         driver.find_element(By.ID, "test-credentials").click()
         wait.until(EC.text_to_be_present_in_element((By.ID, "tenant-result"), "accepted"))
+
+        # A partner that wants a signed assertion and DPoP: the key comes from a file picker.
+        driver.find_element(By.ID, "nav-tenants").click()
+        by_id("new-tenant").click()
+        by_id("t-id").send_keys("bank-pkjwt")
+        Select(driver.find_element(By.ID, "t-kind")).select_by_value("oauth2_client_credentials")
+        Select(driver.find_element(By.ID, "t-auth-method")).select_by_value("private_key_jwt")
+        assert not driver.find_elements(By.ID, "t-cred-client_secret"), "private_key_jwt has no secret field"
+        driver.find_element(By.ID, "t-token-url").send_keys("https://bank.example.com/oauth2/token")
+        driver.find_element(By.ID, "t-cred-client_id").send_keys("broker")
+        key_file = os.path.abspath("tests/fixtures/ec1.pem")
+        driver.find_element(By.ID, "t-cred-private_key-file").send_keys(key_file)
+        wait.until(lambda d: "BEGIN PRIVATE KEY" in d.find_element(By.ID, "t-cred-private_key").get_attribute("value"))
+        driver.find_element(By.ID, "t-dpop").click()
+        driver.find_element(By.ID, "t-submit").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "tenant-title"), "bank-pkjwt"))
+        req = urllib.request.Request(f"{base}/admin/v1/tenants/bank-pkjwt", headers={"authorization": f"Bearer {admin_token}"})
+        made = json.loads(urllib.request.urlopen(req).read())
+        assert made["issuer"]["auth_method"] == "private_key_jwt" and made["issuer"]["dpop"] is True, made
+        assert made["credential_fields"] == ["client_id", "dpop_private_key", "private_key"], made
+        key_line = open(key_file).read().splitlines()[1]
+        assert key_line not in driver.page_source, "the private key is rendered"
 
         driver.find_element(By.ID, "nav-tenants").click()
         row = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, 'tr[data-tenant="acme-setu"]')))

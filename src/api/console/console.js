@@ -10,6 +10,16 @@ const KINDS = {
   oauth2_client_credentials: { label: 'OAuth 2.0 client credentials', fields: [['client_id', 'text'], ['client_secret', 'password']], scope: true },
   oauth2_password: { label: 'OAuth 2.0 password', fields: [['client_id', 'text'], ['username', 'text'], ['password', 'password'], ['client_secret', 'password', true]], scope: true },
 };
+// How an oauth2 tenant authenticates at the partner, and the credential fields that replace
+// client_secret for it ('pem' fields are text areas with a file picker: keys never go in a URL).
+const AUTH_METHODS = {
+  client_secret_basic: { label: 'client_secret_basic (default)' },
+  client_secret_post: { label: 'client_secret_post' },
+  client_secret_jwt: { label: 'client_secret_jwt (HS256 assertion)' },
+  private_key_jwt: { label: 'private_key_jwt (signed assertion)', fields: [['private_key', 'pem'], ['key_id', 'text', true]] },
+  tls_client_auth: { label: 'tls_client_auth (client certificate)', fields: [['tls_certificate', 'pem'], ['tls_private_key', 'pem']] },
+  self_signed_tls_client_auth: { label: 'self_signed_tls_client_auth', fields: [['tls_certificate', 'pem'], ['tls_private_key', 'pem']] },
+};
 const REFRESH_MS = 5000;
 
 let timer = null;
@@ -167,16 +177,37 @@ function tenantRow(t) {
     h('td', { class: 'num' }, mints(hl)));
 }
 
-function credentialInputs(kind, prefix) {
+// The credential fields of a kind under an auth method: a method with its own fields
+// replaces client_secret (kept optional for oauth2_password's public clients otherwise).
+function credentialFields(kind, method) {
   const spec = KINDS[kind];
-  if (!spec) return [h('p', { class: 'muted' }, 'This kind takes its credentials as JSON: use the spec box below.')];
-  return spec.fields.map(([name, type, optional]) => h('label', {}, name + (optional ? ' (optional)' : ''),
-    h('input', { type, name: 'cred-' + name, id: prefix + name, required: !optional, autocomplete: type === 'password' ? 'new-password' : 'off', spellcheck: 'false' })));
+  if (!spec) return null;
+  const own = spec.scope && AUTH_METHODS[method] && AUTH_METHODS[method].fields;
+  if (!own) return spec.fields;
+  return spec.fields.filter(([name]) => name !== 'client_secret').concat(own);
 }
 
-function readCredentials(form, kind) {
+function credentialInputs(kind, prefix, method) {
+  const fields = credentialFields(kind, method);
+  if (!fields) return [h('p', { class: 'muted' }, 'This kind takes its credentials as JSON: use the spec box below.')];
+  return fields.map(([name, type, optional]) => {
+    const label = name + (optional ? ' (optional)' : '');
+    if (type !== 'pem') {
+      return h('label', {}, label,
+        h('input', { type, name: 'cred-' + name, id: prefix + name, required: !optional, autocomplete: type === 'password' ? 'new-password' : 'off', spellcheck: 'false' }));
+    }
+    const area = h('textarea', { name: 'cred-' + name, id: prefix + name, required: !optional, spellcheck: 'false', autocomplete: 'off', placeholder: '-----BEGIN …-----' });
+    const file = h('input', { type: 'file', id: prefix + name + '-file', accept: '.pem,.key,.crt', onchange: async (ev) => {
+      const f = ev.target.files[0];
+      if (f) area.value = await f.text();
+    } });
+    return h('label', {}, label + ' (PEM: paste it or pick the file)', area, file);
+  });
+}
+
+function readCredentials(form, kind, method) {
   const out = {};
-  for (const [name, , optional] of KINDS[kind].fields) {
+  for (const [name, , optional] of credentialFields(kind, method)) {
     const v = form.elements['cred-' + name].value;
     if (v || !optional) out[name] = v;
   }
@@ -186,14 +217,23 @@ function readCredentials(form, kind) {
 function newTenantView() {
   const creds = h('div', { id: 'cred-fields' });
   const scope = h('label', { id: 'scope-field' }, 'Scope (optional)', h('input', { name: 'scope', id: 't-scope' }));
+  const method = h('select', { name: 'auth_method', id: 't-auth-method' }, Object.entries(AUTH_METHODS).map(([k, v]) => h('option', { value: k }, v.label)));
+  const pop = h('fieldset', { id: 'pop-fields' }, h('legend', {}, 'Client authentication and proof of possession'),
+    h('label', {}, 'How the broker authenticates at the partner', method),
+    h('label', { class: 'check' }, h('input', { type: 'checkbox', name: 'dpop', id: 't-dpop' }), ' Bind tokens with DPoP (the broker keeps the key)'),
+    h('label', { class: 'check' }, h('input', { type: 'checkbox', name: 'publish_jwks', id: 't-publish-jwks' }), ' Publish the public keys at /v1/tenants/<id>/jwks.json'),
+    h('label', { id: 'tls-ca-field' }, 'Partner CA certificates (PEM, optional)', h('textarea', { name: 'tls_ca', id: 't-tls-ca', spellcheck: 'false' })));
   const kind = h('select', { name: 'kind', id: 't-kind' }, Object.entries(KINDS).map(([k, v]) => h('option', { value: k }, v.label + ' (' + k + ')')));
   const status = errorLine('new-tenant-error');
   const json = h('textarea', { name: 'spec', id: 't-spec', spellcheck: 'false', placeholder: '{"id": "…", "issuer": {"kind": "custom", …}, "credentials": {…}}' });
   function onKind() {
-    creds.replaceChildren(...credentialInputs(kind.value, 't-cred-'));
-    scope.hidden = !KINDS[kind.value].scope;
+    const oauth = !!KINDS[kind.value].scope;
+    creds.replaceChildren(...credentialInputs(kind.value, 't-cred-', oauth ? method.value : null));
+    scope.hidden = !oauth;
+    pop.hidden = !oauth;
   }
   kind.addEventListener('change', onKind);
+  method.addEventListener('change', onKind);
   const form = h('form', { class: 'card', id: 'new-tenant-form', autocomplete: 'off', onsubmit: async (ev) => {
     ev.preventDefault();
     let spec;
@@ -201,10 +241,15 @@ function newTenantView() {
       try { spec = JSON.parse(json.value); } catch (e) { status.textContent = 'The spec is not JSON: ' + e.message; return; }
     } else {
       const f = form.elements;
-      spec = { id: f.id.value.trim(), issuer: { kind: kind.value, token_url: f.token_url.value.trim() }, credentials: readCredentials(form, kind.value) };
+      const m = pop.hidden ? null : method.value;
+      spec = { id: f.id.value.trim(), issuer: { kind: kind.value, token_url: f.token_url.value.trim() }, credentials: readCredentials(form, kind.value, m) };
       if (f.display_name.value.trim()) spec.display_name = f.display_name.value.trim();
       if (f.ttl.value) spec.issuer.default_ttl_seconds = Number(f.ttl.value);
       if (!scope.hidden && f.scope.value.trim()) spec.issuer.scope = f.scope.value.trim();
+      if (m && m !== 'client_secret_basic') spec.issuer.auth_method = m;
+      if (m && f.dpop.checked) spec.issuer.dpop = true;
+      if (m && f.publish_jwks.checked) spec.issuer.publish_jwks = true;
+      if (m && f.tls_ca.value.trim()) spec.issuer.tls_ca = f.tls_ca.value;
     }
     try {
       const t = await api('POST', '/admin/v1/tenants', spec);
@@ -218,8 +263,8 @@ function newTenantView() {
     h('label', {}, 'Kind', kind),
     h('label', {}, 'Token URL', h('input', { name: 'token_url', id: 't-token-url', type: 'url', placeholder: 'https://partner.example.com/auth/token' })),
     h('label', {}, 'Default lifetime in seconds, when the partner states none (optional)', h('input', { name: 'ttl', id: 't-ttl', type: 'number', min: 1 })),
-    scope, creds,
-    h('details', {}, h('summary', {}, 'Or paste a whole tenant spec as JSON (any kind, including custom)'), h('label', {}, 'Spec', json)),
+    scope, pop, creds,
+    h('details', {}, h('summary', {}, 'Or paste a whole tenant spec as JSON (any kind, including custom, jwt_bearer)'), h('label', {}, 'Spec', json)),
     h('div', { class: 'actions' }, h('button', { type: 'submit', class: 'primary', id: 't-submit' }, 'Register tenant'), h('a', { href: '#/tenants' }, 'Cancel')),
     status);
   onKind();
@@ -251,7 +296,7 @@ async function tenantView(id) {
   render(t);
   const rotate = h('form', { class: 'card', id: 'rotate-form', autocomplete: 'off', hidden: true, onsubmit: async (ev) => {
     ev.preventDefault();
-    const creds = KINDS[t.issuer.kind] ? readCredentials(rotate, t.issuer.kind) : JSON.parse(rotate.elements.creds_json.value || '{}');
+    const creds = KINDS[t.issuer.kind] ? readCredentials(rotate, t.issuer.kind, t.issuer.auth_method) : JSON.parse(rotate.elements.creds_json.value || '{}');
     try {
       await api('PUT', path + '/credentials', creds);
       rotate.reset();
@@ -262,7 +307,7 @@ async function tenantView(id) {
     } catch (e) { result.className = 'error'; result.textContent = e.message; }
   } },
     h('h3', {}, 'New credentials'),
-    KINDS[t.issuer.kind] ? credentialInputs(t.issuer.kind, 'r-cred-') : h('label', {}, 'Credentials (JSON object)', h('textarea', { name: 'creds_json', id: 'r-creds-json' })),
+    KINDS[t.issuer.kind] ? credentialInputs(t.issuer.kind, 'r-cred-', t.issuer.auth_method) : h('label', {}, 'Credentials (JSON object)', h('textarea', { name: 'creds_json', id: 'r-creds-json' })),
     h('div', { class: 'actions' }, h('button', { type: 'submit', class: 'primary', id: 'rotate-submit' }, 'Replace credentials'),
       h('button', { type: 'button', onclick: () => { rotate.reset(); rotate.hidden = true; } }, 'Cancel')));
   const actions = h('div', { class: 'actions' },
