@@ -195,6 +195,53 @@ FP=$(port)
 start_server bare_forwarder "http://127.0.0.1:$FP/v2/ping" FORWARD_PORT="$FP" FORWARD_TO="http://127.0.0.1:$AP"
 say "(g) partner API via a bare forwarder"; read -r K_RPS K_P50 K_P99 < <(wrk_run "http://127.0.0.1:$FP/v2/accounts/42/balance")
 kill "${pids[-1]}" 2>/dev/null || true
+# A DPoP tenant: the same partner API, a fresh ES256 proof (with ath) on every proxied call.
+curl -fs -o /dev/null -X POST "$B5/admin/v1/tenants" -H "authorization: Bearer $ADMIN" \
+  -H 'content-type: application/json' \
+  -d '{"id": "pdpop", "issuer": {"kind": "oauth2_client_credentials", "token_url": "http://127.0.0.1:'"$AP"'/token", "dpop": true, "min_interval_ms": 0},
+       "credentials": {"client_id": "bench", "client_secret": "bench"},
+       "proxy": {"base_url": "http://127.0.0.1:'"$AP"'/v2", "headers": {"x-product-instance-id": "bench"}}}'
+curl -fs -o /dev/null -H "authorization: Bearer $KEY5" "$B5/v1/tenants/pdpop/proxy/accounts/42/balance"
+say "(g) partner API via proxy, DPoP tenant"; read -r J_RPS J_P50 J_P99 < <(wrk_run "$B5/v1/tenants/pdpop/proxy/accounts/42/balance" "$KEY5")
+# The peer a user would deploy instead: nginx (Debian's nginx-light) injecting the same header,
+# keep-alive to the partner API, 2 workers; nginx itself as the partner API too, so both
+# proxies forward to the same fast server.
+if command -v nginx >/dev/null; then
+  NA=$(port); NX=$(port)
+  mkdir -p "$work/nginx"
+  cat >"$work/nginx/nginx.conf" <<NGINX
+worker_processes ${BENCH_WORKERS:-$(nproc)};
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx;
+  upstream api { server 127.0.0.1:$NA; keepalive 64; }
+  server { listen 127.0.0.1:$NA; location / { default_type application/json;
+    return 200 '{"ok":true,"balance":{"amount":4200,"currency":"INR"}}'; } }
+  server { listen 127.0.0.1:$NX; location /v2/ { proxy_pass http://api; proxy_http_version 1.1;
+    proxy_set_header Connection ""; proxy_set_header Authorization "Bearer bench-token";
+    proxy_set_header x-product-instance-id bench; } }
+}
+NGINX
+  nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' >"$work/nginx.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do curl -fs "http://127.0.0.1:$NA/v2/ping" >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -fs -o /dev/null -X PATCH "$B5/admin/v1/tenants/p0" -H "authorization: Bearer $ADMIN" \
+    -H 'content-type: application/json' -d '{"proxy": {"base_url": "http://127.0.0.1:'"$NA"'/v2"}}'
+  sleep 0.2
+  curl -fs -o /dev/null -H "authorization: Bearer $KEY5" "$B5/v1/tenants/p0/proxy/accounts/42/balance"
+  say "(n) nginx partner API direct"; read -r N_RPS N_P50 N_P99 < <(wrk_run "http://127.0.0.1:$NA/v2/accounts/42/balance")
+  say "(n) via nginx injecting the header"; read -r M_RPS M_P50 M_P99 < <(wrk_run "http://127.0.0.1:$NX/v2/accounts/42/balance")
+  say "(n) via the broker's proxy mode"; read -r Q_RPS Q_P50 Q_P99 < <(wrk_run "$B5/v1/tenants/p0/proxy/accounts/42/balance" "$KEY5")
+  N1=$(wrk -t1 -c1 -d3s --latency "http://127.0.0.1:$NX/v2/accounts/42/balance" | awk '/^ *50%/ {print $2}')
+  Q1=$(wrk -t1 -c1 -d3s --latency -H "authorization: Bearer $KEY5" "$B5/v1/tenants/p0/proxy/accounts/42/balance" | awk '/^ *50%/ {print $2}')
+  D1=$(wrk -t1 -c1 -d3s --latency "http://127.0.0.1:$NA/v2/accounts/42/balance" | awk '/^ *50%/ {print $2}')
+else
+  say "nginx not installed (apt-get install nginx-light): the peer-proxy case is skipped"
+  N_RPS=0 N_P50=0 N_P99=0 M_RPS=0 M_P50=0 M_P99=0 Q_RPS=0 Q_P50=0 Q_P99=0 N1=0us Q1=0us D1=0us
+fi
 head -c $((50 * 1024 * 1024)) /dev/zero >"$work/upload.bin"
 hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$work/$1.pid")/status"; }
 before_kb=$(hwm_kb proxy)
@@ -212,11 +259,17 @@ report=$(python3 - "$A_RPS" "$A_P50" "$A_P99" "$B_RPS" "$B_P50" "$B_P99" "$C_RPS
   "$D_RPS" "$D_P50" "$D_P99" "$E_CALLS" "$E_OK" "$E_TOKENS" "$E_P99" "$LAT" "$F_RSS_MB" "$F_RPS" "$F_P50" "$F_P99" \
   "$N_RSS" "$N_MANY" "$stamp" "$host" "$DUR" "$CONNS" "$workers" \
   "$G_RPS" "$G_P50" "$G_P99" "$H_RPS" "$H_P50" "$H_P99" "$G_UPLOAD_MB" "$K_RPS" "$K_P50" "$K_P99" \
-  "$Z_RPS" "$Z_P50" "$Z_P99" "$O_RPS" "$O_P50" "$O_P99" "$BODY_BYTES" <<'PY'
-import sys
+  "$Z_RPS" "$Z_P50" "$Z_P99" "$O_RPS" "$O_P50" "$O_P99" "$BODY_BYTES" \
+  "$J_RPS" "$J_P50" "$J_P99" "$N_RPS" "$M_RPS" "$M_P50" "$Q_RPS" "$Q_P50" "$N1" "$Q1" "$D1" <<'PY'
+import re, sys
 (a, a50, a99, b, b50, b99, c, c50, c99, d, d50, d99, ecalls, eok, etok, e99, lat, rss, f, f50, f99,
  nrss, nmany, stamp, host, dur, conns, workers, g, g50, g99, h, h50, h99, upload, k, k50, k99,
- z, z50, z99, o, o50, o99, body) = sys.argv[1:]
+ z, z50, z99, o, o50, o99, body, j, j50, j99, n, m, m50, q, q50, n1, q1, d1) = sys.argv[1:]
+j, n, m, q = map(float, (j, n, m, q))
+def us(v):
+    num, unit = re.match(r"([\d.]+)(us|ms|s)$", v).groups()
+    return float(num) * {"us": 1, "ms": 1000, "s": 1e6}[unit]
+n1, q1, d1 = us(n1), us(q1), us(d1)
 g, h, k = float(g), float(h), float(k)
 a, b, c, d, f, z, o = map(float, (a, b, c, d, f, z, o))
 ok = lambda cond: "PASS" if cond else "FAIL"
@@ -242,7 +295,13 @@ out += ["", "| case | figure | target |", "| --- | --- | --- |",
         f"| (g) proxy: the same through the broker | {h:,.0f} req/s ({h / g:.2f} x direct), p50 {float(h50):.3f} ms (+{float(h50) - float(g50):.3f} ms) | "
         + ok(h >= 0.5 * g and float(h50) - float(g50) <= 0.3) + " (>= 0.5 x direct, p50 added <= 0.3 ms) |",
         f"| (g) proxy: 50 MiB upload, broker peak RSS growth | {upload} MiB | " + ok(int(upload) < 16) + " (< 16 MiB: streamed) |",
-        f"| (g) the stack's ceiling: a bare actix-web + reqwest forwarder, no broker logic | {k:,.0f} req/s ({k / g:.2f} x direct), p50 {float(k50):.3f} ms (+{float(k50) - float(g50):.3f} ms); the broker's proxy is {h / k:.2f} x this | for reference |"]
+        f"| (g) the stack's ceiling: a bare actix-web + reqwest forwarder, no broker logic | {k:,.0f} req/s ({k / g:.2f} x direct), p50 {float(k50):.3f} ms (+{float(k50) - float(g50):.3f} ms); the broker's proxy is {h / k:.2f} x this | for reference |",
+        f"| (g) proxy, DPoP tenant (a fresh ES256 proof per call) | {j:,.0f} req/s ({j / h:.2f} x the bearer tenant), p50 {float(j50):.3f} ms | " + ok(j >= 0.9 * h) + " (>= 0.9 x bearer proxy) |"]
+if n > 0:
+    out += [f"| (n) nginx as the partner API, direct | {n:,.0f} req/s | the ceiling |",
+            f"| (n) nginx injecting the header (the peer) | {m:,.0f} req/s, p50 {float(m50):.3f} ms; +{n1 - d1:.0f} us at 1 connection | the peer |",
+            f"| (n) the broker's proxy mode, same partner API | {q:,.0f} req/s ({q / m:.2f} x nginx), p50 {float(q50):.3f} ms; +{q1 - d1:.0f} us at 1 connection | "
+            + ok(q >= 0.8 * m and q1 - d1 <= 50) + " (>= 0.8 x nginx, <= 50 us added at 1 connection) |"]
 print("\n".join(out))
 PY
 )

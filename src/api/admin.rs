@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::problem::ApiError;
 use super::AppState;
 use super::{read_json, request_id_of};
-use crate::audit::{AlsoWrite, Entry, InSameTransaction};
+use crate::audit::{AlsoWrite, Entry, InSameTransaction, Kind};
 use crate::auth::api_keys::ApiKey;
 use crate::auth::Admin;
 use crate::auth::{CallerRecord, Scope};
@@ -61,7 +61,7 @@ fn admin_row(
     tenant: Option<&str>,
     detail: Option<String>,
 ) -> InSameTransaction {
-    let mut e = Entry::new("admin", action, "ok");
+    let mut e = Entry::new(Kind::Admin, action, "ok");
     e.caller = Some(admin.name.clone());
     e.auth_method = Some(admin.method);
     e.tenant = tenant.map(Into::into);
@@ -541,7 +541,7 @@ async fn test_tenant(
     let id = tenant_id(&path)?;
     // The minted token replaces the cached one: some partners revoke the previous token.
     let result = state.broker.mint_now(&id).await.map_err(ApiError::from);
-    let outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok");
+    let outcome = result.as_ref().map_or_else(|e| e.code().as_str(), |_| "ok");
     if !matches!(result, Err(ApiError::TenantNotFound)) {
         audit_admin(
             &state,
@@ -893,13 +893,13 @@ async fn read_audit(
                 "at": rfc3339(r.at_ms),
                 "last_at": rfc3339(r.last_at_ms),
                 "count": r.count,
-                "kind": r.entry.kind,
+                "kind": r.entry.kind.as_str(),
                 "action": r.entry.action,
                 "outcome": r.entry.outcome,
                 "caller": r.entry.caller.as_deref(),
-                "auth_method": r.entry.auth_method,
+                "auth_method": r.entry.auth_method.map(|m| m.as_str()),
                 "tenant": r.entry.tenant.as_deref(),
-                "source": r.entry.source,
+                "source": r.entry.source.map(|s| s.as_str()),
                 "fingerprint": r.entry.fingerprint.as_deref(),
                 "detail": r.entry.detail,
                 "request_id": r.entry.request_id,

@@ -7,7 +7,7 @@ use futures_util::future::LocalBoxFuture;
 
 use super::problem::ApiError;
 use super::AppState;
-use crate::auth::{api_keys, Admin, AdminRole, Caller, ADMIN_ROLE, AUDITOR_ROLE};
+use crate::auth::{api_keys, Admin, AdminRole, AuthMethod, Caller};
 
 /// The bearer credential of a request, if it has one.
 pub fn bearer(req: &HttpRequest) -> Option<&str> {
@@ -78,7 +78,7 @@ fn refusal(
     reason: &str,
     request_id: Option<String>,
 ) {
-    let mut entry = crate::audit::Entry::new("refused", action, "unauthorized");
+    let mut entry = crate::audit::Entry::new(crate::audit::Kind::Refused, action, "unauthorized");
     entry.tenant = tenant.map(Into::into);
     entry.detail = Some(reason.to_owned());
     entry.request_id = request_id;
@@ -118,17 +118,10 @@ impl FromRequest for Admin {
                         .await
                     {
                         Ok(claims) => {
-                            let role = if claims.roles.iter().any(|r| r == ADMIN_ROLE) {
-                                Some(AdminRole::Admin)
-                            } else if claims.roles.iter().any(|r| r == AUDITOR_ROLE) {
-                                Some(AdminRole::Auditor)
-                            } else {
-                                None
-                            };
-                            match role {
+                            match AdminRole::from_roles(&claims.roles) {
                                 Some(role) => Ok(Admin {
                                     name: claims.sub.into(),
-                                    method: "jwt",
+                                    method: AuthMethod::Jwt,
                                     role,
                                 }),
                                 None => Err(ApiError::AdminForbidden(
@@ -180,7 +173,11 @@ impl FromRequest for Admin {
                         req.method(),
                         req.match_pattern().unwrap_or_default()
                     );
-                    let mut entry = crate::audit::Entry::new("refused", action, e.code());
+                    let mut entry = crate::audit::Entry::new(
+                        crate::audit::Kind::Refused,
+                        action,
+                        e.code().as_str(),
+                    );
                     entry.tenant = req.match_info().get("tenant_id").map(Into::into);
                     entry.detail = Some(e.to_string());
                     entry.request_id = super::request_id_of(&req);

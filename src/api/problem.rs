@@ -105,42 +105,42 @@ impl ApiError {
     }
 
     /// The stable machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::Unauthorized(_) => "unauthorized",
-            Self::Forbidden(_) => "forbidden",
-            Self::TenantNotFound => "tenant_not_found",
-            Self::CallerNotFound => "caller_not_found",
-            Self::RouteNotFound => "not_found",
-            Self::DpopNotEnabled => "dpop_not_enabled",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::InvalidJson(_) => "invalid_json",
-            Self::InvalidRequest { .. } => "invalid_request",
-            Self::InvalidSpec(_) => "invalid_spec",
-            Self::InvalidCaller(_) => "invalid_caller",
-            Self::Conflict(_) => "conflict",
-            Self::PreconditionFailed(_) => "precondition_failed",
-            Self::PayloadTooLarge(_) => "payload_too_large",
-            Self::UnsupportedMediaType(_) => "unsupported_media_type",
-            Self::BodyTimeout(_) => "body_timeout",
-            Self::UriTooLong(_) => "uri_too_long",
-            Self::InvalidateThrottled { .. } => "invalidate_throttled",
-            Self::AdminForbidden(_) => "admin_forbidden",
-            Self::MinTtlUnsatisfiable(_) => "min_ttl_unsatisfiable",
-            Self::Upstream(e) => e.code(),
-            Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => "credentials_unreadable",
-            Self::Store(_) => "database_unavailable",
-            Self::Cache(_) => "cache_unavailable",
-            Self::LockWaitTimeout(_) => "lock_wait_timeout",
-            Self::CircuitOpen { last, .. } => last.code(),
-            Self::AuditUnavailable => "audit_unavailable",
-            Self::CallerRateLimited(_) => "rate_limited",
-            Self::AdminAuthThrottled(_) => "admin_auth_throttled",
-            Self::ProxyNotConfigured => "proxy_not_configured",
-            Self::ProxyConcurrencyLimited(_) => "proxy_concurrency_limited",
-            Self::ProxyResponseTooLarge { .. } => "proxy_response_too_large",
-            Self::InvalidProxyPath(_) => "invalid_proxy_path",
-            Self::Internal(_) => "internal_error",
+            Self::Unauthorized(_) => Code::Unauthorized,
+            Self::Forbidden(_) => Code::Forbidden,
+            Self::TenantNotFound => Code::TenantNotFound,
+            Self::CallerNotFound => Code::CallerNotFound,
+            Self::RouteNotFound => Code::NotFound,
+            Self::DpopNotEnabled => Code::DpopNotEnabled,
+            Self::MethodNotAllowed => Code::MethodNotAllowed,
+            Self::InvalidJson(_) => Code::InvalidJson,
+            Self::InvalidRequest { .. } => Code::InvalidRequest,
+            Self::InvalidSpec(_) => Code::InvalidSpec,
+            Self::InvalidCaller(_) => Code::InvalidCaller,
+            Self::Conflict(_) => Code::Conflict,
+            Self::PreconditionFailed(_) => Code::PreconditionFailed,
+            Self::PayloadTooLarge(_) => Code::PayloadTooLarge,
+            Self::UnsupportedMediaType(_) => Code::UnsupportedMediaType,
+            Self::BodyTimeout(_) => Code::BodyTimeout,
+            Self::UriTooLong(_) => Code::UriTooLong,
+            Self::InvalidateThrottled { .. } => Code::InvalidateThrottled,
+            Self::AdminForbidden(_) => Code::AdminForbidden,
+            Self::MinTtlUnsatisfiable(_) => Code::MinTtlUnsatisfiable,
+            Self::Upstream(e) => Code::of_issuer(e),
+            Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => Code::CredentialsUnreadable,
+            Self::Store(_) => Code::DatabaseUnavailable,
+            Self::Cache(_) => Code::CacheUnavailable,
+            Self::LockWaitTimeout(_) => Code::LockWaitTimeout,
+            Self::CircuitOpen { last, .. } => Code::of_issuer(last),
+            Self::AuditUnavailable => Code::AuditUnavailable,
+            Self::CallerRateLimited(_) => Code::RateLimited,
+            Self::AdminAuthThrottled(_) => Code::AdminAuthThrottled,
+            Self::ProxyNotConfigured => Code::ProxyNotConfigured,
+            Self::ProxyConcurrencyLimited(_) => Code::ProxyConcurrencyLimited,
+            Self::ProxyResponseTooLarge { .. } => Code::ProxyResponseTooLarge,
+            Self::InvalidProxyPath(_) => Code::InvalidProxyPath,
+            Self::Internal(_) => Code::InternalError,
         }
     }
 
@@ -149,7 +149,7 @@ impl ApiError {
         match self {
             Self::CircuitOpen { .. } => "The partner's token endpoint is failing",
             Self::Upstream(IssuerError::Paced { .. }) => "The partner's token endpoint failed",
-            other => entry(other.code()).2,
+            other => other.code().title(),
         }
     }
 
@@ -181,110 +181,123 @@ impl ApiError {
     }
 }
 
-/// The one table of problem codes: code, HTTP status, title. Codes are a contract: add
-/// freely, never rename. `ApiError::code` says which row an error is.
-pub const PROBLEMS: &[(&str, u16, &str)] = &[
-    ("unauthorized", 401, "Authentication required"),
-    ("forbidden", 403, "Forbidden"),
-    ("admin_forbidden", 403, "Not allowed for this admin role"),
-    ("tenant_not_found", 404, "Tenant not found"),
-    ("caller_not_found", 404, "Caller not found"),
-    ("not_found", 404, "Not found"),
-    (
-        "dpop_not_enabled",
-        409,
-        "The tenant does not bind tokens with DPoP",
-    ),
-    (
-        "proxy_not_configured",
-        404,
-        "Proxy mode is not set up for this tenant",
-    ),
-    (
-        "invalid_proxy_path",
-        400,
-        "Path not allowed through the proxy",
-    ),
-    (
-        "proxy_concurrency_limited",
-        429,
-        "Too many proxied requests in flight for this caller",
-    ),
-    (
-        "proxy_response_too_large",
-        502,
-        "The partner's answer is over the tenant's limit",
-    ),
-    ("method_not_allowed", 405, "Method not allowed"),
-    ("body_timeout", 408, "Request body too slow"),
-    ("invalid_json", 400, "Malformed JSON"),
-    ("invalid_request", 400, "Invalid request"),
-    ("invalid_spec", 422, "Invalid tenant spec"),
-    ("invalid_caller", 422, "Invalid caller"),
-    ("min_ttl_unsatisfiable", 422, "min_ttl cannot be satisfied"),
-    ("conflict", 409, "Conflict"),
-    ("precondition_failed", 412, "Precondition failed"),
-    ("payload_too_large", 413, "Payload too large"),
-    ("uri_too_long", 414, "URI too long"),
-    ("unsupported_media_type", 415, "Unsupported media type"),
-    ("rate_limited", 429, "Too many requests"),
-    (
-        "admin_auth_throttled",
-        429,
-        "Too many failed admin authentications",
-    ),
-    ("invalidate_throttled", 429, "Token too young to drop again"),
-    (
-        "upstream_rejected_credentials",
-        502,
-        "The partner rejected the credentials",
-    ),
-    (
-        "upstream_rejected_request",
-        502,
-        "The partner's token endpoint failed",
-    ),
-    (
-        "upstream_bad_response",
-        502,
-        "The partner's token endpoint failed",
-    ),
-    (
-        "upstream_token_expiry_unknown",
-        502,
-        "The partner's token endpoint failed",
-    ),
-    (
-        "upstream_address_blocked",
-        502,
-        "The partner's token endpoint failed",
-    ),
-    ("recipe_error", 502, "The partner's token endpoint failed"),
-    ("upstream_rate_limited", 503, "The partner is throttling"),
-    ("upstream_unavailable", 503, "The partner is unavailable"),
-    ("upstream_timeout", 504, "The partner timed out"),
-    (
-        "lock_wait_timeout",
-        504,
-        "Another replica's mint did not finish in time",
-    ),
-    (
-        "credentials_unreadable",
-        503,
-        "Stored credentials cannot be read",
-    ),
-    ("database_unavailable", 503, "Service unavailable"),
-    ("cache_unavailable", 503, "Service unavailable"),
-    ("audit_unavailable", 503, "Audit trail unavailable"),
-    ("internal_error", 500, "Internal error"),
-];
+/// Declares the problem codes: each variant with its wire name, HTTP status and title, checked
+/// by the compiler (an unknown code does not build, a status outside 400-599 does not build)
+/// instead of looked up at run time. Codes are a contract: add freely, never rename.
+macro_rules! problem_codes {
+    ($($variant:ident = $code:literal, $status:literal, $title:literal;)+) => {
+        /// A stable problem code (RFC 9457 `code` member, and the `type` URN's last part).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Code {
+            $($variant),+
+        }
 
-fn entry(code: &str) -> (&'static str, u16, &'static str) {
-    PROBLEMS
+        impl Code {
+            /// Every code, in the table's order.
+            pub const ALL: &'static [Code] = &[$(Code::$variant),+];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Code::$variant => $code),+
+                }
+            }
+
+            pub const fn status_u16(self) -> u16 {
+                match self {
+                    $(Code::$variant => {
+                        const _: () = assert!($status >= 400 && $status <= 599);
+                        $status
+                    }),+
+                }
+            }
+
+            pub const fn title(self) -> &'static str {
+                match self {
+                    $(Code::$variant => $title),+
+                }
+            }
+        }
+    };
+}
+
+problem_codes! {
+    Unauthorized = "unauthorized", 401, "Authentication required";
+    Forbidden = "forbidden", 403, "Forbidden";
+    AdminForbidden = "admin_forbidden", 403, "Not allowed for this admin role";
+    TenantNotFound = "tenant_not_found", 404, "Tenant not found";
+    CallerNotFound = "caller_not_found", 404, "Caller not found";
+    NotFound = "not_found", 404, "Not found";
+    DpopNotEnabled = "dpop_not_enabled", 409, "The tenant does not bind tokens with DPoP";
+    ProxyNotConfigured = "proxy_not_configured", 404, "Proxy mode is not set up for this tenant";
+    InvalidProxyPath = "invalid_proxy_path", 400, "Path not allowed through the proxy";
+    ProxyConcurrencyLimited = "proxy_concurrency_limited", 429, "Too many proxied requests in flight for this caller";
+    ProxyResponseTooLarge = "proxy_response_too_large", 502, "The partner's answer is over the tenant's limit";
+    MethodNotAllowed = "method_not_allowed", 405, "Method not allowed";
+    BodyTimeout = "body_timeout", 408, "Request body too slow";
+    InvalidJson = "invalid_json", 400, "Malformed JSON";
+    InvalidRequest = "invalid_request", 400, "Invalid request";
+    InvalidSpec = "invalid_spec", 422, "Invalid tenant spec";
+    InvalidCaller = "invalid_caller", 422, "Invalid caller";
+    MinTtlUnsatisfiable = "min_ttl_unsatisfiable", 422, "min_ttl cannot be satisfied";
+    Conflict = "conflict", 409, "Conflict";
+    PreconditionFailed = "precondition_failed", 412, "Precondition failed";
+    PayloadTooLarge = "payload_too_large", 413, "Payload too large";
+    UriTooLong = "uri_too_long", 414, "URI too long";
+    UnsupportedMediaType = "unsupported_media_type", 415, "Unsupported media type";
+    RateLimited = "rate_limited", 429, "Too many requests";
+    AdminAuthThrottled = "admin_auth_throttled", 429, "Too many failed admin authentications";
+    InvalidateThrottled = "invalidate_throttled", 429, "Token too young to drop again";
+    UpstreamRejectedCredentials = "upstream_rejected_credentials", 502, "The partner rejected the credentials";
+    UpstreamRejectedRequest = "upstream_rejected_request", 502, "The partner's token endpoint failed";
+    UpstreamBadResponse = "upstream_bad_response", 502, "The partner's token endpoint failed";
+    UpstreamTokenExpiryUnknown = "upstream_token_expiry_unknown", 502, "The partner's token endpoint failed";
+    UpstreamAddressBlocked = "upstream_address_blocked", 502, "The partner's token endpoint failed";
+    RecipeError = "recipe_error", 502, "The partner's token endpoint failed";
+    UpstreamRateLimited = "upstream_rate_limited", 503, "The partner is throttling";
+    UpstreamUnavailable = "upstream_unavailable", 503, "The partner is unavailable";
+    UpstreamTimeout = "upstream_timeout", 504, "The partner timed out";
+    LockWaitTimeout = "lock_wait_timeout", 504, "Another replica's mint did not finish in time";
+    CredentialsUnreadable = "credentials_unreadable", 503, "Stored credentials cannot be read";
+    DatabaseUnavailable = "database_unavailable", 503, "Service unavailable";
+    CacheUnavailable = "cache_unavailable", 503, "Service unavailable";
+    AuditUnavailable = "audit_unavailable", 503, "Audit trail unavailable";
+    InternalError = "internal_error", 500, "Internal error";
+}
+
+impl Code {
+    pub fn status(self) -> StatusCode {
+        StatusCode::from_u16(self.status_u16()).expect("checked at compile time")
+    }
+
+    /// The code a partner failure answers with: the one place an `IssuerError` becomes HTTP.
+    pub fn of_issuer(e: &IssuerError) -> Self {
+        match e {
+            IssuerError::RejectedCredentials { .. } => Self::UpstreamRejectedCredentials,
+            IssuerError::RejectedRequest { .. } => Self::UpstreamRejectedRequest,
+            IssuerError::RateLimited { .. } | IssuerError::Paced { .. } => {
+                Self::UpstreamRateLimited
+            }
+            IssuerError::Unavailable(_) => Self::UpstreamUnavailable,
+            IssuerError::Timeout => Self::UpstreamTimeout,
+            IssuerError::BadResponse(_) => Self::UpstreamBadResponse,
+            IssuerError::NoExpiry(_) => Self::UpstreamTokenExpiryUnknown,
+            IssuerError::Blocked(_) => Self::UpstreamAddressBlocked,
+            IssuerError::Recipe(_) => Self::RecipeError,
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The table as (code, status, title) rows, for the documents' drift check.
+pub fn problems() -> impl Iterator<Item = (&'static str, u16, &'static str)> {
+    Code::ALL
         .iter()
-        .find(|(c, _, _)| *c == code)
-        .copied()
-        .unwrap_or(("internal_error", 500, "Internal error"))
+        .map(|c| (c.as_str(), c.status_u16(), c.title()))
 }
 
 impl From<BrokerError> for ApiError {
@@ -340,20 +353,20 @@ struct Problem<'a> {
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        StatusCode::from_u16(entry(self.code()).1).expect("the table holds valid statuses")
+        self.code().status()
     }
 
     fn error_response(&self) -> HttpResponse<BoxBody> {
         let status = self.status_code();
         if status.is_server_error() {
-            tracing::error!(code = self.code(), error = %self, source = ?std::error::Error::source(self).map(|s| s.to_string()), "request failed");
+            tracing::error!(code = self.code().as_str(), error = %self, source = ?std::error::Error::source(self).map(|s| s.to_string()), "request failed");
         }
         let field = match self {
             Self::InvalidSpec(e) | Self::InvalidCaller(e) => Some(e.field.as_str()),
             Self::InvalidRequest { field, .. } => field.as_deref(),
             _ => None,
         };
-        let code = self.code();
+        let code = self.code().as_str();
         let body = Problem {
             kind: format!("urn:token-broker:problem:{code}"),
             title: self.title(),
@@ -384,10 +397,36 @@ mod tests {
         let spec =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
         let mut seen = std::collections::HashSet::new();
-        for (code, status, title) in PROBLEMS {
-            assert!(seen.insert(*code), "{code} twice");
-            assert!(StatusCode::from_u16(*status).is_ok() && !title.is_empty());
+        for (code, _, title) in problems() {
+            assert!(seen.insert(code), "{code} twice");
+            assert!(!title.is_empty());
             assert!(spec.contains(code), "openapi.yaml does not list {code}");
+        }
+    }
+
+    #[test]
+    fn partner_failures_answer_with_the_code_the_domain_names() {
+        // The domain's codes (health rows, metrics, the circuit) and HTTP's are one vocabulary.
+        let all = [
+            IssuerError::RejectedCredentials {
+                status: 401,
+                error: None,
+            },
+            IssuerError::RejectedRequest {
+                status: 400,
+                error: None,
+            },
+            IssuerError::RateLimited { retry_after: None },
+            IssuerError::Paced { retry_after: 1 },
+            IssuerError::Unavailable(String::new()),
+            IssuerError::Timeout,
+            IssuerError::BadResponse(String::new()),
+            IssuerError::NoExpiry(String::new()),
+            IssuerError::Blocked(String::new()),
+            IssuerError::Recipe(String::new()),
+        ];
+        for e in all {
+            assert_eq!(Code::of_issuer(&e).as_str(), e.code(), "{e:?}");
         }
     }
 

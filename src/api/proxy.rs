@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use super::problem::ApiError;
 use super::token::authorize;
 use super::{request_id_of, AppState};
-use crate::audit::Entry;
+use crate::audit::{Entry, Kind};
 use crate::auth::Caller;
 use crate::broker::Invalidation;
 use crate::cache::CachedToken;
@@ -262,16 +262,16 @@ async fn forward(
             .with_label_values(&[id.as_str()])
             .observe(started.elapsed().as_secs_f64());
     }
-    let mut e = Entry::new("token", "token.proxy", "ok");
+    let mut e = Entry::new(Kind::Token, "token.proxy", "ok");
     e.caller = Some(caller.name.clone());
-    e.auth_method = Some(caller.method.as_str());
+    e.auth_method = Some(caller.method);
     e.tenant = Some(id.shared());
     e.fingerprint = outcome.fingerprint;
     let call = call_line(&req);
     match (&result, outcome.partner_status) {
         (_, Some(s)) => e.detail = Some(format!("partner status {s}: {call}")),
         (Err(err), None) => {
-            e.outcome = err.code().into();
+            e.outcome = err.code().as_str().into();
             e.detail = Some(call);
             e.request_id = request_id_of(&req);
         }

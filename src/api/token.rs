@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::problem::ApiError;
 use super::AppState;
 use super::{read_json, request_id_of};
-use crate::audit::Entry;
+use crate::audit::{Entry, Kind};
 use crate::auth::Caller;
 use crate::broker::{Invalidation, Source};
 use crate::cache::CachedToken;
@@ -49,9 +49,9 @@ fn entry(
     tenant: &TenantId,
     req: &HttpRequest,
 ) -> Entry {
-    let mut e = Entry::new("token", action, outcome);
+    let mut e = Entry::new(Kind::Token, action, outcome);
     e.caller = Some(caller.name.clone());
-    e.auth_method = Some(caller.method.as_str());
+    e.auth_method = Some(caller.method);
     e.tenant = Some(tenant.shared());
     e.request_id = request_id_of(req);
     e
@@ -84,7 +84,7 @@ pub(super) fn check_scope(
         return Ok(());
     }
     let mut e = entry(caller, action, "forbidden", id, req);
-    e.kind = "refused";
+    e.kind = Kind::Refused;
     e.detail = Some("tenant outside the caller's scope".into());
     record(state, e)?;
     Err(ApiError::Forbidden(id.to_string()))
@@ -198,9 +198,9 @@ pub(super) async fn hand_out(
         Err(e) => {
             let e = ApiError::from(e);
             if !matches!(e, ApiError::TenantNotFound) {
-                state.metrics.token_request(id.as_str(), e.code());
+                state.metrics.token_request(id.as_str(), e.code().as_str());
             }
-            let mut entry = entry(caller, "token.fetch", e.code(), id, req);
+            let mut entry = entry(caller, "token.fetch", e.code().as_str(), id, req);
             entry.detail = via.map(Into::into);
             record(state, entry)?;
             return Err(e);
@@ -210,7 +210,7 @@ pub(super) async fn hand_out(
     let mut e = entry(caller, "token.fetch", "ok", id, req);
     e.request_id = None;
     e.detail = via.map(Into::into);
-    e.source = Some(source.as_str());
+    e.source = Some(source);
     e.fingerprint = Some(token.audit_fingerprint(state.store.keys()).clone());
     if state.audit.record(e).is_err() {
         state
@@ -264,7 +264,7 @@ async fn invalidate(
         Ok(outcome) => outcome,
         Err(err) => {
             let err = ApiError::from(err);
-            e.outcome = err.code().into();
+            e.outcome = err.code().as_str().into();
             slot.record(e);
             return Err(err);
         }

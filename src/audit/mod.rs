@@ -37,16 +37,41 @@ use crate::metrics::Metrics;
 use crate::tenants::TenantId;
 use crate::time::now_ms;
 
+/// What an entry records: a caller's token action, an admin's change, a refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Token,
+    Admin,
+    Refused,
+}
+
+impl Kind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Admin => "admin",
+            Self::Refused => "refused",
+        }
+    }
+
+    /// The kind a stored spelling names; `None` for one this build does not know.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Token, Self::Admin, Self::Refused]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
 /// One audit entry. Shared strings, so building one on the token path allocates nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Entry {
-    pub kind: &'static str,
+    pub kind: Kind,
     pub action: Cow<'static, str>,
     pub outcome: Cow<'static, str>,
     pub caller: Option<Arc<str>>,
-    pub auth_method: Option<&'static str>,
+    pub auth_method: Option<crate::auth::AuthMethod>,
     pub tenant: Option<Arc<str>>,
-    pub source: Option<&'static str>,
+    pub source: Option<crate::broker::Source>,
     pub fingerprint: Option<Arc<str>>,
     pub detail: Option<String>,
     pub request_id: Option<String>,
@@ -54,7 +79,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn new(
-        kind: &'static str,
+        kind: Kind,
         action: impl Into<Cow<'static, str>>,
         outcome: impl Into<Cow<'static, str>>,
     ) -> Self {

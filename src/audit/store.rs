@@ -2,7 +2,7 @@
 
 use sqlx::Row as _;
 
-use super::{Entry, Row};
+use super::{Entry, Kind, Row};
 use crate::db::{AlsoWrite, Db, StoreError};
 
 /// Writes coalesced audit rows (entry, (first ms, last ms, count)) in one transaction.
@@ -58,13 +58,13 @@ async fn insert_on(
                 .bind(*first)
                 .bind(*last)
                 .bind(*count)
-                .bind(e.kind)
+                .bind(e.kind.as_str())
                 .bind(e.action.as_ref())
                 .bind(e.outcome.as_ref())
                 .bind(e.caller.as_deref())
-                .bind(e.auth_method)
+                .bind(e.auth_method.map(|m| m.as_str()))
                 .bind(e.tenant.as_deref())
-                .bind(e.source)
+                .bind(e.source.map(|s| s.as_str()))
                 .bind(e.fingerprint.as_deref())
                 .bind(e.detail.as_deref())
                 .bind(e.request_id.as_deref());
@@ -111,28 +111,6 @@ pub async fn query(
         q = q.bind(b);
     }
     let rows = q.bind(limit).fetch_all(db.pool()).await?;
-    fn kind(s: String) -> &'static str {
-        match s.as_str() {
-            "token" => "token",
-            "admin" => "admin",
-            _ => "refused",
-        }
-    }
-    fn method(s: Option<String>) -> Option<&'static str> {
-        match s.as_deref() {
-            Some("api_key") => Some("api_key"),
-            Some("jwt") => Some("jwt"),
-            Some("admin_token") => Some("admin_token"),
-            _ => None,
-        }
-    }
-    fn source(s: Option<String>) -> Option<&'static str> {
-        match s.as_deref() {
-            Some("cache") => Some("cache"),
-            Some("minted") => Some("minted"),
-            _ => None,
-        }
-    }
     rows.iter()
         .map(|r| {
             Ok(Row {
@@ -141,13 +119,18 @@ pub async fn query(
                 last_at_ms: r.try_get("last_at")?,
                 count: r.try_get("count")?,
                 entry: Entry {
-                    kind: kind(r.try_get("kind")?),
+                    // A spelling a newer build wrote is shown as a refusal, never dropped.
+                    kind: Kind::parse(&r.try_get::<String, _>("kind")?).unwrap_or(Kind::Refused),
                     action: r.try_get::<String, _>("action")?.into(),
                     outcome: r.try_get::<String, _>("outcome")?.into(),
                     caller: r.try_get::<Option<String>, _>("caller")?.map(Into::into),
-                    auth_method: method(r.try_get("auth_method")?),
+                    auth_method: r
+                        .try_get::<Option<String>, _>("auth_method")?
+                        .and_then(|m| crate::auth::AuthMethod::parse(&m)),
                     tenant: r.try_get::<Option<String>, _>("tenant")?.map(Into::into),
-                    source: source(r.try_get("source")?),
+                    source: r
+                        .try_get::<Option<String>, _>("source")?
+                        .and_then(|m| crate::broker::Source::parse(&m)),
                     fingerprint: r
                         .try_get::<Option<String>, _>("fingerprint")?
                         .map(Into::into),

@@ -35,19 +35,28 @@ pub enum AuthError {
     Store(StoreError),
 }
 
-/// How a caller proved who it is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a caller or an admin proved who it is (as the audit trail records it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AuthMethod {
     ApiKey,
     Jwt,
+    AdminToken,
 }
 
 impl AuthMethod {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::ApiKey => "api_key",
             Self::Jwt => "jwt",
+            Self::AdminToken => "admin_token",
         }
+    }
+
+    /// The method a stored spelling names; `None` for one this build does not know.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::ApiKey, Self::Jwt, Self::AdminToken]
+            .into_iter()
+            .find(|m| m.as_str() == s)
     }
 }
 
@@ -262,6 +271,19 @@ pub enum AdminRole {
     Auditor,
 }
 
+impl AdminRole {
+    /// The role an admin JWT's `roles` grant: admin over auditor; `None` for neither.
+    pub fn from_roles(roles: &[String]) -> Option<Self> {
+        if roles.iter().any(|r| r == ADMIN_ROLE) {
+            Some(Self::Admin)
+        } else if roles.iter().any(|r| r == AUDITOR_ROLE) {
+            Some(Self::Auditor)
+        } else {
+            None
+        }
+    }
+}
+
 /// An authenticated admin: the static token (`admin-token`, for bootstrap and break-glass)
 /// or a named person from the IdP. Handlers take it as an argument; auditors get past the
 /// extractor only on reads (GET, HEAD).
@@ -269,8 +291,8 @@ pub enum AdminRole {
 pub struct Admin {
     /// Recorded in the audit trail: `admin-token`, or the JWT's `sub`.
     pub name: Arc<str>,
-    /// `admin_token` or `jwt`.
-    pub method: &'static str,
+    /// `AdminToken` or `Jwt`.
+    pub method: AuthMethod,
     pub role: AdminRole,
 }
 
@@ -278,7 +300,7 @@ impl Admin {
     pub fn static_token() -> Self {
         Self {
             name: "admin-token".into(),
-            method: "admin_token",
+            method: AuthMethod::AdminToken,
             role: AdminRole::Admin,
         }
     }

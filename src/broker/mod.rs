@@ -73,19 +73,54 @@ impl From<CacheError> for BrokerError {
     }
 }
 
-/// Where a handed-out token came from.
+/// What a replica tells the others about a tenant, as `<tag> <replica> <tenant>` on the
+/// shared cache's channel (the one-letter tags are the wire format other versions speak).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    /// `m`: a newer token was written to the shared cache.
+    Minted,
+    /// `d`: the tenant's token was dropped.
+    Dropped,
+    /// `x`: the tenant was deleted.
+    Deleted,
+}
+
+impl Event {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Minted => "m",
+            Self::Dropped => "d",
+            Self::Deleted => "x",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Minted, Self::Dropped, Self::Deleted]
+            .into_iter()
+            .find(|e| e.as_str() == s)
+    }
+}
+
+/// Where a handed-out token came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Source {
     Cache,
     Minted,
 }
 
 impl Source {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::Cache => "cache",
             Self::Minted => "minted",
         }
+    }
+
+    /// The source a stored spelling names (the audit trail's).
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Cache, Self::Minted]
+            .into_iter()
+            .find(|v| v.as_str() == s)
     }
 }
 
@@ -323,29 +358,27 @@ impl Broker {
         self.l2.as_ref()
     }
 
-    /// Handles an event from another replica: `m <replica> <tenant>` (a new token was
-    /// written), `d <replica> <tenant>` (the token was dropped) or `x <replica> <tenant>` (the
-    /// tenant was deleted).
+    /// Handles an event from another replica: `<event> <replica> <tenant>` (see `Event`).
     pub fn on_event(&self, event: &str) {
         let mut parts = event.splitn(3, ' ');
         let (Some(kind), Some(replica), Some(tenant)) = (parts.next(), parts.next(), parts.next())
         else {
             return;
         };
-        if replica == self.replica || !matches!(kind, "m" | "d" | "x") {
+        let Some(kind) = Event::parse(kind).filter(|_| replica != self.replica) else {
             return;
-        }
+        };
         let Ok(tenant) = TenantId::parse(tenant) else {
             return;
         };
-        if kind == "m" {
+        if kind == Event::Minted {
             // A newer token is in the shared cache: read it there next time; if that read
             // fails (this replica's breaker still open), the held token is served meanwhile.
             self.l1.mark_stale(&tenant);
         } else {
             self.l1.invalidate(&tenant);
         }
-        if kind == "x" {
+        if kind == Event::Deleted {
             // Deleted on another replica: nothing of it stays here, its metric series included.
             self.last_read.invalidate(&tenant);
             self.metrics.forget_tenant(tenant.as_str());
@@ -355,10 +388,13 @@ impl Broker {
         }
     }
 
-    async fn announce(&self, kind: &str, tenant: &TenantId) {
+    async fn announce(&self, kind: Event, tenant: &TenantId) {
         if let Some(l2) = &self.l2 {
             if let Err(e) = l2
-                .publish(tenant, &format!("{kind} {} {tenant}", self.replica))
+                .publish(
+                    tenant,
+                    &format!("{} {} {tenant}", kind.as_str(), self.replica),
+                )
                 .await
             {
                 tracing::warn!(tenant = %tenant, error = %e, "could not announce a token change");
@@ -513,7 +549,7 @@ impl Broker {
         self.unshared.lock().expect("unshared").remove(tenant);
         if Arc::ptr_eq(&kept, token) {
             tracing::info!(tenant = %tenant, "token minted while the shared cache was away written back");
-            self.announce("m", tenant).await;
+            self.announce(Event::Minted, tenant).await;
         }
         Some(kept)
     }
@@ -821,7 +857,7 @@ impl Broker {
             Some(l2) => match l2.put(tenant_id, token.clone()).await {
                 Ok(kept) => {
                     self.unshared.lock().expect("unshared").remove(tenant_id);
-                    self.announce("m", tenant_id).await;
+                    self.announce(Event::Minted, tenant_id).await;
                     kept
                 }
                 Err(e) => {
@@ -998,7 +1034,7 @@ impl Broker {
     pub async fn forget_deleted(self: &Arc<Self>, tenant: &TenantId) {
         self.forget(tenant).await;
         self.metrics.forget_tenant(tenant.as_str());
-        self.announce("x", tenant).await;
+        self.announce(Event::Deleted, tenant).await;
     }
 
     /// Drops the tenant's cached token everywhere and closes its circuit (credential rotation,
@@ -1057,7 +1093,7 @@ impl Broker {
             None => true,
             Some(l2) => match l2.remove(tenant).await {
                 Ok(()) => {
-                    self.announce("d", tenant).await;
+                    self.announce(Event::Dropped, tenant).await;
                     true
                 }
                 Err(_) => false,
@@ -1109,7 +1145,7 @@ impl Broker {
             match l2.remove_if_current(tenant, access_token).await {
                 Ok(true) => {
                     dropped = true;
-                    self.announce("d", tenant).await;
+                    self.announce(Event::Dropped, tenant).await;
                 }
                 Ok(false) => {}
                 // Dropped here; Redis keeps its copy until it takes writes again (or the token
@@ -1117,7 +1153,7 @@ impl Broker {
                 Err(CacheError::WriteRefused(why)) => {
                     tracing::warn!(tenant = %tenant, reason = %why, "rejected token dropped in this replica only: Redis refuses writes");
                     if dropped {
-                        self.announce("d", tenant).await;
+                        self.announce(Event::Dropped, tenant).await;
                     }
                 }
                 Err(e) => return Err(e.into()),

@@ -217,8 +217,11 @@ async fn a_flood_cannot_push_a_callers_actions_out_of_the_audit(env: TestEnv) {
         while !halt.load(Ordering::Relaxed) {
             for _ in 0..token_broker::audit::SIDE_ROWS + 10 {
                 n += 1;
-                let mut e =
-                    token_broker::audit::Entry::new("refused", "token.fetch", "unauthorized");
+                let mut e = token_broker::audit::Entry::new(
+                    token_broker::audit::Kind::Refused,
+                    "token.fetch",
+                    "unauthorized",
+                );
                 e.detail = Some(format!("flood {n}"));
                 state.audit.record_best_effort(e);
             }
