@@ -203,6 +203,13 @@ curl -fs -o /dev/null -X POST "$B5/admin/v1/tenants" -H "authorization: Bearer $
        "proxy": {"base_url": "http://127.0.0.1:'"$AP"'/v2", "headers": {"x-product-instance-id": "bench"}}}'
 curl -fs -o /dev/null -H "authorization: Bearer $KEY5" "$B5/v1/tenants/pdpop/proxy/accounts/42/balance"
 say "(g) partner API via proxy, DPoP tenant"; read -r J_RPS J_P50 J_P99 < <(wrk_run "$B5/v1/tenants/pdpop/proxy/accounts/42/balance" "$KEY5")
+head -c $((50 * 1024 * 1024)) /dev/zero >"$work/upload.bin"
+hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$work/$1.pid")/status"; }
+before_kb=$(hwm_kb proxy)
+sent=$(curl -fs -X POST --data-binary @"$work/upload.bin" -H 'content-type: application/octet-stream' \
+  -H "authorization: Bearer $KEY5" "$B5/v1/tenants/p0/proxy/upload")
+[ "$sent" = "$((50 * 1024 * 1024))" ] || { say "the 50 MiB upload arrived as $sent bytes"; exit 1; }
+G_UPLOAD_MB=$(( ($(hwm_kb proxy) - before_kb) / 1024 ))
 # The peer a user would deploy instead: nginx (Debian's nginx-light) injecting the same header,
 # keep-alive to the partner API, 2 workers; nginx itself as the partner API too, so both
 # proxies forward to the same fast server.
@@ -242,13 +249,6 @@ else
   say "nginx not installed (apt-get install nginx-light): the peer-proxy case is skipped"
   N_RPS=0 N_P50=0 N_P99=0 M_RPS=0 M_P50=0 M_P99=0 Q_RPS=0 Q_P50=0 Q_P99=0 N1=0us Q1=0us D1=0us
 fi
-head -c $((50 * 1024 * 1024)) /dev/zero >"$work/upload.bin"
-hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$work/$1.pid")/status"; }
-before_kb=$(hwm_kb proxy)
-sent=$(curl -fs -X POST --data-binary @"$work/upload.bin" -H 'content-type: application/octet-stream' \
-  -H "authorization: Bearer $KEY5" "$B5/v1/tenants/p0/proxy/upload")
-[ "$sent" = "$((50 * 1024 * 1024))" ] || { say "the 50 MiB upload arrived as $sent bytes"; exit 1; }
-G_UPLOAD_MB=$(( ($(hwm_kb proxy) - before_kb) / 1024 ))
 kill "$(cat "$work/proxy.pid")"
 
 # --- the table.

@@ -1,7 +1,8 @@
-//! The tree's layering, checked from the source (see ARCHITECTURE.md): the top-level modules
-//! under `src/` import each other without a cycle, nothing but `app` (and `main`) imports
-//! `app`, nothing below `api` imports `api`, and only `main.rs`, `app.rs`, `telemetry.rs`
-//! and `src/api/` mention actix-web.
+//! The tree's layering, checked from the source (see ARCHITECTURE.md): every import between
+//! top-level modules is one ARCHITECTURE.md's module table lists in its "may import" column,
+//! and every one listed is used (the map is exact); the modules import each other without a
+//! cycle, nothing but `app` (and `main`) imports `app`, nothing below `api` imports `api`, and
+//! only `main.rs`, `app.rs`, `telemetry.rs` and `src/api/` mention actix-web.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -39,12 +40,19 @@ fn ident(s: &str) -> String {
         .collect()
 }
 
-/// Top-level modules a file's text refers to through `crate::…` (paths and `use` groups).
+/// Top-level modules a file's text refers to through `crate::…` (paths and `use` groups), or
+/// through `token_broker::…` (how `main.rs`, the binary, names the library).
 fn references(text: &str) -> BTreeSet<String> {
+    let mut out = references_after(text, "crate::");
+    out.extend(references_after(text, "token_broker::"));
+    out
+}
+
+fn references_after(text: &str, prefix: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut rest = text;
-    while let Some(i) = rest.find("crate::") {
-        rest = &rest[i + "crate::".len()..];
+    while let Some(i) = rest.find(prefix) {
+        rest = &rest[i + prefix.len()..];
         if let Some(group) = rest.strip_prefix('{') {
             let mut end = group.len();
             let mut level = 0;
@@ -151,6 +159,79 @@ fn the_reference_scanner_reads_paths_and_groups() {
     g.insert("x".to_owned(), BTreeSet::from(["y".to_owned()]));
     g.insert("y".to_owned(), BTreeSet::from(["x".to_owned()]));
     assert!(find_cycle(&g).is_some(), "the cycle finder finds a cycle");
+}
+
+/// The "may import" column of ARCHITECTURE.md's module table: each module (first column,
+/// `main.rs` → `main`, `cli/` → `cli`) with the names in backticks outside parentheses
+/// (`—` lists none).
+fn map_in_architecture_md() -> BTreeMap<String, BTreeSet<String>> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md"))
+            .unwrap();
+    let mut map = BTreeMap::new();
+    for line in doc.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let module = cells[1]
+            .trim_matches('`')
+            .trim_end_matches('/')
+            .trim_end_matches(".rs")
+            .to_owned();
+        let may = cells[cells.len() - 2];
+        let (mut names, mut depth, mut inside, mut name) =
+            (BTreeSet::new(), 0, false, String::new());
+        for c in may.chars() {
+            match c {
+                '(' if !inside => depth += 1,
+                ')' if !inside => depth -= 1,
+                '`' if depth == 0 => {
+                    if inside {
+                        names.insert(std::mem::take(&mut name));
+                    }
+                    inside = !inside;
+                }
+                _ if inside && depth == 0 => name.push(c),
+                _ => {}
+            }
+        }
+        map.insert(module, names);
+    }
+    map
+}
+
+#[test]
+fn every_import_is_on_the_map_and_the_map_is_exact() {
+    let g = graph();
+    let map = map_in_architecture_md();
+    assert!(
+        map.len() > 10,
+        "ARCHITECTURE.md's module table not found: {map:?}"
+    );
+    for (m, deps) in &g {
+        if m == "lib" {
+            continue;
+        }
+        let may = map
+            .get(m)
+            .unwrap_or_else(|| panic!("{m} is not in ARCHITECTURE.md's module table"));
+        for d in deps {
+            assert!(
+                may.contains(d),
+                "{m} imports {d}, which ARCHITECTURE.md's \"may import\" column does not list"
+            );
+        }
+        for d in may {
+            assert!(
+                deps.contains(d),
+                "ARCHITECTURE.md says {m} may import {d}, but it does not: keep the map exact"
+            );
+        }
+    }
+    for m in map.keys() {
+        assert!(
+            g.contains_key(m),
+            "ARCHITECTURE.md lists {m}, which is not a module"
+        );
+    }
 }
 
 #[test]

@@ -49,7 +49,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::resource("/admin/v1/callers/{caller_id}/rotate-key")
             .route(web::post().to(rotate_caller_key)),
     )
-    .service(web::resource("/admin/v1/audit").route(web::get().to(read_audit)));
+    .service(web::resource("/admin/v1/audit").route(web::get().to(read_audit)))
+    .service(web::resource("/admin/v1/kinds").route(web::get().to(kinds)));
+}
+
+/// Every issuer kind with its credential fields (per client authentication for the oauth2
+/// kinds): what the console's forms and other clients offer, from the rules the broker
+/// validates with.
+async fn kinds(_: Admin) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({ "kinds": crate::tenants::spec::catalogue() }))
 }
 
 /// An admin mutation's audit row, committed in the mutation's own transaction: an
@@ -323,6 +333,21 @@ async fn get_tenant(
         .json(view))
 }
 
+/// A tenant's health in one word, as the console's badge and the CLI's list show it:
+/// `circuit_open`, `error` (the last outcome was a failure), `ok`, or `never_minted`.
+fn health_state(
+    circuit_open: bool,
+    success_at: Option<i64>,
+    error_at: Option<i64>,
+) -> &'static str {
+    match (circuit_open, success_at, error_at) {
+        (true, _, _) => "circuit_open",
+        (_, s, Some(e)) if s.map_or(true, |s| e > s) => "error",
+        (_, Some(_), _) => "ok",
+        _ => "never_minted",
+    }
+}
+
 /// A tenant's last partner outcomes and circuit, as the tenant views show them.
 async fn health_view(state: &AppState, id: &TenantId, now: i64) -> Result<Value, ApiError> {
     let (health, circuit, token) = tokio::join!(
@@ -331,7 +356,13 @@ async fn health_view(state: &AppState, id: &TenantId, now: i64) -> Result<Value,
         state.broker.held_token(id)
     );
     let health = health?;
+    let state = health_state(
+        circuit.as_ref().is_some_and(|c| c.is_open(now)),
+        health.last_success_at_ms,
+        health.last_error_at_ms,
+    );
     Ok(json!({
+        "state": state,
         "last_success_at": health.last_success_at_ms.map(rfc3339),
         "last_error": health.last_error_at_ms.map(|at| json!({
             "at": rfc3339(at),
@@ -913,7 +944,17 @@ async fn read_audit(
 
 #[cfg(test)]
 mod if_match_tests {
-    use super::entity_tags;
+    use super::{entity_tags, health_state};
+
+    #[test]
+    fn health_in_one_word() {
+        assert_eq!(health_state(false, None, None), "never_minted");
+        assert_eq!(health_state(false, Some(10), None), "ok");
+        assert_eq!(health_state(false, Some(10), Some(20)), "error");
+        assert_eq!(health_state(false, None, Some(20)), "error");
+        assert_eq!(health_state(false, Some(30), Some(20)), "ok", "recovered");
+        assert_eq!(health_state(true, Some(30), Some(20)), "circuit_open");
+    }
 
     #[test]
     fn entity_tag_lists_as_rfc_9110_writes_them() {

@@ -201,6 +201,7 @@ pub const ROUTES: &[&str] = &[
     "/admin/v1/callers/{caller_id}",
     "/admin/v1/callers/{caller_id}/rotate-key",
     "/admin/v1/audit",
+    "/admin/v1/kinds",
     "/admin/console",
     "/admin/console/console.js",
     "/admin/console/console.css",
@@ -225,6 +226,7 @@ pub fn allowed_methods(template: &str) -> Option<&'static str> {
         "/admin/v1/callers/{caller_id}" => "PATCH, DELETE",
         "/oauth2/token" => "POST",
         "/admin/v1/audit"
+        | "/admin/v1/kinds"
         | "/v1/tenants/{tenant_id}/jwks.json"
         | "/admin/v1/tenants/{tenant_id}/jwks"
         | "/admin/console"

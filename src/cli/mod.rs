@@ -304,7 +304,7 @@ impl Runner {
                 self.print(&t, tenant_fields);
             }
             TenantsCommand::Create(args) => {
-                let spec = create_spec(&args)?;
+                let spec = create_spec(&args, || self.client.get("/admin/v1/kinds", &[]))?;
                 let t = self
                     .client
                     .call(Method::POST, "/admin/v1/tenants", &[], Some(&spec))?
@@ -400,7 +400,13 @@ impl Runner {
             let method = current["issuer"]["auth_method"].as_str();
             obj.insert(
                 "credentials".into(),
-                credentials_for(kind, method, &args.credentials, &args.id)?,
+                credentials_for(
+                    &self.client.get("/admin/v1/kinds", &[])?,
+                    kind,
+                    method,
+                    &args.credentials,
+                    &args.id,
+                )?,
             );
         } else if args.credentials.email.is_some()
             || args.credentials.username.is_some()
@@ -639,74 +645,89 @@ fn read_pem_file(path: &std::path::Path) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
 }
 
-/// The credentials object for `kind` and `auth_method` from the flags, key files and the
-/// secret read from stdin or a prompt (only when the kind and method take one).
+/// The credentials object for `kind` and `auth_method`, built from the fields the broker
+/// says they take (`GET /admin/v1/kinds`, `kinds`): text fields from their flags, keys and
+/// certificates from their files, the one required secret from stdin or a prompt.
 fn credentials_for(
+    kinds: &Value,
     kind: &str,
     auth_method: Option<&str>,
     flags: &CredentialFlags,
     tenant: &str,
 ) -> Result<Value, Failure> {
-    let need = |v: &Option<String>, flag: &str| {
-        v.clone()
-            .ok_or_else(|| Failure::Usage(format!("{kind} needs --{flag}")))
+    let entry = kinds["kinds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["kind"] == kind)
+        .ok_or_else(|| Failure::Usage(format!("the broker knows no kind {kind:?}")))?;
+    if entry["form"] != true {
+        return Err(Failure::Usage(format!(
+            "kind {kind:?} takes its spec from a file (-f)"
+        )));
+    }
+    let fields = match auth_method {
+        Some(m) => entry["auth_methods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["method"] == m)
+            .map(|a| &a["credentials"])
+            .ok_or_else(|| Failure::Usage(format!("kind {kind} takes no auth method {m:?}")))?,
+        None => &entry["credentials"],
     };
+    let method = auth_method.unwrap_or("the default client authentication");
     let mut creds = Map::new();
-    let method = auth_method.unwrap_or("client_secret_basic");
-    let keyed = method == "private_key_jwt" || method.ends_with("tls_client_auth");
-    let (extra, secret_field) = match kind {
-        "setu_partner" => (None, Some("client_secret")),
-        "oauth2_client_credentials" => (None, (!keyed).then_some("client_secret")),
-        "comm100_partner" => (Some(("email", need(&flags.email, "email")?)), Some("password")),
-        "oauth2_password" => (
-            Some(("username", need(&flags.username, "username")?)),
-            Some("password"),
-        ),
-        other => {
-            return Err(Failure::Usage(format!(
-                "kind {other:?} takes its spec from a file (-f); flags cover setu_partner, comm100_partner, oauth2_client_credentials and oauth2_password"
-            )))
-        }
-    };
-    creds.insert(
-        "client_id".into(),
-        json!(need(&flags.client_id, "client-id")?),
-    );
-    if let Some((k, v)) = extra {
-        creds.insert(k.into(), json!(v));
-    }
-    if method == "private_key_jwt" {
-        let path = flags.private_key_file.as_ref().ok_or_else(|| {
-            Failure::Usage(format!(
-                "{method} needs --private-key-file (a PEM private key)"
-            ))
-        })?;
-        creds.insert("private_key".into(), json!(read_pem_file(path)?));
-        if let Some(kid) = &flags.key_id {
-            creds.insert("key_id".into(), json!(kid));
-        }
-    }
-    if method.ends_with("tls_client_auth") {
-        let (Some(cert), Some(key)) = (&flags.tls_cert_file, &flags.tls_key_file) else {
-            return Err(Failure::Usage(format!(
-                "{method} needs --tls-cert-file and --tls-key-file"
-            )));
+    let mut secret_read = false;
+    for f in fields.as_array().into_iter().flatten() {
+        let (name, required) = (f["name"].as_str().unwrap_or(""), f["required"] == true);
+        let flag = |v: &Option<String>, flag: &str| match v {
+            Some(v) => Ok(Some(json!(v))),
+            None if required => Err(Failure::Usage(format!("{kind} needs --{flag}"))),
+            None => Ok(None),
         };
-        creds.insert("tls_certificate".into(), json!(read_pem_file(cert)?));
-        creds.insert("tls_private_key".into(), json!(read_pem_file(key)?));
+        let file = |p: &Option<std::path::PathBuf>, flag: &str| match p {
+            Some(p) => read_pem_file(p).map(|t| Some(json!(t))),
+            None if required => Err(Failure::Usage(format!(
+                "{kind} with {method} needs --{flag} (a PEM file)"
+            ))),
+            None => Ok(None),
+        };
+        let value = match (name, f["input"].as_str()) {
+            ("client_id", _) => flag(&flags.client_id, "client-id")?,
+            ("email", _) => flag(&flags.email, "email")?,
+            ("username", _) => flag(&flags.username, "username")?,
+            ("key_id", _) => flag(&flags.key_id, "key-id")?,
+            ("private_key", _) => file(&flags.private_key_file, "private-key-file")?,
+            ("tls_certificate", _) => file(&flags.tls_cert_file, "tls-cert-file")?,
+            ("tls_private_key", _) => file(&flags.tls_key_file, "tls-key-file")?,
+            (_, Some("password")) if required && !secret_read => {
+                secret_read = true;
+                let secret = read_secret(&format!("{name} for {tenant}"))?;
+                Some(json!(secret.expose_secret()))
+            }
+            (_, _) if !required => None,
+            (other, _) => {
+                return Err(Failure::Usage(format!(
+                    "{kind} takes {other}, which the flags do not cover: use a spec file (-f)"
+                )))
+            }
+        };
+        if let Some(v) = value {
+            creds.insert(name.into(), v);
+        }
     }
     if let Some(path) = &flags.dpop_key_file {
         creds.insert("dpop_private_key".into(), json!(read_pem_file(path)?));
-    }
-    if let Some(field) = secret_field {
-        let secret = read_secret(&format!("{field} for {tenant}"))?;
-        creds.insert(field.into(), json!(secret.expose_secret()));
     }
     Ok(Value::Object(creds))
 }
 
 /// The spec `tenants create` sends: the file, or one built from the flags.
-fn create_spec(args: &CreateArgs) -> Result<Value, Failure> {
+fn create_spec(
+    args: &CreateArgs,
+    kinds: impl FnOnce() -> Result<Value, Failure>,
+) -> Result<Value, Failure> {
     if let Some(f) = &args.file {
         return read_json_file(f);
     }
@@ -734,7 +755,13 @@ fn create_spec(args: &CreateArgs) -> Result<Value, Failure> {
     if let Some(path) = &args.tls_ca_file {
         issuer["tls_ca"] = json!(read_pem_file(path)?);
     }
-    let credentials = credentials_for(kind, args.auth_method.as_deref(), &args.credentials, id)?;
+    let credentials = credentials_for(
+        &kinds()?,
+        kind,
+        args.auth_method.as_deref(),
+        &args.credentials,
+        id,
+    )?;
     let mut spec = json!({
         "id": id,
         "issuer": issuer,

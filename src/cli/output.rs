@@ -98,18 +98,13 @@ pub fn duration(secs: i64) -> String {
 
 /// A tenant's health in a word or two: `ok`, `circuit open`, `error: <code>`, `never minted`.
 pub fn health_summary(health: &Value) -> String {
-    if health["circuit"]["open"].as_bool() == Some(true) {
-        return "circuit open".into();
-    }
-    let success = health["last_success_at"].as_str();
-    let error_at = health["last_error"]["at"].as_str();
-    match (success, error_at) {
-        // RFC 3339 UTC timestamps in one format compare as strings.
-        (s, Some(e)) if s.map_or(true, |s| e > s) => {
-            format!("error: {}", text(&health["last_error"], "code"))
-        }
-        (Some(_), _) => "ok".into(),
-        (None, _) => "never minted".into(),
+    // The broker's own one-word health (`health.state`), so the CLI and the console agree.
+    match health["state"].as_str() {
+        Some("circuit_open") => "circuit open".into(),
+        Some("error") => format!("error: {}", text(&health["last_error"], "code")),
+        Some("ok") => "ok".into(),
+        Some("never_minted") => "never minted".into(),
+        _ => "-".into(),
     }
 }
 
@@ -140,20 +135,17 @@ mod tests {
 
     #[test]
     fn health_in_a_word() {
-        assert_eq!(health_summary(&json!({})), "never minted");
-        let ok = json!({"last_success_at": "2026-11-23T10:00:00Z"});
-        assert_eq!(health_summary(&ok), "ok");
-        let failing = json!({"last_success_at": "2026-11-23T10:00:00Z",
-            "last_error": {"at": "2026-11-23T10:05:00Z", "code": "upstream_rejected_credentials"}});
+        let word = |v: Value| health_summary(&v);
+        assert_eq!(word(json!({"state": "never_minted"})), "never minted");
+        assert_eq!(word(json!({"state": "ok"})), "ok");
         assert_eq!(
-            health_summary(&failing),
+            word(
+                json!({"state": "error", "last_error": {"code": "upstream_rejected_credentials"}})
+            ),
             "error: upstream_rejected_credentials"
         );
-        let recovered = json!({"last_success_at": "2026-11-23T10:06:00Z",
-            "last_error": {"at": "2026-11-23T10:05:00Z", "code": "x"}});
-        assert_eq!(health_summary(&recovered), "ok");
-        let open = json!({"circuit": {"open": true}});
-        assert_eq!(health_summary(&open), "circuit open");
+        assert_eq!(word(json!({"state": "circuit_open"})), "circuit open");
+        assert_eq!(word(json!({})), "-", "a broker without health.state");
     }
 
     #[test]

@@ -63,6 +63,119 @@ impl IssuerKind {
     }
 }
 
+/// One credential field as a form shows it: `pem` for keys and certificates (a text area and
+/// a file picker), `password` for secrets (write-only), `text` otherwise.
+#[derive(Clone, Debug, Serialize)]
+pub struct FieldInfo {
+    pub name: &'static str,
+    pub input: &'static str,
+    pub required: bool,
+}
+
+/// A client authentication and the credentials it takes.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuthMethodInfo {
+    pub method: AuthMethod,
+    pub credentials: Vec<FieldInfo>,
+}
+
+/// What `GET /admin/v1/kinds` says of a kind: the one source of the credential fields the
+/// console's forms and the CLI's flags offer.
+#[derive(Clone, Debug, Serialize)]
+pub struct KindInfo {
+    pub kind: IssuerKind,
+    pub label: &'static str,
+    /// Registrable from a form of fields (custom and jwt_bearer need a spec).
+    pub form: bool,
+    /// With the default client authentication; `None`: any names its templates use.
+    pub credentials: Option<Vec<FieldInfo>>,
+    /// The oauth2 kinds' client authentications, each with its credentials (else empty).
+    pub auth_methods: Vec<AuthMethodInfo>,
+}
+
+const ALL_KINDS: [IssuerKind; 6] = [
+    IssuerKind::SetuPartner,
+    IssuerKind::Comm100Partner,
+    IssuerKind::Oauth2ClientCredentials,
+    IssuerKind::Oauth2Password,
+    IssuerKind::JwtBearer,
+    IssuerKind::Custom,
+];
+
+const ALL_AUTH_METHODS: [AuthMethod; 6] = [
+    AuthMethod::ClientSecretBasic,
+    AuthMethod::ClientSecretPost,
+    AuthMethod::ClientSecretJwt,
+    AuthMethod::PrivateKeyJwt,
+    AuthMethod::TlsClientAuth,
+    AuthMethod::SelfSignedTlsClientAuth,
+];
+
+impl IssuerKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::SetuPartner => "Setu partner",
+            Self::Comm100Partner => "Comm100 partner",
+            Self::Oauth2ClientCredentials => "OAuth 2.0 client credentials",
+            Self::Oauth2Password => "OAuth 2.0 password",
+            Self::JwtBearer => "JWT bearer grant (RFC 7523)",
+            Self::Custom => "Custom recipe",
+        }
+    }
+}
+
+fn field_infos(spec: &IssuerSpec) -> Option<Vec<FieldInfo>> {
+    let (required, optional) = spec.credential_fields()?;
+    let input = |name: &str| match name {
+        n if KEY_FIELDS.contains(&n) || n == "tls_certificate" => "pem",
+        "client_secret" | "password" => "password",
+        _ => "text",
+    };
+    let fields = required
+        .into_iter()
+        .map(|name| (name, true))
+        .chain(optional.into_iter().map(|name| (name, false)))
+        // A DPoP key is the broker's own unless an admin brings one: not asked for here.
+        .filter(|(name, _)| *name != "dpop_private_key")
+        .map(|(name, required)| FieldInfo {
+            name,
+            input: input(name),
+            required,
+        });
+    Some(fields.collect())
+}
+
+/// Every kind, its credential fields and (oauth2 kinds) its client authentications.
+pub fn catalogue() -> Vec<KindInfo> {
+    let spec = |kind: IssuerKind, method: Option<AuthMethod>| {
+        let mut s: IssuerSpec =
+            serde_json::from_value(serde_json::json!({"kind": kind, "token_url": "https://x"}))
+                .expect("a minimal spec");
+        s.auth_method = method;
+        s
+    };
+    ALL_KINDS
+        .into_iter()
+        .map(|kind| KindInfo {
+            kind,
+            label: kind.label(),
+            form: !matches!(kind, IssuerKind::Custom | IssuerKind::JwtBearer),
+            credentials: field_infos(&spec(kind, None)),
+            auth_methods: if kind.is_oauth2() {
+                ALL_AUTH_METHODS
+                    .into_iter()
+                    .map(|m| AuthMethodInfo {
+                        method: m,
+                        credentials: field_infos(&spec(kind, Some(m))).unwrap_or_default(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        })
+        .collect()
+}
+
 /// Credential fields holding private keys: sealed like the rest, checked to parse at write.
 pub const KEY_FIELDS: [&str; 3] = ["private_key", "tls_private_key", "dpop_private_key"];
 

@@ -374,3 +374,56 @@ async fn proof_settings_are_validated_at_write(env: TestEnv) {
     app.stop().await;
 }
 backends!(proof_settings_are_validated_at_write: Sqlite);
+
+/// `GET /admin/v1/kinds` is the one source of the fields a kind takes: a tenant made of
+/// exactly the required fields it lists is accepted, for every kind a form can register and
+/// every client authentication.
+async fn the_kinds_the_broker_lists_are_the_ones_it_accepts(env: TestEnv) {
+    let app = env.spawn().await;
+    let kinds = app
+        .send(app.admin(Method::GET, "/admin/v1/kinds"))
+        .await
+        .json();
+    let value = |f: &Value| match (f["name"].as_str().unwrap(), f["input"].as_str().unwrap()) {
+        ("private_key", _) => EC_KEY.to_owned(),
+        ("tls_certificate", _) => include_str!("../fixtures/client-cert.pem").to_owned(),
+        ("tls_private_key", _) => include_str!("../fixtures/client-cert.key").to_owned(),
+        (_, "pem") => panic!("a pem field this test does not know: {f}"),
+        (name, _) => format!("{name}-value"),
+    };
+    let required = |fields: &Value| -> serde_json::Map<String, Value> {
+        fields
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["required"] == true)
+            .map(|f| (f["name"].as_str().unwrap().to_owned(), json!(value(f))))
+            .collect()
+    };
+    let mut made = 0;
+    for k in kinds["kinds"].as_array().unwrap() {
+        if k["form"] != true {
+            continue;
+        }
+        let kind = k["kind"].as_str().unwrap();
+        let mut cases = vec![(None, required(&k["credentials"]))];
+        for m in k["auth_methods"].as_array().unwrap() {
+            cases.push((Some(m["method"].clone()), required(&m["credentials"])));
+        }
+        for (method, creds) in cases {
+            let mut issuer = json!({"kind": kind, "token_url": "http://127.0.0.1:9/token"});
+            if let Some(m) = &method {
+                issuer["auth_method"] = m.clone();
+            }
+            let id = format!("k{made}");
+            let a = app
+                .create_tenant(&json!({"id": id, "issuer": issuer, "credentials": creds}))
+                .await;
+            assert_eq!(a.status, 201, "{kind} {method:?}: {}", a.text);
+            made += 1;
+        }
+    }
+    assert!(made >= 4 + 2 * 6, "{made} combinations");
+    app.stop().await;
+}
+backends!(the_kinds_the_broker_lists_are_the_ones_it_accepts: Sqlite);

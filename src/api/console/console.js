@@ -4,22 +4,30 @@
 'use strict';
 
 const TOKEN_KEY = 'token-broker-admin-token';
-const KINDS = {
-  setu_partner: { label: 'Setu partner', fields: [['client_id', 'text'], ['client_secret', 'password']] },
-  comm100_partner: { label: 'Comm100 partner', fields: [['client_id', 'text'], ['email', 'text'], ['password', 'password']] },
-  oauth2_client_credentials: { label: 'OAuth 2.0 client credentials', fields: [['client_id', 'text'], ['client_secret', 'password']], scope: true },
-  oauth2_password: { label: 'OAuth 2.0 password', fields: [['client_id', 'text'], ['username', 'text'], ['password', 'password'], ['client_secret', 'password', true]], scope: true },
+// The issuer kinds and their credential fields, as the broker states them
+// (GET /admin/v1/kinds), loaded once per sign-in: kind → { label, form, fields, methods }.
+let KINDS = null;
+// Labels for the client authentications the oauth2 kinds offer.
+const METHOD_LABELS = {
+  client_secret_basic: 'client_secret_basic (default)',
+  client_secret_jwt: 'client_secret_jwt (HS256 assertion)',
+  private_key_jwt: 'private_key_jwt (signed assertion)',
+  tls_client_auth: 'tls_client_auth (client certificate)',
 };
-// How an oauth2 tenant authenticates at the partner, and the credential fields that replace
-// client_secret for it ('pem' fields are text areas with a file picker: keys never go in a URL).
-const AUTH_METHODS = {
-  client_secret_basic: { label: 'client_secret_basic (default)' },
-  client_secret_post: { label: 'client_secret_post' },
-  client_secret_jwt: { label: 'client_secret_jwt (HS256 assertion)' },
-  private_key_jwt: { label: 'private_key_jwt (signed assertion)', fields: [['private_key', 'pem'], ['key_id', 'text', true]] },
-  tls_client_auth: { label: 'tls_client_auth (client certificate)', fields: [['tls_certificate', 'pem'], ['tls_private_key', 'pem']] },
-  self_signed_tls_client_auth: { label: 'self_signed_tls_client_auth', fields: [['tls_certificate', 'pem'], ['tls_private_key', 'pem']] },
-};
+
+async function loadKinds() {
+  if (KINDS) return KINDS;
+  const answer = await api('GET', '/admin/v1/kinds');
+  const asFields = (list) => (list || []).map((f) => [f.name, f.input, !f.required]);
+  KINDS = {};
+  for (const k of answer.kinds) {
+    if (!k.form) continue;
+    const methods = {};
+    for (const m of k.auth_methods) methods[m.method] = asFields(m.credentials);
+    KINDS[k.kind] = { label: k.label, fields: asFields(k.credentials), methods, scope: k.auth_methods.length > 0 };
+  }
+  return KINDS;
+}
 const REFRESH_MS = 5000;
 
 let timer = null;
@@ -90,12 +98,14 @@ function span(secs) {
   return ss + 's';
 }
 
+// The broker's one-word health (health.state) as a badge class and its text.
 function healthState(health) {
-  if (health.circuit && health.circuit.open) return ['open', 'circuit open'];
-  const ok = health.last_success_at, err = health.last_error && health.last_error.at;
-  if (err && (!ok || err > ok)) return ['error', health.last_error.code || 'error'];
-  if (ok) return ['ok', 'healthy'];
-  return ['', 'not minted yet'];
+  switch (health.state) {
+    case 'circuit_open': return ['open', 'circuit open'];
+    case 'error': return ['error', (health.last_error && health.last_error.code) || 'error'];
+    case 'ok': return ['ok', 'healthy'];
+    default: return ['', 'not minted yet'];
+  }
 }
 
 function badge(health) {
@@ -177,14 +187,12 @@ function tenantRow(t) {
     h('td', { class: 'num' }, mints(hl)));
 }
 
-// The credential fields of a kind under an auth method: a method with its own fields
-// replaces client_secret (kept optional for oauth2_password's public clients otherwise).
+// The credential fields of a kind under a client authentication (the kind's default when
+// none is chosen); null for a kind registered from a spec.
 function credentialFields(kind, method) {
   const spec = KINDS[kind];
   if (!spec) return null;
-  const own = spec.scope && AUTH_METHODS[method] && AUTH_METHODS[method].fields;
-  if (!own) return spec.fields;
-  return spec.fields.filter(([name]) => name !== 'client_secret').concat(own);
+  return (method && spec.methods[method]) || spec.fields;
 }
 
 function credentialInputs(kind, prefix, method) {
@@ -214,10 +222,12 @@ function readCredentials(form, kind, method) {
   return out;
 }
 
-function newTenantView() {
+async function newTenantView() {
+  await loadKinds();
   const creds = h('div', { id: 'cred-fields' });
   const scope = h('label', { id: 'scope-field' }, 'Scope (optional)', h('input', { name: 'scope', id: 't-scope' }));
-  const method = h('select', { name: 'auth_method', id: 't-auth-method' }, Object.entries(AUTH_METHODS).map(([k, v]) => h('option', { value: k }, v.label)));
+  const methods = Object.keys(Object.values(KINDS).find((k) => k.scope).methods);
+  const method = h('select', { name: 'auth_method', id: 't-auth-method' }, methods.map((m) => h('option', { value: m }, METHOD_LABELS[m] || m)));
   const pop = h('fieldset', { id: 'pop-fields' }, h('legend', {}, 'Client authentication and proof of possession'),
     h('label', {}, 'How the broker authenticates at the partner', method),
     h('label', { class: 'check' }, h('input', { type: 'checkbox', name: 'dpop', id: 't-dpop' }), ' Bind tokens with DPoP (the broker keeps the key)'),
@@ -272,6 +282,7 @@ function newTenantView() {
 }
 
 async function tenantView(id) {
+  await loadKinds();
   const path = '/admin/v1/tenants/' + encodeURIComponent(id);
   let t;
   try { t = await api('GET', path); } catch (e) { show(h('h2', {}, id), h('p', { class: 'error' }, e.message), h('a', { href: '#/tenants' }, 'Back to tenants')); return; }
@@ -408,6 +419,7 @@ async function auditView() {
 
 function signOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
+  KINDS = null;
   clearInterval(timer);
   $('view').hidden = true;
   $('view').replaceChildren();
