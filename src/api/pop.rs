@@ -4,7 +4,6 @@
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -95,12 +94,7 @@ async fn dpop_proof(
             "the tenant's DPoP key does not match its token".into(),
         ))?;
     let proof = key
-        .dpop_proof(
-            &htm,
-            &htu,
-            nonce.as_deref(),
-            Some(token.access_token.expose_secret()),
-        )
+        .dpop_proof(&htm, &htu, nonce.as_deref(), Some(token.ath()))
         .map_err(|e| ApiError::Internal(format!("DPoP proof: {e}")))?;
     Ok(no_store(HttpResponse::Ok()).body(json!({ "proof": proof, "jkt": jkt }).to_string()))
 }

@@ -157,7 +157,7 @@ impl Call<'_> {
                         self.req.method().as_str(),
                         &crate::issuers::htu_of(&self.url),
                         nonce.as_deref(),
-                        Some(secret),
+                        Some(token.ath()),
                     )
                     .map_err(|e| IssuerError::Recipe(format!("the DPoP proof: {e}")))?;
                 let mut auth = reqwest::header::HeaderValue::from_str(&format!("DPoP {secret}"))

@@ -49,6 +49,8 @@ pub struct Memo {
     /// The token answer up to its last field (`…,"expires_in":`), serialized once: only the
     /// seconds left change between hits. Holds the token, so it is wiped with it.
     pub answer_prefix: std::sync::OnceLock<zeroize::Zeroizing<String>>,
+    /// The token's DPoP `ath` (its SHA-256), for the proofs bound to it.
+    pub ath: std::sync::OnceLock<String>,
 }
 
 impl CachedToken {
@@ -76,6 +78,13 @@ impl CachedToken {
             audit_fp: Default::default(),
             memo: Memo::default(),
         }
+    }
+
+    /// The `ath` of DPoP proofs for this token, computed once.
+    pub fn ath(&self) -> &str {
+        self.memo
+            .ath
+            .get_or_init(|| crate::pop::ath_of(self.access_token.expose_secret()))
     }
 
     /// `DPoP` for a token bound to the tenant's key (RFC 9449), else `Bearer`.
