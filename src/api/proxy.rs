@@ -118,77 +118,14 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
+    /// Sends the call with `token`, bounded by the tenant's timeout to the answer's head.
     async fn send(
         &self,
         token: &CachedToken,
         body: reqwest::Body,
     ) -> Result<reqwest::Response, IssuerError> {
-        let listed = connection_listed(
-            &self
-                .req
-                .headers()
-                .get_all(header::CONNECTION)
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>(),
-        );
-        let mut headers = reqwest::header::HeaderMap::new();
-        for (name, value) in self.req.headers() {
-            if forwards_request_header(name.as_str(), &listed, self.target) {
-                if let (Ok(n), Ok(v)) = (
-                    reqwest::header::HeaderName::from_bytes(name.as_str().as_bytes()),
-                    reqwest::header::HeaderValue::from_bytes(value.as_bytes()),
-                ) {
-                    headers.append(n, v);
-                }
-            }
-        }
-        for (n, v) in &self.target.headers {
-            headers.insert(n.clone(), v.clone());
-        }
-        let secret = token.access_token.expose_secret();
-        match (&self.target.dpop, &token.dpop_jkt) {
-            // A DPoP-bound token goes as `Authorization: DPoP <token>` with a fresh proof for
-            // this method and URL (no query), bound to the token (`ath`), with the partner's
-            // latest nonce (RFC 9449 §7).
-            (Some(key), Some(_)) => {
-                let nonce = self.target.dpop_nonce.lock().expect("nonce").clone();
-                let proof = key
-                    .dpop_proof(
-                        self.req.method().as_str(),
-                        &crate::issuers::htu_of(&self.url),
-                        nonce.as_deref(),
-                        Some(token.ath()),
-                    )
-                    .map_err(|e| IssuerError::Recipe(format!("the DPoP proof: {e}")))?;
-                let mut auth = reqwest::header::HeaderValue::from_str(&format!("DPoP {secret}"))
-                    .map_err(|_| {
-                        IssuerError::BadResponse("the token cannot be sent in a header".into())
-                    })?;
-                auth.set_sensitive(true);
-                headers.insert(reqwest::header::AUTHORIZATION, auth);
-                headers.insert(
-                    "dpop",
-                    reqwest::header::HeaderValue::from_str(&proof)
-                        .map_err(|_| IssuerError::Recipe("the DPoP proof".into()))?,
-                );
-            }
-            (None, Some(_)) => {
-                return Err(IssuerError::Recipe(
-                    "a DPoP-bound token needs the tenant's DPoP key".into(),
-                ))
-            }
-            _ => {
-                let auth = self.target.spec.auth_value(secret).ok_or_else(|| {
-                    IssuerError::BadResponse("the token cannot be sent in a header".into())
-                })?;
-                headers.insert(self.target.auth_header.clone(), auth);
-            }
-        }
-        if let Some(id) =
-            request_id_of(self.req).and_then(|id| reqwest::header::HeaderValue::from_str(&id).ok())
-        {
-            headers.insert("x-request-id", id);
-        }
+        let mut headers = self.forwarded_headers();
+        self.authorize(&mut headers, token)?;
         let method = reqwest::Method::from_bytes(self.req.method().as_str().as_bytes())
             .map_err(|_| IssuerError::BadResponse("unsupported method".into()))?;
         let sent = self
@@ -211,6 +148,129 @@ impl Call<'_> {
             Ok(Err(e)) => Err(classify_transport(e)),
             Err(_) => Err(IssuerError::Timeout),
         }
+    }
+
+    /// The one retry a kept (small) body allows: with the partner API's new DPoP nonce when it
+    /// asked for one (no re-mint for that, RFC 9449 §9); then, when the partner refused the
+    /// token, with a fresh one: exactly this token is dropped (compare-and-delete, so
+    /// concurrent proxies cause one re-mint) and the next is fetched under the usual single
+    /// flight. A partner that keeps refusing gets this one retry, never more. (A streamed body
+    /// cannot be sent twice: its caller gets the partner's answer and retries.)
+    async fn retried(
+        &self,
+        id: &TenantId,
+        token: &CachedToken,
+        mut resp: reqwest::Response,
+        bytes: web::Bytes,
+        outcome: &mut Outcome,
+    ) -> Result<reqwest::Response, ApiError> {
+        let state = self.state;
+        let nonce_asked = |r: &reqwest::Response| {
+            token.dpop_jkt.is_some() && asks_for_dpop_nonce(r.status().as_u16(), r.headers())
+        };
+        if nonce_asked(&resp) {
+            tracing::info!(tenant = %id, "partner API asked for a DPoP nonce; sending the call again with it");
+            resp = self
+                .send(token, reqwest::Body::from(bytes.clone()))
+                .await
+                .map_err(ApiError::Upstream)?;
+        }
+        if !token_refused(resp.status().as_u16(), resp.headers()) || nonce_asked(&resp) {
+            return Ok(resp);
+        }
+        let secret = token.access_token.expose_secret();
+        let dropped = state.broker.invalidate(id, secret).await?;
+        state.metrics.invalidation(id.as_str(), dropped.as_str());
+        if matches!(dropped, Invalidation::Dropped | Invalidation::Stale) {
+            let (fresh, _) = state.broker.token(id, 0).await?;
+            if fresh.access_token.expose_secret() != secret {
+                tracing::info!(tenant = %id, "partner refused the token; retrying once with a fresh one");
+                outcome.fingerprint = Some(fresh.audit_fingerprint(state.store.keys()).clone());
+                resp = self
+                    .send(&fresh, reqwest::Body::from(bytes))
+                    .await
+                    .map_err(ApiError::Upstream)?;
+            }
+        }
+        Ok(resp)
+    }
+
+    /// The caller's end-to-end headers that may cross, the tenant's fixed headers over them,
+    /// and the request id.
+    fn forwarded_headers(&self) -> reqwest::header::HeaderMap {
+        let listed = connection_listed(
+            &self
+                .req
+                .headers()
+                .get_all(header::CONNECTION)
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>(),
+        );
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in self.req.headers() {
+            if forwards_request_header(name.as_str(), &listed, self.target) {
+                if let (Ok(n), Ok(v)) = (
+                    reqwest::header::HeaderName::from_bytes(name.as_str().as_bytes()),
+                    reqwest::header::HeaderValue::from_bytes(value.as_bytes()),
+                ) {
+                    headers.append(n, v);
+                }
+            }
+        }
+        for (n, v) in &self.target.headers {
+            headers.insert(n.clone(), v.clone());
+        }
+        if let Some(id) =
+            request_id_of(self.req).and_then(|id| reqwest::header::HeaderValue::from_str(&id).ok())
+        {
+            headers.insert("x-request-id", id);
+        }
+        headers
+    }
+
+    /// The token as the tenant's partner takes it: in its auth header; or, bound to the
+    /// tenant's DPoP key, as `Authorization: DPoP <token>` with a fresh proof for this method
+    /// and URL (no query), bound to the token (`ath`), with the partner's latest nonce (RFC
+    /// 9449 §7).
+    fn authorize(
+        &self,
+        headers: &mut reqwest::header::HeaderMap,
+        token: &CachedToken,
+    ) -> Result<(), IssuerError> {
+        let secret = token.access_token.expose_secret();
+        let unsendable = || IssuerError::BadResponse("the token cannot be sent in a header".into());
+        match (&self.target.dpop, &token.dpop_jkt) {
+            (Some(key), Some(_)) => {
+                let nonce = self.target.dpop_nonce.lock().expect("nonce").clone();
+                let proof = key
+                    .dpop_proof(
+                        self.req.method().as_str(),
+                        &crate::issuers::htu_of(&self.url),
+                        nonce.as_deref(),
+                        Some(token.ath()),
+                    )
+                    .map_err(|e| IssuerError::Recipe(format!("the DPoP proof: {e}")))?;
+                let mut auth = reqwest::header::HeaderValue::from_str(&format!("DPoP {secret}"))
+                    .map_err(|_| unsendable())?;
+                auth.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, auth);
+                headers.insert(
+                    "dpop",
+                    reqwest::header::HeaderValue::from_str(&proof)
+                        .map_err(|_| IssuerError::Recipe("the DPoP proof".into()))?,
+                );
+            }
+            (None, Some(_)) => {
+                return Err(IssuerError::Recipe(
+                    "a DPoP-bound token needs the tenant's DPoP key".into(),
+                ))
+            }
+            _ => {
+                let auth = self.target.spec.auth_value(secret).ok_or_else(unsendable)?;
+                headers.insert(self.target.auth_header.clone(), auth);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -355,43 +415,11 @@ async fn proxy(
             ApiError::Upstream(e)
         }
     };
-    let mut resp = call.send(&token, first).await.map_err(too_big)?;
-    if token.dpop_jkt.is_some() && asks_for_dpop_nonce(resp.status().as_u16(), resp.headers()) {
-        // The partner wants its new nonce in the proof (already taken from the answer): send
-        // once more with it; no re-mint for that (RFC 9449 §9). A streamed body cannot be
-        // sent twice: the caller gets the 401 and retries.
-        if let Some(bytes) = kept.clone() {
-            tracing::info!(tenant = %id, "partner API asked for a DPoP nonce; sending the call again with it");
-            resp = call
-                .send(&token, reqwest::Body::from(bytes))
-                .await
-                .map_err(ApiError::Upstream)?;
-        }
-    }
-    let refused = token_refused(resp.status().as_u16(), resp.headers())
-        && !(token.dpop_jkt.is_some()
-            && asks_for_dpop_nonce(resp.status().as_u16(), resp.headers()));
-    if let Some(bytes) = kept.filter(|_| refused) {
-        // Exactly this token is dropped (compare-and-delete: concurrent proxies cause one
-        // re-mint), a fresh one is fetched under the usual single flight, and the request is
-        // sent once more. A partner that keeps refusing gets this one retry, never more.
-        let dropped = state
-            .broker
-            .invalidate(id, token.access_token.expose_secret())
-            .await?;
-        state.metrics.invalidation(id.as_str(), dropped.as_str());
-        if matches!(dropped, Invalidation::Dropped | Invalidation::Stale) {
-            let (fresh, _) = state.broker.token(id, 0).await?;
-            if fresh.access_token.expose_secret() != token.access_token.expose_secret() {
-                tracing::info!(tenant = %id, "partner refused the token; retrying once with a fresh one");
-                outcome.fingerprint = Some(fresh.audit_fingerprint(state.store.keys()).clone());
-                resp = call
-                    .send(&fresh, reqwest::Body::from(bytes))
-                    .await
-                    .map_err(ApiError::Upstream)?;
-            }
-        }
-    }
+    let resp = call.send(&token, first).await.map_err(too_big)?;
+    let resp = match kept {
+        Some(bytes) => call.retried(id, &token, resp, bytes, outcome).await?,
+        None => resp,
+    };
     outcome.partner_status = Some(resp.status().as_u16());
     let cut = |reason: &'static str| {
         state

@@ -292,108 +292,178 @@ impl Reserved {
 /// entries keep coalescing into it during an outage: the queue fills (and `fail_closed`
 /// refuses tokens) only once `max_pending` distinct rows wait, not after `capacity` entries
 /// that would have merged into a handful of rows.
+/// The writer's state: rows coalescing towards the next write, flushes waiting for it, and
+/// the backoff while the database refuses.
+struct Writer {
+    db: Db,
+    side: Arc<Mutex<Side>>,
+    metrics: Arc<Metrics>,
+    max_pending: usize,
+    failing: Arc<Mutex<Option<String>>>,
+    batch: HashMap<Entry, (i64, i64, i64)>,
+    waiting: Vec<oneshot::Sender<()>>,
+    delay: Duration,
+    retry_at: Option<tokio::time::Instant>,
+    last_write: tokio::time::Instant,
+    closed: bool,
+}
+
+/// What a write attempt came to.
+enum Written {
+    /// The batch is in the database (or was empty).
+    Done,
+    /// The database refused; the batch is kept for the retry.
+    Refused,
+}
+
 async fn writer(
     db: Db,
-    mut rx: mpsc::Receiver<Msg>,
+    rx: mpsc::Receiver<Msg>,
     side: Arc<Mutex<Side>>,
     metrics: Arc<Metrics>,
     max_pending: usize,
     failing: Arc<Mutex<Option<String>>>,
 ) {
-    let mut batch: HashMap<Entry, (i64, i64, i64)> = HashMap::new();
-    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut delay = Duration::from_millis(100);
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut last_write = tokio::time::Instant::now();
-    let mut closed = false;
-    loop {
-        // The writer drains on a tick instead of waiting on each entry: a parked receiver
-        // would be woken by every token handed out, a cross-thread wake-up per request.
-        tokio::time::sleep(DRAIN_EVERY).await;
-        while batch.len() < max_pending {
+    Writer {
+        db,
+        side,
+        metrics,
+        max_pending,
+        failing,
+        batch: HashMap::new(),
+        waiting: Vec::new(),
+        delay: Duration::from_millis(100),
+        retry_at: None,
+        last_write: tokio::time::Instant::now(),
+        closed: false,
+    }
+    .run(rx)
+    .await
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        loop {
+            // The writer drains on a tick instead of waiting on each entry: a parked receiver
+            // would be woken by every token handed out, a cross-thread wake-up per request.
+            tokio::time::sleep(DRAIN_EVERY).await;
+            self.drain(&mut rx);
+            if !self.due() {
+                continue;
+            }
+            self.take_side_rows();
+            if let Written::Refused = self.write().await {
+                if self.closed {
+                    return self.last_try().await;
+                }
+                continue;
+            }
+            self.last_write = tokio::time::Instant::now();
+            for done in self.waiting.drain(..) {
+                let _ = done.send(());
+            }
+            if self.closed {
+                return;
+            }
+        }
+    }
+
+    /// Takes what the queue holds, coalescing, while fewer than `max_pending` rows wait.
+    fn drain(&mut self, rx: &mut mpsc::Receiver<Msg>) {
+        while self.batch.len() < self.max_pending {
             match rx.try_recv() {
                 Ok(Msg::Entry(at, e)) => {
-                    let slot = batch.entry(e).or_insert((at, at, 0));
+                    let slot = self.batch.entry(e).or_insert((at, at, 0));
                     slot.1 = slot.1.max(at);
                     slot.2 += 1;
                 }
-                Ok(Msg::Flush(done)) => waiting.push(done),
+                Ok(Msg::Flush(done)) => self.waiting.push(done),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    closed = true;
+                    self.closed = true;
                     break;
                 }
             }
         }
+    }
+
+    /// Whether to write now: not inside a backoff (unless shutting down), and the flush
+    /// interval passed, the batch is full, someone waits for a flush, a retry is due, or the
+    /// queue closed.
+    fn due(&self) -> bool {
         let now = tokio::time::Instant::now();
-        if retry_at.is_some_and(|at| now < at) && !closed {
-            continue;
+        if self.retry_at.is_some_and(|at| now < at) && !self.closed {
+            return false;
         }
-        let due = last_write.elapsed() >= FLUSH_EVERY
-            || batch.len() >= BATCH_ROWS
-            || !waiting.is_empty()
-            || retry_at.is_some()
-            || closed;
-        if !due {
-            continue;
-        }
-        // Side-path rows join the batch only while it has room (a database outage makes the
-        // side path drop new kinds of refusals, never the token entries' rows).
-        if batch.len() < max_pending {
-            let taken = std::mem::take(&mut *side.lock().expect("audit side path"));
-            for (mut e, (first, last, count, request_id)) in taken {
-                e.request_id = request_id;
-                let slot = batch.entry(e).or_insert((first, last, 0));
-                slot.0 = slot.0.min(first);
-                slot.1 = slot.1.max(last);
-                slot.2 += count;
-            }
-        }
-        if !batch.is_empty() {
-            let rows: Vec<(Entry, (i64, i64, i64))> =
-                batch.iter().map(|(e, t)| (e.clone(), *t)).collect();
-            match store::insert(&db, &rows).await {
-                Ok(()) => {
-                    batch.clear();
-                    delay = Duration::from_millis(100);
-                    if retry_at.take().is_some() {
-                        tracing::info!("audit writes succeed again");
-                        metrics.database_up.set(1);
-                        *failing.lock().expect("audit failing") = None;
-                    }
-                }
-                Err(e) => {
-                    metrics.audit_write_failures.inc();
-                    metrics.database_up.set(0);
-                    let why = match std::error::Error::source(&e) {
-                        Some(cause) => cause.to_string(),
-                        None => e.to_string(),
-                    };
-                    *failing.lock().expect("audit failing") = Some(why);
-                    tracing::warn!(error = %e, rows = rows.len(), "audit write failed; entries keep coalescing until it succeeds");
-                    retry_at = Some(tokio::time::Instant::now() + delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    if closed {
-                        // Shutting down: one last try after the backoff, then give up.
-                        tokio::time::sleep(delay).await;
-                        if store::insert(&db, &rows).await.is_err() {
-                            tracing::error!(
-                                rows = rows.len(),
-                                "audit entries lost at shutdown: the database does not answer"
-                            );
-                        }
-                        return;
-                    }
-                    continue;
-                }
-            }
-        }
-        last_write = tokio::time::Instant::now();
-        for done in waiting.drain(..) {
-            let _ = done.send(());
-        }
-        if closed {
+        self.last_write.elapsed() >= FLUSH_EVERY
+            || self.batch.len() >= BATCH_ROWS
+            || !self.waiting.is_empty()
+            || self.retry_at.is_some()
+            || self.closed
+    }
+
+    /// Side-path rows join the batch only while it has room (a database outage makes the side
+    /// path drop new kinds of refusals, never the token entries' rows).
+    fn take_side_rows(&mut self) {
+        if self.batch.len() >= self.max_pending {
             return;
+        }
+        let taken = std::mem::take(&mut *self.side.lock().expect("audit side path"));
+        for (mut e, (first, last, count, request_id)) in taken {
+            e.request_id = request_id;
+            let slot = self.batch.entry(e).or_insert((first, last, 0));
+            slot.0 = slot.0.min(first);
+            slot.1 = slot.1.max(last);
+            slot.2 += count;
+        }
+    }
+
+    fn rows(&self) -> Vec<(Entry, (i64, i64, i64))> {
+        self.batch.iter().map(|(e, t)| (e.clone(), *t)).collect()
+    }
+
+    /// Writes the batch; on failure keeps it, says so (metrics, readiness) and backs off.
+    async fn write(&mut self) -> Written {
+        if self.batch.is_empty() {
+            return Written::Done;
+        }
+        let rows = self.rows();
+        match store::insert(&self.db, &rows).await {
+            Ok(()) => {
+                self.batch.clear();
+                self.delay = Duration::from_millis(100);
+                if self.retry_at.take().is_some() {
+                    tracing::info!("audit writes succeed again");
+                    self.metrics.database_up.set(1);
+                    *self.failing.lock().expect("audit failing") = None;
+                }
+                Written::Done
+            }
+            Err(e) => {
+                self.metrics.audit_write_failures.inc();
+                self.metrics.database_up.set(0);
+                let why = match std::error::Error::source(&e) {
+                    Some(cause) => cause.to_string(),
+                    None => e.to_string(),
+                };
+                *self.failing.lock().expect("audit failing") = Some(why);
+                tracing::warn!(error = %e, rows = rows.len(), "audit write failed; entries keep coalescing until it succeeds");
+                self.retry_at = Some(tokio::time::Instant::now() + self.delay);
+                self.delay = (self.delay * 2).min(Duration::from_secs(5));
+                Written::Refused
+            }
+        }
+    }
+
+    /// Shutting down with a refused batch: one last try after the backoff, then give up.
+    async fn last_try(self) {
+        tokio::time::sleep(self.delay).await;
+        let rows = self.rows();
+        if store::insert(&self.db, &rows).await.is_err() {
+            tracing::error!(
+                rows = rows.len(),
+                "audit entries lost at shutdown: the database does not answer"
+            );
         }
     }
 }

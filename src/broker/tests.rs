@@ -12,6 +12,8 @@ use serde_json::json;
 use tokio::time::{sleep, Instant};
 
 use super::fakes::{FakePartner, MemoryShared};
+use super::flight::WAIT_POLL;
+use super::mint::RETRIES;
 use super::*;
 use crate::cache::SharedCache as _;
 

@@ -15,6 +15,7 @@ pub use recipes::Grant;
 
 use std::collections::HashMap;
 
+use crate::pop;
 use crate::tenants::{Tenant, TenantId};
 use crate::time::now_ms;
 
@@ -180,14 +181,14 @@ pub fn htu_of(url: &reqwest::Url) -> String {
 }
 
 /// The tenant's DPoP key, when it binds tokens.
-pub fn dpop_key(tenant: &Tenant) -> Result<Option<crate::pop::SigningKey>, IssuerError> {
+pub fn dpop_key(tenant: &Tenant) -> Result<Option<pop::SigningKey>, IssuerError> {
     if !tenant.issuer.dpop {
         return Ok(None);
     }
     let pem = tenant.credentials.get("dpop_private_key").ok_or_else(|| {
         IssuerError::Recipe("credential field dpop_private_key is missing".into())
     })?;
-    crate::pop::SigningKey::from_pem(pem, None, None)
+    pop::SigningKey::from_pem(pem, None, None)
         .map(Some)
         .map_err(|e| IssuerError::Recipe(format!("the DPoP key cannot sign: {e}")))
 }
@@ -294,9 +295,7 @@ impl Issuers {
         Ok(client)
     }
 
-    /// Asks the tenant's partner for a token, giving up after `timeout`. A DPoP tenant sends
-    /// a proof with the partner's latest nonce, and once more with a new one when the partner
-    /// answers `use_dpop_nonce` (RFC 9449 §8).
+    /// Asks the tenant's partner for a token, giving up after `timeout`.
     pub async fn mint(
         &self,
         tenant: &Tenant,
@@ -306,9 +305,7 @@ impl Issuers {
         let url =
             crate::egress::check_token_url(&tenant.issuer.token_url, self.settings.allow_insecure)
                 .map_err(|e| IssuerError::Blocked(e.to_string()))?;
-        let client = self.client_for(tenant)?;
         let dpop = dpop_key(tenant)?;
-        let htu = htu_of(&url);
         let issued_at_ms = now_ms();
         let started = Instant::now();
         let span = tracing::info_span!(
@@ -318,14 +315,40 @@ impl Issuers {
             grant = match grant { Grant::Initial => "initial", Grant::Refresh(_) => "refresh_token" },
             status = tracing::field::Empty,
         );
-        let mut nonce = dpop
-            .as_ref()
-            .and_then(|_| self.nonces.lock().expect("nonces").get(&tenant.id).cloned());
+        let result = self
+            .ask(tenant, &grant, url, dpop.as_ref(), timeout, &span)
+            .await;
+        let _entered = span.enter();
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let doc = result.inspect_err(|e| {
+            tracing::warn!(tenant = %tenant.id, kind = tenant.issuer.kind.as_str(), elapsed_ms, error = %e, "token request failed");
+        })?;
+        let minted = minted_from(tenant, &doc, issued_at_ms, dpop.as_ref())?;
+        tracing::info!(tenant = %tenant.id, kind = tenant.issuer.kind.as_str(), elapsed_ms, lifetime_s = (minted.expires_at_ms - issued_at_ms) / 1000, "token minted");
+        Ok(minted)
+    }
+
+    /// The token request, sent through the tenant's client. A DPoP tenant sends a proof with
+    /// the partner's latest nonce, and once more with a new one when the partner answers
+    /// `use_dpop_nonce` (RFC 9449 §8); the request is prepared afresh for that (a client
+    /// assertion's `jti` is used once).
+    async fn ask(
+        &self,
+        tenant: &Tenant,
+        grant: &Grant<'_>,
+        url: reqwest::Url,
+        dpop: Option<&pop::SigningKey>,
+        timeout: Duration,
+        span: &tracing::Span,
+    ) -> Result<Value, IssuerError> {
+        let client = self.client_for(tenant)?;
+        let htu = htu_of(&url);
+        let mut nonce =
+            dpop.and_then(|_| self.nonces.lock().expect("nonces").get(&tenant.id).cloned());
         let mut retried = false;
-        let result = loop {
-            // Prepared afresh for a retry: a client assertion's jti is used once.
+        loop {
             let prepared =
-                recipes::prepare(tenant, &grant).map_err(|e| IssuerError::Recipe(e.to_string()))?;
+                recipes::prepare(tenant, grant).map_err(|e| IssuerError::Recipe(e.to_string()))?;
             let mut req = client
                 .post(url.clone())
                 .header(CONTENT_TYPE, prepared.content_type)
@@ -334,7 +357,7 @@ impl Issuers {
             for (name, value) in prepared.headers {
                 req = req.header(name, value);
             }
-            if let Some(key) = &dpop {
+            if let Some(key) = dpop {
                 let proof = key
                     .dpop_proof("POST", &htu, nonce.as_deref(), None)
                     .map_err(|e| IssuerError::Recipe(format!("the DPoP proof: {e}")))?;
@@ -343,7 +366,7 @@ impl Issuers {
             let req = req.body(prepared.body.to_vec());
             let (result, new_nonce) =
                 tracing::Instrument::instrument(self.exchange(req), span.clone()).await;
-            if let (Some(n), Some(_)) = (&new_nonce, &dpop) {
+            if let (Some(n), Some(_)) = (&new_nonce, dpop) {
                 self.nonces
                     .lock()
                     .expect("nonces")
@@ -360,41 +383,9 @@ impl Issuers {
                     nonce = new_nonce;
                     retried = true;
                 }
-                other => break other,
+                other => return other,
             }
-        };
-        let _entered = span.enter();
-        let elapsed = started.elapsed();
-        let doc = match result {
-            Ok(doc) => doc,
-            Err(e) => {
-                tracing::warn!(tenant = %tenant.id, kind = tenant.issuer.kind.as_str(), elapsed_ms = elapsed.as_millis() as u64, error = %e, "token request failed");
-                return Err(e);
-            }
-        };
-        let extracted = recipes::extract(&tenant.issuer, &doc)
-            .map_err(|e| IssuerError::BadResponse(e.to_string()))?;
-        let jwt_exp = expiry::jwt_exp(secrecy::ExposeSecret::expose_secret(
-            &extracted.access_token,
-        ));
-        let expires_at_ms = expiry::expires_at_ms(
-            issued_at_ms,
-            extracted.expires_in,
-            jwt_exp,
-            tenant.issuer.default_ttl_seconds,
-        )
-        .map_err(|e| match e {
-            expiry::ExpiryError::Unknown => IssuerError::NoExpiry(e.to_string()),
-            expiry::ExpiryError::AlreadyExpired => IssuerError::BadResponse(e.to_string()),
-        })?;
-        tracing::info!(tenant = %tenant.id, kind = tenant.issuer.kind.as_str(), elapsed_ms = elapsed.as_millis() as u64, lifetime_s = (expires_at_ms - issued_at_ms) / 1000, "token minted");
-        Ok(Minted {
-            access_token: extracted.access_token,
-            refresh_token: extracted.refresh_token,
-            issued_at_ms,
-            expires_at_ms,
-            dpop_jkt: dpop.as_ref().map(|k| k.thumbprint().to_owned()),
-        })
+        }
     }
 
     /// One exchange: the answer (or why it failed) and the `DPoP-Nonce` the partner sent.
@@ -446,6 +437,38 @@ impl Issuers {
             .and_then(Value::as_str);
         Err(classify(status, error, retry_after))
     }
+}
+
+/// The token a successful answer carries, with its expiry worked out (the earliest of
+/// `expires_in` and the JWT `exp`, else the tenant's default) and its DPoP binding.
+fn minted_from(
+    tenant: &Tenant,
+    doc: &Value,
+    issued_at_ms: i64,
+    dpop: Option<&pop::SigningKey>,
+) -> Result<Minted, IssuerError> {
+    let extracted = recipes::extract(&tenant.issuer, doc)
+        .map_err(|e| IssuerError::BadResponse(e.to_string()))?;
+    let jwt_exp = expiry::jwt_exp(secrecy::ExposeSecret::expose_secret(
+        &extracted.access_token,
+    ));
+    let expires_at_ms = expiry::expires_at_ms(
+        issued_at_ms,
+        extracted.expires_in,
+        jwt_exp,
+        tenant.issuer.default_ttl_seconds,
+    )
+    .map_err(|e| match e {
+        expiry::ExpiryError::Unknown => IssuerError::NoExpiry(e.to_string()),
+        expiry::ExpiryError::AlreadyExpired => IssuerError::BadResponse(e.to_string()),
+    })?;
+    Ok(Minted {
+        access_token: extracted.access_token,
+        refresh_token: extracted.refresh_token,
+        issued_at_ms,
+        expires_at_ms,
+        dpop_jkt: dpop.map(|k| k.thumbprint().to_owned()),
+    })
 }
 
 /// The partner's answer body, refused past `MAX_ANSWER_BYTES` (announced or received).
