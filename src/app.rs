@@ -397,8 +397,8 @@ async fn build_state(
         audit,
         limiter: CallerLimiter::new(settings.caller_rate, settings.caller_burst),
         admin_failures: CallerLimiter::new(
-            crate::api::ADMIN_FAILURES_PER_SECOND,
-            crate::api::ADMIN_FAILURES_BURST,
+            settings.admin_auth_failures_rate,
+            settings.admin_auth_failures_burst,
         ),
         jwt,
         auth: Authenticator::new(callers.clone(), Some(metrics.database_up.clone())),

@@ -49,6 +49,10 @@ pub struct Settings {
     pub caller_rate: u64,
     pub l1_cache: bool,
     pub caller_burst: u64,
+    /// `BROKER_ADMIN_AUTH_FAILURES_PER_SECOND` / `_BURST`: failed admin authentications a
+    /// source address may make before 429 `admin_auth_throttled`.
+    pub admin_auth_failures_rate: u64,
+    pub admin_auth_failures_burst: u64,
     /// `BROKER_PROXY_CALLER_CONCURRENCY`: proxied requests one caller may have in flight.
     pub proxy_caller_concurrency: usize,
     pub upstream_connect_timeout: Duration,
@@ -211,6 +215,18 @@ impl Settings {
         let workers = parse_num(&var, "BROKER_WORKERS", cores as u64, 1..=256)? as usize;
         let l1_cache = parse_bool(&var, "BROKER_L1_CACHE", true)?;
         let (caller_rate, caller_burst) = callers_section(var)?;
+        let admin_auth_failures_rate = parse_num(
+            &var,
+            "BROKER_ADMIN_AUTH_FAILURES_PER_SECOND",
+            10,
+            1..=1_000_000,
+        )?;
+        let admin_auth_failures_burst = parse_num(
+            &var,
+            "BROKER_ADMIN_AUTH_FAILURES_BURST",
+            admin_auth_failures_rate.saturating_mul(2),
+            1..=10_000_000,
+        )?;
         let proxy_caller_concurrency =
             parse_num(&var, "BROKER_PROXY_CALLER_CONCURRENCY", 64, 1..=100_000)? as usize;
         let (upstream_connect_timeout, upstream_timeout, default_min_interval_ms) =
@@ -236,6 +252,8 @@ impl Settings {
             workers,
             caller_rate,
             caller_burst,
+            admin_auth_failures_rate,
+            admin_auth_failures_burst,
             proxy_caller_concurrency,
             l1_cache,
             upstream_connect_timeout,

@@ -19,7 +19,11 @@ partner_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1"
 admin="contract-admin-$(od -An -N24 -tx1 /dev/urandom | tr -d " \n")"
 python3 tests/fakes/setu_partner.py "$partner_port" >"$work/partner.log" 2>&1 &
 partner=$!
+# The ignored-auth check sends hundreds of invalid admin credentials in seconds and wants 401
+# for each: the failed-authentication throttle (429 admin_auth_throttled past 10/s, tested
+# on its own in tests/api/security.rs) is raised for this run.
 BROKER_LISTEN="127.0.0.1:$port" BROKER_ADMIN_TOKEN="$admin" DATABASE_URL="sqlite://$work/broker.db" \
+  BROKER_ADMIN_AUTH_FAILURES_PER_SECOND=100000 \
   BROKER_ALLOW_INSECURE_ISSUERS=true RUST_LOG=warn "$bin" serve >"$work/broker.log" 2>&1 &
 pid=$!
 trap 'kill $pid $partner 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -40,7 +40,8 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     pub audit: Arc<Audit>,
     pub limiter: CallerLimiter,
-    /// Failed admin authentications per source address (`ADMIN_FAILURES_PER_SECOND`).
+    /// Failed admin authentications per source address (`BROKER_ADMIN_AUTH_FAILURES_*`); a
+    /// request with the right credentials is never counted or throttled.
     pub admin_failures: CallerLimiter,
     pub jwt: Option<Arc<JwtVerifier>>,
     pub store: TenantStore,
@@ -57,12 +58,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub settings: Arc<Settings>,
 }
-
-/// Failed admin authentications a source address may make per second, after a burst of
-/// `ADMIN_FAILURES_BURST`; past that they are answered 429 `admin_auth_throttled`. A request
-/// with the right credentials is never counted or throttled.
-pub const ADMIN_FAILURES_PER_SECOND: u64 = 10;
-pub const ADMIN_FAILURES_BURST: u64 = 20;
 
 /// Longest request path accepted (the longest real one is under 200 bytes).
 pub const MAX_PATH_BYTES: usize = 2048;
@@ -91,6 +86,20 @@ pub async fn read_json(req: &HttpRequest, payload: web::Payload) -> Result<Value
     })?;
     integral_numbers_as_integers(&mut value);
     Ok(value)
+}
+
+/// A JSON body as `T` (415, 413, 408 and malformed JSON as `read_json`); a body that does
+/// not fit `T` is 400 `invalid_request` naming the first field that does not (the path, never
+/// the value sent).
+pub async fn read_typed<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<T, ApiError> {
+    let value = read_json(req, payload).await?;
+    crate::tenants::spec::from_value(value, "").map_err(|e| ApiError::InvalidRequest {
+        detail: e.to_string(),
+        field: (!e.field.is_empty()).then_some(e.field),
+    })
 }
 
 /// `253.0` is the integer 253 to JSON Schema (and to every encoder that writes all numbers as

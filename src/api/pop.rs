@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::problem::ApiError;
 use super::token::{authorize, hand_out, no_store};
-use super::{read_json, AppState};
+use super::{read_typed, AppState};
 use crate::auth::{Admin, Caller};
 use crate::tenants::TenantId;
 
@@ -74,8 +74,7 @@ async fn dpop_proof(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = authorize(&state, &caller, &path, "token.fetch", &req)?;
-    let body = read_json(&req, payload).await?;
-    let asked: ProofRequest = crate::tenants::spec::from_value(body, "")?;
+    let asked: ProofRequest = read_typed(&req, payload).await?;
     let (htm, htu, nonce) = asked.checked()?;
     let token = hand_out(&state, &caller, &id, 0, Some("dpop proof"), &req).await?;
     let Some(jkt) = &token.dpop_jkt else {

@@ -688,7 +688,19 @@ pub struct TenantPatch {
 /// Deserialises `v` into `T`, reporting the path of the first error without echoing input.
 pub fn from_value<T: serde::de::DeserializeOwned>(v: Value, prefix: &str) -> Result<T, SpecError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
-        let mut path = e.path().to_string();
+        // Dotted like every other field name here: `tenants.3`, not `tenants[3]`.
+        let mut path = e
+            .path()
+            .iter()
+            .map(|s| match s {
+                serde_path_to_error::Segment::Seq { index } => index.to_string(),
+                other => other.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(".");
+        if path.is_empty() {
+            path = ".".into();
+        }
         let message = describe_serde_error(&e.inner().to_string());
         if message.starts_with("unknown field") {
             // The last segment is the submitted (unknown) name: report its parent.

@@ -936,3 +936,27 @@ async fn admin_token_guessing_is_throttled(env: TestEnv) {
     assert!(n >= 15.0, "{n}");
 }
 backends!(admin_token_guessing_is_throttled: Sqlite);
+
+/// The failed-admin-authentication throttle follows its settings.
+async fn the_admin_auth_throttle_is_configurable(mut env: TestEnv) {
+    env.extra
+        .insert("BROKER_ADMIN_AUTH_FAILURES_PER_SECOND".into(), "1".into());
+    env.extra
+        .insert("BROKER_ADMIN_AUTH_FAILURES_BURST".into(), "3".into());
+    let app = env.spawn().await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let a = app
+            .send(
+                app.client
+                    .get(format!("{}/admin/v1/tenants", app.address))
+                    .bearer_auth("wrong-guess-0123456789abcdef0123456789"),
+            )
+            .await;
+        statuses.push(a.status);
+    }
+    assert_eq!(&statuses[..3], &[401, 401, 401], "{statuses:?}");
+    assert_eq!(statuses[4], 429, "{statuses:?}");
+    app.stop().await;
+}
+backends!(the_admin_auth_throttle_is_configurable: Sqlite);
