@@ -1,6 +1,7 @@
 //! Integration tests: the real app on a random port, fake partners, real SQLite, Postgres and Redis.
 
 mod helpers;
+mod support;
 
 mod admin;
 mod cluster;
