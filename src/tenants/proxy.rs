@@ -199,8 +199,30 @@ pub fn apply(
         Value::Object(o) => o,
         _ => return Err(SpecError::new("proxy", "must be a JSON object or null")),
     };
+    let doc = merged_settings(current.map(|(spec, _)| spec), obj)?;
+    let headers = merged_headers(current.map(|(_, h)| h), obj)?;
+    // The field is the path serde stopped at (the unknown name itself, for an unknown one).
+    let mut spec: ProxySpec = serde_path_to_error::deserialize(doc).map_err(|e| {
+        let field = match super::spec::dotted_path(e.path()).as_str() {
+            "." => "proxy".to_owned(),
+            path => format!("proxy.{path}"),
+        };
+        SpecError::new(field, "unknown field or wrong type; expected base_url, headers, timeout_ms, max_body_bytes, max_response_bytes, response_timeout_ms, auth_header, auth_scheme")
+    })?;
+    spec.header_names = headers.keys().cloned().collect();
+    check_auth_header(&spec)?;
+    spec.validate(allow_insecure)?;
+    Ok(Some((spec, Credentials::new(headers))))
+}
+
+/// The settings with the patch merged in (RFC 7386: `null` removes a setting); `headers` are
+/// merged apart (`merged_headers`), `header_names` is read-only, `base_url` must remain.
+fn merged_settings(
+    current: Option<&ProxySpec>,
+    obj: &Map<String, Value>,
+) -> Result<Value, SpecError> {
     let mut doc = match current {
-        Some((spec, _)) => serde_json::to_value(spec).expect("spec serialises"),
+        Some(spec) => serde_json::to_value(spec).expect("spec serialises"),
         None => Value::Object(Map::new()),
     };
     let fields = doc.as_object_mut().expect("object");
@@ -222,43 +244,54 @@ pub fn apply(
             }
         }
     }
+    if !fields.contains_key("base_url") {
+        return Err(SpecError::new("proxy.base_url", "missing field"));
+    }
+    Ok(doc)
+}
+
+/// The fixed headers with the patch's merged in per name (`null` removes one): names the
+/// broker sets or strips are refused, values must be valid header values.
+fn merged_headers(
+    current: Option<&Credentials>,
+    obj: &Map<String, Value>,
+) -> Result<BTreeMap<String, SecretString>, SpecError> {
     let mut headers: BTreeMap<String, SecretString> = current
-        .map(|(_, h)| h.iter().map(|(k, v)| (k.to_owned(), v.clone())).collect())
+        .map(|h| h.iter().map(|(k, v)| (k.to_owned(), v.clone())).collect())
         .unwrap_or_default();
-    match obj.get("headers") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(h)) => {
-            for (name, value) in h {
-                let field = format!(
-                    "proxy.headers.{}",
-                    name.chars().take(64).collect::<String>()
-                );
-                let name = header_name(name, &field)?.as_str().to_owned();
-                if reserved(&name) || name.starts_with("proxy-") || name == "cookie" {
-                    return Err(SpecError::new(
-                        field,
-                        "names a header the broker sets or strips",
-                    ));
-                }
-                match value {
-                    Value::Null => {
-                        headers.remove(&name);
-                    }
-                    Value::String(s)
-                        if !s.is_empty() && s.len() <= 8192 && HeaderValue::from_str(s).is_ok() =>
-                    {
-                        headers.insert(name, SecretString::from(s.clone()));
-                    }
-                    _ => {
-                        return Err(SpecError::new(
-                            field,
-                            "must be a non-empty header value of at most 8192 bytes, or null",
-                        ))
-                    }
-                }
+    let patch = match obj.get("headers") {
+        None | Some(Value::Null) => return Ok(headers),
+        Some(Value::Object(h)) => h,
+        Some(_) => return Err(SpecError::new("proxy.headers", "must be a JSON object")),
+    };
+    for (name, value) in patch {
+        let field = format!(
+            "proxy.headers.{}",
+            name.chars().take(64).collect::<String>()
+        );
+        let name = header_name(name, &field)?.as_str().to_owned();
+        if reserved(&name) || name.starts_with("proxy-") || name == "cookie" {
+            return Err(SpecError::new(
+                field,
+                "names a header the broker sets or strips",
+            ));
+        }
+        match value {
+            Value::Null => {
+                headers.remove(&name);
+            }
+            Value::String(s)
+                if !s.is_empty() && s.len() <= 8192 && HeaderValue::from_str(s).is_ok() =>
+            {
+                headers.insert(name, SecretString::from(s.clone()));
+            }
+            _ => {
+                return Err(SpecError::new(
+                    field,
+                    "must be a non-empty header value of at most 8192 bytes, or null",
+                ))
             }
         }
-        Some(_) => return Err(SpecError::new("proxy.headers", "must be a JSON object")),
     }
     if headers.len() > MAX_HEADERS {
         return Err(SpecError::new(
@@ -266,19 +299,11 @@ pub fn apply(
             format!("at most {MAX_HEADERS} headers"),
         ));
     }
-    if !fields.contains_key("base_url") {
-        return Err(SpecError::new("proxy.base_url", "missing field"));
-    }
-    let mut spec: ProxySpec = serde_json::from_value(doc).map_err(|e| {
-        let msg = e.to_string();
-        let field = msg
-            .split('`')
-            .nth(1)
-            .map(|f| format!("proxy.{f}"))
-            .unwrap_or_else(|| "proxy".into());
-        SpecError::new(field, "unknown field or wrong type; expected base_url, headers, timeout_ms, max_body_bytes, max_response_bytes, response_timeout_ms, auth_header, auth_scheme")
-    })?;
-    spec.header_names = headers.keys().cloned().collect();
+    Ok(headers)
+}
+
+/// No fixed header may be the auth header (it carries the tenant's token).
+fn check_auth_header(spec: &ProxySpec) -> Result<(), SpecError> {
     if let Some(h) = &spec.auth_header {
         if spec.header_names.iter().any(|n| n.eq_ignore_ascii_case(h)) {
             return Err(SpecError::new(
@@ -292,8 +317,7 @@ pub fn apply(
             "is the auth header: it carries the tenant's token",
         ));
     }
-    spec.validate(allow_insecure)?;
-    Ok(Some((spec, Credentials::new(headers))))
+    Ok(())
 }
 
 #[cfg(test)]

@@ -688,19 +688,7 @@ pub struct TenantPatch {
 /// Deserialises `v` into `T`, reporting the path of the first error without echoing input.
 pub fn from_value<T: serde::de::DeserializeOwned>(v: Value, prefix: &str) -> Result<T, SpecError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
-        // Dotted like every other field name here: `tenants.3`, not `tenants[3]`.
-        let mut path = e
-            .path()
-            .iter()
-            .map(|s| match s {
-                serde_path_to_error::Segment::Seq { index } => index.to_string(),
-                other => other.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(".");
-        if path.is_empty() {
-            path = ".".into();
-        }
+        let mut path = dotted_path(e.path());
         let message = describe_serde_error(&e.inner().to_string());
         if message.starts_with("unknown field") {
             // The last segment is the submitted (unknown) name: report its parent.
@@ -715,6 +703,24 @@ pub fn from_value<T: serde::de::DeserializeOwned>(v: Value, prefix: &str) -> Res
         };
         SpecError::new(field, message)
     })
+}
+
+/// A deserialisation error's place, dotted like every other field name here (`tenants.3`, not
+/// `tenants[3]`); `.` for the document itself.
+pub fn dotted_path(path: &serde_path_to_error::Path) -> String {
+    let dotted = path
+        .iter()
+        .map(|s| match s {
+            serde_path_to_error::Segment::Seq { index } => index.to_string(),
+            other => other.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(".");
+    if dotted.is_empty() {
+        ".".into()
+    } else {
+        dotted
+    }
 }
 
 /// Turns a serde message into one that names the problem but repeats nothing submitted.
