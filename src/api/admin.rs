@@ -607,30 +607,78 @@ fn caller_error(field: &str, message: &str) -> ApiError {
     ApiError::InvalidCaller(SpecError::new(field, message))
 }
 
-/// A caller body: `name` and `tenants`, both required on create, either on PATCH.
-fn parse_caller(body: Value, partial: bool) -> Result<(Option<String>, Option<Scope>), ApiError> {
-    let Value::Object(mut obj) = body else {
-        return Err(caller_error("", "must be a JSON object"));
-    };
-    let name = match obj.remove("name") {
-        None if partial => None,
+/// `POST /admin/v1/callers`: a name and a scope, both required.
+struct NewCaller {
+    name: String,
+    scope: Scope,
+}
+
+/// `PATCH /admin/v1/callers/{id}`: a new name and/or a new scope.
+struct CallerPatch {
+    name: Option<String>,
+    scope: Option<Scope>,
+}
+
+impl NewCaller {
+    fn parse(body: Value) -> Result<Self, ApiError> {
+        let mut obj = caller_object(body)?;
+        let name = caller_name(obj.remove("name"))?;
+        let scope = caller_scope(obj.remove("tenants"))?;
+        no_other_caller_fields(&obj)?;
+        Ok(Self { name, scope })
+    }
+}
+
+impl CallerPatch {
+    fn parse(body: Value) -> Result<Self, ApiError> {
+        let mut obj = caller_object(body)?;
+        let name = obj
+            .remove("name")
+            .map(|v| caller_name(Some(v)))
+            .transpose()?;
+        let scope = obj
+            .remove("tenants")
+            .map(|v| caller_scope(Some(v)))
+            .transpose()?;
+        no_other_caller_fields(&obj)?;
+        if name.is_none() && scope.is_none() {
+            return Err(caller_error(
+                "",
+                "nothing to change; send name and/or tenants",
+            ));
+        }
+        Ok(Self { name, scope })
+    }
+}
+
+fn caller_object(body: Value) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match body {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(caller_error("", "must be a JSON object")),
+    }
+}
+
+/// 1-64 characters of `[A-Za-z0-9._-]`.
+fn caller_name(v: Option<Value>) -> Result<String, ApiError> {
+    match v {
         Some(Value::String(n))
             if (1..=64).contains(&n.len())
                 && n.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) =>
         {
-            Some(n)
+            Ok(n)
         }
-        _ => {
-            return Err(caller_error(
-                "name",
-                "must be 1-64 characters of [A-Za-z0-9._-]",
-            ))
-        }
-    };
-    let scope = match obj.remove("tenants") {
-        None if partial => None,
-        Some(Value::String(s)) if s == "*" => Some(Scope::All),
+        _ => Err(caller_error(
+            "name",
+            "must be 1-64 characters of [A-Za-z0-9._-]",
+        )),
+    }
+}
+
+/// `"*"`, or 1-1000 tenant ids (sorted, duplicates dropped).
+fn caller_scope(v: Option<Value>) -> Result<Scope, ApiError> {
+    match v {
+        Some(Value::String(s)) if s == "*" => Ok(Scope::All),
         Some(Value::Array(items)) if (1..=1000).contains(&items.len()) => {
             let mut ids = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
@@ -641,28 +689,23 @@ fn parse_caller(body: Value, partial: bool) -> Result<(Option<String>, Option<Sc
             }
             ids.sort();
             ids.dedup();
-            Some(Scope::Tenants(ids))
+            Ok(Scope::Tenants(ids))
         }
-        _ => {
-            return Err(caller_error(
-                "tenants",
-                "must be \"*\" or an array of 1-1000 tenant ids",
-            ))
-        }
-    };
-    if let Some(k) = obj.keys().next() {
-        return Err(caller_error(
+        _ => Err(caller_error(
+            "tenants",
+            "must be \"*\" or an array of 1-1000 tenant ids",
+        )),
+    }
+}
+
+fn no_other_caller_fields(obj: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    match obj.keys().next() {
+        Some(k) => Err(caller_error(
             &k.chars().take(64).collect::<String>(),
             "unknown field; expected name, tenants",
-        ));
+        )),
+        None => Ok(()),
     }
-    if partial && name.is_none() && scope.is_none() {
-        return Err(caller_error(
-            "",
-            "nothing to change; send name and/or tenants",
-        ));
-    }
-    Ok((name, scope))
 }
 
 /// 422 unless every tenant in the scope is registered (`*` is always allowed).
@@ -696,10 +739,7 @@ async fn create_caller(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json(&req, payload).await?;
-    let (Some(name), Some(scope)) = parse_caller(body, false)? else {
-        unreachable!("parse_caller requires both on create");
-    };
+    let NewCaller { name, scope } = NewCaller::parse(read_json(&req, payload).await?)?;
     check_scope(&state, &scope).await?;
     let key = ApiKey::generate();
     let id = format!("cl_{}", crate::crypto::random_hex::<8>());
@@ -743,8 +783,7 @@ async fn patch_caller(
     if path.len() > 64 {
         return Err(ApiError::CallerNotFound);
     }
-    let body = read_json(&req, payload).await?;
-    let (name, scope) = parse_caller(body, true)?;
+    let CallerPatch { name, scope } = CallerPatch::parse(read_json(&req, payload).await?)?;
     if let Some(scope) = &scope {
         check_scope(&state, scope).await?;
     }
