@@ -57,9 +57,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// kinds): what the console's forms and other clients offer, from the rules the broker
 /// validates with.
 async fn kinds(_: Admin) -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(json!({ "kinds": crate::tenants::spec::catalogue() }))
+    answer(HttpResponse::Ok()).json(json!({ "kinds": crate::tenants::spec::catalogue() }))
+}
+
+/// An admin answer: never kept by caches on the way (it names tenants, callers, keys).
+fn answer(mut builder: actix_web::HttpResponseBuilder) -> actix_web::HttpResponseBuilder {
+    builder.insert_header((header::CACHE_CONTROL, "no-store"));
+    builder
 }
 
 /// An admin mutation's audit row, committed in the mutation's own transaction: an
@@ -313,9 +317,7 @@ async fn list_tenants(
         view["health"] = health?;
         views.push(view);
     }
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(json!({"tenants": views, "next_after": next_after})))
+    Ok(answer(HttpResponse::Ok()).json(json!({"tenants": views, "next_after": next_after})))
 }
 
 async fn get_tenant(
@@ -585,13 +587,11 @@ async fn test_tenant(
         .await;
     }
     let token = result?;
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(json!({
-            "ok": true,
-            "expires_at": rfc3339(token.expires_at_ms),
-            "expires_in": ((token.expires_at_ms - now_ms()) / 1000).max(0),
-        })))
+    Ok(answer(HttpResponse::Ok()).json(json!({
+        "ok": true,
+        "expires_at": rfc3339(token.expires_at_ms),
+        "expires_in": ((token.expires_at_ms - now_ms()) / 1000).max(0),
+    })))
 }
 
 fn caller_view(c: &CallerRecord) -> Value {
@@ -758,8 +758,7 @@ async fn create_caller(
     tracing::info!(caller = %record.name, caller_id = %record.id, "caller created");
     let mut view = caller_view(&record);
     view["api_key"] = Value::String(key.expose().to_owned());
-    Ok(HttpResponse::Created()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
+    Ok(answer(HttpResponse::Created())
         .insert_header((header::LOCATION, format!("/admin/v1/callers/{}", record.id)))
         .json(view))
 }
@@ -767,9 +766,7 @@ async fn create_caller(
 async fn list_callers(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let callers = state.callers.list_callers().await?;
     let views: Vec<Value> = callers.iter().map(caller_view).collect();
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(json!({ "callers": views })))
+    Ok(answer(HttpResponse::Ok()).json(json!({ "callers": views })))
 }
 
 /// `PATCH /admin/v1/callers/{id}`: a new name and/or scope; the key stays.
@@ -809,9 +806,7 @@ async fn patch_caller(
         .await
         .map_err(name_taken)?;
     state.auth.forget_all();
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(caller_view(&record)))
+    Ok(answer(HttpResponse::Ok()).json(caller_view(&record)))
 }
 
 /// Longest grace period for a rotated key (7 days).
@@ -890,9 +885,7 @@ async fn rotate_caller_key(
     } else {
         Value::Null
     };
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(view))
+    Ok(answer(HttpResponse::Ok()).json(view))
 }
 
 async fn delete_caller(
@@ -976,9 +969,7 @@ async fn read_audit(
             })
         })
         .collect();
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(json!({"entries": entries, "next_before": next_before})))
+    Ok(answer(HttpResponse::Ok()).json(json!({"entries": entries, "next_before": next_before})))
 }
 
 #[cfg(test)]
