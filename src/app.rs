@@ -339,52 +339,8 @@ async fn build_state(
         default_min_interval_ms: settings.default_min_interval_ms,
         ..Timing::from_upstream_timeout(settings.upstream_timeout)
     };
-    let shared = match &settings.redis {
-        Some(target) => {
-            let conn = RedisConn::connect(target, settings.redis_timeout).await?;
-            let cache = RedisCache::new(
-                conn,
-                &settings.redis_prefix,
-                Arc::new(store.keys().clone()),
-                settings.redis_timeout,
-                Some(metrics.redis_up.clone()),
-            );
-            cache.start_prober();
-            Some(cache)
-        }
-        None => {
-            let _ = metrics.dependency_up.remove_label_values(&["redis"]);
-            None
-        }
-    };
-    let issuers = Issuers::new(&IssuerSettings {
-        allow_insecure: settings.allow_insecure_issuers,
-        connect_timeout: settings.upstream_connect_timeout,
-        request_timeout: settings.upstream_timeout,
-    });
-    if settings.allow_insecure_issuers {
-        tracing::warn!(
-            "BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses"
-        );
-    }
-    let broker = Broker::new(
-        Arc::new(Backends {
-            store: store.clone(),
-            health: HealthStore::new(store.db().clone()),
-            issuers,
-        }),
-        shared.clone().map(|c| Arc::new(c) as crate::cache::Shared),
-        metrics.clone(),
-        timing,
-    );
-    if let (Some(target), Some(cache)) = (settings.redis.clone(), shared) {
-        let on_event = Arc::downgrade(&broker);
-        spawn_listener(target, cache, move |e| {
-            if let Some(b) = on_event.upgrade() {
-                b.on_event(e)
-            }
-        });
-    }
+    let shared = open_shared_cache(&settings, &store, &metrics).await?;
+    let broker = start_broker(&settings, &store, &metrics, shared, timing);
     let callers = CallerStore::new(store.db().clone());
     let proxy = crate::proxy::Targets::new(
         store.clone(),
@@ -413,6 +369,69 @@ async fn build_state(
         settings: Arc::new(settings.clone()),
     });
     Ok(state)
+}
+
+/// The shared cache when Redis is configured (its prober started); without it the Redis
+/// dependency series is dropped.
+async fn open_shared_cache(
+    settings: &Settings,
+    store: &TenantStore,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<RedisCache>, BuildError> {
+    let Some(target) = &settings.redis else {
+        let _ = metrics.dependency_up.remove_label_values(&["redis"]);
+        return Ok(None);
+    };
+    let conn = RedisConn::connect(target, settings.redis_timeout).await?;
+    let cache = RedisCache::new(
+        conn,
+        &settings.redis_prefix,
+        Arc::new(store.keys().clone()),
+        settings.redis_timeout,
+        Some(metrics.redis_up.clone()),
+    );
+    cache.start_prober();
+    Ok(Some(cache))
+}
+
+/// The broker over the store, the partners' client and the shared cache, listening to the
+/// other replicas' events when there is one.
+fn start_broker(
+    settings: &Settings,
+    store: &TenantStore,
+    metrics: &Arc<Metrics>,
+    shared: Option<RedisCache>,
+    timing: Timing,
+) -> Arc<Broker> {
+    let issuers = Issuers::new(&IssuerSettings {
+        allow_insecure: settings.allow_insecure_issuers,
+        connect_timeout: settings.upstream_connect_timeout,
+        request_timeout: settings.upstream_timeout,
+    });
+    if settings.allow_insecure_issuers {
+        tracing::warn!(
+            "BROKER_ALLOW_INSECURE_ISSUERS=true: token URLs may use http and internal addresses"
+        );
+    }
+    let broker = Broker::new(
+        Arc::new(Backends {
+            store: store.clone(),
+            health: HealthStore::new(store.db().clone()),
+            issuers,
+        }),
+        shared.clone().map(|c| Arc::new(c) as crate::cache::Shared),
+        metrics.clone(),
+        timing,
+    );
+    if let (Some(target), Some(cache)) = (settings.redis.clone(), shared) {
+        let on_event = Arc::downgrade(&broker);
+        spawn_listener(target, cache, move |e| {
+            if let Some(b) = on_event.upgrade() {
+                b.on_event(e)
+            }
+        });
+    }
+    broker
 }
 
 /// The HTTP server over `state`: middleware, the three route groups, problem+json fallbacks.
