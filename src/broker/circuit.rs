@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::Shared;
+use crate::cache::{Record, Shared, Slot};
 use crate::issuers::IssuerError;
 use crate::tenants::TenantId;
 use crate::time::now_ms;
@@ -97,7 +97,10 @@ impl Circuits {
     /// `PROBE_EVERY_MS` across replicas (per replica while Redis is unavailable).
     pub async fn try_probe(&self, tenant: &TenantId) -> bool {
         if let Some(r) = &self.shared {
-            match r.take_slot(tenant, "probe", PROBE_EVERY_MS as u64).await {
+            match r
+                .take_slot(tenant, Slot::Probe, PROBE_EVERY_MS as u64)
+                .await
+            {
                 Ok(wait) => return wait == 0,
                 Err(e) => {
                     tracing::debug!(tenant = %tenant, error = %e, "shared probe slot unavailable; using this replica's")
@@ -118,7 +121,7 @@ impl Circuits {
     /// The tenant's circuit state (shared when Redis is configured; local if Redis fails).
     pub async fn state(&self, tenant: &TenantId) -> Option<CircuitState> {
         if let Some(r) = &self.shared {
-            match r.get_record(tenant, "circuit").await {
+            match r.get_record(tenant, Record::Circuit).await {
                 Ok(s) => return s.and_then(|s| serde_json::from_str(&s).ok()),
                 Err(e) => {
                     tracing::warn!(tenant = %tenant, error = %e, "circuit state unavailable in redis; using this replica's")
@@ -149,7 +152,7 @@ impl Circuits {
             if let Err(e) = r
                 .set_record(
                     tenant,
-                    "circuit",
+                    Record::Circuit,
                     serde_json::to_string(&state).expect("serialises"),
                     ttl,
                 )
@@ -166,7 +169,7 @@ impl Circuits {
     pub async fn reset(&self, tenant: &TenantId) {
         self.local.lock().expect("circuits").remove(tenant);
         if let Some(r) = &self.shared {
-            if let Err(e) = r.delete_record(tenant, "circuit").await {
+            if let Err(e) = r.delete_record(tenant, Record::Circuit).await {
                 tracing::warn!(tenant = %tenant, error = %e, "could not reset the shared circuit state");
             }
         }
@@ -176,7 +179,7 @@ impl Circuits {
 /// Per-tenant pacing of partner calls (and of young-token drops), shared through Redis when
 /// configured, else per process.
 pub struct Pacer {
-    local: Mutex<HashMap<(TenantId, &'static str), i64>>,
+    local: Mutex<HashMap<(TenantId, Slot), i64>>,
     shared: Option<Shared>,
 }
 
@@ -197,7 +200,7 @@ impl Pacer {
         deadline_ms: i64,
     ) -> Result<(), Duration> {
         loop {
-            let wait_ms = self.try_take(tenant, "pace", interval_ms).await;
+            let wait_ms = self.try_take(tenant, Slot::Pace, interval_ms).await;
             if wait_ms == 0 {
                 return Ok(());
             }
@@ -210,12 +213,12 @@ impl Pacer {
 
     /// Takes the tenant's `what` slot if it is free (it stays taken `interval_ms`); else how
     /// many ms until it frees.
-    pub async fn try_take(&self, tenant: &TenantId, what: &'static str, interval_ms: u64) -> u64 {
+    pub async fn try_take(&self, tenant: &TenantId, what: Slot, interval_ms: u64) -> u64 {
         match &self.shared {
             Some(r) => match r.take_slot(tenant, what, interval_ms).await {
                 Ok(wait) => wait,
                 Err(e) => {
-                    tracing::warn!(tenant = %tenant, error = %e, what, "shared pacing unavailable; pacing in this replica");
+                    tracing::warn!(tenant = %tenant, error = %e, what = what.as_str(), "shared pacing unavailable; pacing in this replica");
                     self.take_local(tenant, what, interval_ms)
                 }
             },
@@ -223,7 +226,7 @@ impl Pacer {
         }
     }
 
-    fn take_local(&self, tenant: &TenantId, what: &'static str, interval_ms: u64) -> u64 {
+    fn take_local(&self, tenant: &TenantId, what: Slot, interval_ms: u64) -> u64 {
         let now = now_ms();
         let mut map = self.local.lock().expect("pacer");
         let key = (tenant.clone(), what);
@@ -272,8 +275,8 @@ mod tests {
     fn local_pacing() {
         let p = Pacer::new(None);
         let t = TenantId::parse("t").unwrap();
-        assert_eq!(p.take_local(&t, "pace", 1000), 0);
-        let wait = p.take_local(&t, "pace", 1000);
+        assert_eq!(p.take_local(&t, Slot::Pace, 1000), 0);
+        let wait = p.take_local(&t, Slot::Pace, 1000);
         assert!(wait > 900 && wait <= 1000, "{wait}");
     }
 }

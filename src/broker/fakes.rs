@@ -13,7 +13,7 @@ use secrecy::ExposeSecret;
 
 use super::{Broker, Upstream};
 use crate::cache::redis::LOCK_TTL;
-use crate::cache::{fingerprint, CacheError, CachedToken, LockToken, SharedCache};
+use crate::cache::{fingerprint, CacheError, CachedToken, LockToken, Record, SharedCache, Slot};
 use crate::issuers::{Grant, IssuerError, Minted};
 use crate::tenants::store::{SealedTenant, StoreError, TenantRecord};
 use crate::tenants::{Credentials, IssuerSpec, Tenant, TenantId};
@@ -184,42 +184,50 @@ impl SharedCache for MemoryShared {
     fn get_record<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Record,
     ) -> BoxFuture<'a, Result<Option<String>, CacheError>> {
-        self.op(move |k, now| live(k.records.get(&(tenant.clone(), what.to_owned())), now))
+        self.op(move |k, now| {
+            live(
+                k.records.get(&(tenant.clone(), what.as_str().to_owned())),
+                now,
+            )
+        })
     }
 
     fn set_record<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Record,
         value: String,
         ttl_ms: i64,
     ) -> BoxFuture<'a, Result<(), CacheError>> {
         self.op(move |k, now| {
-            k.records
-                .insert((tenant.clone(), what.to_owned()), (value, now + ttl_ms));
+            k.records.insert(
+                (tenant.clone(), what.as_str().to_owned()),
+                (value, now + ttl_ms),
+            );
         })
     }
 
     fn delete_record<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Record,
     ) -> BoxFuture<'a, Result<(), CacheError>> {
         self.op(move |k, _| {
-            k.records.remove(&(tenant.clone(), what.to_owned()));
+            k.records
+                .remove(&(tenant.clone(), what.as_str().to_owned()));
         })
     }
 
     fn take_slot<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Slot,
         interval_ms: u64,
     ) -> BoxFuture<'a, Result<u64, CacheError>> {
         self.op(move |k, now| {
-            let key = (tenant.clone(), what.to_owned());
+            let key = (tenant.clone(), what.as_str().to_owned());
             match k.slots.get(&key) {
                 Some(&free_at) if now < free_at => (free_at - now) as u64,
                 _ => {

@@ -90,7 +90,7 @@ impl Broker {
             if age < min_age {
                 let wait = self
                     .pacer
-                    .try_take(tenant, "invalidate", min_age as u64)
+                    .try_take(tenant, crate::cache::Slot::Invalidate, min_age as u64)
                     .await;
                 if wait > 0 {
                     let retry_ms = (wait as i64).min(min_age - age).max(1);

@@ -19,6 +19,43 @@ use crate::issuers::expiry::skew_ms;
 use crate::issuers::Minted;
 use crate::tenants::TenantId;
 
+/// A tenant's small shared record, by the name its Redis key ends with
+/// (`{prefix}:{<tenant>}:<name>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Record {
+    /// The circuit's state.
+    Circuit,
+}
+
+impl Record {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Circuit => "circuit",
+        }
+    }
+}
+
+/// A tenant's rate slot (taken, it frees after an interval), by its key's last name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// Partner calls (`min_interval_ms`).
+    Pace,
+    /// The open circuit's probe.
+    Probe,
+    /// The re-mint guard for young tokens.
+    Invalidate,
+}
+
+impl Slot {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pace => "pace",
+            Self::Probe => "probe",
+            Self::Invalidate => "invalidate",
+        }
+    }
+}
+
 /// A token as the broker keeps it.
 pub struct CachedToken {
     pub access_token: SecretString,
@@ -176,31 +213,31 @@ pub trait SharedCache: Send + Sync {
         tenant: &'a TenantId,
         event: &'a str,
     ) -> BoxFuture<'a, Result<(), CacheError>>;
-    /// A small record of the tenant's (`what`: `circuit`).
+    /// A small record of the tenant's.
     fn get_record<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Record,
     ) -> BoxFuture<'a, Result<Option<String>, CacheError>>;
     /// Stores a small record for `ttl_ms`.
     fn set_record<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Record,
         value: String,
         ttl_ms: i64,
     ) -> BoxFuture<'a, Result<(), CacheError>>;
     fn delete_record<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Record,
     ) -> BoxFuture<'a, Result<(), CacheError>>;
-    /// Takes the tenant's `what` slot (`pace`, `probe`, `invalidate`) that frees after
-    /// `interval_ms`: 0 if taken, else ms until it frees.
+    /// Takes the tenant's `what` slot that frees after `interval_ms`: 0 if taken, else ms
+    /// until it frees.
     fn take_slot<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Slot,
         interval_ms: u64,
     ) -> BoxFuture<'a, Result<u64, CacheError>>;
     /// Takes the tenant's mint lock if it is free; it lives `redis::LOCK_TTL` unless extended.

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::breaker::{Admit, Breaker};
 pub use super::target::{RedisConn, Target};
-use super::{fingerprint, CacheError, CachedToken, LockToken, SharedCache};
+use super::{fingerprint, CacheError, CachedToken, LockToken, Record, SharedCache, Slot};
 use crate::crypto::KeyRing;
 use crate::tenants::TenantId;
 use crate::time::now_ms;
@@ -757,33 +757,40 @@ impl SharedCache for RedisCache {
     fn get_record<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Record,
     ) -> BoxFuture<'a, Result<Option<String>, CacheError>> {
-        Box::pin(RedisCache::get_record(self, tenant, what))
+        Box::pin(RedisCache::get_record(self, tenant, what.as_str()))
     }
     fn set_record<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Record,
         value: String,
         ttl_ms: i64,
     ) -> BoxFuture<'a, Result<(), CacheError>> {
-        Box::pin(async move { RedisCache::set_record(self, tenant, what, &value, ttl_ms).await })
+        Box::pin(async move {
+            RedisCache::set_record(self, tenant, what.as_str(), &value, ttl_ms).await
+        })
     }
     fn delete_record<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Record,
     ) -> BoxFuture<'a, Result<(), CacheError>> {
-        Box::pin(RedisCache::delete_key(self, tenant, what))
+        Box::pin(RedisCache::delete_key(self, tenant, what.as_str()))
     }
     fn take_slot<'a>(
         &'a self,
         tenant: &'a TenantId,
-        what: &'a str,
+        what: Slot,
         interval_ms: u64,
     ) -> BoxFuture<'a, Result<u64, CacheError>> {
-        Box::pin(RedisCache::take_slot(self, tenant, what, interval_ms))
+        Box::pin(RedisCache::take_slot(
+            self,
+            tenant,
+            what.as_str(),
+            interval_ms,
+        ))
     }
     fn try_acquire<'a>(
         &'a self,
