@@ -244,6 +244,14 @@ impl SigningKey {
     }
 }
 
+/// A DPoP nonce as RFC 9449 §8.1 allows it (`1*NQCHAR`: printable ASCII but `"` and `\`),
+/// at most 512 bytes: what the broker takes from a partner and from a caller.
+pub fn is_nonce(s: &str) -> bool {
+    (1..=512).contains(&s.len())
+        && s.bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+}
+
 /// A DPoP proof's `ath`: base64url of the access token's SHA-256 (RFC 9449 §4.2).
 pub fn ath_of(access_token: &str) -> String {
     B64URL.encode(Sha256::digest(access_token.as_bytes()))

@@ -390,24 +390,14 @@ impl Targets {
         }
         let tenant = self.store.tenant(id).await?;
         let unusable = |what: &str| StoreError::Corrupt(format!("{what} of tenant {id}"));
-        let private = match tenant.credentials.get("private_key") {
-            Some(pem) => Some(
-                crate::pop::SigningKey::from_pem(
-                    pem,
-                    tenant.issuer.assertion_alg,
-                    tenant.credentials.get("key_id"),
-                )
-                .map_err(|_| unusable("private_key"))?,
-            ),
-            None => None,
-        };
-        let dpop = match tenant.credentials.get("dpop_private_key") {
-            Some(pem) => Some(
-                crate::pop::SigningKey::from_pem(pem, None, None)
-                    .map_err(|_| unusable("dpop_private_key"))?,
-            ),
-            None => None,
-        };
+        let private = tenant
+            .issuer
+            .private_key(&tenant.credentials)
+            .transpose()
+            .map_err(|_| unusable("private_key"))?;
+        let dpop = crate::tenants::IssuerSpec::dpop_key(&tenant.credentials)
+            .transpose()
+            .map_err(|_| unusable("dpop_private_key"))?;
         let keys = Arc::new(TenantKeys {
             private,
             dpop,

@@ -33,7 +33,7 @@ struct ProofRequest {
 
 impl ProofRequest {
     /// `htm` an HTTP method token; `htu` an absolute http(s) URL, kept without query and
-    /// fragment (RFC 9449 §4.2); `nonce` printable ASCII as the partner sent it.
+    /// fragment (RFC 9449 §4.2); `nonce` as the partner sent it (`pop::is_nonce`).
     fn checked(self) -> Result<(String, String, Option<String>), ApiError> {
         let ProofRequest { htm, htu, nonce } = self;
         if htm.is_empty() || htm.len() > 16 || !htm.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -51,9 +51,7 @@ impl ProofRequest {
                     Some("htu"),
                 )
             })?;
-        if nonce.as_ref().is_some_and(|n| {
-            n.is_empty() || n.len() > 512 || !n.bytes().all(|b| (0x21..=0x7e).contains(&b))
-        }) {
+        if nonce.as_deref().is_some_and(|n| !crate::pop::is_nonce(n)) {
             return Err(ApiError::invalid(
                 "nonce must be the partner's DPoP-Nonce as sent",
                 Some("nonce"),

@@ -393,6 +393,19 @@ async fn proxy(
     .await?;
     let (token, _) = state.broker.token(id, 0).await?;
     outcome.fingerprint = Some(token.audit_fingerprint(state.store.keys()).clone());
+    // A token bound to a key this replica's cached target does not hold (a rotation on
+    // another replica, seen here within the target's TTL): read the target again.
+    let target = match &token.dpop_jkt {
+        Some(jkt) if target.dpop.as_ref().map(|k| k.thumbprint()) != Some(jkt.as_str()) => {
+            state.proxy.forget(id);
+            state
+                .proxy
+                .get(id)
+                .await?
+                .ok_or(ApiError::ProxyNotConfigured)?
+        }
+        _ => target,
+    };
     let call = Call {
         state,
         req,

@@ -165,11 +165,10 @@ pub struct Issuers {
     nonces: Arc<std::sync::Mutex<HashMap<TenantId, String>>>,
 }
 
-/// A DPoP nonce is short printable ASCII (RFC 9449 §8.1: `1*NQCHAR`); anything else is ignored.
+/// The partner's `DPoP-Nonce` (`pop::is_nonce`); anything else is ignored.
 pub fn dpop_nonce_of(headers: &reqwest::header::HeaderMap) -> Option<String> {
     let v = headers.get("dpop-nonce")?.to_str().ok()?;
-    ((1..=512).contains(&v.len()) && v.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b'"'))
-        .then(|| v.to_owned())
+    pop::is_nonce(v).then(|| v.to_owned())
 }
 
 /// The `htu` of a DPoP proof: the URL without query and fragment (RFC 9449 §4.2).
@@ -185,10 +184,8 @@ pub fn dpop_key(tenant: &Tenant) -> Result<Option<pop::SigningKey>, IssuerError>
     if !tenant.issuer.dpop {
         return Ok(None);
     }
-    let pem = tenant.credentials.get("dpop_private_key").ok_or_else(|| {
-        IssuerError::Recipe("credential field dpop_private_key is missing".into())
-    })?;
-    pop::SigningKey::from_pem(pem, None, None)
+    crate::tenants::IssuerSpec::dpop_key(&tenant.credentials)
+        .ok_or_else(|| IssuerError::Recipe("credential field dpop_private_key is missing".into()))?
         .map(Some)
         .map_err(|e| IssuerError::Recipe(format!("the DPoP key cannot sign: {e}")))
 }

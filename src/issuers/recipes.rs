@@ -152,12 +152,11 @@ const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// The tenant's `private_key`, ready to sign.
 fn private_key(tenant: &Tenant) -> Result<SigningKey, RecipeError> {
-    SigningKey::from_pem(
-        cred(tenant, "private_key")?,
-        tenant.issuer.assertion_alg,
-        tenant.credentials.get("key_id"),
-    )
-    .map_err(|e| RecipeError::Key(e.to_string()))
+    tenant
+        .issuer
+        .private_key(&tenant.credentials)
+        .ok_or_else(|| RecipeError::MissingCredential("private_key".into()))?
+        .map_err(|e| RecipeError::Key(e.to_string()))
 }
 
 /// The JWT bearer grant (RFC 7523 §2.1): `assertion` signed with `private_key`, its claims

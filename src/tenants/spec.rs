@@ -500,16 +500,38 @@ impl IssuerSpec {
         false
     }
 
+    /// The tenant's `private_key`, ready to sign (with `assertion_alg` and `key_id`); `None`
+    /// when it has none. The one reading of it: validation, assertions, the JWK set.
+    pub fn private_key(
+        &self,
+        creds: &Credentials,
+    ) -> Option<Result<crate::pop::SigningKey, crate::pop::KeyError>> {
+        let pem = creds.get("private_key")?;
+        Some(crate::pop::SigningKey::from_pem(
+            pem,
+            self.assertion_alg,
+            creds.get("key_id"),
+        ))
+    }
+
+    /// The tenant's `dpop_private_key`, ready to sign; `None` when it has none.
+    pub fn dpop_key(
+        creds: &Credentials,
+    ) -> Option<Result<crate::pop::SigningKey, crate::pop::KeyError>> {
+        let pem = creds.get("dpop_private_key")?;
+        Some(crate::pop::SigningKey::from_pem(pem, None, None))
+    }
+
     /// Checks that every key in `creds` can do its job (never saying what it holds).
     fn validate_keys(&self, creds: &Credentials) -> Result<(), SpecError> {
-        use crate::pop::SigningKey;
-        if let Some(pem) = creds.get("private_key") {
-            SigningKey::from_pem(pem, self.assertion_alg, creds.get("key_id"))
-                .map_err(|e| SpecError::new("credentials.private_key", e.to_string()))?;
+        if let Some(Err(e)) = self.private_key(creds) {
+            return Err(SpecError::new("credentials.private_key", e.to_string()));
         }
-        if let Some(pem) = creds.get("dpop_private_key") {
-            SigningKey::from_pem(pem, None, None)
-                .map_err(|e| SpecError::new("credentials.dpop_private_key", e.to_string()))?;
+        if let Some(Err(e)) = Self::dpop_key(creds) {
+            return Err(SpecError::new(
+                "credentials.dpop_private_key",
+                e.to_string(),
+            ));
         }
         match (creds.get("tls_certificate"), creds.get("tls_private_key")) {
             (Some(cert), Some(key)) => {
