@@ -11,10 +11,27 @@ use sqlx::{AnyConnection, AnyPool};
 
 use crate::crypto::CryptoError;
 
+/// What a lookup did not find: each repository names its own, so a not-found answer says
+/// which (`tenant_not_found`, `caller_not_found`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entity {
+    Tenant,
+    Caller,
+}
+
+impl std::fmt::Display for Entity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tenant => "tenant",
+            Self::Caller => "caller",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("not found")]
-    NotFound,
+    #[error("no such {0}")]
+    NotFound(Entity),
     #[error("already exists")]
     Conflict,
     #[error("changed since it was read")]
@@ -34,7 +51,8 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::RowNotFound => Self::NotFound,
+            // Every lookup that may find nothing uses fetch_optional and names its entity.
+            sqlx::Error::RowNotFound => Self::Corrupt("an expected row is missing".into()),
             sqlx::Error::Database(d) if d.is_unique_violation() => Self::Conflict,
             _ => Self::Unavailable(e),
         }

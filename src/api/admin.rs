@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::problem::ApiError;
 use super::AppState;
-use super::{read_json, request_id_of};
+use super::{read_json, read_typed_or, request_id_of};
 use crate::audit::{AlsoWrite, Entry, InSameTransaction, Kind};
 use crate::auth::api_keys::ApiKey;
 use crate::auth::Admin;
@@ -608,103 +608,98 @@ fn caller_error(field: &str, message: &str) -> ApiError {
 }
 
 /// `POST /admin/v1/callers`: a name and a scope, both required.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewCaller {
-    name: String,
-    scope: Scope,
+    name: CallerName,
+    tenants: CallerScope,
 }
 
 /// `PATCH /admin/v1/callers/{id}`: a new name and/or a new scope.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CallerPatch {
-    name: Option<String>,
-    scope: Option<Scope>,
+    name: Option<CallerName>,
+    tenants: Option<CallerScope>,
 }
 
-impl NewCaller {
-    fn parse(body: Value) -> Result<Self, ApiError> {
-        let mut obj = caller_object(body)?;
-        let name = caller_name(obj.remove("name"))?;
-        let scope = caller_scope(obj.remove("tenants"))?;
-        no_other_caller_fields(&obj)?;
-        Ok(Self { name, scope })
-    }
-}
+/// A caller's name: 1-64 characters of `[A-Za-z0-9._-]`.
+#[derive(Deserialize)]
+#[serde(try_from = "Value")]
+struct CallerName(String);
 
-impl CallerPatch {
-    fn parse(body: Value) -> Result<Self, ApiError> {
-        let mut obj = caller_object(body)?;
-        let name = obj
-            .remove("name")
-            .map(|v| caller_name(Some(v)))
-            .transpose()?;
-        let scope = obj
-            .remove("tenants")
-            .map(|v| caller_scope(Some(v)))
-            .transpose()?;
-        no_other_caller_fields(&obj)?;
-        if name.is_none() && scope.is_none() {
-            return Err(caller_error(
-                "",
-                "nothing to change; send name and/or tenants",
-            ));
+impl TryFrom<Value> for CallerName {
+    type Error = &'static str;
+    fn try_from(v: Value) -> Result<Self, Self::Error> {
+        match v {
+            Value::String(n)
+                if (1..=64).contains(&n.len())
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) =>
+            {
+                Ok(Self(n))
+            }
+            _ => Err("must be 1-64 characters of [A-Za-z0-9._-]"),
         }
-        Ok(Self { name, scope })
     }
 }
 
-fn caller_object(body: Value) -> Result<serde_json::Map<String, Value>, ApiError> {
-    match body {
-        Value::Object(obj) => Ok(obj),
-        _ => Err(caller_error("", "must be a JSON object")),
-    }
-}
+/// A caller's scope as sent: `"*"`, or 1-1000 tenant ids (sorted, duplicates dropped). A bad
+/// entry is named by its index (`tenants.3`).
+struct CallerScope(Scope);
 
-/// 1-64 characters of `[A-Za-z0-9._-]`.
-fn caller_name(v: Option<Value>) -> Result<String, ApiError> {
-    match v {
-        Some(Value::String(n))
-            if (1..=64).contains(&n.len())
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) =>
-        {
-            Ok(n)
-        }
-        _ => Err(caller_error(
-            "name",
-            "must be 1-64 characters of [A-Za-z0-9._-]",
-        )),
-    }
-}
+const SCOPE_RULE: &str = "must be \"*\" or an array of 1-1000 tenant ids";
 
-/// `"*"`, or 1-1000 tenant ids (sorted, duplicates dropped).
-fn caller_scope(v: Option<Value>) -> Result<Scope, ApiError> {
-    match v {
-        Some(Value::String(s)) if s == "*" => Ok(Scope::All),
-        Some(Value::Array(items)) if (1..=1000).contains(&items.len()) => {
-            let mut ids = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                match item.as_str().map(TenantId::parse) {
-                    Some(Ok(id)) => ids.push(id.to_string()),
-                    _ => return Err(caller_error(&format!("tenants.{i}"), "must be a tenant id")),
+impl<'de> Deserialize<'de> for CallerScope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Scope;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(&SCOPE_RULE["must be ".len()..])
+            }
+            fn visit_str<E: Error>(self, s: &str) -> Result<Scope, E> {
+                match s {
+                    "*" => Ok(Scope::All),
+                    _ => Err(E::custom(SCOPE_RULE)),
                 }
             }
-            ids.sort();
-            ids.dedup();
-            Ok(Scope::Tenants(ids))
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Scope, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(ScopeEntry(id)) = seq.next_element()? {
+                    if ids.len() == 1000 {
+                        return Err(A::Error::custom(SCOPE_RULE));
+                    }
+                    ids.push(id);
+                }
+                if ids.is_empty() {
+                    return Err(A::Error::custom(SCOPE_RULE));
+                }
+                ids.sort();
+                ids.dedup();
+                Ok(Scope::Tenants(ids))
+            }
         }
-        _ => Err(caller_error(
-            "tenants",
-            "must be \"*\" or an array of 1-1000 tenant ids",
-        )),
+        d.deserialize_any(Visit).map(Self)
     }
 }
 
-fn no_other_caller_fields(obj: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
-    match obj.keys().next() {
-        Some(k) => Err(caller_error(
-            &k.chars().take(64).collect::<String>(),
-            "unknown field; expected name, tenants",
-        )),
-        None => Ok(()),
+/// One tenant id in a caller's scope.
+#[derive(Deserialize)]
+#[serde(try_from = "Value")]
+struct ScopeEntry(String);
+
+impl TryFrom<Value> for ScopeEntry {
+    type Error = &'static str;
+    fn try_from(v: Value) -> Result<Self, Self::Error> {
+        match v.as_str().map(TenantId::parse) {
+            Some(Ok(id)) => Ok(Self(id.to_string())),
+            _ => Err("must be a tenant id"),
+        }
     }
 }
 
@@ -728,7 +723,6 @@ fn name_taken(e: crate::tenants::StoreError) -> ApiError {
         crate::tenants::StoreError::Conflict => {
             ApiError::Conflict("a caller with this name already exists")
         }
-        crate::tenants::StoreError::NotFound => ApiError::CallerNotFound,
         other => other.into(),
     }
 }
@@ -739,7 +733,10 @@ async fn create_caller(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let NewCaller { name, scope } = NewCaller::parse(read_json(&req, payload).await?)?;
+    let NewCaller {
+        name: CallerName(name),
+        tenants: CallerScope(scope),
+    } = read_typed_or(&req, payload, ApiError::InvalidCaller).await?;
     check_scope(&state, &scope).await?;
     let key = ApiKey::generate();
     let id = format!("cl_{}", crate::crypto::random_hex::<8>());
@@ -780,7 +777,15 @@ async fn patch_caller(
     if path.len() > 64 {
         return Err(ApiError::CallerNotFound);
     }
-    let CallerPatch { name, scope } = CallerPatch::parse(read_json(&req, payload).await?)?;
+    let CallerPatch { name, tenants } =
+        read_typed_or(&req, payload, ApiError::InvalidCaller).await?;
+    let (name, scope) = (name.map(|n| n.0), tenants.map(|s| s.0));
+    if name.is_none() && scope.is_none() {
+        return Err(caller_error(
+            "",
+            "nothing to change; send name and/or tenants",
+        ));
+    }
     if let Some(scope) = &scope {
         check_scope(&state, scope).await?;
     }
@@ -812,6 +817,29 @@ async fn patch_caller(
 /// Longest grace period for a rotated key (7 days).
 pub const MAX_KEY_GRACE_S: u64 = 7 * 86_400;
 
+/// `POST /admin/v1/callers/{id}/rotate-key`'s body (optional: no body means no grace).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateKey {
+    #[serde(default)]
+    grace_seconds: GraceSeconds,
+}
+
+/// How long a rotated key keeps working: a whole number of seconds up to `MAX_KEY_GRACE_S`.
+#[derive(serde::Deserialize, Default)]
+#[serde(try_from = "Value")]
+struct GraceSeconds(u64);
+
+impl TryFrom<Value> for GraceSeconds {
+    type Error = String;
+    fn try_from(v: Value) -> Result<Self, String> {
+        v.as_u64()
+            .filter(|g| *g <= MAX_KEY_GRACE_S)
+            .map(Self)
+            .ok_or_else(|| format!("must be a whole number of seconds from 0 to {MAX_KEY_GRACE_S}"))
+    }
+}
+
 /// `POST /admin/v1/callers/{id}/rotate-key`: a new key, shown once; the old one keeps working
 /// for `grace_seconds` (default 0) so services can roll.
 async fn rotate_caller_key(
@@ -831,29 +859,10 @@ async fn rotate_caller_key(
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
     let grace_s = if has_body {
-        let body = read_json(&req, payload).await?;
-        let Value::Object(mut obj) = body else {
-            return Err(caller_error("", "must be a JSON object"));
-        };
-        let grace = match obj.remove("grace_seconds") {
-            None => 0,
-            Some(v) => v
-                .as_u64()
-                .filter(|g| *g <= MAX_KEY_GRACE_S)
-                .ok_or_else(|| {
-                    caller_error(
-                        "grace_seconds",
-                        &format!("must be a whole number of seconds from 0 to {MAX_KEY_GRACE_S}"),
-                    )
-                })?,
-        };
-        if let Some(k) = obj.keys().next() {
-            return Err(caller_error(
-                &k.chars().take(64).collect::<String>(),
-                "unknown field; expected grace_seconds",
-            ));
-        }
-        grace
+        read_typed_or::<RotateKey>(&req, payload, ApiError::InvalidCaller)
+            .await?
+            .grace_seconds
+            .0
     } else {
         0
     };

@@ -95,11 +95,22 @@ pub async fn read_typed<T: serde::de::DeserializeOwned>(
     req: &HttpRequest,
     payload: web::Payload,
 ) -> Result<T, ApiError> {
-    let value = read_json(req, payload).await?;
-    crate::tenants::spec::from_value(value, "").map_err(|e| ApiError::InvalidRequest {
+    read_typed_or(req, payload, |e| ApiError::InvalidRequest {
         detail: e.to_string(),
         field: (!e.field.is_empty()).then_some(e.field),
     })
+    .await
+}
+
+/// `read_typed` for a route whose ill-fitting bodies have their own code (a caller's are
+/// 422 `invalid_caller`): `misfit` turns the field and message into the answer.
+pub async fn read_typed_or<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    misfit: impl FnOnce(crate::tenants::SpecError) -> ApiError,
+) -> Result<T, ApiError> {
+    let value = read_json(req, payload).await?;
+    crate::tenants::spec::from_value(value, "").map_err(misfit)
 }
 
 /// `253.0` is the integer 253 to JSON Schema (and to every encoder that writes all numbers as

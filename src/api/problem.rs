@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::broker::BrokerError;
 use crate::cache::CacheError;
 use crate::issuers::IssuerError;
-use crate::tenants::{SpecError, StoreError};
+use crate::tenants::{Entity, SpecError, StoreError};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -329,7 +329,8 @@ impl From<crate::auth::AuthError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound => Self::TenantNotFound,
+            StoreError::NotFound(Entity::Tenant) => Self::TenantNotFound,
+            StoreError::NotFound(Entity::Caller) => Self::CallerNotFound,
             StoreError::Conflict => Self::Conflict("a record with this id already exists"),
             StoreError::VersionConflict => {
                 Self::Conflict("the tenant changed concurrently; read it again and retry")

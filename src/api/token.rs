@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::problem::ApiError;
 use super::AppState;
-use super::{read_json, request_id_of};
+use super::{read_typed, request_id_of};
 use crate::audit::{Entry, Kind};
 use crate::auth::Caller;
 use crate::broker::{Invalidation, Source};
@@ -235,6 +235,27 @@ pub(super) async fn hand_out(
     Ok(token)
 }
 
+/// `POST /v1/tenants/{id}/token/invalidate`'s body (other fields are ignored).
+#[derive(Deserialize)]
+struct Invalidate {
+    access_token: RejectedToken,
+}
+
+/// The token a partner rejected, as the caller got it: non-empty, at most 16 KiB.
+#[derive(Deserialize)]
+#[serde(try_from = "Value")]
+struct RejectedToken(String);
+
+impl TryFrom<Value> for RejectedToken {
+    type Error = &'static str;
+    fn try_from(v: Value) -> Result<Self, Self::Error> {
+        match v {
+            Value::String(t) if !t.is_empty() && t.len() <= 16 * 1024 => Ok(Self(t)),
+            _ => Err("must be the non-empty token the partner rejected"),
+        }
+    }
+}
+
 async fn invalidate(
     state: web::Data<AppState>,
     caller: Caller,
@@ -243,16 +264,10 @@ async fn invalidate(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = authorize(&state, &caller, &path, "token.invalidate", &req)?;
-    let body = read_json(&req, payload).await?;
-    let token = match body.get("access_token") {
-        Some(Value::String(t)) if !t.is_empty() && t.len() <= 16 * 1024 => t,
-        _ => {
-            return Err(ApiError::invalid(
-                "access_token must be the non-empty token the partner rejected",
-                Some("access_token"),
-            ))
-        }
-    };
+    let Invalidate {
+        access_token: RejectedToken(token),
+    } = read_typed(&req, payload).await?;
+    let token = token.as_str();
     // The place for the entry first: an invalidation that happened is always on the record.
     let slot = state
         .audit

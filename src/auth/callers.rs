@@ -4,7 +4,7 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::db::{AlsoWrite, Db, StoreError, WriteTx};
+use crate::db::{AlsoWrite, Db, Entity, StoreError, WriteTx};
 use crate::time::now_ms;
 
 /// Which tenants a caller may fetch tokens for.
@@ -152,7 +152,7 @@ impl CallerStore {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+            return Err(StoreError::NotFound(Entity::Caller));
         }
         let record = Self::caller_in(&mut tx, id).await?;
         tx.commit_with(&*also(&record)).await?;
@@ -168,7 +168,7 @@ impl CallerStore {
             .as_ref()
             .map(Self::caller_from_row)
             .transpose()?
-            .ok_or(StoreError::NotFound)
+            .ok_or(StoreError::NotFound(Entity::Caller))
     }
 
     /// Gives a caller a new key; the old one keeps working for `grace_ms` (0: not at all).
@@ -198,7 +198,7 @@ impl CallerStore {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+            return Err(StoreError::NotFound(Entity::Caller));
         }
         let record = Self::caller_in(&mut tx, id).await?;
         tx.commit_with(&*also(&record)).await?;
@@ -213,7 +213,7 @@ impl CallerStore {
             .as_ref()
             .map(Self::caller_from_row)
             .transpose()?
-            .ok_or(StoreError::NotFound)
+            .ok_or(StoreError::NotFound(Entity::Caller))
     }
 
     pub async fn delete_caller(&self, id: &str, also: &dyn AlsoWrite) -> Result<bool, StoreError> {

@@ -187,7 +187,7 @@ impl Broker {
                 self.last_read.insert(id.clone(), Arc::new(sealed));
                 Ok(tenant)
             }
-            Err(StoreError::NotFound) => {
+            Err(StoreError::NotFound(_)) => {
                 self.last_read.invalidate(id);
                 Err(BrokerError::TenantNotFound)
             }

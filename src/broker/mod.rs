@@ -67,7 +67,7 @@ impl BrokerError {
 impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound => Self::TenantNotFound,
+            StoreError::NotFound(_) => Self::TenantNotFound,
             other => Self::Store(Arc::new(other)),
         }
     }

@@ -19,7 +19,7 @@ pub use spec::{
     AuthMethod, BodyType, CustomRequest, CustomResponse, IssuerKind, IssuerSpec, SpecError,
     TenantPatch, TenantSpec,
 };
-pub use store::{StoreError, TenantStore};
+pub use store::{Entity, StoreError, TenantStore};
 
 /// A tenant id: `[a-z0-9][a-z0-9._-]{0,63}`. Cheap to clone (shared string).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -711,8 +711,18 @@ pub struct TenantPatch {
 pub fn from_value<T: serde::de::DeserializeOwned>(v: Value, prefix: &str) -> Result<T, SpecError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let mut path = dotted_path(e.path());
-        let message = describe_serde_error(&e.inner().to_string());
-        if message.starts_with("unknown field") {
+        let mut message = describe_serde_error(&e.inner().to_string());
+        if let Some(name) = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'))
+        {
+            // A missing field's name is the type's own, not input: name it as the field.
+            path = match path.as_str() {
+                "." | "" => name.to_owned(),
+                p => format!("{p}.{name}"),
+            };
+            message = "missing field".into();
+        } else if message.starts_with("unknown field") {
             // The last segment is the submitted (unknown) name: report its parent.
             path = path
                 .rsplit_once('.')
@@ -764,7 +774,9 @@ fn describe_serde_error(msg: &str) -> String {
         let expected = rest.split_once(", ").map(|(_, e)| e).unwrap_or("");
         return format!("invalid value, {expected}");
     }
-    if msg.starts_with("missing field ") {
+    // A type's own refusal (`TryFrom` behind `#[serde(try_from)]`) says what the value must
+    // be and repeats nothing submitted: passed on as written.
+    if msg.starts_with("missing field ") || msg.starts_with("must ") {
         return msg.to_owned();
     }
     "invalid value".to_owned()

@@ -15,7 +15,7 @@ use crate::crypto::KeyRing;
 use crate::db::{AlsoWrite, Db};
 use crate::time::now_ms;
 
-pub use crate::db::{Backend, StoreError};
+pub use crate::db::{Backend, Entity, StoreError};
 
 /// A tenant's public record (what admins see): no credential values.
 #[derive(Clone, Debug)]
@@ -264,8 +264,9 @@ impl TenantStore {
             "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
         ))
         .bind(id.as_str())
-        .fetch_one(self.db.pool())
-        .await?;
+        .fetch_optional(self.db.pool())
+        .await?
+        .ok_or(StoreError::NotFound(Entity::Tenant))?;
         let fields =
             sqlx::query(&format!("SELECT field FROM tenant_credentials WHERE tenant_id = $1 AND {IS_CREDENTIAL} ORDER BY field"))
                 .bind(id.as_str())
@@ -288,8 +289,9 @@ impl TenantStore {
             "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
         ))
         .bind(id.as_str())
-        .fetch_one(self.db.pool())
-        .await?;
+        .fetch_optional(self.db.pool())
+        .await?
+        .ok_or(StoreError::NotFound(Entity::Tenant))?;
         let rows = sqlx::query("SELECT field, sealed FROM tenant_credentials WHERE tenant_id = $1")
             .bind(id.as_str())
             .fetch_all(self.db.pool())
@@ -418,7 +420,7 @@ impl TenantStore {
             return Err(if exists.is_some() {
                 StoreError::VersionConflict
             } else {
-                StoreError::NotFound
+                StoreError::NotFound(Entity::Tenant)
             });
         }
         if let Some(creds) = creds {
