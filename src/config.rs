@@ -94,6 +94,85 @@ pub enum ConfigError {
     },
 }
 
+/// The environment variables the broker and its CLI read: each name once, here (the README's
+/// settings table is checked against these by the drift test).
+pub mod env {
+    pub const LISTEN: &str = "BROKER_LISTEN";
+    pub const ADMIN_LISTEN: &str = "BROKER_ADMIN_LISTEN";
+    pub const DATABASE_URL: &str = "DATABASE_URL";
+    pub const REDIS_URL: &str = "REDIS_URL";
+    pub const REDIS_PREFIX: &str = "BROKER_REDIS_PREFIX";
+    pub const REDIS_TIMEOUT_MS: &str = "BROKER_REDIS_TIMEOUT_MS";
+    pub const ADMIN_TOKEN: &str = "BROKER_ADMIN_TOKEN";
+    pub const URL: &str = "BROKER_URL";
+    pub const ADMIN_JWT_AUDIENCE: &str = "BROKER_ADMIN_JWT_AUDIENCE";
+    pub const ADMIN_ROLE_CLAIM: &str = "BROKER_ADMIN_ROLE_CLAIM";
+    pub const METRICS_TOKEN: &str = "BROKER_METRICS_TOKEN";
+    pub const DEFAULT_MIN_INTERVAL_MS: &str = "BROKER_DEFAULT_MIN_INTERVAL_MS";
+    pub const ENCRYPTION_KEY: &str = "BROKER_ENCRYPTION_KEY";
+    pub const ENCRYPTION_KEYS: &str = "BROKER_ENCRYPTION_KEYS";
+    pub const ALLOW_INSECURE_ISSUERS: &str = "BROKER_ALLOW_INSECURE_ISSUERS";
+    pub const ALLOWED_NETWORKS: &str = "BROKER_ALLOWED_NETWORKS";
+    pub const UPSTREAM_CONNECT_TIMEOUT_MS: &str = "BROKER_UPSTREAM_CONNECT_TIMEOUT_MS";
+    pub const UPSTREAM_TIMEOUT_MS: &str = "BROKER_UPSTREAM_TIMEOUT_MS";
+    pub const WORKERS: &str = "BROKER_WORKERS";
+    pub const CALLER_RATE: &str = "BROKER_CALLER_RATE";
+    pub const CALLER_BURST: &str = "BROKER_CALLER_BURST";
+    pub const ADMIN_AUTH_FAILURES_PER_SECOND: &str = "BROKER_ADMIN_AUTH_FAILURES_PER_SECOND";
+    pub const ADMIN_AUTH_FAILURES_BURST: &str = "BROKER_ADMIN_AUTH_FAILURES_BURST";
+    pub const PROXY_CALLER_CONCURRENCY: &str = "BROKER_PROXY_CALLER_CONCURRENCY";
+    pub const L1_CACHE: &str = "BROKER_L1_CACHE";
+    pub const JWT_JWKS_URL: &str = "BROKER_JWT_JWKS_URL";
+    pub const JWT_ISSUER: &str = "BROKER_JWT_ISSUER";
+    pub const JWT_AUDIENCE: &str = "BROKER_JWT_AUDIENCE";
+    pub const AUDIT: &str = "BROKER_AUDIT";
+    pub const AUDIT_QUEUE: &str = "BROKER_AUDIT_QUEUE";
+    pub const AUDIT_RETENTION_DAYS: &str = "BROKER_AUDIT_RETENTION_DAYS";
+    pub const PUBLIC_URL: &str = "BROKER_PUBLIC_URL";
+    pub const TRUSTED_PROXIES: &str = "BROKER_TRUSTED_PROXIES";
+    pub const RUST_LOG: &str = "RUST_LOG";
+    pub const LOG_FORMAT: &str = "BROKER_LOG_FORMAT";
+
+    /// Every name above, in the README's order.
+    pub const ALL: &[&str] = &[
+        LISTEN,
+        ADMIN_LISTEN,
+        DATABASE_URL,
+        REDIS_URL,
+        REDIS_PREFIX,
+        REDIS_TIMEOUT_MS,
+        ADMIN_TOKEN,
+        URL,
+        ADMIN_JWT_AUDIENCE,
+        ADMIN_ROLE_CLAIM,
+        METRICS_TOKEN,
+        DEFAULT_MIN_INTERVAL_MS,
+        ENCRYPTION_KEY,
+        ENCRYPTION_KEYS,
+        ALLOW_INSECURE_ISSUERS,
+        ALLOWED_NETWORKS,
+        UPSTREAM_CONNECT_TIMEOUT_MS,
+        UPSTREAM_TIMEOUT_MS,
+        WORKERS,
+        CALLER_RATE,
+        CALLER_BURST,
+        ADMIN_AUTH_FAILURES_PER_SECOND,
+        ADMIN_AUTH_FAILURES_BURST,
+        PROXY_CALLER_CONCURRENCY,
+        L1_CACHE,
+        JWT_JWKS_URL,
+        JWT_ISSUER,
+        JWT_AUDIENCE,
+        AUDIT,
+        AUDIT_QUEUE,
+        AUDIT_RETENTION_DAYS,
+        PUBLIC_URL,
+        TRUSTED_PROXIES,
+        RUST_LOG,
+        LOG_FORMAT,
+    ];
+}
+
 fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         name,
@@ -103,12 +182,12 @@ fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
 
 /// Settings that may be read from a file named by `<NAME>_FILE`.
 pub const FILE_SETTINGS: &[&str] = &[
-    "BROKER_ADMIN_TOKEN",
-    "BROKER_ENCRYPTION_KEY",
-    "BROKER_ENCRYPTION_KEYS",
-    "BROKER_METRICS_TOKEN",
-    "DATABASE_URL",
-    "REDIS_URL",
+    env::ADMIN_TOKEN,
+    env::ENCRYPTION_KEY,
+    env::ENCRYPTION_KEYS,
+    env::METRICS_TOKEN,
+    env::DATABASE_URL,
+    env::REDIS_URL,
 ];
 
 /// The contents of `<NAME>_FILE` for each of `FILE_SETTINGS` given that way. Setting both
@@ -161,7 +240,7 @@ fn check_admin_token(token: &str) -> Result<(), ConfigError> {
         .any(|p| p.eq_ignore_ascii_case(token.trim()));
     if placeholder || token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
         return Err(invalid(
-            "BROKER_ADMIN_TOKEN",
+            env::ADMIN_TOKEN,
             format!(
                 "too weak: use at least {MIN_ADMIN_TOKEN_CHARS} random characters, not an example's placeholder (openssl rand -hex 24)"
             ),
@@ -187,51 +266,44 @@ impl Settings {
                 .filter(|v| !v.is_empty())
         };
         let var: Var<'_> = &lookup;
-        let listen = var("BROKER_LISTEN")
+        let listen = var(env::LISTEN)
             .unwrap_or_else(|| "127.0.0.1:8080".into())
             .parse()
-            .map_err(|_| invalid("BROKER_LISTEN", "expected host:port such as 0.0.0.0:8080"))?;
-        let admin_listen = var("BROKER_ADMIN_LISTEN")
+            .map_err(|_| invalid(env::LISTEN, "expected host:port such as 0.0.0.0:8080"))?;
+        let admin_listen = var(env::ADMIN_LISTEN)
             .map(|v| {
                 v.parse().map_err(|_| {
-                    invalid(
-                        "BROKER_ADMIN_LISTEN",
-                        "expected host:port such as 0.0.0.0:9090",
-                    )
+                    invalid(env::ADMIN_LISTEN, "expected host:port such as 0.0.0.0:9090")
                 })
             })
             .transpose()?;
         let (database_url, keys) = store_section(var)?;
         let (redis, redis_prefix, redis_timeout) = redis_section(var)?;
-        let admin_token = var("BROKER_ADMIN_TOKEN")
+        let admin_token = var(env::ADMIN_TOKEN)
             .map(|t| check_admin_token(&t).map(|()| SecretString::from(t)))
             .transpose()?;
-        let allow_insecure_issuers = parse_bool(&var, "BROKER_ALLOW_INSECURE_ISSUERS", false)?;
+        let allow_insecure_issuers = parse_bool(&var, env::ALLOW_INSECURE_ISSUERS, false)?;
         let (audit, audit_queue, audit_retention_days) = audit_section(var)?;
         let jwt = jwt_section(var, allow_insecure_issuers)?;
         let admin_jwt = admin_jwt_section(var, jwt.as_ref())?;
         let (log_filter, log_format) = log_section(var)?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers = parse_num(&var, "BROKER_WORKERS", cores as u64, 1..=256)? as usize;
-        let l1_cache = parse_bool(&var, "BROKER_L1_CACHE", true)?;
+        let workers = parse_num(&var, env::WORKERS, cores as u64, 1..=256)? as usize;
+        let l1_cache = parse_bool(&var, env::L1_CACHE, true)?;
         let (caller_rate, caller_burst) = callers_section(var)?;
-        let admin_auth_failures_rate = parse_num(
-            &var,
-            "BROKER_ADMIN_AUTH_FAILURES_PER_SECOND",
-            10,
-            1..=1_000_000,
-        )?;
+        let admin_auth_failures_rate =
+            parse_num(&var, env::ADMIN_AUTH_FAILURES_PER_SECOND, 10, 1..=1_000_000)?;
         let admin_auth_failures_burst = parse_num(
             &var,
-            "BROKER_ADMIN_AUTH_FAILURES_BURST",
+            env::ADMIN_AUTH_FAILURES_BURST,
             admin_auth_failures_rate.saturating_mul(2),
             1..=10_000_000,
         )?;
         let proxy_caller_concurrency =
-            parse_num(&var, "BROKER_PROXY_CALLER_CONCURRENCY", 64, 1..=100_000)? as usize;
+            parse_num(&var, env::PROXY_CALLER_CONCURRENCY, 64, 1..=100_000)? as usize;
         let (upstream_connect_timeout, upstream_timeout, default_min_interval_ms) =
             upstream_section(var)?;
-        let metrics_token = var("BROKER_METRICS_TOKEN").map(SecretString::from);
+        let metrics_token = var(env::METRICS_TOKEN).map(SecretString::from);
         let (public_url, allowed_networks, trusted_proxies) = reach_section(var)?;
         Ok(Self {
             listen,
@@ -275,7 +347,7 @@ impl Settings {
         let postgres = Backend::from_url(&self.database_url) == Some(Backend::Postgres);
         if postgres && self.admin_token.is_none() && self.admin_jwt.is_none() {
             return Err(invalid(
-                "BROKER_ADMIN_TOKEN",
+                env::ADMIN_TOKEN,
                 "required with Postgres (replicas cannot share a generated one): set it to a long random value (openssl rand -hex 32), or set BROKER_ADMIN_JWT_AUDIENCE for named admins",
             ));
         }
@@ -314,9 +386,9 @@ fn cidr_list(var: Var<'_>, name: &'static str) -> Result<Vec<ipnet::IpNet>, Conf
 type Reach = (Option<String>, Vec<ipnet::IpNet>, Vec<ipnet::IpNet>);
 
 fn reach_section(var: Var<'_>) -> Result<Reach, ConfigError> {
-    let allowed_networks = cidr_list(var, "BROKER_ALLOWED_NETWORKS")?;
-    let trusted_proxies = cidr_list(var, "BROKER_TRUSTED_PROXIES")?;
-    let public_url = var("BROKER_PUBLIC_URL")
+    let allowed_networks = cidr_list(var, env::ALLOWED_NETWORKS)?;
+    let trusted_proxies = cidr_list(var, env::TRUSTED_PROXIES)?;
+    let public_url = var(env::PUBLIC_URL)
         .map(|v| parse_public_url(&v))
         .transpose()?;
     Ok((public_url, allowed_networks, trusted_proxies))
@@ -327,7 +399,7 @@ fn reach_section(var: Var<'_>) -> Result<Reach, ConfigError> {
 fn parse_public_url(raw: &str) -> Result<String, ConfigError> {
     let bad = || {
         invalid(
-            "BROKER_PUBLIC_URL",
+            env::PUBLIC_URL,
             "expected the broker's base URL as callers reach it, such as https://broker.example.com (http or https, no query or fragment)",
         )
     };
@@ -350,14 +422,14 @@ type Var<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// `DATABASE_URL` and the encryption keys (which depend on the backend).
 fn store_section(var: Var<'_>) -> Result<(String, KeySource), ConfigError> {
     let database_url = normalise_database_url(
-        &var("DATABASE_URL").unwrap_or_else(|| "sqlite://token-broker.db?mode=rwc".into()),
+        &var(env::DATABASE_URL).unwrap_or_else(|| "sqlite://token-broker.db?mode=rwc".into()),
     )?;
     let backend = Backend::from_url(&database_url).expect("normalised");
-    let keys = if let Some(list) = var("BROKER_ENCRYPTION_KEYS") {
+    let keys = if let Some(list) = var(env::ENCRYPTION_KEYS) {
         KeySource::Configured(
             KeyRing::parse_list(&list).map_err(|source| ConfigError::Key { list: true, source })?,
         )
-    } else if let Some(key) = var("BROKER_ENCRYPTION_KEY") {
+    } else if let Some(key) = var(env::ENCRYPTION_KEY) {
         KeySource::Configured(KeyRing::single(&key).map_err(|source| ConfigError::Key {
             list: false,
             source,
@@ -366,7 +438,7 @@ fn store_section(var: Var<'_>) -> Result<(String, KeySource), ConfigError> {
         match (backend, sqlite_path(&database_url)) {
             (Backend::Postgres, _) => {
                 return Err(invalid(
-                    "BROKER_ENCRYPTION_KEY",
+                    env::ENCRYPTION_KEY,
                     "required with Postgres: set it to base64 of 32 random bytes (openssl rand -base64 32)",
                 ))
             }
@@ -383,35 +455,30 @@ fn store_section(var: Var<'_>) -> Result<(String, KeySource), ConfigError> {
 
 /// `REDIS_URL`, `BROKER_REDIS_PREFIX`, `BROKER_REDIS_TIMEOUT_MS`.
 fn redis_section(var: Var<'_>) -> Result<(Option<Target>, String, Duration), ConfigError> {
-    let redis = var("REDIS_URL")
-        .map(|url| Target::parse(&url).map_err(|m| invalid("REDIS_URL", m)))
+    let redis = var(env::REDIS_URL)
+        .map(|url| Target::parse(&url).map_err(|m| invalid(env::REDIS_URL, m)))
         .transpose()?;
-    let redis_prefix = var("BROKER_REDIS_PREFIX").unwrap_or_else(|| "token-broker".into());
+    let redis_prefix = var(env::REDIS_PREFIX).unwrap_or_else(|| "token-broker".into());
     if redis_prefix.len() > 64 || redis_prefix.contains(['{', '}', ' ']) {
         return Err(invalid(
-            "BROKER_REDIS_PREFIX",
+            env::REDIS_PREFIX,
             "at most 64 characters, without braces or spaces",
         ));
     }
     let redis_timeout =
-        Duration::from_millis(parse_num(&var, "BROKER_REDIS_TIMEOUT_MS", 80, 5..=10_000)?);
+        Duration::from_millis(parse_num(&var, env::REDIS_TIMEOUT_MS, 80, 5..=10_000)?);
     Ok((redis, redis_prefix, redis_timeout))
 }
 
 /// `BROKER_AUDIT`, `BROKER_AUDIT_QUEUE`, `BROKER_AUDIT_RETENTION_DAYS`.
 fn audit_section(var: Var<'_>) -> Result<(AuditMode, usize, u64), ConfigError> {
-    let audit = match var("BROKER_AUDIT").as_deref() {
+    let audit = match var(env::AUDIT).as_deref() {
         None | Some("fail_closed") => AuditMode::FailClosed,
         Some("best_effort") => AuditMode::BestEffort,
-        Some(_) => {
-            return Err(invalid(
-                "BROKER_AUDIT",
-                "expected fail_closed or best_effort",
-            ))
-        }
+        Some(_) => return Err(invalid(env::AUDIT, "expected fail_closed or best_effort")),
     };
-    let audit_queue = parse_num(&var, "BROKER_AUDIT_QUEUE", 10_000, 1..=1_000_000)? as usize;
-    let audit_retention_days = parse_num(&var, "BROKER_AUDIT_RETENTION_DAYS", 90, 1..=36_500)?;
+    let audit_queue = parse_num(&var, env::AUDIT_QUEUE, 10_000, 1..=1_000_000)? as usize;
+    let audit_retention_days = parse_num(&var, env::AUDIT_RETENTION_DAYS, 90, 1..=36_500)?;
     Ok((audit, audit_queue, audit_retention_days))
 }
 
@@ -421,9 +488,9 @@ fn jwt_section(
     allow_insecure_issuers: bool,
 ) -> Result<Option<crate::auth::jwt::JwtSettings>, ConfigError> {
     let jwt = match (
-        var("BROKER_JWT_JWKS_URL"),
-        var("BROKER_JWT_ISSUER"),
-        var("BROKER_JWT_AUDIENCE"),
+        var(env::JWT_JWKS_URL),
+        var(env::JWT_ISSUER),
+        var(env::JWT_AUDIENCE),
     ) {
         (None, None, None) => None,
         (Some(jwks_url), Some(issuer), Some(audience)) => {
@@ -432,7 +499,7 @@ fn jwt_section(
             });
             if !ok {
                 return Err(invalid(
-                    "BROKER_JWT_JWKS_URL",
+                    env::JWT_JWKS_URL,
                     "expected an https URL (http only with BROKER_ALLOW_INSECURE_ISSUERS=true)",
                 ));
             }
@@ -444,7 +511,7 @@ fn jwt_section(
         }
         _ => {
             return Err(invalid(
-                "BROKER_JWT_JWKS_URL",
+                env::JWT_JWKS_URL,
                 "BROKER_JWT_JWKS_URL, BROKER_JWT_ISSUER and BROKER_JWT_AUDIENCE go together: set all three or none",
             ))
         }
@@ -457,23 +524,23 @@ fn admin_jwt_section(
     var: Var<'_>,
     jwt: Option<&crate::auth::jwt::JwtSettings>,
 ) -> Result<Option<AdminJwtSettings>, ConfigError> {
-    let admin_jwt = match var("BROKER_ADMIN_JWT_AUDIENCE") {
+    let admin_jwt = match var(env::ADMIN_JWT_AUDIENCE) {
         None => None,
         Some(_) if jwt.is_none() => {
             return Err(invalid(
-                "BROKER_ADMIN_JWT_AUDIENCE",
+                env::ADMIN_JWT_AUDIENCE,
                 "admin JWTs are checked against the IdP in BROKER_JWT_JWKS_URL and BROKER_JWT_ISSUER: set those too",
             ))
         }
         Some(audience) if jwt.is_some_and(|j| j.audience == audience) => {
             return Err(invalid(
-                "BROKER_ADMIN_JWT_AUDIENCE",
+                env::ADMIN_JWT_AUDIENCE,
                 "must differ from BROKER_JWT_AUDIENCE, so a caller's token is never an admin's",
             ))
         }
         Some(audience) => Some(AdminJwtSettings {
             audience,
-            role_claim: var("BROKER_ADMIN_ROLE_CLAIM").unwrap_or_else(|| "roles".into()),
+            role_claim: var(env::ADMIN_ROLE_CLAIM).unwrap_or_else(|| "roles".into()),
         }),
     };
     Ok(admin_jwt)
@@ -481,25 +548,25 @@ fn admin_jwt_section(
 
 /// `RUST_LOG`, `BROKER_LOG_FORMAT`.
 fn log_section(var: Var<'_>) -> Result<(String, LogFormat), ConfigError> {
-    let log_format = match var("BROKER_LOG_FORMAT").as_deref() {
+    let log_format = match var(env::LOG_FORMAT).as_deref() {
         // Unset: readable lines for a person at a terminal, JSON for a log pipeline.
         None if std::io::IsTerminal::is_terminal(&std::io::stderr()) => LogFormat::Pretty,
         None | Some("json") => LogFormat::Json,
         Some("pretty") => LogFormat::Pretty,
-        Some(_) => return Err(invalid("BROKER_LOG_FORMAT", "expected json or pretty")),
+        Some(_) => return Err(invalid(env::LOG_FORMAT, "expected json or pretty")),
     };
-    let log_filter = var("RUST_LOG").unwrap_or_else(|| "info".into());
+    let log_filter = var(env::RUST_LOG).unwrap_or_else(|| "info".into());
     tracing_subscriber::EnvFilter::try_new(&log_filter)
-        .map_err(|_| invalid("RUST_LOG", "not a valid tracing filter"))?;
+        .map_err(|_| invalid(env::RUST_LOG, "not a valid tracing filter"))?;
     Ok((log_filter, log_format))
 }
 
 /// `BROKER_CALLER_RATE`, `BROKER_CALLER_BURST`.
 fn callers_section(var: Var<'_>) -> Result<(u64, u64), ConfigError> {
-    let caller_rate = parse_num(&var, "BROKER_CALLER_RATE", 1_000, 0..=10_000_000)?;
+    let caller_rate = parse_num(&var, env::CALLER_RATE, 1_000, 0..=10_000_000)?;
     let caller_burst = parse_num(
         &var,
-        "BROKER_CALLER_BURST",
+        env::CALLER_BURST,
         caller_rate.saturating_mul(2),
         0..=100_000_000,
     )?;
@@ -511,19 +578,19 @@ fn callers_section(var: Var<'_>) -> Result<(u64, u64), ConfigError> {
 fn upstream_section(var: Var<'_>) -> Result<(Duration, Duration, u64), ConfigError> {
     let upstream_connect_timeout = Duration::from_millis(parse_num(
         &var,
-        "BROKER_UPSTREAM_CONNECT_TIMEOUT_MS",
+        env::UPSTREAM_CONNECT_TIMEOUT_MS,
         3_000,
         100..=60_000,
     )?);
     let upstream_timeout = Duration::from_millis(parse_num(
         &var,
-        "BROKER_UPSTREAM_TIMEOUT_MS",
+        env::UPSTREAM_TIMEOUT_MS,
         10_000,
         100..=120_000,
     )?);
     let default_min_interval_ms = parse_num(
         &var,
-        "BROKER_DEFAULT_MIN_INTERVAL_MS",
+        env::DEFAULT_MIN_INTERVAL_MS,
         crate::broker::DEFAULT_MIN_INTERVAL_MS,
         0..=3_600_000,
     )?;
@@ -585,7 +652,7 @@ fn normalise_database_url(url: &str) -> Result<String, ConfigError> {
             format!("{url}?mode=rwc")
         }),
         None => Err(invalid(
-            "DATABASE_URL",
+            env::DATABASE_URL,
             "expected sqlite://path.db or postgres://user@host/db",
         )),
     }

@@ -112,7 +112,7 @@ fn admin_token_command(settings: &Settings, rotate: bool) -> ExitCode {
 /// `token-broker ready`: one GET with a 3 s timeout.
 fn ready(url: Option<String>) -> ExitCode {
     let url = url.unwrap_or_else(|| {
-        let port = std::env::var("BROKER_LISTEN")
+        let port = std::env::var(token_broker::config::env::LISTEN)
             .ok()
             .and_then(|l| l.rsplit(':').next().map(str::to_owned))
             .unwrap_or_else(|| "8080".into());

@@ -27,7 +27,7 @@ pub struct Common {
     /// The broker's base URL.
     #[arg(
         long,
-        env = "BROKER_URL",
+        env = crate::config::env::URL,
         default_value = "http://127.0.0.1:8080",
         global = true
     )]
@@ -260,7 +260,7 @@ pub struct Runner {
 
 impl Runner {
     fn new(common: &Common) -> Result<Self, Failure> {
-        let token = std::env::var("BROKER_ADMIN_TOKEN")
+        let token = std::env::var(crate::config::env::ADMIN_TOKEN)
             .ok()
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty())
