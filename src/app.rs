@@ -263,7 +263,7 @@ impl Application {
             None => tracing::info!(port, "token-broker listening"),
         }
         if state.settings.public_url.is_none() {
-            tracing::warn!("BROKER_PUBLIC_URL is unset: the OAuth metadata's issuer and token_endpoint are derived from each request's Host (and from Forwarded/X-Forwarded-* only when the peer is in BROKER_TRUSTED_PROXIES); set BROKER_PUBLIC_URL to the URL callers use");
+            tracing::warn!(port, "BROKER_PUBLIC_URL is unset: the OAuth metadata's issuer and token_endpoint are derived from each request's Host (and from Forwarded/X-Forwarded-* only when the peer is in BROKER_TRUSTED_PROXIES); set BROKER_PUBLIC_URL to the URL callers use");
         }
         Ok(Self {
             port,

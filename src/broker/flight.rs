@@ -105,14 +105,19 @@ impl Broker {
                     let t = tenant.clone();
                     let phase = Arc::new(AtomicU8::new(PHASE_WORKING));
                     let task_phase = phase.clone();
-                    let task = tokio::spawn(async move {
-                        let result = me.run_flight(&t, want, &task_phase).await;
-                        let mut flights = me.flights.lock().expect("flights");
-                        if flights.get(&t).is_some_and(|f| f.id == id) {
-                            flights.remove(&t);
+                    // In the span of the request that started it: its log lines (the
+                    // partner call, "token minted") carry that request's id.
+                    let task = tokio::spawn(
+                        async move {
+                            let result = me.run_flight(&t, want, &task_phase).await;
+                            let mut flights = me.flights.lock().expect("flights");
+                            if flights.get(&t).is_some_and(|f| f.id == id) {
+                                flights.remove(&t);
+                            }
+                            result
                         }
-                        result
-                    });
+                        .in_current_span(),
+                    );
                     let done = async move {
                         task.await
                             .unwrap_or_else(|e| Err(BrokerError::MintTaskFailed(e.to_string())))

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::cache::memory::MemoryCache;
 use crate::cache::redis::LOCK_TTL;

@@ -490,6 +490,7 @@ async fn spoofed(app: &TestApp) -> Answer {
 
 async fn discovery(mut env: TestEnv) {
     let app = env.spawn().await;
+    let unset_port = app.address.rsplit(':').next().unwrap().to_owned();
     let a = app.get("/.well-known/oauth-authorization-server").await;
     assert_eq!(a.status, 200);
     let meta = a.json();
@@ -546,6 +547,17 @@ async fn discovery(mut env: TestEnv) {
         meta["token_endpoint"],
         "https://broker.example.com/oauth2/token"
     );
-    assert!(captured_logs().contains("BROKER_PUBLIC_URL is unset"));
+    // The replica started without BROKER_PUBLIC_URL said so at start (its own line, by port);
+    // the one started with it did not.
+    let warned = |port: &str| {
+        captured_logs().lines().any(|l| {
+            let field = format!("\"port\":{port}");
+            l.contains("BROKER_PUBLIC_URL is unset")
+                && l.match_indices(&field)
+                    .any(|(i, _)| !l[i + field.len()..].starts_with(|c: char| c.is_ascii_digit()))
+        })
+    };
+    assert!(warned(&unset_port));
+    assert!(!warned(app.address.rsplit(':').next().unwrap()));
 }
 backends!(discovery: Sqlite);

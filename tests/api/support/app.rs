@@ -10,6 +10,28 @@ pub struct TestEnv {
     pub redis_prefix: String,
     pub dir: tempfile::TempDir,
     pub extra: HashMap<String, String>,
+    /// The Postgres database made for this test, if any.
+    pub own_database: Option<Arc<OwnDatabase>>,
+}
+
+/// A test's own Postgres database, dropped when the last holder goes (the environment and
+/// every app spawned from it: apps may outlive the environment that made them); kept, and
+/// named, when the test failed, to look at.
+pub struct OwnDatabase(String);
+
+impl Drop for OwnDatabase {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.0);
+        if std::thread::panicking() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "tests: kept database {name} of a failed test"
+            );
+            return;
+        }
+        // Its own thread and runtime: this runs at the end of an async test.
+        let _ = std::thread::spawn(move || drop_postgres_db(&name)).join();
+    }
 }
 
 impl TestEnv {
@@ -27,6 +49,10 @@ impl TestEnv {
                 }
             },
         };
+        let own_database = (backend != Backend::Sqlite)
+            .then(|| url::Url::parse(&database_url).ok())
+            .flatten()
+            .map(|u| Arc::new(OwnDatabase(u.path().trim_start_matches('/').to_owned())));
         let redis_url = if backend == Backend::PostgresRedis {
             match redis_url() {
                 Some(url) => Some(url),
@@ -45,6 +71,7 @@ impl TestEnv {
             redis_prefix: format!("tbtest-{}", random_suffix()),
             dir,
             extra: HashMap::new(),
+            own_database,
         })
     }
 
@@ -87,6 +114,7 @@ impl TestEnv {
                 .unwrap(),
             handle,
             state,
+            _database: self.own_database.clone(),
         }
     }
 }
@@ -97,6 +125,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub handle: actix_web::dev::ServerHandle,
     pub state: actix_web::web::Data<AppState>,
+    _database: Option<Arc<OwnDatabase>>,
 }
 
 pub struct Answer {

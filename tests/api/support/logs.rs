@@ -41,3 +41,21 @@ pub fn init_logs() {
 pub fn captured_logs() -> String {
     String::from_utf8_lossy(&LOGS.get().expect("init_logs").lock().unwrap()).into_owned()
 }
+
+/// The captured lines of one request, by the `X-Request-Id` it was sent with: those logged in
+/// its span, including a mint it started. Every test in this binary logs into one buffer, so a
+/// check that something *was* logged asks for its own request's lines (another test's line
+/// cannot satisfy it); a check that a secret was *not* logged reads everything.
+pub fn logs_of_request(request_id: &str) -> String {
+    let needle = format!("\"request_id\":\"{request_id}\"");
+    captured_logs()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A request id no other request in this run uses.
+pub fn unique_request_id(what: &str) -> String {
+    format!("{what}-{:016x}", rand::random::<u64>())
+}

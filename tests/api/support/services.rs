@@ -231,3 +231,28 @@ pub(crate) async fn fresh_postgres_db() -> Option<String> {
     url.set_path(&format!("/{name}"));
     Some(url.to_string())
 }
+
+/// Drops a database `fresh_postgres_db` made (with its open connections: an app the test did
+/// not stop still holds some).
+pub(crate) fn drop_postgres_db(name: &str) {
+    use sqlx::Connection;
+    if !name.starts_with("tb_test_")
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return;
+    }
+    let Some(admin) = postgres_admin_url() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await;
+        }
+    });
+}
