@@ -311,16 +311,7 @@ async fn forward(
             400..=499 => "4xx",
             _ => "5xx",
         };
-        state
-            .metrics
-            .proxy_requests
-            .with_label_values(&[id.as_str(), class])
-            .inc();
-        state
-            .metrics
-            .proxy_duration
-            .with_label_values(&[id.as_str()])
-            .observe(started.elapsed().as_secs_f64());
+        state.metrics.proxied(id.as_str(), class, started.elapsed());
     }
     let mut e = Entry::new(Kind::Token, "token.proxy", "ok");
     e.caller = Some(caller.name.clone());
@@ -375,9 +366,7 @@ async fn proxy(
     let place = state.proxy.in_flight.enter(&caller.id).ok_or_else(|| {
         state
             .metrics
-            .proxy_cutoffs
-            .with_label_values(&[id.as_str(), "caller_concurrency"])
-            .inc();
+            .proxy_cutoff(id.as_str(), "caller_concurrency");
         ApiError::ProxyConcurrencyLimited(state.settings.proxy_caller_concurrency)
     })?;
     let deadline = tokio::time::Instant::now() + target.spec.response_timeout();
@@ -434,23 +423,18 @@ async fn proxy(
         None => resp,
     };
     outcome.partner_status = Some(resp.status().as_u16());
-    let cut = |reason: &'static str| {
-        state
-            .metrics
-            .proxy_cutoffs
-            .with_label_values(&[id.as_str(), reason])
-    };
     let max = target.spec.max_response_bytes();
     if let Some(declared) = resp.content_length().filter(|n| *n > max) {
-        cut("response_too_large").inc();
+        state
+            .metrics
+            .proxy_cutoff(id.as_str(), "response_too_large");
         return Err(ApiError::ProxyResponseTooLarge { declared, max });
     }
     let limits = Limits {
         max,
         seen: 0,
         deadline: Box::pin(tokio::time::sleep_until(deadline)),
-        too_large: cut("response_too_large"),
-        too_slow: cut("response_timeout"),
+        cutoffs: (state.metrics.clone(), id.clone()),
         done: false,
         _place: place,
     };
@@ -464,10 +448,17 @@ struct Limits {
     max: u64,
     seen: u64,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
-    too_large: prometheus::IntCounter,
-    too_slow: prometheus::IntCounter,
+    /// Where a cut is counted (`broker_proxy_cutoffs_total`), and for which tenant.
+    cutoffs: (Arc<crate::metrics::Metrics>, TenantId),
     done: bool,
     _place: crate::proxy::InFlightGuard,
+}
+
+impl Limits {
+    fn cut(&self, reason: &'static str) {
+        let (metrics, tenant) = &self.cutoffs;
+        metrics.proxy_cutoff(tenant.as_str(), reason);
+    }
 }
 
 /// The partner's body under `Limits`.
@@ -493,7 +484,7 @@ where
         }
         if std::future::Future::poll(this.limits.deadline.as_mut(), cx).is_ready() {
             this.limits.done = true;
-            this.limits.too_slow.inc();
+            this.limits.cut("response_timeout");
             return Poll::Ready(Some(Err(std::io::Error::other(
                 "the partner's answer passed proxy.response_timeout_ms",
             ))));
@@ -503,7 +494,7 @@ where
                 this.limits.seen += chunk.len() as u64;
                 if this.limits.seen > this.limits.max {
                     this.limits.done = true;
-                    this.limits.too_large.inc();
+                    this.limits.cut("response_too_large");
                     return Poll::Ready(Some(Err(std::io::Error::other(
                         "the partner's answer passed proxy.max_response_bytes",
                     ))));

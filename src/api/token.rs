@@ -219,16 +219,13 @@ pub(super) async fn hand_out(
         return Err(ApiError::AuditUnavailable);
     }
     match source {
-        Source::Cache => token
-            .memo
-            .hit_counter
-            .get_or_init(|| {
-                state
-                    .metrics
-                    .token_requests
-                    .with_label_values(&[id.as_str(), "cache"])
-            })
-            .inc(),
+        Source::Cache => {
+            token
+                .memo
+                .hit_counter
+                .get_or_init(|| state.metrics.cache_hit_counter(id.as_str()))
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Source::Minted => state.metrics.token_request(id.as_str(), source.as_str()),
     }
     tracing::debug!(tenant = %id, caller = %caller.name, source = source.as_str(), "token handed out");

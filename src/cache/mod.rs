@@ -82,7 +82,7 @@ pub struct Memo {
     /// `expires_at` as RFC 3339.
     pub expires_at: std::sync::OnceLock<String>,
     /// The tenant's `broker_token_requests_total{outcome="cache"}` series.
-    pub hit_counter: std::sync::OnceLock<prometheus::IntCounter>,
+    pub hit_counter: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>>,
     /// The token answer up to its last field (`…,"expires_in":`), serialized once: only the
     /// seconds left change between hits. Holds the token, so it is wiped with it.
     pub answer_prefix: std::sync::OnceLock<zeroize::Zeroizing<String>>,
