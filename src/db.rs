@@ -255,10 +255,13 @@ impl Db {
         if backend == Backend::Sqlite {
             // WAL lets readers (and other broker processes) work beside the one writer;
             // synchronous=NORMAL is safe from corruption in WAL mode and spares an fsync per commit.
+            // A 512 KiB page cache per connection instead of SQLite's 2 MiB: the database is
+            // read on cache misses only (the token path never reads it), the OS caches the
+            // file anyway, and four connections' default caches were 8 MiB of the RSS.
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
                     use sqlx::Executor;
-                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 2500;")
+                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 2500; PRAGMA cache_size = -512;")
                         .await?;
                     Ok(())
                 })
