@@ -7,6 +7,7 @@
 
 mod client;
 mod output;
+mod views;
 
 use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
@@ -274,101 +275,141 @@ impl Runner {
     }
 
     /// Prints `json` as is for scripts, else what `table` makes of it.
-    fn print(&self, json: &Value, table: impl FnOnce(&Value) -> String) {
+    /// Prints `json` as is for scripts, else what `table` makes of it (which fails when the
+    /// answer lacks a field it shows: see `views`).
+    fn print(
+        &self,
+        json: &Value,
+        table: impl FnOnce(&Value) -> Result<String, Failure>,
+    ) -> Result<(), Failure> {
         match self.output {
             Output::Json => println!("{}", output::pretty_json(json)),
             Output::Yaml => print!("{}", output::yaml(json)),
-            Output::Table => println!("{}", table(json)),
+            Output::Table => println!("{}", table(json)?),
         }
+        Ok(())
     }
 
     fn tenants(&self, command: TenantsCommand) -> Result<(), Failure> {
         match command {
-            TenantsCommand::List => {
-                let mut all = Vec::new();
-                let mut after: Option<String> = None;
-                loop {
-                    let mut q = vec![("limit", "1000".to_owned())];
-                    q.extend(after.take().map(|a| ("after", a)));
-                    let page = self.client.get("/admin/v1/tenants", &q)?;
-                    all.extend(page["tenants"].as_array().cloned().unwrap_or_default());
-                    match page["next_after"].as_str() {
-                        Some(next) => after = Some(next.to_owned()),
-                        None => break,
-                    }
-                }
-                self.print(&json!({ "tenants": all }), tenant_table);
-            }
-            TenantsCommand::Show { id } => {
-                let t = self.client.get(&tenant_path(&id), &[])?;
-                self.print(&t, tenant_fields);
-            }
-            TenantsCommand::Create(args) => {
-                let spec = create_spec(&args, || self.client.get("/admin/v1/kinds", &[]))?;
-                let t = self
-                    .client
-                    .call(Method::POST, "/admin/v1/tenants", &[], Some(&spec))?
-                    .unwrap_or_default();
-                self.print(&t, |t| {
-                    format!(
-                        "tenant {} created; check the credentials with `token-broker tenants test {}`",
-                        output::text(t, "id"),
-                        output::text(t, "id")
-                    )
-                });
-            }
-            TenantsCommand::Update(args) => {
-                let patch = self.update_patch(&args)?;
-                let t = self
-                    .client
-                    .call(Method::PATCH, &tenant_path(&args.id), &[], Some(&patch))?
-                    .unwrap_or_default();
-                self.print(&t, |t| {
-                    format!(
-                        "tenant {} updated (version {})",
-                        output::text(t, "id"),
-                        output::text(t, "version")
-                    )
-                });
-            }
-            TenantsCommand::Delete { id } => {
-                self.client
-                    .call(Method::DELETE, &tenant_path(&id), &[], None)?;
-                self.print(&json!({ "deleted": id }), |_| {
-                    format!("tenant {id} deleted")
-                });
-            }
-            TenantsCommand::Jwks { id } => {
-                let set = self
-                    .client
-                    .get(&format!("{}/jwks", tenant_path(&id)), &[])?;
-                self.print(&set, |s| {
-                    let keys = s["keys"].as_array().cloned().unwrap_or_default();
-                    if keys.is_empty() {
-                        return format!("tenant {id} has no keys");
-                    }
-                    output::pretty_json(s)
-                });
-            }
-            TenantsCommand::Test { id } => {
-                let r = self
-                    .client
-                    .call(
-                        Method::POST,
-                        &format!("{}/test", tenant_path(&id)),
-                        &[],
-                        None,
-                    )?
-                    .unwrap_or_default();
-                self.print(&r, |r| {
-                    format!(
-                        "ok: the partner minted a token for {id} valid for {} (until {})",
-                        output::duration(r["expires_in"].as_i64().unwrap_or(0)),
-                        output::text(r, "expires_at")
-                    )
-                });
+            TenantsCommand::List => self.tenants_list(),
+            TenantsCommand::Show { id } => self.tenants_show(id),
+            TenantsCommand::Create(args) => self.tenants_create(args),
+            TenantsCommand::Update(args) => self.tenants_update(args),
+            TenantsCommand::Delete { id } => self.tenants_delete(id),
+            TenantsCommand::Jwks { id } => self.tenants_jwks(id),
+            TenantsCommand::Test { id } => self.tenants_test(id),
+        }
+    }
+
+    /// `tenants list`: every page, one table.
+    fn tenants_list(&self) -> Result<(), Failure> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut q = vec![("limit", "1000".to_owned())];
+            q.extend(after.take().map(|a| ("after", a)));
+            let page: views::TenantPage =
+                views::read(&self.client.get("/admin/v1/tenants", &q)?, "tenant list")?;
+            all.extend(page.tenants);
+            match page.next_after {
+                Some(next) => after = Some(next),
+                None => break,
             }
         }
+        self.print(&json!({ "tenants": all }), |_| tenant_table(&all))?;
+        Ok(())
+    }
+
+    /// `tenants show <id>`.
+    fn tenants_show(&self, id: String) -> Result<(), Failure> {
+        let t = self.client.get(&tenant_path(&id), &[])?;
+        self.print(&t, |t| Ok(tenant_fields(&views::read(t, "tenant")?)))?;
+        Ok(())
+    }
+
+    /// `tenants create`: from a spec file or from flags.
+    fn tenants_create(&self, args: CreateArgs) -> Result<(), Failure> {
+        let spec = create_spec(&args, || self.client.get("/admin/v1/kinds", &[]))?;
+        let t = self
+            .client
+            .call(Method::POST, "/admin/v1/tenants", &[], Some(&spec))?
+            .unwrap_or_default();
+        self.print(&t, |t| {
+            let t: views::Written = views::read(t, "new tenant")?;
+            let id = output::printable(&t.id);
+            Ok(format!(
+                "tenant {id} created; check the credentials with `token-broker tenants test {id}`"
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// `tenants update <id>`: a merge patch from a file and/or flags.
+    fn tenants_update(&self, args: UpdateArgs) -> Result<(), Failure> {
+        let patch = self.update_patch(&args)?;
+        let t = self
+            .client
+            .call(Method::PATCH, &tenant_path(&args.id), &[], Some(&patch))?
+            .unwrap_or_default();
+        self.print(&t, |t| {
+            let t: views::Written = views::read(t, "changed tenant")?;
+            Ok(format!(
+                "tenant {} updated (version {})",
+                output::printable(&t.id),
+                t.version
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// `tenants delete <id>`.
+    fn tenants_delete(&self, id: String) -> Result<(), Failure> {
+        self.client
+            .call(Method::DELETE, &tenant_path(&id), &[], None)?;
+        self.print(&json!({ "deleted": id }), |_| {
+            Ok(format!("tenant {id} deleted"))
+        })?;
+        Ok(())
+    }
+
+    /// `tenants jwks <id>`: the public halves of the tenant's keys.
+    fn tenants_jwks(&self, id: String) -> Result<(), Failure> {
+        let set = self
+            .client
+            .get(&format!("{}/jwks", tenant_path(&id)), &[])?;
+        self.print(&set, |s| {
+            let keys = s["keys"].as_array().ok_or_else(|| {
+                Failure::Unreachable("the broker's JWK set has no keys array".into())
+            })?;
+            Ok(if keys.is_empty() {
+                format!("tenant {id} has no keys")
+            } else {
+                output::pretty_json(s)
+            })
+        })?;
+        Ok(())
+    }
+
+    /// `tenants test <id>`: a dry-run mint.
+    fn tenants_test(&self, id: String) -> Result<(), Failure> {
+        let r = self
+            .client
+            .call(
+                Method::POST,
+                &format!("{}/test", tenant_path(&id)),
+                &[],
+                None,
+            )?
+            .unwrap_or_default();
+        self.print(&r, |r| {
+            let r: views::TestResult = views::read(r, "test result")?;
+            Ok(format!(
+                "ok: the partner minted a token for {id} valid for {} (until {})",
+                output::duration(r.expires_in),
+                output::printable(&r.expires_at)
+            ))
+        })?;
         Ok(())
     }
 
@@ -395,15 +436,15 @@ impl Runner {
         }
         if args.credentials.client_id.is_some() {
             // The kind decides which fields the credentials have and which one is secret.
-            let current = self.client.get(&tenant_path(&args.id), &[])?;
-            let kind = current["issuer"]["kind"].as_str().unwrap_or_default();
-            let method = current["issuer"]["auth_method"].as_str();
+            let current: views::Tenant =
+                views::read(&self.client.get(&tenant_path(&args.id), &[])?, "tenant")?;
+            let kinds = views::read(&self.client.get("/admin/v1/kinds", &[])?, "kind list")?;
             obj.insert(
                 "credentials".into(),
                 credentials_for(
-                    &self.client.get("/admin/v1/kinds", &[])?,
-                    kind,
-                    method,
+                    &kinds,
+                    &current.issuer.kind,
+                    current.issuer.auth_method.as_deref(),
                     &args.credentials,
                     &args.id,
                 )?,
@@ -429,82 +470,111 @@ impl Runner {
 
     fn callers(&self, command: CallersCommand) -> Result<(), Failure> {
         match command {
-            CallersCommand::List => {
-                let v = self.client.get("/admin/v1/callers", &[])?;
-                self.print(&v, caller_table);
-            }
-            CallersCommand::Create { name, tenants } => {
-                let scope = scope_json(&tenants);
-                let body = json!({"name": name, "tenants": scope});
-                let c = self
-                    .client
-                    .call(Method::POST, "/admin/v1/callers", &[], Some(&body))?
-                    .unwrap_or_default();
-                self.print(&c, |c| {
-                    format!(
-                        "{}\n\nThe API key is shown once: store it in the caller's secret store now.",
-                        output::fields(&[
-                            ("id", output::text(c, "id")),
-                            ("name", output::text(c, "name")),
-                            ("tenants", scope_text(&c["tenants"])),
-                            ("api_key", output::text(c, "api_key")),
-                        ])
-                    )
-                });
-            }
-            CallersCommand::Update { id, name, tenants } => {
-                let mut body = serde_json::Map::new();
-                if let Some(n) = name {
-                    body.insert("name".into(), json!(n));
-                }
-                if !tenants.is_empty() {
-                    body.insert("tenants".into(), scope_json(&tenants));
-                }
-                if body.is_empty() {
-                    return Err(Failure::Usage(
-                        "nothing to change: give --name and/or --tenant".into(),
-                    ));
-                }
-                let path = format!("/admin/v1/callers/{}", segment(&id));
-                let c = self
-                    .client
-                    .call(Method::PATCH, &path, &[], Some(&Value::Object(body)))?
-                    .unwrap_or_default();
-                self.print(&c, |c| {
-                    output::fields(&[
-                        ("id", output::text(c, "id")),
-                        ("name", output::text(c, "name")),
-                        ("tenants", scope_text(&c["tenants"])),
-                    ])
-                });
-            }
+            CallersCommand::List => self.callers_list(),
+            CallersCommand::Create { name, tenants } => self.callers_create(name, tenants),
+            CallersCommand::Update { id, name, tenants } => self.callers_update(id, name, tenants),
             CallersCommand::RotateKey { id, grace_seconds } => {
-                let path = format!("/admin/v1/callers/{}/rotate-key", segment(&id));
-                let body = json!({ "grace_seconds": grace_seconds });
-                let c = self
-                    .client
-                    .call(Method::POST, &path, &[], Some(&body))?
-                    .unwrap_or_default();
-                self.print(&c, |c| {
-                    format!(
-                        "{}\n\nThe new API key is shown once: store it in the caller's secret store now.",
-                        output::fields(&[
-                            ("id", output::text(c, "id")),
-                            ("name", output::text(c, "name")),
-                            ("api_key", output::text(c, "api_key")),
-                            ("old key valid until", output::text(c, "previous_key_expires_at")),
-                        ])
-                    )
-                });
+                self.callers_rotate_key(id, grace_seconds)
             }
-            CallersCommand::Delete { id } => {
-                let path = format!("/admin/v1/callers/{}", segment(&id));
-                self.client.call(Method::DELETE, &path, &[], None)?;
-                self.print(&json!({ "deleted": id }), |_| {
-                    format!("caller {id} deleted")
-                });
-            }
+            CallersCommand::Delete { id } => self.callers_delete(id),
         }
+    }
+
+    /// `callers list`.
+    fn callers_list(&self) -> Result<(), Failure> {
+        let v = self.client.get("/admin/v1/callers", &[])?;
+        self.print(&v, |v| Ok(caller_table(&views::read(v, "caller list")?)))?;
+        Ok(())
+    }
+
+    /// `callers create`: the key is printed once.
+    fn callers_create(&self, name: String, tenants: Vec<String>) -> Result<(), Failure> {
+        let scope = scope_json(&tenants);
+        let body = json!({"name": name, "tenants": scope});
+        let c = self
+            .client
+            .call(Method::POST, "/admin/v1/callers", &[], Some(&body))?
+            .unwrap_or_default();
+        self.print(&c, |c| {
+            let c: views::Caller = views::read(c, "new caller")?;
+            Ok(format!(
+                "{}\n\nThe API key is shown once: store it in the caller's secret store now.",
+                output::fields(&[
+                    ("id", c.id),
+                    ("name", c.name),
+                    ("tenants", c.tenants.text()),
+                    ("api_key", shown(c.api_key)),
+                ])
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// `callers update <id>`: a new name and/or scope.
+    fn callers_update(
+        &self,
+        id: String,
+        name: Option<String>,
+        tenants: Vec<String>,
+    ) -> Result<(), Failure> {
+        let mut body = serde_json::Map::new();
+        if let Some(n) = name {
+            body.insert("name".into(), json!(n));
+        }
+        if !tenants.is_empty() {
+            body.insert("tenants".into(), scope_json(&tenants));
+        }
+        if body.is_empty() {
+            return Err(Failure::Usage(
+                "nothing to change: give --name and/or --tenant".into(),
+            ));
+        }
+        let path = format!("/admin/v1/callers/{}", segment(&id));
+        let c = self
+            .client
+            .call(Method::PATCH, &path, &[], Some(&Value::Object(body)))?
+            .unwrap_or_default();
+        self.print(&c, |c| {
+            let c: views::Caller = views::read(c, "changed caller")?;
+            Ok(output::fields(&[
+                ("id", c.id),
+                ("name", c.name),
+                ("tenants", c.tenants.text()),
+            ]))
+        })?;
+        Ok(())
+    }
+
+    /// `callers rotate-key <id>`: a new key, printed once.
+    fn callers_rotate_key(&self, id: String, grace_seconds: u64) -> Result<(), Failure> {
+        let path = format!("/admin/v1/callers/{}/rotate-key", segment(&id));
+        let body = json!({ "grace_seconds": grace_seconds });
+        let c = self
+            .client
+            .call(Method::POST, &path, &[], Some(&body))?
+            .unwrap_or_default();
+        self.print(&c, |c| {
+            let c: views::Caller = views::read(c, "rotated caller")?;
+            Ok(format!(
+                "{}\n\nThe new API key is shown once: store it in the caller's secret store now.",
+                output::fields(&[
+                    ("id", c.id),
+                    ("name", c.name),
+                    ("api_key", shown(c.api_key)),
+                    ("old key valid until", shown(c.previous_key_expires_at)),
+                ])
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// `callers delete <id>`.
+    fn callers_delete(&self, id: String) -> Result<(), Failure> {
+        let path = format!("/admin/v1/callers/{}", segment(&id));
+        self.client.call(Method::DELETE, &path, &[], None)?;
+        self.print(&json!({ "deleted": id }), |_| {
+            Ok(format!("caller {id} deleted"))
+        })?;
         Ok(())
     }
 
@@ -513,22 +583,14 @@ impl Runner {
         query.extend(args.tenant.clone().map(|t| ("tenant", t)));
         query.extend(args.caller.clone().map(|c| ("caller", c)));
         let page = self.client.get("/admin/v1/audit", &query)?;
-        let mut entries = page["entries"].as_array().cloned().unwrap_or_default();
+        let mut entries = views::read::<views::AuditPage>(&page, "audit page")?.entries;
+        entries.reverse();
         if !args.follow {
-            self.print(&page, |_| {
-                entries.reverse();
-                audit_table(&entries, true)
-            });
-            return Ok(());
+            return self.print(&page, |_| audit_table(&entries, true));
         }
         // Following: oldest first, then each new entry as it arrives (JSON: one per line).
-        entries.reverse();
-        let mut last = entries
-            .iter()
-            .filter_map(|e| e["id"].as_i64())
-            .max()
-            .unwrap_or(0);
-        self.print_entries(&entries, true);
+        let mut last = newest_id(&entries)?.unwrap_or(0);
+        self.print_entries(&entries, true)?;
         // SIGINT and SIGTERM end it cleanly (exit 0), also when the shell that started it
         // ignores SIGINT (a background job): the handlers are installed here, not inherited.
         let mut interrupts = self
@@ -543,9 +605,9 @@ impl Runner {
                 return Ok(());
             }
             let fresh = self.entries_after(&query, last)?;
-            if let Some(max) = fresh.iter().filter_map(|e| e["id"].as_i64()).max() {
+            if let Some(max) = newest_id(&fresh)? {
                 last = max;
-                self.print_entries(&fresh, false);
+                self.print_entries(&fresh, false)?;
             }
         }
     }
@@ -559,14 +621,19 @@ impl Runner {
             q[0] = ("limit", "1000".into());
             q.extend(before.map(|b| ("before", b.to_string())));
             let page = self.client.get("/admin/v1/audit", &q)?;
-            let entries = page["entries"].as_array().cloned().unwrap_or_default();
+            let entries = views::read::<views::AuditPage>(&page, "audit page")?.entries;
             let full = entries.len() == 1000;
-            let new: Vec<Value> = entries
-                .into_iter()
-                .filter(|e| e["id"].as_i64().is_some_and(|id| id > last))
-                .collect();
+            let mut new = Vec::new();
+            for e in entries {
+                if views::read::<views::AuditEntry>(&e, "audit entry")?.id > last {
+                    new.push(e);
+                }
+            }
             let all_new = full && new.len() == 1000;
-            before = new.last().and_then(|e| e["id"].as_i64());
+            before = match new.last() {
+                Some(e) => Some(views::read::<views::AuditEntry>(e, "audit entry")?.id),
+                None => None,
+            };
             fresh.extend(new);
             if !all_new {
                 break;
@@ -576,7 +643,7 @@ impl Runner {
         Ok(fresh)
     }
 
-    fn print_entries(&self, entries: &[Value], header: bool) {
+    fn print_entries(&self, entries: &[Value], header: bool) -> Result<(), Failure> {
         match self.output {
             Output::Json => {
                 for e in entries {
@@ -590,8 +657,9 @@ impl Runner {
                 }
             }
             Output::Table if entries.is_empty() => {}
-            Output::Table => println!("{}", audit_table(entries, header)),
+            Output::Table => println!("{}", audit_table(entries, header)?),
         }
+        Ok(())
     }
 }
 
@@ -649,38 +717,36 @@ fn read_pem_file(path: &std::path::Path) -> Result<String, Failure> {
 /// says they take (`GET /admin/v1/kinds`, `kinds`): text fields from their flags, keys and
 /// certificates from their files, the one required secret from stdin or a prompt.
 fn credentials_for(
-    kinds: &Value,
+    kinds: &views::Kinds,
     kind: &str,
     auth_method: Option<&str>,
     flags: &CredentialFlags,
     tenant: &str,
 ) -> Result<Value, Failure> {
-    let entry = kinds["kinds"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|k| k["kind"] == kind)
+    let entry = kinds
+        .kinds
+        .iter()
+        .find(|k| k.kind == kind)
         .ok_or_else(|| Failure::Usage(format!("the broker knows no kind {kind:?}")))?;
-    if entry["form"] != true {
+    if !entry.form {
         return Err(Failure::Usage(format!(
             "kind {kind:?} takes its spec from a file (-f)"
         )));
     }
     let fields = match auth_method {
-        Some(m) => entry["auth_methods"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|a| a["method"] == m)
-            .map(|a| &a["credentials"])
+        Some(m) => entry
+            .auth_methods
+            .iter()
+            .find(|a| a.method == m)
+            .map(|a| a.credentials.as_slice())
             .ok_or_else(|| Failure::Usage(format!("kind {kind} takes no auth method {m:?}")))?,
-        None => &entry["credentials"],
+        None => entry.credentials.as_deref().unwrap_or_default(),
     };
     let method = auth_method.unwrap_or("the default client authentication");
     let mut creds = Map::new();
     let mut secret_read = false;
-    for f in fields.as_array().into_iter().flatten() {
-        let (name, required) = (f["name"].as_str().unwrap_or(""), f["required"] == true);
+    for f in fields {
+        let (name, required) = (f.name.as_str(), f.required);
         let flag = |v: &Option<String>, flag: &str| match v {
             Some(v) => Ok(Some(json!(v))),
             None if required => Err(Failure::Usage(format!("{kind} needs --{flag}"))),
@@ -693,7 +759,7 @@ fn credentials_for(
             ))),
             None => Ok(None),
         };
-        let value = match (name, f["input"].as_str()) {
+        let value = match (name, Some(f.input.as_str())) {
             ("client_id", _) => flag(&flags.client_id, "client-id")?,
             ("email", _) => flag(&flags.email, "email")?,
             ("username", _) => flag(&flags.username, "username")?,
@@ -756,7 +822,7 @@ fn create_spec(
         issuer["tls_ca"] = json!(read_pem_file(path)?);
     }
     let credentials = credentials_for(
-        &kinds()?,
+        &views::read(&kinds()?, "kind list")?,
         kind,
         args.auth_method.as_deref(),
         &args.credentials,
@@ -773,22 +839,37 @@ fn create_spec(
     Ok(spec)
 }
 
-fn tenant_table(v: &Value) -> String {
-    let rows = v["tenants"].as_array().into_iter().flatten().map(|t| {
-        let h = &t["health"];
-        vec![
-            output::text(t, "id"),
-            output::text(&t["issuer"], "kind"),
+/// The highest audit row id among `entries`.
+fn newest_id(entries: &[Value]) -> Result<Option<i64>, Failure> {
+    let mut newest = None;
+    for e in entries {
+        let id = views::read::<views::AuditEntry>(e, "audit entry")?.id;
+        newest = newest.max(Some(id));
+    }
+    Ok(newest)
+}
+
+/// An optional text, or `-`.
+fn shown(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "-".into())
+}
+
+fn tenant_table(tenants: &[Value]) -> Result<String, Failure> {
+    let mut rows = Vec::with_capacity(tenants.len());
+    for t in tenants {
+        let t: views::Tenant = views::read(t, "tenant list")?;
+        let h = &t.health;
+        rows.push(vec![
+            t.id.clone(),
+            t.issuer.kind.clone(),
             output::health_summary(h),
-            output::text(h, "last_success_at"),
+            shown(h.last_success_at.clone()),
             output::token_left(h),
-            h["mints_last_hour"]
-                .as_i64()
-                .map_or_else(|| "-".into(), |n| n.to_string()),
-            output::text(t, "display_name"),
-        ]
-    });
-    output::table(
+            h.mints_last_hour.to_string(),
+            t.display_name.clone(),
+        ]);
+    }
+    Ok(output::table(
         &[
             "ID",
             "KIND",
@@ -799,111 +880,90 @@ fn tenant_table(v: &Value) -> String {
             "NAME",
         ],
         rows,
-    )
+    ))
 }
 
-fn tenant_fields(t: &Value) -> String {
-    let h = &t["health"];
-    let last_error = match h["last_error"].as_object() {
+fn tenant_fields(t: &views::Tenant) -> String {
+    let h = &t.health;
+    let last_error = match &h.last_error {
         Some(e) => format!(
             "{} at {}: {}",
-            output::text(&h["last_error"], "code"),
-            e.get("at").and_then(Value::as_str).unwrap_or("-"),
-            output::text(&h["last_error"], "detail")
+            e.code.as_deref().unwrap_or("-"),
+            e.at,
+            e.detail.as_deref().unwrap_or("-")
         ),
         None => "-".into(),
     };
-    let circuit = match h["circuit"].as_object() {
-        Some(_) if h["circuit"]["open"].as_bool() == Some(true) => format!(
+    let circuit = match &h.circuit {
+        Some(c) if c.open => format!(
             "open ({} failures, {})",
-            output::text(&h["circuit"], "failures"),
-            if h["circuit"]["probed"].as_bool() == Some(true) {
-                "probed each second a token is needed".to_string()
-            } else {
-                format!("retry in {} s", output::text(&h["circuit"], "retry_after"))
+            c.failures,
+            match (c.probed, c.retry_after) {
+                (true, _) => "probed each second a token is needed".to_string(),
+                (false, Some(s)) => format!("retry in {s} s"),
+                (false, None) => "waiting".to_string(),
             }
         ),
-        Some(_) => format!(
-            "closed ({} recent failures)",
-            output::text(&h["circuit"], "failures")
-        ),
+        Some(c) => format!("closed ({} recent failures)", c.failures),
         None => "closed".into(),
     };
-    let fields: Vec<String> = t["credential_fields"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f.as_str().map(str::to_owned))
-        .collect();
     output::fields(&[
-        ("id", output::text(t, "id")),
-        ("display name", output::text(t, "display_name")),
-        ("kind", output::text(&t["issuer"], "kind")),
-        ("token url", output::text(&t["issuer"], "token_url")),
-        ("credentials", format!("{} (write-only)", fields.join(", "))),
-        ("version", output::text(t, "version")),
-        ("updated", output::text(t, "updated_at")),
+        ("id", t.id.clone()),
+        ("display name", t.display_name.clone()),
+        ("kind", t.issuer.kind.clone()),
+        ("token url", t.issuer.token_url.clone()),
+        (
+            "credentials",
+            format!("{} (write-only)", t.credential_fields.join(", ")),
+        ),
+        ("version", t.version.to_string()),
+        ("updated", t.updated_at.clone()),
         ("health", output::health_summary(h)),
-        ("last success", output::text(h, "last_success_at")),
+        ("last success", shown(h.last_success_at.clone())),
         ("last error", last_error),
         ("circuit", circuit),
         ("token left", output::token_left(h)),
-        (
-            "mints (1 h)",
-            h["mints_last_hour"]
-                .as_i64()
-                .map_or_else(|| "-".into(), |n| n.to_string()),
-        ),
+        ("mints (1 h)", h.mints_last_hour.to_string()),
     ])
 }
 
-fn scope_text(v: &Value) -> String {
-    match v {
-        Value::Array(a) => a
-            .iter()
-            .map(|t| t.as_str().unwrap_or("?"))
-            .collect::<Vec<_>>()
-            .join(","),
-        other => other.as_str().unwrap_or("-").to_owned(),
-    }
-}
-
-fn caller_table(v: &Value) -> String {
-    let rows = v["callers"].as_array().into_iter().flatten().map(|c| {
+fn caller_table(v: &views::Callers) -> String {
+    let rows = v.callers.iter().map(|c| {
         vec![
-            output::text(c, "id"),
-            output::text(c, "name"),
-            scope_text(&c["tenants"]),
-            output::text(c, "created_at"),
+            c.id.clone(),
+            c.name.clone(),
+            c.tenants.text(),
+            shown(c.created_at.clone()),
         ]
     });
     output::table(&["ID", "NAME", "TENANTS", "CREATED"], rows)
 }
 
-fn audit_table(entries: &[Value], header: bool) -> String {
-    let rows = entries.iter().map(|e| {
-        let count = e["count"].as_i64().unwrap_or(1);
-        vec![
-            output::text(e, "at"),
-            output::text(e, "action"),
-            output::text(e, "outcome"),
-            output::text(e, "caller"),
-            output::text(e, "tenant"),
-            if count > 1 {
-                format!("×{count}")
+fn audit_table(entries: &[Value], header: bool) -> Result<String, Failure> {
+    let mut rows = Vec::with_capacity(entries.len());
+    for e in entries {
+        let e: views::AuditEntry = views::read(e, "audit entry")?;
+        rows.push(vec![
+            e.at,
+            e.action,
+            e.outcome,
+            shown(e.caller),
+            shown(e.tenant),
+            if e.count > 1 {
+                format!("×{}", e.count)
             } else {
                 String::new()
             },
-            output::text(e, "detail"),
-        ]
-    });
+            shown(e.detail),
+        ]);
+    }
     let t = output::table(
         &["AT", "ACTION", "OUTCOME", "BY", "TENANT", "COUNT", "DETAIL"],
         rows,
     );
-    if header {
+    Ok(if header {
         t
     } else {
         t.lines().skip(1).collect::<Vec<_>>().join("\n")
-    }
+    })
 }

@@ -74,15 +74,6 @@ pub fn pretty_json(v: &Value) -> String {
     serde_json::to_string_pretty(v).expect("serialises")
 }
 
-/// A JSON string field (`printable`), or `-`.
-pub fn text(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        Some(Value::String(s)) => printable(s).into_owned(),
-        Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
-    }
-}
-
 /// Seconds as `1h 2m`, `4m 59s`, `12s`.
 pub fn duration(secs: i64) -> String {
     let secs = secs.max(0);
@@ -97,22 +88,30 @@ pub fn duration(secs: i64) -> String {
 }
 
 /// A tenant's health in a word or two: `ok`, `circuit open`, `error: <code>`, `never minted`.
-pub fn health_summary(health: &Value) -> String {
+pub fn health_summary(health: &super::views::Health) -> String {
     // The broker's own one-word health (`health.state`), so the CLI and the console agree.
-    match health["state"].as_str() {
-        Some("circuit_open") => "circuit open".into(),
-        Some("error") => format!("error: {}", text(&health["last_error"], "code")),
-        Some("ok") => "ok".into(),
-        Some("never_minted") => "never minted".into(),
-        _ => "-".into(),
+    match health.state.as_str() {
+        "circuit_open" => "circuit open".into(),
+        "error" => format!(
+            "error: {}",
+            health
+                .last_error
+                .as_ref()
+                .and_then(|e| e.code.as_deref())
+                .unwrap_or("-")
+        ),
+        "ok" => "ok".into(),
+        "never_minted" => "never minted".into(),
+        other => other.to_owned(),
     }
 }
 
 /// The current token's time left, or `-`.
-pub fn token_left(health: &Value) -> String {
-    health["token"]["expires_in"]
-        .as_i64()
-        .map_or_else(|| "-".into(), duration)
+pub fn token_left(health: &super::views::Health) -> String {
+    health
+        .token
+        .as_ref()
+        .map_or_else(|| "-".into(), |t| duration(t.expires_in))
 }
 
 #[cfg(test)]
@@ -122,9 +121,8 @@ mod tests {
 
     #[test]
     fn terminal_escapes_are_shown_not_run() {
-        let v = json!({"token_url": "https://x.example.com/\u{1b}[2J\r\nfake"});
         assert_eq!(
-            text(&v, "token_url"),
+            printable("https://x.example.com/\u{1b}[2J\r\nfake"),
             "https://x.example.com/\\u{1b}[2J\\r\\nfake"
         );
         let t = table(&["A"], [vec!["a\u{7}b\u{9b}c".to_string()]]);
@@ -135,17 +133,21 @@ mod tests {
 
     #[test]
     fn health_in_a_word() {
-        let word = |v: Value| health_summary(&v);
-        assert_eq!(word(json!({"state": "never_minted"})), "never minted");
-        assert_eq!(word(json!({"state": "ok"})), "ok");
+        let word = |v: Value| health_summary(&super::super::views::read(&v, "health").unwrap());
+        let health = |state: &str, last_error: Value| {
+            json!({"state": state, "last_success_at": null, "last_error": last_error,
+                "circuit": null, "token": null, "mints_last_hour": 0})
+        };
+        assert_eq!(word(health("never_minted", Value::Null)), "never minted");
+        assert_eq!(word(health("ok", Value::Null)), "ok");
         assert_eq!(
-            word(
-                json!({"state": "error", "last_error": {"code": "upstream_rejected_credentials"}})
-            ),
+            word(health(
+                "error",
+                json!({"at": "t", "code": "upstream_rejected_credentials", "detail": "d"})
+            )),
             "error: upstream_rejected_credentials"
         );
-        assert_eq!(word(json!({"state": "circuit_open"})), "circuit open");
-        assert_eq!(word(json!({})), "-", "a broker without health.state");
+        assert_eq!(word(health("circuit_open", Value::Null)), "circuit open");
     }
 
     #[test]

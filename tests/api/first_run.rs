@@ -704,18 +704,42 @@ async fn the_cli_follows_no_redirect_and_keeps_http_on_loopback() {
     );
 
     // A fake broker whose answer carries a terminal escape in a field.
+    let tenant = serde_json::json!({"id": "acme", "display_name": "Acme\u{1b}[2J",
+        "issuer": {"kind": "setu_partner", "token_url": "https://x.example.com/\u{1b}[2J"},
+        "credential_fields": ["client_id", "client_secret"], "version": 1,
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+        "health": {"state": "ok", "last_success_at": null, "last_error": null, "circuit": null,
+            "token": null, "mints_last_hour": 2, "failed_mints_last_hour": 0}});
+    let listed = list_from_fake_broker(serde_json::json!({ "tenants": [tenant.clone()] })).await;
+    let out = text(&listed.stdout);
+    assert!(listed.status.success(), "{out}{}", text(&listed.stderr));
+    assert!(
+        !out.contains('\u{1b}') && out.contains("\\u{1b}[2J"),
+        "{out}"
+    );
+    // A broker whose answer lacks a field the table shows (renamed in another version): the
+    // CLI fails naming it instead of printing a default.
+    let mut renamed = tenant;
+    let health = renamed["health"].as_object_mut().unwrap();
+    let mints = health.remove("mints_last_hour").unwrap();
+    health.insert("mints".into(), mints);
+    let listed = list_from_fake_broker(serde_json::json!({ "tenants": [renamed] })).await;
+    let err = text(&listed.stderr);
+    assert_eq!(listed.status.code(), Some(1), "{err}");
+    assert!(err.contains("mints_last_hour"), "{err}");
+    assert!(text(&listed.stdout).is_empty());
+}
+
+/// `tenants list -o table` against a fake broker answering `page`.
+async fn list_from_fake_broker(page: serde_json::Value) -> Output {
+    use wiremock::{Mock, MockServer, ResponseTemplate};
     let fake = MockServer::start().await;
     Mock::given(wiremock::matchers::path("/admin/v1/tenants"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(serde_json::json!({"tenants": [
-                {"id": "acme", "display_name": "Acme\u{1b}[2J", "issuer": {"kind": "setu_partner",
-                 "token_url": "https://x.example.com/\u{1b}[2J"}, "health": {}}
-            ]})),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_json(page))
         .mount(&fake)
         .await;
     let url = fake.uri().replace("127.0.0.1", "localhost");
-    let listed = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         run(
             &["tenants", "list", "-o", "table"],
             &[("BROKER_URL", &url), ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)],
@@ -723,13 +747,7 @@ async fn the_cli_follows_no_redirect_and_keeps_http_on_loopback() {
         )
     })
     .await
-    .unwrap();
-    let out = text(&listed.stdout);
-    assert!(listed.status.success(), "{out}{}", text(&listed.stderr));
-    assert!(
-        !out.contains('\u{1b}') && out.contains("\\u{1b}[2J"),
-        "{out}"
-    );
+    .unwrap()
 }
 
 /// A Postgres database that does not exist: the start says which and how to create it (before:
