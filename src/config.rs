@@ -257,6 +257,10 @@ impl Settings {
 
     /// Reads settings through `get` (the environment, or a map in tests). A secret may come
     /// from a file instead (`<NAME>_FILE`, as mounted Kubernetes or Docker secrets are).
+    ///
+    /// Long because it reads the general settings in the README's order; each section with
+    /// rules of its own already has its own parser (store and keys, Redis, audit, JWT
+    /// callers, logs, limits).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let from_files = secrets_from_files(&get)?;
         let lookup = |k: &str| {

@@ -146,6 +146,7 @@ fn ready(url: Option<String>) -> ExitCode {
     }
 }
 
+/// Long because it is the command line's dispatch: one arm per subcommand, each a call.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {

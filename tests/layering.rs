@@ -2,7 +2,8 @@
 //! top-level modules is one ARCHITECTURE.md's module table lists in its "may import" column,
 //! and every one listed is used (the map is exact); the modules import each other without a
 //! cycle, nothing but `app` (and `main`) imports `app`, nothing below `api` imports `api`, and
-//! only `main.rs`, `app.rs`, `telemetry.rs` and `src/api/` mention actix-web.
+//! only `main.rs`, `app.rs`, `telemetry.rs` and `src/api/` mention actix-web; a function over
+//! 60 lines says why in its doc comment.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -275,5 +276,74 @@ fn only_the_http_edge_mentions_actix_web() {
     assert!(
         offenders.is_empty(),
         "actix-web outside the HTTP edge: {offenders:?}"
+    );
+}
+
+/// Where a function starting at `lines[start]` (its signature) ends: the line holding its
+/// closing brace at the signature's indent (rustfmt's layout); `None` for a declaration.
+fn function_end(lines: &[&str], start: usize) -> Option<usize> {
+    let indent = lines[start].len() - lines[start].trim_start().len();
+    let open = (start..lines.len()).find(|&i| {
+        let l = lines[i].trim_end();
+        l.ends_with('{') || l.ends_with(';')
+    })?;
+    if lines[open].trim_end().ends_with(';') {
+        return None;
+    }
+    let close = format!("{}}}", " ".repeat(indent));
+    (open + 1..lines.len()).find(|&i| lines[i] == close)
+}
+
+/// The doc comment above `lines[start]` (attributes skipped), its lines joined.
+fn doc_above(lines: &[&str], start: usize) -> String {
+    let mut doc = Vec::new();
+    for line in lines[..start].iter().rev().map(|l| l.trim_start()) {
+        if let Some(text) = line.strip_prefix("///") {
+            doc.push(text.trim());
+        } else if !line.starts_with("#[") {
+            break;
+        }
+    }
+    doc.reverse();
+    doc.join(" ")
+}
+
+/// No function over 60 lines without the reason in its doc comment ("Long because …"):
+/// a long function is a choice that is written down, not an accident.
+#[test]
+fn long_functions_say_why() {
+    const MAX_LINES: usize = 60;
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut unexplained = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        let lines: Vec<&str> = code.lines().collect();
+        let mut i = 0;
+        while i < lines.len() {
+            let words: Vec<&str> = lines[i].split_whitespace().take(4).collect();
+            let fn_at = words.iter().position(|w| *w == "fn");
+            let is_fn = fn_at.is_some_and(|p| {
+                words[..p].iter().all(|w| {
+                    matches!(*w, "pub" | "async" | "const" | "unsafe") || w.starts_with("pub(")
+                })
+            });
+            match is_fn.then(|| function_end(&lines, i)).flatten() {
+                Some(end) => {
+                    let len = end - i + 1;
+                    if len > MAX_LINES && !doc_above(&lines, i).contains("Long because") {
+                        let rel = file.strip_prefix(src()).unwrap().display().to_string();
+                        unexplained.push(format!("src/{rel}:{} ({len} lines)", i + 1));
+                    }
+                    i = end + 1;
+                }
+                None => i += 1,
+            }
+        }
+    }
+    assert!(
+        unexplained.is_empty(),
+        "functions over {MAX_LINES} lines without \"Long because …\" in their doc comment: {unexplained:#?}"
     );
 }

@@ -418,6 +418,8 @@ async fn write_tenant(
     })
 }
 
+/// Long because it is a merge patch in order: parse, If-Match, merge, validate, the fenced
+/// write with its audit row, the caches dropped, the answer.
 async fn patch_tenant(
     admin: Admin,
     state: web::Data<AppState>,

@@ -104,6 +104,9 @@ impl FromRequest for Admin {
     type Error = ApiError;
     type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
 
+    /// An admin's authentication in order of trust (the static or generated token, then a
+    /// named admin's JWT) under the failure throttle. Long because every path through it must
+    /// pass the throttle and the refusal audit, which one future keeps in view.
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let state = state(req);
         let token = bearer(req).map(str::to_owned);

@@ -440,6 +440,8 @@ struct TokenAnswer<'a> {
     issued_token_type: Option<&'static str>,
 }
 
+/// Long because it follows RFC 6749 §4.4 and RFC 8693 in their order: parse, authenticate the
+/// client, pick the grant, name the tenant, hand out.
 async fn token(
     state: web::Data<AppState>,
     req: HttpRequest,

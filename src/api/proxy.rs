@@ -42,6 +42,9 @@ enum Upload {
 
 /// Reads or starts streaming the caller's body; 413 before any partner call when the declared
 /// length is over the tenant's cap (a streamed body over it is cut off on the way).
+///
+/// Long because it handles the caller's body three ways: refused on its declared length, kept
+/// whole when small (for the one retry), streamed under the cap otherwise.
 async fn upload(
     req: &HttpRequest,
     mut payload: web::Payload,
@@ -347,6 +350,9 @@ fn call_line(req: &HttpRequest) -> String {
     format!("{} /{cut}{more}", req.method())
 }
 
+/// Long because it is one proxied call in the order the contract fixes (authorize, target, the
+/// caller's place, token, send with the one retry, the audit entry, the bounded answer); each
+/// step is a call, and pieces would pass a dozen locals between them.
 async fn proxy(
     state: &AppState,
     caller: &Caller,

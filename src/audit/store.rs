@@ -78,6 +78,8 @@ async fn insert_on(
 }
 
 /// Audit rows, newest first, optionally for one tenant and/or caller, before row `before`.
+///
+/// Long because it builds the filtered, paged SELECT and reads each column back into its type.
 pub async fn query(
     db: &Db,
     tenant: Option<&str>,

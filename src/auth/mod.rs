@@ -158,6 +158,9 @@ impl Authenticator {
                 .is_ok()
     }
 
+    /// Long because the lookup and its caches (a fresh answer, the last answer while the
+    /// database fails, the negative cache) and the database gauge are in one place, so
+    /// every outcome updates them.
     pub async fn api_key(&self, presented: &str) -> Result<Arc<Caller>, AuthError> {
         let key = ApiKey::parse(presented).ok_or(AuthError::Unauthorized("invalid credentials"))?;
         let digest = key.digest();

@@ -427,6 +427,9 @@ impl Broker {
 
     /// The shared cache's token, when Redis is configured. Redis unreachable: what this
     /// process holds is served to its usable end.
+    ///
+    /// Long because the shared cache's read has three answers (hit, miss, unreachable:
+    /// serve what this process holds), each with its metric.
     async fn shared(
         self: &Arc<Self>,
         tenant: &TenantId,

@@ -239,6 +239,9 @@ impl RedisCache {
     }
 
     /// Runs one call for `slot` under the breaker and the per-call timeout.
+    ///
+    /// Long because the breaker's three states (closed, one probe, open) and the timeout
+    /// are around one call together, so every way out updates the breaker.
     async fn timed<T>(
         &self,
         slot: u16,
@@ -906,6 +909,9 @@ fn tag_in_range(start: u16, end: u16) -> String {
 /// cluster reports; for Sentinel, the current primary). A lost subscription is a gap (writes
 /// by other replicas may go unseen) at the loss and again once it stands again: tokens held
 /// from before either are re-checked on their next use.
+///
+/// Long because it is the listener's loop: connect through any node, subscribe, report gaps,
+/// back off.
 pub fn spawn_listener(
     target: Target,
     cache: RedisCache,

@@ -141,6 +141,8 @@ impl Client {
         self.runtime.block_on(self.send(method, path, query, body))
     }
 
+    /// Long because it maps every way one request can end (a problem answer, a refused
+    /// redirect, unreachable, not the admin API) to an exit code.
     async fn send(
         &self,
         method: Method,

@@ -716,6 +716,8 @@ fn read_pem_file(path: &std::path::Path) -> Result<String, Failure> {
 /// The credentials object for `kind` and `auth_method`, built from the fields the broker
 /// says they take (`GET /admin/v1/kinds`, `kinds`): text fields from their flags, keys and
 /// certificates from their files, the one required secret from stdin or a prompt.
+///
+/// Long because it has one arm per credential field the broker can ask for.
 fn credentials_for(
     kinds: &views::Kinds,
     kind: &str,

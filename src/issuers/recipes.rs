@@ -206,6 +206,8 @@ fn jwt_bearer(tenant: &Tenant) -> Result<Prepared, RecipeError> {
     })
 }
 
+/// Long because the RFC 6749 form of every grant and client authentication method is in one
+/// match, so each combination's fields are seen together.
 fn oauth2(tenant: &Tenant, grant: &Grant<'_>) -> Result<Prepared, RecipeError> {
     let spec = &tenant.issuer;
     let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(6);

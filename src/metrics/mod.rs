@@ -92,6 +92,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Long because it is the table of metric families: one line each (name, help, labels).
     pub fn new() -> Self {
         let registry = Registry::new();
         let d = Define(&registry);

@@ -136,6 +136,62 @@ impl Default for Tenant {
     }
 }
 
+impl Tenant {
+    /// This tenant's series, each pushed onto its family's list (indexed like `FAMILIES`).
+    fn export(&self, id: &str, now_ms: i64, metrics: &mut [Vec<proto::Metric>]) {
+        let t = self;
+        let labelled = [
+            (TOKEN_REQUESTS, &t.token_requests),
+            (UPSTREAM_REQUESTS, &t.upstream_requests),
+            (INVALIDATIONS, &t.invalidations),
+            (PROXY_REQUESTS, &t.proxy_requests),
+            (PROXY_CUTOFFS, &t.proxy_cutoffs),
+        ];
+        for (family, counters) in labelled {
+            for (value, n) in counters.snapshot() {
+                let mut m = metric(id, FAMILIES[family].second_label.map(|l| (l, value)));
+                let mut c = proto::Counter::default();
+                c.set_value(n as f64);
+                m.set_counter(c);
+                metrics[family].push(m);
+            }
+        }
+        for (family, hist, bounds) in [
+            (UPSTREAM_DURATION, &t.upstream_duration, UPSTREAM_BUCKETS),
+            (PROXY_DURATION, &t.proxy_duration, PROXY_BUCKETS),
+        ] {
+            if let Some(h) = hist.get() {
+                let mut m = metric(id, None);
+                m.set_histogram(h.proto(bounds));
+                metrics[family].push(m);
+            }
+        }
+        // An expired token stays visible at 0 until a new one arrives (or the tenant's
+        // token is dropped): an alert on "< 60" must see it reach zero.
+        let expiry = t.expiry_at_ms.load(Ordering::Relaxed);
+        let gauges = [
+            (
+                TOKEN_EXPIRY,
+                (expiry != UNSET).then(|| ((expiry - now_ms) / 1000).max(0)),
+            ),
+            (CIRCUIT_OPEN, Some(t.circuit_open.load(Ordering::Relaxed))),
+            (
+                LAST_MINT_SUCCESS,
+                Some(t.last_mint_success.load(Ordering::Relaxed)),
+            ),
+        ];
+        for (family, value) in gauges {
+            if let Some(v) = value.filter(|v| *v != UNSET) {
+                let mut m = metric(id, None);
+                let mut g = proto::Gauge::default();
+                g.set_value(v as f64);
+                m.set_gauge(g);
+                metrics[family].push(m);
+            }
+        }
+    }
+}
+
 /// A family's name, help and second label (if any): the contract, in one table.
 struct FamilyDef {
     name: &'static str,
@@ -299,55 +355,7 @@ impl TenantSeries {
         };
         let mut metrics: Vec<Vec<proto::Metric>> = FAMILIES.iter().map(|_| Vec::new()).collect();
         for (id, t) in &tenants {
-            let labelled = [
-                (TOKEN_REQUESTS, &t.token_requests),
-                (UPSTREAM_REQUESTS, &t.upstream_requests),
-                (INVALIDATIONS, &t.invalidations),
-                (PROXY_REQUESTS, &t.proxy_requests),
-                (PROXY_CUTOFFS, &t.proxy_cutoffs),
-            ];
-            for (family, counters) in labelled {
-                for (value, n) in counters.snapshot() {
-                    let mut m = metric(id, FAMILIES[family].second_label.map(|l| (l, value)));
-                    let mut c = proto::Counter::default();
-                    c.set_value(n as f64);
-                    m.set_counter(c);
-                    metrics[family].push(m);
-                }
-            }
-            for (family, hist, bounds) in [
-                (UPSTREAM_DURATION, &t.upstream_duration, UPSTREAM_BUCKETS),
-                (PROXY_DURATION, &t.proxy_duration, PROXY_BUCKETS),
-            ] {
-                if let Some(h) = hist.get() {
-                    let mut m = metric(id, None);
-                    m.set_histogram(h.proto(bounds));
-                    metrics[family].push(m);
-                }
-            }
-            // An expired token stays visible at 0 until a new one arrives (or the tenant's
-            // token is dropped): an alert on "< 60" must see it reach zero.
-            let expiry = t.expiry_at_ms.load(Ordering::Relaxed);
-            let gauges = [
-                (
-                    TOKEN_EXPIRY,
-                    (expiry != UNSET).then(|| ((expiry - now_ms) / 1000).max(0)),
-                ),
-                (CIRCUIT_OPEN, Some(t.circuit_open.load(Ordering::Relaxed))),
-                (
-                    LAST_MINT_SUCCESS,
-                    Some(t.last_mint_success.load(Ordering::Relaxed)),
-                ),
-            ];
-            for (family, value) in gauges {
-                if let Some(v) = value.filter(|v| *v != UNSET) {
-                    let mut m = metric(id, None);
-                    let mut g = proto::Gauge::default();
-                    g.set_value(v as f64);
-                    m.set_gauge(g);
-                    metrics[family].push(m);
-                }
-            }
+            t.export(id, now_ms, &mut metrics);
         }
         FAMILIES
             .iter()

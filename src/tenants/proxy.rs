@@ -110,6 +110,7 @@ impl ProxySpec {
         Some(v)
     }
 
+    /// Long because it is one check per proxy setting, in the spec's order.
     fn validate(&self, allow_insecure: bool) -> Result<(), SpecError> {
         let url = guard::check_token_url(&self.base_url, allow_insecure)
             .map_err(|e| SpecError::new("proxy.base_url", e.to_string()))?;

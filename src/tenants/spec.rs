@@ -302,6 +302,8 @@ const MAX_TEXT: usize = 512;
 
 impl IssuerSpec {
     /// Checks everything that does not depend on the credentials.
+    ///
+    /// Long because it is one check per issuer field, in the spec's order, each two or three lines.
     pub fn validate(&self, allow_insecure: bool) -> Result<(), SpecError> {
         guard::check_token_url(&self.token_url, allow_insecure)
             .map_err(|e| SpecError::new("issuer.token_url", e.to_string()))?;

@@ -370,6 +370,9 @@ impl TenantStore {
     /// Replaces the display name, issuer and/or credentials in one transaction.
     /// With `expected_version`, the write happens only if the tenant is still at that version
     /// (optimistic concurrency); otherwise `VersionConflict` and nothing changes.
+    ///
+    /// Long because it is one transaction (the versioned UPDATE, the not-found or version
+    /// check, the credentials, the audit row): pieces would pass the transaction around.
     pub async fn update_tenant(
         &self,
         id: &TenantId,
