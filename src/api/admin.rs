@@ -621,8 +621,18 @@ struct NewCaller {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CallerPatch {
+    #[serde(default, deserialize_with = "present")]
     name: Option<CallerName>,
+    #[serde(default, deserialize_with = "present")]
     tenants: Option<CallerScope>,
+}
+
+/// A field that may be left out but not sent as `null` (nothing here can be removed): the
+/// value is read as `T`, so `null` fails `T`'s own rule.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// A caller's name: 1-64 characters of `[A-Za-z0-9._-]`.

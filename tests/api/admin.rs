@@ -440,6 +440,17 @@ async fn callers_change_without_being_deleted(env: TestEnv) {
     app.send(app.admin(Method::PATCH, &path).json(&json!({})))
         .await
         .assert_problem(422, "invalid_caller");
+    // Nothing of a caller can be removed: null is refused, naming the field.
+    for field in ["name", "tenants"] {
+        let body = app
+            .send(
+                app.admin(Method::PATCH, &path)
+                    .json(&json!({ field: null })),
+            )
+            .await
+            .assert_problem(422, "invalid_caller");
+        assert_eq!(body["field"], field, "{body}");
+    }
     app.create_caller("taken", json!("*")).await;
     app.send(
         app.admin(Method::PATCH, &path)
