@@ -317,7 +317,8 @@ impl Runner {
                 None => break,
             }
         }
-        self.print(&json!({ "tenants": all }), |_| tenant_table(&all))?;
+        let raw: Vec<&Value> = all.iter().map(|t| &t.raw).collect();
+        self.print(&json!({ "tenants": raw }), |_| Ok(tenant_table(&all)))?;
         Ok(())
     }
 
@@ -586,11 +587,11 @@ impl Runner {
         let mut entries = views::read::<views::AuditPage>(&page, "audit page")?.entries;
         entries.reverse();
         if !args.follow {
-            return self.print(&page, |_| audit_table(&entries, true));
+            return self.print(&page, |_| Ok(audit_table(&entries, true)));
         }
         // Following: oldest first, then each new entry as it arrives (JSON: one per line).
-        let mut last = newest_id(&entries)?.unwrap_or(0);
-        self.print_entries(&entries, true)?;
+        let mut last = newest_id(&entries).unwrap_or(0);
+        self.print_entries(&entries, true);
         // SIGINT and SIGTERM end it cleanly (exit 0), also when the shell that started it
         // ignores SIGINT (a background job): the handlers are installed here, not inherited.
         let mut interrupts = self
@@ -605,15 +606,19 @@ impl Runner {
                 return Ok(());
             }
             let fresh = self.entries_after(&query, last)?;
-            if let Some(max) = newest_id(&fresh)? {
+            if let Some(max) = newest_id(&fresh) {
                 last = max;
-                self.print_entries(&fresh, false)?;
+                self.print_entries(&fresh, false);
             }
         }
     }
 
     /// Entries newer than `last`, oldest first (paging back while a whole page is new).
-    fn entries_after(&self, query: &[(&str, String)], last: i64) -> Result<Vec<Value>, Failure> {
+    fn entries_after(
+        &self,
+        query: &[(&str, String)],
+        last: i64,
+    ) -> Result<Vec<views::AsSent<views::AuditEntry>>, Failure> {
         let mut fresh = Vec::new();
         let mut before: Option<i64> = None;
         loop {
@@ -623,17 +628,9 @@ impl Runner {
             let page = self.client.get("/admin/v1/audit", &q)?;
             let entries = views::read::<views::AuditPage>(&page, "audit page")?.entries;
             let full = entries.len() == 1000;
-            let mut new = Vec::new();
-            for e in entries {
-                if views::read::<views::AuditEntry>(&e, "audit entry")?.id > last {
-                    new.push(e);
-                }
-            }
+            let new: Vec<_> = entries.into_iter().filter(|e| e.typed.id > last).collect();
             let all_new = full && new.len() == 1000;
-            before = match new.last() {
-                Some(e) => Some(views::read::<views::AuditEntry>(e, "audit entry")?.id),
-                None => None,
-            };
+            before = new.last().map(|e| e.typed.id);
             fresh.extend(new);
             if !all_new {
                 break;
@@ -643,23 +640,22 @@ impl Runner {
         Ok(fresh)
     }
 
-    fn print_entries(&self, entries: &[Value], header: bool) -> Result<(), Failure> {
+    fn print_entries(&self, entries: &[views::AsSent<views::AuditEntry>], header: bool) {
         match self.output {
             Output::Json => {
                 for e in entries {
-                    println!("{e}");
+                    println!("{}", e.raw);
                 }
             }
             // One YAML document per entry, so a follower can split the stream.
             Output::Yaml => {
                 for e in entries {
-                    print!("---\n{}", output::yaml(e));
+                    print!("---\n{}", output::yaml(&e.raw));
                 }
             }
             Output::Table if entries.is_empty() => {}
-            Output::Table => println!("{}", audit_table(entries, header)?),
+            Output::Table => println!("{}", audit_table(entries, header)),
         }
-        Ok(())
     }
 }
 
@@ -842,13 +838,8 @@ fn create_spec(
 }
 
 /// The highest audit row id among `entries`.
-fn newest_id(entries: &[Value]) -> Result<Option<i64>, Failure> {
-    let mut newest = None;
-    for e in entries {
-        let id = views::read::<views::AuditEntry>(e, "audit entry")?.id;
-        newest = newest.max(Some(id));
-    }
-    Ok(newest)
+fn newest_id(entries: &[views::AsSent<views::AuditEntry>]) -> Option<i64> {
+    entries.iter().map(|e| e.typed.id).max()
 }
 
 /// An optional text, or `-`.
@@ -856,12 +847,10 @@ fn shown(v: Option<String>) -> String {
     v.unwrap_or_else(|| "-".into())
 }
 
-fn tenant_table(tenants: &[Value]) -> Result<String, Failure> {
-    let mut rows = Vec::with_capacity(tenants.len());
-    for t in tenants {
-        let t: views::Tenant = views::read(t, "tenant list")?;
-        let h = &t.health;
-        rows.push(vec![
+fn tenant_table(tenants: &[views::AsSent<views::Tenant>]) -> String {
+    let rows = tenants.iter().map(|t| {
+        let (t, h) = (&t.typed, &t.typed.health);
+        vec![
             t.id.clone(),
             t.issuer.kind.clone(),
             output::health_summary(h),
@@ -869,9 +858,9 @@ fn tenant_table(tenants: &[Value]) -> Result<String, Failure> {
             output::token_left(h),
             h.mints_last_hour.to_string(),
             t.display_name.clone(),
-        ]);
-    }
-    Ok(output::table(
+        ]
+    });
+    output::table(
         &[
             "ID",
             "KIND",
@@ -882,7 +871,7 @@ fn tenant_table(tenants: &[Value]) -> Result<String, Failure> {
             "NAME",
         ],
         rows,
-    ))
+    )
 }
 
 fn tenant_fields(t: &views::Tenant) -> String {
@@ -941,31 +930,30 @@ fn caller_table(v: &views::Callers) -> String {
     output::table(&["ID", "NAME", "TENANTS", "CREATED"], rows)
 }
 
-fn audit_table(entries: &[Value], header: bool) -> Result<String, Failure> {
-    let mut rows = Vec::with_capacity(entries.len());
-    for e in entries {
-        let e: views::AuditEntry = views::read(e, "audit entry")?;
-        rows.push(vec![
-            e.at,
-            e.action,
-            e.outcome,
-            shown(e.caller),
-            shown(e.tenant),
+fn audit_table(entries: &[views::AsSent<views::AuditEntry>], header: bool) -> String {
+    let rows = entries.iter().map(|e| {
+        let e = &e.typed;
+        vec![
+            e.at.clone(),
+            e.action.clone(),
+            e.outcome.clone(),
+            shown(e.caller.clone()),
+            shown(e.tenant.clone()),
             if e.count > 1 {
                 format!("×{}", e.count)
             } else {
                 String::new()
             },
-            shown(e.detail),
-        ]);
-    }
+            shown(e.detail.clone()),
+        ]
+    });
     let t = output::table(
         &["AT", "ACTION", "OUTCOME", "BY", "TENANT", "COUNT", "DETAIL"],
         rows,
     );
-    Ok(if header {
+    if header {
         t
     } else {
         t.lines().skip(1).collect::<Vec<_>>().join("\n")
-    })
+    }
 }

@@ -20,6 +20,21 @@ pub fn read<T: DeserializeOwned>(v: &Value, what: &str) -> Result<T, Failure> {
     })
 }
 
+/// An element of an answer as it came (what JSON and YAML output print) and as the table
+/// reads it: read once, both ways.
+pub struct AsSent<T> {
+    pub raw: Value,
+    pub typed: T,
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for AsSent<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Value::deserialize(d)?;
+        let typed = T::deserialize(&raw).map_err(serde::de::Error::custom)?;
+        Ok(Self { raw, typed })
+    }
+}
+
 /// `GET /admin/v1/tenants/{id}` (and each row of the list).
 #[derive(Deserialize)]
 pub struct Tenant {
@@ -76,7 +91,7 @@ pub struct HeldToken {
 /// `GET /admin/v1/tenants`: one page.
 #[derive(Deserialize)]
 pub struct TenantPage {
-    pub tenants: Vec<Value>,
+    pub tenants: Vec<AsSent<Tenant>>,
     pub next_after: Option<String>,
 }
 
@@ -147,7 +162,7 @@ pub struct AuditEntry {
 /// `GET /admin/v1/audit`: one page, newest first.
 #[derive(Deserialize)]
 pub struct AuditPage {
-    pub entries: Vec<Value>,
+    pub entries: Vec<AsSent<AuditEntry>>,
 }
 
 /// `GET /admin/v1/kinds`.

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
@@ -33,13 +33,7 @@ impl Labelled {
     }
 
     fn inc(&self, value: &'static str) {
-        let mut list = self.0.lock().expect("tenant counters");
-        match list.iter().find(|(v, _)| *v == value) {
-            Some((_, c)) => {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-            None => list.push((value, Arc::new(AtomicU64::new(1)))),
-        }
+        self.handle(value).fetch_add(1, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> Vec<(&'static str, u64)> {
@@ -52,22 +46,24 @@ impl Labelled {
 
 /// A histogram's counts per bucket (not cumulative), total count and sum (f64 bits).
 struct Hist {
+    bounds: &'static [f64],
     buckets: Box<[AtomicU64]>,
     count: AtomicU64,
     sum_bits: AtomicU64,
 }
 
 impl Hist {
-    fn new(bounds: &[f64]) -> Self {
+    fn new(bounds: &'static [f64]) -> Self {
         Self {
+            bounds,
             buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
             count: AtomicU64::new(0),
             sum_bits: AtomicU64::new(0f64.to_bits()),
         }
     }
 
-    fn observe(&self, bounds: &[f64], v: f64) {
-        if let Some(i) = bounds.iter().position(|b| v <= *b) {
+    fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         let _ = self
@@ -78,10 +74,11 @@ impl Hist {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn proto(&self, bounds: &[f64]) -> proto::Histogram {
+    fn proto(&self) -> proto::Histogram {
         let mut h = proto::Histogram::default();
         let mut cumulative = 0;
-        let buckets = bounds
+        let buckets = self
+            .bounds
             .iter()
             .zip(self.buckets.iter())
             .map(|(bound, n)| {
@@ -156,13 +153,13 @@ impl Tenant {
                 metrics[family].push(m);
             }
         }
-        for (family, hist, bounds) in [
-            (UPSTREAM_DURATION, &t.upstream_duration, UPSTREAM_BUCKETS),
-            (PROXY_DURATION, &t.proxy_duration, PROXY_BUCKETS),
+        for (family, hist) in [
+            (UPSTREAM_DURATION, &t.upstream_duration),
+            (PROXY_DURATION, &t.proxy_duration),
         ] {
             if let Some(h) = hist.get() {
                 let mut m = metric(id, None);
-                m.set_histogram(h.proto(bounds));
+                m.set_histogram(h.proto());
                 metrics[family].push(m);
             }
         }
@@ -233,7 +230,8 @@ pub const PROXY_BUCKETS: &[f64] = &[
 
 /// Every tenant's series, and the collector that exports them.
 pub struct TenantSeries {
-    tenants: Mutex<HashMap<Box<str>, Arc<Tenant>>>,
+    /// Read-locked on every event (workers share it), write-locked only for a new tenant.
+    tenants: RwLock<HashMap<Box<str>, Arc<Tenant>>>,
     descs: Vec<Desc>,
 }
 
@@ -255,19 +253,17 @@ impl TenantSeries {
             })
             .collect();
         Self {
-            tenants: Mutex::new(HashMap::new()),
+            tenants: RwLock::new(HashMap::new()),
             descs,
         }
     }
 
     fn tenant(&self, id: &str) -> Arc<Tenant> {
-        let mut map = self.tenants.lock().expect("tenant series");
-        if let Some(t) = map.get(id) {
+        if let Some(t) = self.tenants.read().expect("tenant series").get(id) {
             return t.clone();
         }
-        let t = Arc::new(Tenant::default());
-        map.insert(id.into(), t.clone());
-        t
+        let mut map = self.tenants.write().expect("tenant series");
+        map.entry(id.into()).or_default().clone()
     }
 
     /// `broker_token_requests_total{tenant,outcome}` as a handle to keep.
@@ -284,7 +280,7 @@ impl TenantSeries {
         t.upstream_requests.inc(outcome);
         t.upstream_duration
             .get_or_init(|| Hist::new(UPSTREAM_BUCKETS))
-            .observe(UPSTREAM_BUCKETS, seconds);
+            .observe(seconds);
     }
 
     pub fn invalidation(&self, tenant: &str, outcome: &'static str) {
@@ -296,7 +292,7 @@ impl TenantSeries {
         t.proxy_requests.inc(status_class);
         t.proxy_duration
             .get_or_init(|| Hist::new(PROXY_BUCKETS))
-            .observe(PROXY_BUCKETS, seconds);
+            .observe(seconds);
     }
 
     pub fn proxy_cutoff(&self, tenant: &str, reason: &'static str) {
@@ -320,7 +316,7 @@ impl TenantSeries {
 
     /// Tenants whose circuit gauge is 1.
     pub fn circuits_open(&self) -> Vec<String> {
-        let map = self.tenants.lock().expect("tenant series");
+        let map = self.tenants.read().expect("tenant series");
         map.iter()
             .filter(|(_, t)| t.circuit_open.load(Ordering::Relaxed) == 1)
             .map(|(id, _)| id.to_string())
@@ -334,7 +330,7 @@ impl TenantSeries {
     }
 
     pub fn clear_expiry(&self, tenant: &str) {
-        let map = self.tenants.lock().expect("tenant series");
+        let map = self.tenants.read().expect("tenant series");
         if let Some(t) = map.get(tenant) {
             t.expiry_at_ms.store(UNSET, Ordering::Relaxed);
         }
@@ -342,13 +338,13 @@ impl TenantSeries {
 
     /// Drops every series of the tenant.
     pub fn forget(&self, tenant: &str) {
-        self.tenants.lock().expect("tenant series").remove(tenant);
+        self.tenants.write().expect("tenant series").remove(tenant);
     }
 
     /// The families, as the scrape at `now_ms` sees them.
     fn families(&self, now_ms: i64) -> Vec<MetricFamily> {
         let tenants: Vec<(String, Arc<Tenant>)> = {
-            let map = self.tenants.lock().expect("tenant series");
+            let map = self.tenants.read().expect("tenant series");
             map.iter()
                 .map(|(k, t)| (k.to_string(), t.clone()))
                 .collect()
