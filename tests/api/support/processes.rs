@@ -200,7 +200,10 @@ impl CuttableProxy {
 /// A port `p` below 45535 with `p` and `p + 10000` free (a cluster node's bus port).
 pub(crate) fn free_cluster_port(taken: &[u16]) -> u16 {
     loop {
-        let p: u16 = rand::Rng::gen_range(&mut rand::thread_rng(), 20_000..45_000);
+        // Below the kernel's ephemeral range (32768 and up, where every outgoing connection of
+        // the concurrently running tests takes its local port), the cluster bus port (+10,000)
+        // included: a node whose bus port was taken by a client socket exits at start.
+        let p: u16 = rand::Rng::gen_range(&mut rand::thread_rng(), 20_000..22_700);
         if taken
             .iter()
             .any(|t| t.abs_diff(p) < 2 || t.abs_diff(p + 10_000) < 2)
@@ -259,6 +262,18 @@ impl RedisNode {
         });
         self.child = Some(child);
         for _ in 0..100 {
+            // Answering on the port is not enough: another process may hold it while this
+            // one exits on a failed bind (its bus port, say).
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                panic!(
+                    "redis-server on port {} exited at start (port taken?)",
+                    self.port
+                );
+            }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
