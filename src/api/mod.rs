@@ -263,6 +263,15 @@ pub fn allowed_methods(template: &str) -> Option<&'static str> {
 /// The route template a path falls under (`unmatched` if none), segment by segment: the
 /// router's own `match_pattern` would run its regexes a second time on every request.
 pub fn route_template(path: &str) -> &'static str {
+    // The token fetch first, without splitting (it was 3 % of the fetch's instructions).
+    if let Some(id) = path
+        .strip_prefix("/v1/tenants/")
+        .and_then(|rest| rest.strip_suffix("/token"))
+    {
+        if !id.is_empty() && !id.contains('/') {
+            return ROUTES[0];
+        }
+    }
     // A proxied path may have any number of segments after `/proxy/`.
     let mut parts = path.splitn(6, '/');
     if let (Some(""), Some("v1"), Some("tenants"), Some(t), Some("proxy"), Some(_)) = (
@@ -377,13 +386,9 @@ pub async fn observe(
     }
     let elapsed = started.elapsed();
     if let Some(state) = state {
-        let m = &state.metrics;
-        m.http_requests
-            .with_label_values(&[method, route, status.as_str()])
-            .inc();
-        m.http_duration
-            .with_label_values(&[method, route])
-            .observe(elapsed.as_secs_f64());
+        state
+            .metrics
+            .http_served(method, route, status.as_u16(), elapsed);
     }
     span.in_scope(|| {
         tracing::debug!(

@@ -17,8 +17,8 @@ struct Bucket {
 pub struct CallerLimiter {
     rate: f64,
     burst: f64,
-    shards: Vec<Mutex<HashMap<Arc<str>, Bucket>>>,
-    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<HashMap<Arc<str>, Bucket, foldhash::fast::RandomState>>>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl CallerLimiter {
@@ -27,7 +27,7 @@ impl CallerLimiter {
         Self {
             rate: rate as f64,
             burst: burst.max(1) as f64,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: Default::default(),
         }
     }
@@ -46,10 +46,16 @@ impl CallerLimiter {
             let (rate, burst) = (self.rate, self.burst);
             shard.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
         }
-        let b = shard.entry(caller.clone()).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
+        if !shard.contains_key(caller) {
+            shard.insert(
+                caller.clone(),
+                Bucket {
+                    tokens: self.burst,
+                    at: now,
+                },
+            );
+        }
+        let b = shard.get_mut(caller).expect("inserted above");
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate).min(self.burst);
         b.at = now;
         if b.tokens >= 1.0 {

@@ -49,11 +49,22 @@ fn entry(
     tenant: &TenantId,
     req: &HttpRequest,
 ) -> Entry {
+    let mut e = entry_without_request(caller, action, outcome, tenant);
+    e.request_id = request_id_of(req);
+    e
+}
+
+/// An entry that carries no request id (identical ones coalesce into one row).
+fn entry_without_request(
+    caller: &Caller,
+    action: &'static str,
+    outcome: &'static str,
+    tenant: &TenantId,
+) -> Entry {
     let mut e = Entry::new(Kind::Token, action, outcome);
     e.caller = Some(caller.name.clone());
     e.auth_method = Some(caller.method);
     e.tenant = Some(tenant.shared());
-    e.request_id = request_id_of(req);
     e
 }
 
@@ -161,9 +172,16 @@ pub(super) fn expires_in(token: &CachedToken) -> i64 {
 
 /// A 200 answer that carries a token: never stored by caches on the way.
 pub(super) fn no_store(mut resp: HttpResponseBuilder) -> HttpResponseBuilder {
-    resp.content_type("application/json")
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header((header::PRAGMA, "no-cache"));
+    // Static values: a `&str` would be checked and copied on every answer.
+    resp.insert_header((
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    ))
+    .insert_header((
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    ))
+    .insert_header((header::PRAGMA, header::HeaderValue::from_static("no-cache")));
     resp
 }
 
@@ -187,8 +205,7 @@ pub(super) async fn hand_out(
                 .token_request(id.as_str(), "caller_rate_limited");
         }
         // Without a request id: a caller over its limit costs a row per flush, not per request.
-        let mut e = entry(caller, "token.fetch", "rate_limited", id, req);
-        e.request_id = None;
+        let mut e = entry_without_request(caller, "token.fetch", "rate_limited", id);
         e.detail = via.map(Into::into);
         record(state, e)?;
         return Err(ApiError::CallerRateLimited(retry_after));
@@ -207,8 +224,7 @@ pub(super) async fn hand_out(
         }
     };
     // Successful fetches carry no request id: identical ones are coalesced into one row.
-    let mut e = entry(caller, "token.fetch", "ok", id, req);
-    e.request_id = None;
+    let mut e = entry_without_request(caller, "token.fetch", "ok", id);
     e.detail = via.map(Into::into);
     e.source = Some(source);
     e.fingerprint = Some(token.audit_fingerprint(state.store.keys()).clone());

@@ -28,6 +28,26 @@ fn checksum(s: &str) -> [u8; CHECKSUM_LEN] {
     out
 }
 
+/// Whether `s` has one of the shapes the broker issues (current keys: with their checksum).
+fn well_formed(s: &str) -> bool {
+    let Some(body) = s.strip_prefix(PREFIX) else {
+        return false;
+    };
+    match body.len() {
+        // Current keys: base62 random part and checksum.
+        n if n == RANDOM_LEN + CHECKSUM_LEN => {
+            body.bytes().all(|b| b.is_ascii_alphanumeric())
+                && checksum(&s[..PREFIX.len() + RANDOM_LEN]).as_slice()
+                    == &body.as_bytes()[RANDOM_LEN..]
+        }
+        // Keys issued before the checksum: 32 random bytes in base64url.
+        RANDOM_LEN => body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        _ => false,
+    }
+}
+
 /// A syntactically valid API key.
 pub struct ApiKey(SecretString);
 
@@ -35,21 +55,12 @@ impl ApiKey {
     /// Accepts only the exact shapes the broker issues (with a matching checksum), so junk
     /// and typos never reach the database.
     pub fn parse(s: &str) -> Option<Self> {
-        let body = s.strip_prefix(PREFIX)?;
-        let ok = match body.len() {
-            // Current keys: base62 random part and checksum.
-            n if n == RANDOM_LEN + CHECKSUM_LEN => {
-                body.bytes().all(|b| b.is_ascii_alphanumeric())
-                    && checksum(&s[..PREFIX.len() + RANDOM_LEN]).as_slice()
-                        == &body.as_bytes()[RANDOM_LEN..]
-            }
-            // Keys issued before the checksum: 32 random bytes in base64url.
-            RANDOM_LEN => body
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
-            _ => false,
-        };
-        ok.then(|| Self(SecretString::from(s.to_owned())))
+        well_formed(s).then(|| Self(SecretString::from(s.to_owned())))
+    }
+
+    /// SHA-256 of a presented key if it is well formed, without copying the key.
+    pub fn digest_of(s: &str) -> Option<[u8; 32]> {
+        well_formed(s).then(|| Sha256::digest(s.as_bytes()).into())
     }
 
     /// A new random key.

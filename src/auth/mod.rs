@@ -102,7 +102,7 @@ impl CallerLookup for CallerStore {
 /// working on what was last read, for up to 10 minutes.
 pub struct Authenticator {
     store: Arc<dyn CallerLookup>,
-    known: Cache<[u8; 32], (Option<Arc<Caller>>, Instant)>,
+    known: Cache<[u8; 32], (Option<Arc<Caller>>, Instant), foldhash::fast::RandomState>,
     /// Unix ms before which a stale answer is served without asking the database (set after
     /// a failed lookup): one probe per `DB_PROBE_EVERY_MS` finds out when it is back.
     db_quiet_until: AtomicI64,
@@ -129,7 +129,7 @@ impl Authenticator {
             known: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(CALLER_STALE_TTL)
-                .build(),
+                .build_with_hasher(Default::default()),
             db_quiet_until: AtomicI64::new(0),
             database_up,
         }
@@ -162,8 +162,8 @@ impl Authenticator {
     /// database fails, the negative cache) and the database gauge are in one place, so
     /// every outcome updates them.
     pub async fn api_key(&self, presented: &str) -> Result<Arc<Caller>, AuthError> {
-        let key = ApiKey::parse(presented).ok_or(AuthError::Unauthorized("invalid credentials"))?;
-        let digest = key.digest();
+        let digest =
+            ApiKey::digest_of(presented).ok_or(AuthError::Unauthorized("invalid credentials"))?;
         let held = self.known.get(&digest);
         // A rotated-out key stops at the end of its grace period, cached or not.
         let held = held.filter(|(hit, _)| {

@@ -44,7 +44,7 @@ impl Expiry<TenantId, Held> for UntilUsableEnd {
 /// Tokens held in this process.
 #[derive(Clone)]
 pub struct MemoryCache {
-    inner: Cache<TenantId, Held>,
+    inner: Cache<TenantId, Held, foldhash::fast::RandomState>,
 }
 
 impl MemoryCache {
@@ -54,7 +54,7 @@ impl MemoryCache {
             inner: Cache::builder()
                 .max_capacity(max_entries)
                 .expire_after(UntilUsableEnd)
-                .build(),
+                .build_with_hasher(Default::default()),
         }
     }
 

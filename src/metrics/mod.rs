@@ -3,17 +3,21 @@
 
 mod tenants;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::time::now_ms;
 pub use tenants::CounterHandle;
 use tenants::{Exporter, TenantSeries};
+
+/// An HTTP series' labels: method, route template, status.
+type HttpKey = (&'static str, &'static str, u16);
 
 /// Every metric the broker exports.
 pub struct Metrics {
@@ -26,6 +30,9 @@ pub struct Metrics {
     pub tenants: IntGauge,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    /// The two HTTP series of each (method, route, status) served so far, resolved once:
+    /// `with_label_values` hashes the label strings on every call.
+    http_served: RwLock<HashMap<HttpKey, (IntCounter, Histogram), foldhash::fast::RandomState>>,
     pub audit_dropped: IntCounter,
     /// `broker_admin_auth_throttled_total`: failed admin authentications answered 429.
     pub admin_auth_throttled: IntCounter,
@@ -141,6 +148,7 @@ impl Metrics {
                 HTTP_BUCKETS,
                 &["method", "route"],
             ),
+            http_served: RwLock::default(),
             audit_dropped: d.counter(
                 "broker_audit_dropped_total",
                 "Audit entries that could not be queued",
@@ -168,6 +176,35 @@ impl Metrics {
             cache_lookups,
             registry,
         }
+    }
+
+    /// Counts a served request and its latency (`http_requests_total`,
+    /// `http_request_duration_seconds`). `method` and `route` come from fixed sets.
+    pub fn http_served(
+        &self,
+        method: &'static str,
+        route: &'static str,
+        status: u16,
+        took: Duration,
+    ) {
+        let key = (method, route, status);
+        if let Some((count, latency)) = self.http_served.read().expect("http series").get(&key) {
+            count.inc();
+            latency.observe(took.as_secs_f64());
+            return;
+        }
+        let mut status_text = itoa::Buffer::new();
+        let series = (
+            self.http_requests
+                .with_label_values(&[method, route, status_text.format(status)]),
+            self.http_duration.with_label_values(&[method, route]),
+        );
+        series.0.inc();
+        series.1.observe(took.as_secs_f64());
+        self.http_served
+            .write()
+            .expect("http series")
+            .insert(key, series);
     }
 
     pub fn observe_upstream(&self, tenant: &str, outcome: &'static str, took: Duration) {
