@@ -448,13 +448,14 @@ fn serve(
             .wrap(ErrorHandlers::new().default_handler(problem_for_framework_errors))
             .wrap(from_fn(observe))
             // The router tries patterns in order (each dynamic one is a regex): the token
-            // routes first, then proxy mode, so neither hot path pays for the admin routes.
+            // routes first, then proxy mode and the OAuth endpoint, so no hot path pays for the
+            // admin routes.
             .configure(token::routes)
             .configure(proxy::routes)
+            .configure(oauth::routes)
             .configure(pop::routes)
             .configure(admin::routes)
             .configure(ops::routes)
-            .configure(oauth::routes)
             .configure(console::routes)
             .default_service(web::to(|| async {
                 Err::<web::Json<()>, _>(ApiError::RouteNotFound)

@@ -86,6 +86,8 @@ pub struct Memo {
     /// The token answer up to its last field (`…,"expires_in":`), serialized once: only the
     /// seconds left change between hits. Holds the token, so it is wiped with it.
     pub answer_prefix: std::sync::OnceLock<zeroize::Zeroizing<String>>,
+    /// The same for the OAuth 2.0 answer (`…,"expires_in":`).
+    pub oauth_prefix: std::sync::OnceLock<zeroize::Zeroizing<String>>,
     /// The token's DPoP `ath` (its SHA-256), for the proofs bound to it.
     pub ath: std::sync::OnceLock<String>,
 }
