@@ -242,12 +242,21 @@ NGINX
   say "(n) nginx partner API direct"; read -r N_RPS N_P50 N_P99 < <(wrk_run "http://127.0.0.1:$NA/v2/accounts/42/balance")
   say "(n) via nginx injecting the header"; read -r M_RPS M_P50 M_P99 < <(wrk_run "http://127.0.0.1:$NX/v2/accounts/42/balance")
   say "(n) via the broker's proxy mode"; read -r Q_RPS Q_P50 Q_P99 < <(wrk_run "$B5/v1/tenants/p0/proxy/accounts/42/balance" "$KEY5")
+  # The stack's ceilings against the same nginx: bare actix-web forwarders, through reqwest
+  # (what the broker uses) and through the hyper client reqwest wraps, without its layers.
+  for client in reqwest hyper; do
+    FP=$(port)
+    start_server bare_forwarder "http://127.0.0.1:$FP/v2/ping" FORWARD_PORT="$FP" FORWARD_TO="http://127.0.0.1:$NA" FORWARD_CLIENT="$client"
+    say "(n) via a bare actix-web + $client forwarder"; read -r rps _ _ < <(wrk_run "http://127.0.0.1:$FP/v2/accounts/42/balance")
+    kill "${pids[-1]}" 2>/dev/null || true
+    if [ "$client" = reqwest ]; then NR_RPS=$rps; else NH_RPS=$rps; fi
+  done
   N1=$(wrk -t1 -c1 -d3s --latency "http://127.0.0.1:$NX/v2/accounts/42/balance" | awk '/^ *50%/ {print $2}')
   Q1=$(wrk -t1 -c1 -d3s --latency -H "authorization: Bearer $KEY5" "$B5/v1/tenants/p0/proxy/accounts/42/balance" | awk '/^ *50%/ {print $2}')
   D1=$(wrk -t1 -c1 -d3s --latency "http://127.0.0.1:$NA/v2/accounts/42/balance" | awk '/^ *50%/ {print $2}')
 else
   say "nginx not installed (apt-get install nginx-light): the peer-proxy case is skipped"
-  N_RPS=0 N_P50=0 N_P99=0 M_RPS=0 M_P50=0 M_P99=0 Q_RPS=0 Q_P50=0 Q_P99=0 N1=0us Q1=0us D1=0us
+  N_RPS=0 N_P50=0 N_P99=0 M_RPS=0 M_P50=0 M_P99=0 Q_RPS=0 Q_P50=0 Q_P99=0 N1=0us Q1=0us D1=0us NR_RPS=0 NH_RPS=0
 fi
 kill "$(cat "$work/proxy.pid")"
 
@@ -260,12 +269,12 @@ report=$(python3 - "$A_RPS" "$A_P50" "$A_P99" "$B_RPS" "$B_P50" "$B_P99" "$C_RPS
   "$N_RSS" "$N_MANY" "$stamp" "$host" "$DUR" "$CONNS" "$workers" \
   "$G_RPS" "$G_P50" "$G_P99" "$H_RPS" "$H_P50" "$H_P99" "$G_UPLOAD_MB" "$K_RPS" "$K_P50" "$K_P99" \
   "$Z_RPS" "$Z_P50" "$Z_P99" "$O_RPS" "$O_P50" "$O_P99" "$BODY_BYTES" \
-  "$J_RPS" "$J_P50" "$J_P99" "$N_RPS" "$M_RPS" "$M_P50" "$Q_RPS" "$Q_P50" "$N1" "$Q1" "$D1" <<'PY'
+  "$J_RPS" "$J_P50" "$J_P99" "$N_RPS" "$M_RPS" "$M_P50" "$Q_RPS" "$Q_P50" "$N1" "$Q1" "$D1" "$NR_RPS" "$NH_RPS" <<'PY'
 import re, sys
 (a, a50, a99, b, b50, b99, c, c50, c99, d, d50, d99, ecalls, eok, etok, e99, lat, rss, f, f50, f99,
  nrss, nmany, stamp, host, dur, conns, workers, g, g50, g99, h, h50, h99, upload, k, k50, k99,
- z, z50, z99, o, o50, o99, body, j, j50, j99, n, m, m50, q, q50, n1, q1, d1) = sys.argv[1:]
-j, n, m, q = map(float, (j, n, m, q))
+ z, z50, z99, o, o50, o99, body, j, j50, j99, n, m, m50, q, q50, n1, q1, d1, nr, nh) = sys.argv[1:]
+j, n, m, q, nr, nh = map(float, (j, n, m, q, nr, nh))
 def us(v):
     num, unit = re.match(r"([\d.]+)(us|ms|s)$", v).groups()
     return float(num) * {"us": 1, "ms": 1000, "s": 1e6}[unit]
@@ -301,7 +310,9 @@ if n > 0:
     out += [f"| (n) nginx as the partner API, direct | {n:,.0f} req/s | the ceiling |",
             f"| (n) nginx injecting the header (the peer) | {m:,.0f} req/s, p50 {float(m50):.3f} ms; +{n1 - d1:.0f} us at 1 connection | the peer |",
             f"| (n) the broker's proxy mode, same partner API | {q:,.0f} req/s ({q / m:.2f} x nginx), p50 {float(q50):.3f} ms; +{q1 - d1:.0f} us at 1 connection | "
-            + ok(q >= 0.8 * m and q1 - d1 <= 50) + " (>= 0.8 x nginx, <= 50 us added at 1 connection) |"]
+            + ok(q >= 0.8 * m and q1 - d1 <= 50) + " (>= 0.8 x nginx, <= 50 us added at 1 connection) |",
+            f"| (n) a bare actix-web + reqwest forwarder, same partner API | {nr:,.0f} req/s ({nr / m:.2f} x nginx); the broker's proxy is {q / nr:.2f} x this | the stack's ceiling |",
+            f"| (n) a bare actix-web + hyper forwarder (reqwest's own client, without its layers) | {nh:,.0f} req/s ({nh / m:.2f} x nginx) | for reference |"]
 print("\n".join(out))
 PY
 )

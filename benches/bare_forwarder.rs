@@ -3,10 +3,16 @@
 //! no audit, no metrics, no header rules): parse, forward to `FORWARD_TO` + path, stream the
 //! answer back. Same server workers (the cores) and the same per-worker pooled client as the
 //! broker's proxy. The broker's proxy is measured against this as well as against the partner
-//! API direct.
+//! API direct. `FORWARD_CLIENT=hyper` forwards through the hyper client that reqwest wraps
+//! (hyper-util's pooled client, one per worker) without reqwest's layers (redirects, timeouts,
+//! its `Url`), to measure what those layers cost.
 //!   FORWARD_PORT=9301 FORWARD_TO=http://127.0.0.1:9300 cargo bench --bench bare_forwarder
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
 
 thread_local! {
     static CLIENT: reqwest::Client = reqwest::Client::builder()
@@ -14,6 +20,42 @@ thread_local! {
         .pool_max_idle_per_host(256)
         .build()
         .expect("client");
+}
+
+thread_local! {
+    static HYPER: Client<HttpConnector, Empty<web::Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build_http();
+}
+
+async fn forward_hyper(req: HttpRequest, base: web::Data<String>) -> HttpResponse {
+    let uri = match req.uri().path_and_query() {
+        Some(pq) => format!("{}{}", base.get_ref(), pq.as_str()),
+        None => base.get_ref().clone(),
+    };
+    let Ok(outbound) = hyper::Request::builder()
+        .method(req.method().as_str())
+        .uri(uri)
+        .body(Empty::new())
+    else {
+        return HttpResponse::BadRequest().finish();
+    };
+    let sent = HYPER.with(|c| c.request(outbound));
+    match sent.await {
+        Ok(resp) => {
+            let status = actix_web::http::StatusCode::from_u16(resp.status().as_u16()).unwrap();
+            let mut b = HttpResponse::build(status);
+            if let Some(ct) = resp.headers().get(hyper::header::CONTENT_TYPE) {
+                b.insert_header(("content-type", ct.as_bytes()));
+            }
+            let body = resp
+                .into_body()
+                .into_data_stream()
+                .map(|chunk| chunk.map_err(|e| actix_web::error::ErrorBadGateway(e.to_string())));
+            b.streaming(body)
+        }
+        Err(_) => HttpResponse::BadGateway().finish(),
+    }
 }
 
 async fn forward(req: HttpRequest, base: web::Data<String>) -> HttpResponse {
@@ -42,11 +84,15 @@ fn main() -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(9301);
     let to = std::env::var("FORWARD_TO").unwrap_or_else(|_| "http://127.0.0.1:9300".into());
+    let hyper = std::env::var("FORWARD_CLIENT").is_ok_and(|c| c == "hyper");
     actix_web::rt::System::new().block_on(async move {
         HttpServer::new(move || {
-            App::new()
-                .app_data(web::Data::new(to.clone()))
-                .default_service(web::to(forward))
+            let app = App::new().app_data(web::Data::new(to.clone()));
+            if hyper {
+                app.default_service(web::to(forward_hyper))
+            } else {
+                app.default_service(web::to(forward))
+            }
         })
         .bind(("127.0.0.1", port))?
         .run()

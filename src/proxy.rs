@@ -124,22 +124,19 @@ pub fn partner_url(base: &Url, raw_path: &str, raw_query: Option<&str>) -> Resul
         }
     }
     let prefix = base.path().trim_end_matches('/');
-    let mut text = format!(
-        "{}://{}{}/{}",
-        base.scheme(),
-        &base[url::Position::BeforeHost..url::Position::AfterPort],
-        prefix,
-        raw_path
-    );
-    if let Some(q) = raw_query {
-        text.push('?');
-        text.push_str(q);
-    }
-    let url = Url::parse(&text).map_err(|_| PathError::Malformed)?;
+    // The base's own scheme, host and port, with only the path and query replaced: parsing
+    // the whole URL again (host, IDNA) was 9 % of a proxied call's instructions.
+    let mut url = base.clone();
+    url.set_path(&format!("{prefix}/{raw_path}"));
+    url.set_query(raw_query);
     let same_origin = url.scheme() == base.scheme()
         && url.host() == base.host()
         && url.port_or_known_default() == base.port_or_known_default();
-    if !same_origin || !url.path().starts_with(&format!("{prefix}/")) {
+    let keeps_prefix = url
+        .path()
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with('/'));
+    if !same_origin || !keeps_prefix {
         return Err(PathError::Escapes);
     }
     Ok(url)
@@ -513,6 +510,11 @@ mod tests {
         assert_eq!(
             url("http://127.0.0.1:9000/api", "a.b/c..d/...", None).unwrap(),
             "http://127.0.0.1:9000/api/a.b/c..d/..."
+        );
+        // A '?' that reached the path stays in the path: it cannot start the query.
+        assert_eq!(
+            url(base, "a?b", Some("c=1")).unwrap(),
+            "https://api.partner.example.com/v2/a%3Fb?c=1"
         );
     }
 
