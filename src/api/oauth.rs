@@ -15,7 +15,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use super::problem::ApiError;
-use super::token::{check_scope, expires_in, hand_out, no_store, parse_min_ttl};
+use super::token::{check_scope, hand_out, no_store, parse_min_ttl, with_expires_in};
 use super::{read_body, AppState};
 use crate::auth::{api_keys, Caller};
 use crate::cache::CachedToken;
@@ -519,37 +519,20 @@ async fn token(
     Ok(no_store(HttpResponse::Ok()).body(answer(&token, grant == TOKEN_EXCHANGE)))
 }
 
-/// The RFC 6749 §5.1 answer. Everything before `expires_in`'s value is serialized once per
-/// token (escaping the token was 4 % of the endpoint's work), as `GET …/token` does.
+/// The RFC 6749 §5.1 answer (`issued_token_type` after `expires_in` for an exchange).
 fn answer(token: &CachedToken, exchanged: bool) -> Vec<u8> {
-    let prefix = token.memo.oauth_prefix.get_or_init(|| {
-        let mut full = zeroize::Zeroizing::new(
-            serde_json::to_string(&TokenAnswer {
-                access_token: token.access_token.expose_secret(),
-                token_type: token.token_type(),
-                expires_in: 0,
-                issued_token_type: None,
-            })
-            .expect("serialises"),
-        );
-        // The last field is `"expires_in":0}`: keep everything before the 0.
-        let keep = full.len() - "0}".len();
-        full.truncate(keep);
-        full
-    });
-    let mut seconds = itoa::Buffer::new();
-    let seconds = seconds.format(expires_in(token));
-    let issued = if exchanged {
-        format!(r#","issued_token_type":"{TYPE_ACCESS_TOKEN}""#)
-    } else {
-        String::new()
+    let tail = match exchanged {
+        true => format!(r#","issued_token_type":"{TYPE_ACCESS_TOKEN}""#),
+        false => String::new(),
     };
-    let mut body = Vec::with_capacity(prefix.len() + seconds.len() + issued.len() + 1);
-    body.extend_from_slice(prefix.as_bytes());
-    body.extend_from_slice(seconds.as_bytes());
-    body.extend_from_slice(issued.as_bytes());
-    body.push(b'}');
-    body
+    with_expires_in(token, &token.memo.oauth_prefix, &tail, || {
+        serde_json::to_string(&TokenAnswer {
+            access_token: token.access_token.expose_secret(),
+            token_type: token.token_type(),
+            expires_in: 0,
+            issued_token_type: None,
+        })
+    })
 }
 
 /// The issuer: `BROKER_PUBLIC_URL`, else derived from this request (`false`): the scheme and
