@@ -176,10 +176,18 @@ async fn a_cached_token_is_served_while_the_partner_is_down(env: TestEnv) {
         assert_eq!(a.status, 200, "{}", a.text);
         assert_eq!(a.json()["access_token"], token);
     }
-    let view = app
-        .send(app.admin(Method::GET, "/admin/v1/tenants/flaky"))
-        .await
-        .json();
+    // Health rows are written off the caller's path: wait for the failed renewal's.
+    let mut view = json!(null);
+    for _ in 0..50 {
+        view = app
+            .send(app.admin(Method::GET, "/admin/v1/tenants/flaky"))
+            .await
+            .json();
+        if view["health"]["last_error"]["code"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(view["health"]["last_success_at"].is_string(), "{view}");
     assert_eq!(
         view["health"]["last_error"]["code"], "upstream_unavailable",
