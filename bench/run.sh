@@ -190,9 +190,9 @@ KEY5=$(python3 bench/load.py caller --base "$B5" --admin "$ADMIN")
 curl -fs -o /dev/null -H "authorization: Bearer $KEY5" "$B5/v1/tenants/p0/proxy/accounts/42/balance"
 say "(g) partner API direct";     read -r G_RPS G_P50 G_P99 < <(wrk_run "http://127.0.0.1:$AP/v2/accounts/42/balance")
 say "(g) partner API via proxy";  read -r H_RPS H_P50 H_P99 < <(wrk_run "$B5/v1/tenants/p0/proxy/accounts/42/balance" "$KEY5")
-# The stack's own ceiling: a bare actix-web + reqwest forwarder (no broker logic at all).
+# The stack's own ceiling: a bare actix-web forwarder on the proxy's client (no broker logic).
 FP=$(port)
-start_server bare_forwarder "http://127.0.0.1:$FP/v2/ping" FORWARD_PORT="$FP" FORWARD_TO="http://127.0.0.1:$AP"
+start_server bare_forwarder "http://127.0.0.1:$FP/v2/ping" FORWARD_PORT="$FP" FORWARD_TO="http://127.0.0.1:$AP" FORWARD_CLIENT=hyper
 say "(g) partner API via a bare forwarder"; read -r K_RPS K_P50 K_P99 < <(wrk_run "http://127.0.0.1:$FP/v2/accounts/42/balance")
 kill "${pids[-1]}" 2>/dev/null || true
 # A DPoP tenant: the same partner API, a fresh ES256 proof (with ath) on every proxied call.
@@ -242,8 +242,8 @@ NGINX
   say "(n) nginx partner API direct"; read -r N_RPS N_P50 N_P99 < <(wrk_run "http://127.0.0.1:$NA/v2/accounts/42/balance")
   say "(n) via nginx injecting the header"; read -r M_RPS M_P50 M_P99 < <(wrk_run "http://127.0.0.1:$NX/v2/accounts/42/balance")
   say "(n) via the broker's proxy mode"; read -r Q_RPS Q_P50 Q_P99 < <(wrk_run "$B5/v1/tenants/p0/proxy/accounts/42/balance" "$KEY5")
-  # The stack's ceilings against the same nginx: bare actix-web forwarders, through reqwest
-  # (what the broker uses) and through the hyper client reqwest wraps, without its layers.
+  # The stack's ceilings against the same nginx: bare actix-web forwarders, through hyper-util's
+  # client (what proxy mode uses) and through reqwest, which wraps it (what it used before).
   for client in reqwest hyper; do
     FP=$(port)
     start_server bare_forwarder "http://127.0.0.1:$FP/v2/ping" FORWARD_PORT="$FP" FORWARD_TO="http://127.0.0.1:$NA" FORWARD_CLIENT="$client"
@@ -304,15 +304,15 @@ out += ["", "| case | figure | target |", "| --- | --- | --- |",
         f"| (g) proxy: the same through the broker | {h:,.0f} req/s ({h / g:.2f} x direct), p50 {float(h50):.3f} ms (+{float(h50) - float(g50):.3f} ms) | "
         + ok(h >= 0.5 * g and float(h50) - float(g50) <= 0.3) + " (>= 0.5 x direct, p50 added <= 0.3 ms) |",
         f"| (g) proxy: 50 MiB upload, broker peak RSS growth | {upload} MiB | " + ok(int(upload) < 16) + " (< 16 MiB: streamed) |",
-        f"| (g) the stack's ceiling: a bare actix-web + reqwest forwarder, no broker logic | {k:,.0f} req/s ({k / g:.2f} x direct), p50 {float(k50):.3f} ms (+{float(k50) - float(g50):.3f} ms); the broker's proxy is {h / k:.2f} x this | for reference |",
+        f"| (g) the stack's ceiling: a bare actix-web + hyper forwarder, no broker logic | {k:,.0f} req/s ({k / g:.2f} x direct), p50 {float(k50):.3f} ms (+{float(k50) - float(g50):.3f} ms); the broker's proxy is {h / k:.2f} x this | for reference |",
         f"| (g) proxy, DPoP tenant (a fresh ES256 proof per call) | {j:,.0f} req/s ({j / h:.2f} x the bearer tenant), p50 {float(j50):.3f} ms | " + ok(j >= 0.9 * h) + " (>= 0.9 x bearer proxy) |"]
 if n > 0:
     out += [f"| (n) nginx as the partner API, direct | {n:,.0f} req/s | the ceiling |",
             f"| (n) nginx injecting the header (the peer) | {m:,.0f} req/s, p50 {float(m50):.3f} ms; +{n1 - d1:.0f} us at 1 connection | the peer |",
             f"| (n) the broker's proxy mode, same partner API | {q:,.0f} req/s ({q / m:.2f} x nginx), p50 {float(q50):.3f} ms; +{q1 - d1:.0f} us at 1 connection | "
             + ok(q >= 0.8 * m and q1 - d1 <= 50) + " (>= 0.8 x nginx, <= 50 us added at 1 connection) |",
-            f"| (n) a bare actix-web + reqwest forwarder, same partner API | {nr:,.0f} req/s ({nr / m:.2f} x nginx); the broker's proxy is {q / nr:.2f} x this | the stack's ceiling |",
-            f"| (n) a bare actix-web + hyper forwarder (reqwest's own client, without its layers) | {nh:,.0f} req/s ({nh / m:.2f} x nginx) | for reference |"]
+            f"| (n) a bare actix-web + hyper forwarder (proxy mode's client), same partner API | {nh:,.0f} req/s ({nh / m:.2f} x nginx); the broker's proxy is {q / nh:.2f} x this | the stack's ceiling |",
+            f"| (n) a bare actix-web + reqwest forwarder (reqwest wraps the same client) | {nr:,.0f} req/s ({nr / m:.2f} x nginx) | for reference |"]
 print("\n".join(out))
 PY
 )

@@ -1,11 +1,10 @@
-//! The stack's own ceiling for proxy mode, for bench/run.sh's case (g): the least an
-//! actix-web server forwarding through a reqwest client can do per request (no auth, no token,
-//! no audit, no metrics, no header rules): parse, forward to `FORWARD_TO` + path, stream the
-//! answer back. Same server workers (the cores) and the same per-worker pooled client as the
-//! broker's proxy. The broker's proxy is measured against this as well as against the partner
-//! API direct. `FORWARD_CLIENT=hyper` forwards through the hyper client that reqwest wraps
-//! (hyper-util's pooled client, one per worker) without reqwest's layers (redirects, timeouts,
-//! its `Url`), to measure what those layers cost.
+//! The stack's own ceiling for proxy mode, for bench/run.sh's cases (g) and (n): the least an
+//! actix-web server forwarding through the broker's proxy client can do per request (no auth,
+//! no token, no audit, no metrics, no header rules): parse, forward to `FORWARD_TO` + path,
+//! stream the answer back. Same server workers (the cores) and the same per-worker pooled
+//! client as the broker's proxy: hyper-util's, without reqwest's layers. `FORWARD_CLIENT=reqwest`
+//! forwards through reqwest (which wraps that client; proxy mode used it before), to show what
+//! its layers (redirects, timeouts, its `Url` parsed twice) cost.
 //!   FORWARD_PORT=9301 FORWARD_TO=http://127.0.0.1:9300 cargo bench --bench bare_forwarder
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
@@ -84,14 +83,14 @@ fn main() -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(9301);
     let to = std::env::var("FORWARD_TO").unwrap_or_else(|_| "http://127.0.0.1:9300".into());
-    let hyper = std::env::var("FORWARD_CLIENT").is_ok_and(|c| c == "hyper");
+    let reqwest = std::env::var("FORWARD_CLIENT").is_ok_and(|c| c == "reqwest");
     actix_web::rt::System::new().block_on(async move {
         HttpServer::new(move || {
             let app = App::new().app_data(web::Data::new(to.clone()));
-            if hyper {
-                app.default_service(web::to(forward_hyper))
-            } else {
+            if reqwest {
                 app.default_service(web::to(forward))
+            } else {
+                app.default_service(web::to(forward_hyper))
             }
         })
         .bind(("127.0.0.1", port))?

@@ -154,19 +154,55 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
 #[derive(Debug, Default)]
 pub struct PublicOnlyResolver;
 
+type ResolveError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The addresses `host` resolves to, only the allowed ones when `guard` is on; `BlockedAddress`
+/// when none is left.
+async fn lookup(host: String, guard: bool) -> Result<Vec<SocketAddr>, ResolveError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+        .await?
+        .filter(|a| !guard || allowed(a.ip()))
+        .collect();
+    if addrs.is_empty() && guard {
+        return Err(Box::new(BlockedAddress));
+    }
+    Ok(addrs)
+}
+
 impl reqwest::dns::Resolve for PublicOnlyResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| allowed(a.ip()))
-                .collect();
-            if addrs.is_empty() {
-                return Err(Box::new(BlockedAddress) as Box<dyn std::error::Error + Send + Sync>);
-            }
+            let addrs = lookup(host, true).await?;
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
+    }
+}
+
+/// The same rule for proxy mode's hyper client; `guard: false` (insecure issuers allowed)
+/// resolves like the system resolver.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardedResolver {
+    pub guard: bool,
+}
+
+impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = ResolveError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, ResolveError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ResolveError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let (host, guard) = (name.as_str().to_owned(), self.guard);
+        Box::pin(async move { lookup(host, guard).await.map(Vec::into_iter) })
     }
 }
 
@@ -258,6 +294,12 @@ mod tests {
             result.is_err(),
             "localhost resolves only to loopback, which is dropped"
         );
+        use tower_service::Service;
+        let name = || "localhost".parse().unwrap();
+        let guarded = GuardedResolver { guard: true }.call(name()).await;
+        assert!(guarded.unwrap_err().is::<BlockedAddress>());
+        let open = GuardedResolver { guard: false }.call(name()).await.unwrap();
+        assert!(open.into_iter().all(|a| a.ip().is_loopback()));
     }
 
     #[test]

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use moka::sync::Cache;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use secrecy::ExposeSecret;
 use url::Url;
 
@@ -203,7 +203,7 @@ pub fn token_refused(status: u16, headers: &HeaderMap) -> bool {
     status == 401
         || status == 403
             && headers
-                .get_all(reqwest::header::WWW_AUTHENTICATE)
+                .get_all(hyper::header::WWW_AUTHENTICATE)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .any(|v| {
@@ -223,7 +223,7 @@ pub struct Target {
     /// The partner API's latest `DPoP-Nonce` for this tenant.
     pub dpop_nonce: std::sync::Mutex<Option<String>>,
     /// The tenant's own client when it presents a certificate or trusts a private CA.
-    pub tls_client: Option<reqwest::Client>,
+    pub tls_client: Option<Client>,
 }
 
 impl std::fmt::Debug for Target {
@@ -241,28 +241,87 @@ impl std::fmt::Debug for Target {
 pub fn asks_for_dpop_nonce(status: u16, headers: &HeaderMap) -> bool {
     status == 401
         && headers
-            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .get_all(hyper::header::WWW_AUTHENTICATE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.to_ascii_lowercase().contains("use_dpop_nonce"))
 }
 
-/// The HTTP client for proxied calls: no redirects followed, no proxy from the environment,
-/// and (unless insecure issuers are allowed) https only through the public-address resolver.
-/// Timeouts are per call (the tenant's `timeout_ms`, to the answer's head).
-pub fn client(connect_timeout: Duration, allow_insecure: bool) -> reqwest::Client {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(connect_timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
+/// A proxied request's body: kept whole (replayable after a 401) or streamed.
+pub type OutBody = http_body_util::Either<
+    http_body_util::Full<hyper::body::Bytes>,
+    http_body_util::StreamBody<
+        futures_util::stream::BoxStream<
+            'static,
+            Result<hyper::body::Frame<hyper::body::Bytes>, std::io::Error>,
+        >,
+    >,
+>;
+
+/// Proxy mode's HTTP client: hyper's pooled client over rustls, dialling through the egress
+/// guard. It follows no redirects and reads no proxy from the environment; timeouts are per
+/// call (the tenant's `timeout_ms`, to the answer's head).
+pub type Client = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<
+        hyper_util::client::legacy::connect::HttpConnector<crate::egress::GuardedResolver>,
+    >,
+    OutBody,
+>;
+
+/// A proxy client: https only through the public-address resolver unless insecure issuers are
+/// allowed; `tls` is a tenant's own TLS settings, else the webpki roots.
+pub fn client(
+    connect_timeout: Duration,
+    allow_insecure: bool,
+    tls: Option<rustls::ClientConfig>,
+) -> Client {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(
+        crate::egress::GuardedResolver {
+            guard: !allow_insecure,
+        },
+    );
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let tls = tls.unwrap_or_else(|| {
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(rustls::RootCertStore::from_iter(
+            webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+        ))
+        .with_no_client_auth()
+    });
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+    let https = if allow_insecure {
+        builder.https_or_http().enable_http1().wrap_connector(http)
+    } else {
+        builder.https_only().enable_http1().wrap_connector(http)
+    };
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256);
-    if !allow_insecure {
-        builder = builder
-            .https_only(true)
-            .dns_resolver(Arc::new(crate::egress::PublicOnlyResolver));
+        .pool_max_idle_per_host(256)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(https)
+}
+
+/// A failed proxied exchange (not an answer) as an `IssuerError`.
+pub fn classify(e: &hyper_util::client::legacy::Error) -> crate::issuers::IssuerError {
+    use crate::issuers::IssuerError;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<crate::egress::BlockedAddress>() {
+            return IssuerError::Blocked(s.to_string());
+        }
+        source = s.source();
     }
-    builder.build().expect("the TLS backend initialises")
+    if e.is_connect() {
+        IssuerError::Unavailable("connection failed".into())
+    } else {
+        IssuerError::Unavailable("the connection broke".into())
+    }
 }
 
 /// A tenant's signing keys, opened: its `private_key` (client assertions, the JWT bearer
@@ -351,7 +410,7 @@ thread_local! {
     /// One client per server worker thread: a pooled connection is driven by the runtime that
     /// opened it, so sharing one pool across workers' runtimes made every other call hop
     /// threads (p99 36 ms at 32 connections on two workers).
-    static CLIENT: std::cell::OnceCell<reqwest::Client> = const { std::cell::OnceCell::new() };
+    static CLIENT: std::cell::OnceCell<Client> = const { std::cell::OnceCell::new() };
 }
 
 impl Targets {
@@ -427,11 +486,6 @@ impl Targets {
                     v.set_sensitive(true);
                     headers.push((n, v));
                 }
-                let settings = crate::issuers::IssuerSettings {
-                    allow_insecure: self.allow_insecure,
-                    connect_timeout: self.connect_timeout,
-                    request_timeout: Duration::from_secs(3600),
-                };
                 let unusable = |what: &str| StoreError::Corrupt(format!("{what} of tenant {id}"));
                 Some(Arc::new(Target {
                     auth_header: spec.auth_header(),
@@ -440,8 +494,9 @@ impl Targets {
                     spec,
                     dpop: crate::issuers::dpop_key(&tenant).map_err(|_| unusable("DPoP key"))?,
                     dpop_nonce: Default::default(),
-                    tls_client: crate::issuers::tenant_tls_client(&settings, &tenant)
-                        .map_err(|_| unusable("TLS settings"))?,
+                    tls_client: crate::issuers::tenant_tls_config(&tenant)
+                        .map_err(|_| unusable("TLS settings"))?
+                        .map(|tls| client(self.connect_timeout, self.allow_insecure, Some(tls))),
                 }))
             }
         };
@@ -449,20 +504,20 @@ impl Targets {
         Ok(target)
     }
 
-    /// The client for `target`: its own when it has TLS settings, else this thread's.
-    pub fn client_for(&self, target: &Target) -> reqwest::Client {
+    /// Sends `req` with `target`'s own client when it has TLS settings, else with this
+    /// thread's (a pooled connection is driven by the runtime that opened it).
+    pub fn send(
+        &self,
+        target: &Target,
+        req: hyper::Request<OutBody>,
+    ) -> hyper_util::client::legacy::ResponseFuture {
         match &target.tls_client {
-            Some(c) => c.clone(),
-            None => self.client(),
+            Some(c) => c.request(req),
+            None => CLIENT.with(|c| {
+                c.get_or_init(|| client(self.connect_timeout, self.allow_insecure, None))
+                    .request(req)
+            }),
         }
-    }
-
-    /// This thread's client for proxied calls.
-    pub fn client(&self) -> reqwest::Client {
-        CLIENT.with(|c| {
-            c.get_or_init(|| client(self.connect_timeout, self.allow_insecure))
-                .clone()
-        })
     }
 
     /// Drops a cached target (after the tenant changed on this replica).
@@ -616,7 +671,7 @@ mod tests {
         assert!(token_refused(401, &h));
         assert!(!token_refused(403, &h));
         h.insert(
-            reqwest::header::WWW_AUTHENTICATE,
+            hyper::header::WWW_AUTHENTICATE,
             HeaderValue::from_static(
                 "Bearer error=\"invalid_token\", error_description=\"expired\"",
             ),

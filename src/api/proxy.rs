@@ -20,10 +20,10 @@ use crate::audit::{Entry, Kind};
 use crate::auth::Caller;
 use crate::broker::Invalidation;
 use crate::cache::CachedToken;
-use crate::issuers::{classify_transport, IssuerError};
+use crate::issuers::IssuerError;
 use crate::proxy::{
     asks_for_dpop_nonce, connection_listed, forwards_request_header, forwards_response_header,
-    partner_url, token_refused, Target, RETRY_BUFFER_BYTES,
+    partner_url, token_refused, OutBody, Target, RETRY_BUFFER_BYTES,
 };
 use crate::tenants::TenantId;
 
@@ -37,7 +37,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// The request body as it will be sent: kept (replayable after a 401) or streamed.
 enum Upload {
     Kept(web::Bytes),
-    Streamed(reqwest::Body),
+    Streamed(OutBody),
+}
+
+/// A kept body, as sent (again).
+fn kept(bytes: web::Bytes) -> OutBody {
+    http_body_util::Either::Left(http_body_util::Full::new(bytes))
 }
 
 /// Reads or starts streaming the caller's body; 413 before any partner call when the declared
@@ -102,15 +107,22 @@ async fn upload(
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+        rx.recv()
+            .await
+            .map(|item| (item.map(hyper::body::Frame::data), rx))
     });
-    Ok(Upload::Streamed(reqwest::Body::wrap_stream(stream)))
+    Ok(Upload::Streamed(http_body_util::Either::Right(
+        http_body_util::StreamBody::new(stream.boxed()),
+    )))
 }
 
 /// The path after `/v1/tenants/{tenant_id}/proxy/`, as received (percent-encoded).
 fn raw_rest(req: &HttpRequest) -> &str {
     req.uri().path().splitn(6, '/').nth(5).unwrap_or("")
 }
+
+/// The partner's answer, its body still to come.
+type Answer = hyper::Response<hyper::body::Incoming>;
 
 struct Call<'a> {
     state: &'a AppState,
@@ -122,23 +134,17 @@ struct Call<'a> {
 
 impl Call<'_> {
     /// Sends the call with `token`, bounded by the tenant's timeout to the answer's head.
-    async fn send(
-        &self,
-        token: &CachedToken,
-        body: reqwest::Body,
-    ) -> Result<reqwest::Response, IssuerError> {
-        let mut headers = self.forwarded_headers();
-        self.authorize(&mut headers, token)?;
-        let method = reqwest::Method::from_bytes(self.req.method().as_str().as_bytes())
-            .map_err(|_| IssuerError::BadResponse("unsupported method".into()))?;
-        let sent = self
-            .state
-            .proxy
-            .client_for(self.target)
-            .request(method, self.url.clone())
-            .headers(headers)
-            .body(body)
-            .send();
+    async fn send(&self, token: &CachedToken, body: OutBody) -> Result<Answer, IssuerError> {
+        let mut outbound = hyper::Request::new(body);
+        *outbound.method_mut() =
+            hyper::Method::from_bytes(self.req.method().as_str().as_bytes())
+                .map_err(|_| IssuerError::BadResponse("unsupported method".into()))?;
+        *outbound.uri_mut() = hyper::Uri::try_from(self.url.as_str())
+            .map_err(|_| IssuerError::BadResponse("the partner URL".into()))?;
+        let headers = outbound.headers_mut();
+        self.forward_headers(headers);
+        self.authorize(headers, token)?;
+        let sent = self.state.proxy.send(self.target, outbound);
         match tokio::time::timeout(self.timeout, sent).await {
             Ok(Ok(resp)) => {
                 if self.target.dpop.is_some() {
@@ -148,7 +154,7 @@ impl Call<'_> {
                 }
                 Ok(resp)
             }
-            Ok(Err(e)) => Err(classify_transport(e)),
+            Ok(Err(e)) => Err(crate::proxy::classify(&e)),
             Err(_) => Err(IssuerError::Timeout),
         }
     }
@@ -163,18 +169,18 @@ impl Call<'_> {
         &self,
         id: &TenantId,
         token: &CachedToken,
-        mut resp: reqwest::Response,
+        mut resp: Answer,
         bytes: web::Bytes,
         outcome: &mut Outcome,
-    ) -> Result<reqwest::Response, ApiError> {
+    ) -> Result<Answer, ApiError> {
         let state = self.state;
-        let nonce_asked = |r: &reqwest::Response| {
+        let nonce_asked = |r: &Answer| {
             token.dpop_jkt.is_some() && asks_for_dpop_nonce(r.status().as_u16(), r.headers())
         };
         if nonce_asked(&resp) {
             tracing::info!(tenant = %id, "partner API asked for a DPoP nonce; sending the call again with it");
             resp = self
-                .send(token, reqwest::Body::from(bytes.clone()))
+                .send(token, kept(bytes.clone()))
                 .await
                 .map_err(ApiError::Upstream)?;
         }
@@ -190,7 +196,7 @@ impl Call<'_> {
                 tracing::info!(tenant = %id, "partner refused the token; retrying once with a fresh one");
                 outcome.fingerprint = Some(fresh.audit_fingerprint(state.store.keys()).clone());
                 resp = self
-                    .send(&fresh, reqwest::Body::from(bytes))
+                    .send(&fresh, kept(bytes))
                     .await
                     .map_err(ApiError::Upstream)?;
             }
@@ -199,8 +205,8 @@ impl Call<'_> {
     }
 
     /// The caller's end-to-end headers that may cross, the tenant's fixed headers over them,
-    /// and the request id.
-    fn forwarded_headers(&self) -> reqwest::header::HeaderMap {
+    /// and the request id; `Accept: */*` when the caller sent none.
+    fn forward_headers(&self, headers: &mut hyper::header::HeaderMap) {
         let listed = connection_listed(
             &self
                 .req
@@ -209,12 +215,11 @@ impl Call<'_> {
                 .filter_map(|v| v.to_str().ok())
                 .collect::<Vec<_>>(),
         );
-        let mut headers = reqwest::header::HeaderMap::new();
         for (name, value) in self.req.headers() {
             if forwards_request_header(name.as_str(), &listed, self.target) {
                 if let (Ok(n), Ok(v)) = (
-                    reqwest::header::HeaderName::from_bytes(name.as_str().as_bytes()),
-                    reqwest::header::HeaderValue::from_bytes(value.as_bytes()),
+                    hyper::header::HeaderName::from_bytes(name.as_str().as_bytes()),
+                    hyper::header::HeaderValue::from_bytes(value.as_bytes()),
                 ) {
                     headers.append(n, v);
                 }
@@ -224,11 +229,16 @@ impl Call<'_> {
             headers.insert(n.clone(), v.clone());
         }
         if let Some(id) =
-            request_id_of(self.req).and_then(|id| reqwest::header::HeaderValue::from_str(&id).ok())
+            request_id_of(self.req).and_then(|id| hyper::header::HeaderValue::from_str(&id).ok())
         {
             headers.insert("x-request-id", id);
         }
-        headers
+        if !headers.contains_key(hyper::header::ACCEPT) {
+            headers.insert(
+                hyper::header::ACCEPT,
+                hyper::header::HeaderValue::from_static("*/*"),
+            );
+        }
     }
 
     /// The token as the tenant's partner takes it: in its auth header; or, bound to the
@@ -237,7 +247,7 @@ impl Call<'_> {
     /// 9449 §7).
     fn authorize(
         &self,
-        headers: &mut reqwest::header::HeaderMap,
+        headers: &mut hyper::header::HeaderMap,
         token: &CachedToken,
     ) -> Result<(), IssuerError> {
         let secret = token.access_token.expose_secret();
@@ -253,13 +263,13 @@ impl Call<'_> {
                         Some(token.ath()),
                     )
                     .map_err(|e| IssuerError::Recipe(format!("the DPoP proof: {e}")))?;
-                let mut auth = reqwest::header::HeaderValue::from_str(&format!("DPoP {secret}"))
+                let mut auth = hyper::header::HeaderValue::from_str(&format!("DPoP {secret}"))
                     .map_err(|_| unsendable())?;
                 auth.set_sensitive(true);
-                headers.insert(reqwest::header::AUTHORIZATION, auth);
+                headers.insert(hyper::header::AUTHORIZATION, auth);
                 headers.insert(
                     "dpop",
-                    reqwest::header::HeaderValue::from_str(&proof)
+                    hyper::header::HeaderValue::from_str(&proof)
                         .map_err(|_| IssuerError::Recipe("the DPoP proof".into()))?,
                 );
             }
@@ -413,7 +423,7 @@ async fn proxy(
             .min(target.spec.response_timeout()),
     };
     let (kept, first) = match body {
-        Upload::Kept(bytes) => (Some(bytes.clone()), reqwest::Body::from(bytes)),
+        Upload::Kept(bytes) => (Some(bytes.clone()), kept(bytes)),
         Upload::Streamed(body) => (None, body),
     };
     let too_big = |e: IssuerError| {
@@ -430,7 +440,8 @@ async fn proxy(
     };
     outcome.partner_status = Some(resp.status().as_u16());
     let max = target.spec.max_response_bytes();
-    if let Some(declared) = resp.content_length().filter(|n| *n > max) {
+    let declared = hyper::body::Body::size_hint(resp.body()).exact();
+    if let Some(declared) = declared.filter(|n| *n > max) {
         state
             .metrics
             .proxy_cutoff(id.as_str(), "response_too_large");
@@ -473,9 +484,9 @@ struct Bounded<S> {
     limits: Limits,
 }
 
-impl<S> futures_util::Stream for Bounded<S>
+impl<B> futures_util::Stream for Bounded<B>
 where
-    S: futures_util::Stream<Item = reqwest::Result<web::Bytes>> + Unpin,
+    B: hyper::body::Body<Data = web::Bytes> + Unpin,
 {
     type Item = Result<web::Bytes, std::io::Error>;
 
@@ -495,7 +506,14 @@ where
                 "the partner's answer passed proxy.response_timeout_ms",
             ))));
         }
-        match std::pin::Pin::new(&mut this.inner).poll_next(cx) {
+        let frame = match hyper::body::Body::poll_frame(std::pin::Pin::new(&mut this.inner), cx) {
+            // Trailers are not relayed.
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(frame.into_data().ok().map(Ok)),
+            Poll::Ready(Some(Err(_))) => Poll::Ready(Some(Err(()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        };
+        match frame {
             Poll::Ready(Some(Ok(chunk))) => {
                 this.limits.seen += chunk.len() as u64;
                 if this.limits.seen > this.limits.max {
@@ -527,12 +545,12 @@ pub struct Relayed;
 
 /// The partner's answer, streamed back with its status and end-to-end headers. (Reading a
 /// small answer whole before answering measured slower: 26.9k vs 30.4k req/s.)
-fn answer(resp: reqwest::Response, limits: Limits) -> HttpResponse {
+fn answer(resp: Answer, limits: Limits) -> HttpResponse {
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let listed = connection_listed(
         &resp
             .headers()
-            .get_all(reqwest::header::CONNECTION)
+            .get_all(hyper::header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect::<Vec<_>>(),
@@ -549,7 +567,7 @@ fn answer(resp: reqwest::Response, limits: Limits) -> HttpResponse {
         }
     }
     let mut answer = builder.streaming(Bounded {
-        inner: Box::pin(resp.bytes_stream()),
+        inner: resp.into_body(),
         limits,
     });
     answer.extensions_mut().insert(Relayed);

@@ -208,40 +208,65 @@ fn base_builder(settings: &IssuerSettings) -> reqwest::ClientBuilder {
     builder
 }
 
-/// A client for a tenant's own TLS settings: its client certificate (RFC 8705) and the
-/// private CA it trusts for its partner, beside the usual roots. `None` when it has neither.
-pub fn tenant_tls_client(
-    settings: &IssuerSettings,
-    tenant: &Tenant,
-) -> Result<Option<reqwest::Client>, IssuerError> {
+/// A tenant's own TLS settings: its client certificate (RFC 8705) and the private CA it trusts
+/// for its partner, beside the usual (webpki) roots; `None` when it has neither. The one
+/// source for both its token requests (`tenant_tls_client`) and its proxied calls.
+pub fn tenant_tls_config(tenant: &Tenant) -> Result<Option<rustls::ClientConfig>, IssuerError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let identity = match (
         tenant.credentials.get("tls_certificate"),
         tenant.credentials.get("tls_private_key"),
     ) {
-        (Some(cert), Some(key)) => {
-            let pem = zeroize::Zeroizing::new(format!("{cert}\n{key}\n"));
-            Some(reqwest::Identity::from_pem(pem.as_bytes()).map_err(|_| {
-                IssuerError::Recipe("the tenant's TLS client certificate cannot be used".into())
-            })?)
-        }
+        (Some(cert), Some(key)) => Some((cert, key)),
         _ => None,
     };
     let ca = tenant.issuer.tls_ca.as_deref();
     if identity.is_none() && ca.is_none() {
         return Ok(None);
     }
-    let mut builder = base_builder(settings).use_rustls_tls();
-    if let Some(identity) = identity {
-        builder = builder.identity(identity);
-    }
+    let mut roots =
+        rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = ca {
-        let roots = reqwest::Certificate::from_pem_bundle(ca.as_bytes())
-            .map_err(|_| IssuerError::Recipe("issuer.tls_ca cannot be read".into()))?;
-        for root in roots {
-            builder = builder.add_root_certificate(root);
+        let unreadable = || IssuerError::Recipe("issuer.tls_ca cannot be read".into());
+        for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots
+                .add(cert.map_err(|_| unreadable())?)
+                .map_err(|_| unreadable())?;
         }
     }
+    let unusable = || IssuerError::Recipe("the tenant's TLS settings cannot be used".into());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|_| unusable())?
+    .with_root_certificates(roots);
+    let Some((cert, key)) = identity else {
+        return Ok(Some(builder.with_no_client_auth()));
+    };
+    let bad_identity =
+        || IssuerError::Recipe("the tenant's TLS client certificate cannot be used".into());
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad_identity())?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|_| bad_identity())?;
     builder
+        .with_client_auth_cert(chain, key)
+        .map(Some)
+        .map_err(|_| bad_identity())
+}
+
+/// A token-request client for a tenant's own TLS settings (`tenant_tls_config`); `None` when
+/// it has none.
+pub fn tenant_tls_client(
+    settings: &IssuerSettings,
+    tenant: &Tenant,
+) -> Result<Option<reqwest::Client>, IssuerError> {
+    let Some(config) = tenant_tls_config(tenant)? else {
+        return Ok(None);
+    };
+    base_builder(settings)
+        .use_preconfigured_tls(config)
         .build()
         .map(Some)
         .map_err(|_| IssuerError::Recipe("the tenant's TLS settings cannot be used".into()))

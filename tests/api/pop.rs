@@ -427,3 +427,189 @@ async fn the_kinds_the_broker_lists_are_the_ones_it_accepts(env: TestEnv) {
     app.stop().await;
 }
 backends!(the_kinds_the_broker_lists_are_the_ones_it_accepts: Sqlite);
+
+/// A TLS partner on 127.0.0.1 with a certificate from its own CA that refuses any client
+/// without a certificate from that CA: `POST …/token` answers a token, anything else
+/// `{"ok": true}`. Records each request's first line and `Authorization`.
+struct TlsPartner {
+    url: String,
+    ca_pem: String,
+    client_pem: String,
+    client_key_pem: String,
+    seen: Seen,
+}
+
+/// Each request's first line and `Authorization`, in arrival order.
+type Seen = Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+async fn tls_partner() -> TlsPartner {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let signed = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        (cert, key)
+    };
+    let (server_cert, server_key) = signed("127.0.0.1");
+    let (client_cert, client_key) = signed("broker-client");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![server_cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                // A client without a certificate from the CA fails the handshake here.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && tls.read(&mut byte).await.unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let header = |name: &str| {
+                    head.lines().find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                    })
+                };
+                let length: usize = header("content-length").map_or(0, |n| n.parse().unwrap());
+                let mut body = vec![0u8; length];
+                tls.read_exact(&mut body).await.unwrap();
+                let first = head.lines().next().unwrap_or_default().to_owned();
+                let answer = if first.starts_with("POST ") && first.contains("/token ") {
+                    r#"{"access_token":"mtls-bound-token","token_type":"Bearer","expires_in":300}"#
+                } else {
+                    r#"{"ok":true}"#
+                };
+                log.lock().unwrap().push((first, header("authorization")));
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = tls.write_all(reply.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    TlsPartner {
+        url: format!("https://127.0.0.1:{port}"),
+        ca_pem: ca.pem(),
+        client_pem: client_cert.pem(),
+        client_key_pem: client_key.serialize_pem(),
+        seen,
+    }
+}
+
+async fn mutual_tls_reaches_the_partner_for_tokens_and_proxied_calls(env: TestEnv) {
+    let app = env.spawn().await;
+    let partner = tls_partner().await;
+    let spec = |id: &str, ca: bool, cert: bool| {
+        let mut issuer = json!({"kind": "oauth2_client_credentials",
+            "token_url": format!("{}/token", partner.url), "auth_method": "tls_client_auth"});
+        if ca {
+            issuer["tls_ca"] = json!(partner.ca_pem);
+        }
+        let mut credentials = json!({"client_id": "mtls-client"});
+        if !cert {
+            issuer["auth_method"] = json!("client_secret_basic");
+            credentials["client_secret"] = json!("s");
+        } else {
+            credentials["tls_certificate"] = json!(partner.client_pem);
+            credentials["tls_private_key"] = json!(partner.client_key_pem);
+        }
+        json!({"id": id, "issuer": issuer, "credentials": credentials,
+               "proxy": {"base_url": format!("{}/api", partner.url)}})
+    };
+    for (id, ca, cert) in [
+        ("mtls", true, true),
+        ("no-ca", false, true),
+        ("no-cert", true, false),
+    ] {
+        let made = app.create_tenant(&spec(id, ca, cert)).await;
+        assert_eq!(made.status, 201, "{}", made.text);
+    }
+    let key = app
+        .create_caller("mtls-caller", json!(["mtls", "no-ca", "no-cert"]))
+        .await;
+
+    let t = app.get_token("mtls", &key).await;
+    assert_eq!(t.status, 200, "{}", t.text);
+    assert_eq!(t.json()["access_token"], "mtls-bound-token");
+    let proxied = app
+        .send(
+            app.client
+                .get(format!("{}/v1/tenants/mtls/proxy/accounts/7", app.address))
+                .bearer_auth(&key),
+        )
+        .await;
+    assert_eq!(proxied.status, 200, "{}", proxied.text);
+    assert_eq!(proxied.json()["ok"], true);
+    let seen = partner.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].0.starts_with("POST /token "), "{seen:?}");
+    assert_eq!(seen[1].0, "GET /api/accounts/7 HTTP/1.1");
+    assert_eq!(seen[1].1.as_deref(), Some("Bearer mtls-bound-token"));
+
+    // Without the tenant's CA the partner's certificate is not trusted; without the client
+    // certificate the partner refuses the handshake. Neither reaches the partner's HTTP.
+    for id in ["no-ca", "no-cert"] {
+        app.get_token(id, &key)
+            .await
+            .assert_problem(503, "upstream_unavailable");
+    }
+    // A tenant without TLS settings proxies through the shared client: the usual roots only.
+    let plain = recording_partner("Bearer").await;
+    let made = app
+        .create_tenant(
+            &json!({"id": "plain", "issuer": {"kind": "oauth2_client_credentials",
+            "token_url": format!("{}/token", plain.uri())},
+            "credentials": {"client_id": "c", "client_secret": "s"},
+            "proxy": {"base_url": format!("{}/api", partner.url)}}),
+        )
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text);
+    let key = app.create_caller("plain-caller", json!(["plain"])).await;
+    app.send(
+        app.client
+            .get(format!("{}/v1/tenants/plain/proxy/x", app.address))
+            .bearer_auth(&key),
+    )
+    .await
+    .assert_problem(503, "upstream_unavailable");
+    assert_eq!(partner.seen.lock().unwrap().len(), 2);
+}
+
+backends!(mutual_tls_reaches_the_partner_for_tokens_and_proxied_calls: Sqlite);
