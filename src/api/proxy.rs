@@ -118,7 +118,13 @@ async fn upload(
 
 /// The path after `/v1/tenants/{tenant_id}/proxy/`, as received (percent-encoded).
 fn raw_rest(req: &HttpRequest) -> &str {
-    req.uri().path().splitn(6, '/').nth(5).unwrap_or("")
+    // After the fifth '/': a byte scan (`splitn` on a char pattern was 2 % of a call).
+    let path = req.uri().path();
+    path.bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'/')
+        .nth(4)
+        .map_or("", |(i, _)| &path[i + 1..])
 }
 
 /// The partner's answer, its body still to come.
@@ -331,15 +337,10 @@ async fn forward(
     e.auth_method = Some(caller.method);
     e.tenant = Some(id.shared());
     e.fingerprint = outcome.fingerprint;
-    let call = call_line(&req);
-    match (&result, outcome.partner_status) {
-        (_, Some(s)) => e.detail = Some(format!("partner status {s}: {call}")),
-        (Err(err), None) => {
-            e.outcome = err.code().as_str().into();
-            e.detail = Some(call);
-            e.request_id = request_id_of(&req);
-        }
-        (Ok(_), None) => e.detail = Some(call),
+    e.detail = Some(call_line(&req, outcome.partner_status));
+    if let (Err(err), None) = (&result, outcome.partner_status) {
+        e.outcome = err.code().as_str().into();
+        e.request_id = request_id_of(&req);
     }
     slot.record(e);
     result
@@ -348,16 +349,27 @@ async fn forward(
 /// Longest path kept in an audit row.
 const AUDIT_PATH_CHARS: usize = 256;
 
-/// What the audit row says of a proxied call: the method and the path under the tenant's
-/// `base_url` as received (percent-encoded, so printable), never the query string.
-fn call_line(req: &HttpRequest) -> String {
+/// What the audit row says of a proxied call: the partner's status when it answered, the
+/// method and the path under the tenant's `base_url` as received (percent-encoded, so
+/// printable), never the query string.
+fn call_line(req: &HttpRequest, partner_status: Option<u16>) -> String {
     let rest = raw_rest(req);
     let cut = rest
         .char_indices()
         .nth(AUDIT_PATH_CHARS)
         .map_or(rest, |(i, _)| &rest[..i]);
     let more = if cut.len() < rest.len() { "…" } else { "" };
-    format!("{} /{cut}{more}", req.method())
+    let mut line = String::with_capacity(32 + cut.len());
+    if let Some(s) = partner_status {
+        line.push_str("partner status ");
+        line.push_str(itoa::Buffer::new().format(s));
+        line.push_str(": ");
+    }
+    line.push_str(req.method().as_str());
+    line.push_str(" /");
+    line.push_str(cut);
+    line.push_str(more);
+    line
 }
 
 /// Long because it is one proxied call in the order the contract fixes (authorize, target, the
