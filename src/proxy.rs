@@ -262,11 +262,58 @@ pub type OutBody = http_body_util::Either<
 /// guard. It follows no redirects and reads no proxy from the environment; timeouts are per
 /// call (the tenant's `timeout_ms`, to the answer's head).
 pub type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<
-        hyper_util::client::legacy::connect::HttpConnector<crate::egress::GuardedResolver>,
+    ConnectTimeout<
+        hyper_rustls::HttpsConnector<
+            hyper_util::client::legacy::connect::HttpConnector<crate::egress::GuardedResolver>,
+        >,
     >,
     OutBody,
 >;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Bounds a connection's whole setup (resolution, TCP, TLS) by the connect timeout, as
+/// reqwest's did; hyper's own bounds only the TCP connect. Paid per new connection, not per
+/// call.
+#[derive(Clone)]
+pub struct ConnectTimeout<C> {
+    inner: C,
+    limit: Duration,
+}
+
+/// A connection not set up within the connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection to the partner was not set up in time")]
+pub struct ConnectTimedOut;
+
+impl<C> tower_service::Service<hyper::Uri> for ConnectTimeout<C>
+where
+    C: tower_service::Service<hyper::Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let (connecting, limit) = (self.inner.call(uri), self.limit);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(done) => done.map_err(Into::into),
+                Err(_) => Err(Box::new(ConnectTimedOut) as BoxError),
+            }
+        })
+    }
+}
 
 /// A proxy client: https only through the public-address resolver unless insecure issuers are
 /// allowed; `tls` is a tenant's own TLS settings, else the webpki roots.
@@ -304,7 +351,10 @@ pub fn client(
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
         .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(https)
+        .build(ConnectTimeout {
+            inner: https,
+            limit: connect_timeout,
+        })
 }
 
 /// A failed proxied exchange (not an answer) as an `IssuerError`.
@@ -314,6 +364,12 @@ pub fn classify(e: &hyper_util::client::legacy::Error) -> crate::issuers::Issuer
     while let Some(s) = source {
         if s.is::<crate::egress::BlockedAddress>() {
             return IssuerError::Blocked(s.to_string());
+        }
+        if s.is::<ConnectTimedOut>()
+            || s.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return IssuerError::Timeout;
         }
         source = s.source();
     }

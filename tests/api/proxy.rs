@@ -750,3 +750,44 @@ async fn allowed_networks_open_only_their_ranges() {
         assert_eq!(body["field"], field, "{body}");
     }
 }
+
+/// A partner API that accepts the connection and never answers the TLS handshake: the call
+/// ends at the connect timeout (which covers TLS), not at the tenant's longer call timeout.
+async fn a_stalled_handshake_ends_at_the_connect_timeout(mut env: TestEnv) {
+    env.extra
+        .insert("BROKER_UPSTREAM_CONNECT_TIMEOUT_MS".into(), "300".into());
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}", stalled.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = stalled.accept().await {
+            held.push(socket);
+        }
+    });
+    let made = app
+        .create_tenant(&proxied_spec(
+            "stalled",
+            &partner,
+            &base,
+            json!({"timeout_ms": 8000}),
+        ))
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text);
+    let key = app.create_caller("billing", json!(["stalled"])).await;
+    let started = std::time::Instant::now();
+    app.send(
+        app.client
+            .get(format!("{}/v1/tenants/stalled/proxy/x", app.address))
+            .bearer_auth(&key),
+    )
+    .await
+    .assert_problem(504, "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+backends!(a_stalled_handshake_ends_at_the_connect_timeout: Sqlite);
