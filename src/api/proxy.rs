@@ -337,7 +337,9 @@ async fn forward(
     e.auth_method = Some(caller.method);
     e.tenant = Some(id.shared());
     e.fingerprint = outcome.fingerprint;
-    e.detail = Some(call_line(&req, outcome.partner_status));
+    // Over its rate, a caller's calls are one row per flush, whatever paths they ask for.
+    let limited = matches!(result, Err(ApiError::CallerRateLimited(_)));
+    e.detail = (!limited).then(|| call_line(&req, outcome.partner_status));
     if let (Err(err), None) = (&result, outcome.partner_status) {
         e.outcome = err.code().as_str().into();
         e.request_id = request_id_of(&req);

@@ -1,6 +1,7 @@
 //! The audit trail: who got which tenant's token (by fingerprint, never the token), admin
 //! mutations, refused requests. Written off the hot path through a bounded queue drained in
-//! batches; identical token entries in one batch are coalesced into one row with a count.
+//! batches; entries in one batch that are identical but for their request id are coalesced
+//! into one row with a count and the first request id.
 //!
 //! `fail_closed` (default): a token whose entry cannot be queued is not released.
 //! `best_effort`: such entries are dropped, counted and logged.
@@ -302,7 +303,9 @@ struct Writer {
     failing: Arc<Mutex<Option<String>>>,
     /// Keyed with foldhash: hashing each entry with SipHash was 5 % of a token fetch's
     /// instructions. (The side path, fed by unauthenticated requests, keeps std's hasher.)
-    batch: HashMap<Entry, (i64, i64, i64), foldhash::fast::RandomState>,
+    /// Keyed without the request id: entries that differ only in it are one row with a count
+    /// and the first request id, so a caller repeating a failing call cannot fill the queue.
+    batch: HashMap<Entry, (i64, i64, i64, Option<String>), foldhash::fast::RandomState>,
     waiting: Vec<oneshot::Sender<()>>,
     delay: Duration,
     retry_at: Option<tokio::time::Instant>,
@@ -374,10 +377,14 @@ impl Writer {
     fn drain(&mut self, rx: &mut mpsc::Receiver<Msg>) {
         while self.batch.len() < self.max_pending {
             match rx.try_recv() {
-                Ok(Msg::Entry(at, e)) => {
-                    let slot = self.batch.entry(e).or_insert((at, at, 0));
+                Ok(Msg::Entry(at, mut e)) => {
+                    let request_id = e.request_id.take();
+                    let slot = self.batch.entry(e).or_insert((at, at, 0, None));
                     slot.1 = slot.1.max(at);
                     slot.2 += 1;
+                    if slot.3.is_none() {
+                        slot.3 = request_id;
+                    }
                 }
                 Ok(Msg::Flush(done)) => self.waiting.push(done),
                 Err(mpsc::error::TryRecvError::Empty) => break,
@@ -411,17 +418,26 @@ impl Writer {
             return;
         }
         let taken = std::mem::take(&mut *self.side.lock().expect("audit side path"));
-        for (mut e, (first, last, count, request_id)) in taken {
-            e.request_id = request_id;
-            let slot = self.batch.entry(e).or_insert((first, last, 0));
+        for (e, (first, last, count, request_id)) in taken {
+            let slot = self.batch.entry(e).or_insert((first, last, 0, None));
             slot.0 = slot.0.min(first);
             slot.1 = slot.1.max(last);
             slot.2 += count;
+            if slot.3.is_none() {
+                slot.3 = request_id;
+            }
         }
     }
 
     fn rows(&self) -> Vec<(Entry, (i64, i64, i64))> {
-        self.batch.iter().map(|(e, t)| (e.clone(), *t)).collect()
+        self.batch
+            .iter()
+            .map(|(e, (first, last, count, request_id))| {
+                let mut e = e.clone();
+                e.request_id.clone_from(request_id);
+                (e, (*first, *last, *count))
+            })
+            .collect()
     }
 
     /// Writes the batch; on failure keeps it, says so (metrics, readiness) and backs off.

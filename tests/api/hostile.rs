@@ -128,6 +128,86 @@ async fn an_unauthenticated_flood_neither_blocks_callers_nor_fills_the_disk(mut 
 }
 backends!(an_unauthenticated_flood_neither_blocks_callers_nor_fills_the_disk: Sqlite);
 
+/// An authenticated caller in a loop, while the audit writer cannot write (another connection
+/// holds the database's write lock): proxied calls to a partner API that is down, on a
+/// different path each time, and tenant ids outside its scope that differ each time, far past
+/// its rate. With a queue of 64 rows, another caller's fetches stay 200: failing calls that
+/// differ only in their request id are one row, and past its rate a caller's refusals are one
+/// row per flush whatever path or tenant they name. (Before: one row per request, and the
+/// other caller got 503 `audit_unavailable` once 64 were waiting.) Every request is on the
+/// record once the lock is gone: the counts add up.
+async fn a_callers_failing_loop_cannot_lock_the_others_out(mut env: TestEnv) {
+    use sqlx::Connection;
+    env.extra.insert("BROKER_AUDIT_QUEUE".into(), "64".into());
+    env.extra.insert("BROKER_CALLER_RATE".into(), "5".into());
+    env.extra.insert("BROKER_CALLER_BURST".into(), "5".into());
+    let app = env.spawn().await;
+    let partner = setu_partner(300, 0).await;
+    app.create_tenant(&setu_spec("other", &partner, "s")).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let mut spec = setu_spec("acme", &partner, "s");
+    spec["proxy"] = json!({ "base_url": dead_url });
+    assert_eq!(app.create_tenant(&spec).await.status, 201);
+    let noisy = app.create_caller("noisy", json!(["acme"])).await;
+    let billing = app.create_caller("billing", json!(["other"])).await;
+    assert_eq!(app.get_token("other", &billing).await.status, 200);
+    let proxied = |path: String| {
+        app.client
+            .get(format!("{}/v1/tenants/acme/proxy/{path}", app.address))
+            .bearer_auth(&noisy)
+            .send()
+    };
+    assert_eq!(proxied("warm".into()).await.unwrap().status(), 503);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    sqlx::any::install_default_drivers();
+    let mut locker = sqlx::AnyConnection::connect(&env.database_url)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN EXCLUSIVE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    for n in 0..200 {
+        let resp = if n % 2 == 0 {
+            proxied(format!("accounts/{n}")).await.unwrap()
+        } else {
+            app.client
+                .get(format!("{}/v1/tenants/t-{n}/token", app.address))
+                .bearer_auth(&noisy)
+                .send()
+                .await
+                .unwrap()
+        };
+        let body: Value = resp.json().await.unwrap();
+        *statuses
+            .entry(body["code"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    }
+    assert!(!statuses.contains_key("audit_unavailable"), "{statuses:?}");
+    assert!(statuses["rate_limited"] >= 190, "{statuses:?}");
+    let fetched = app.get_token("other", &billing).await;
+    assert_eq!(fetched.status, 200, "{}", fetched.text);
+
+    drop(locker);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let recorded = loop {
+        let entries = app.audit("caller=noisy&limit=500").await;
+        let counted: i64 = entries.iter().map(|e| e["count"].as_i64().unwrap()).sum();
+        if counted >= 201 || Instant::now() > deadline {
+            break (counted, entries.len());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(recorded.0, 201, "every request is on the record");
+    assert!(recorded.1 < 20, "{} rows for 201 requests", recorded.1);
+    app.stop().await;
+}
+backends!(a_callers_failing_loop_cannot_lock_the_others_out: Sqlite);
+
 /// A caller looping "fetch, report as rejected" for 3 s. With the re-mint guard the partner
 /// sees two calls; with the guard off (`invalidate_min_age_ms: 0`), the default ceiling of one
 /// partner call a second still holds.
