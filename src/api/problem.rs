@@ -70,6 +70,10 @@ pub enum ApiError {
     MinTtlUnsatisfiable(String),
     #[error(transparent)]
     Upstream(#[from] IssuerError),
+    /// A proxied call's exchange with the partner API failed: the same codes as the token
+    /// endpoint's failures, a detail that names the API.
+    #[error("{}", partner_api_detail(.0))]
+    PartnerApi(IssuerError),
     #[error("the database is unavailable")]
     Store(#[source] Arc<StoreError>),
     #[error("the shared cache is unavailable")]
@@ -94,6 +98,18 @@ pub enum ApiError {
     InvalidProxyPath(crate::proxy::PathError),
     #[error("internal error")]
     Internal(String),
+}
+
+/// What a failed exchange with the partner API says (the issuer errors name the token
+/// endpoint).
+fn partner_api_detail(e: &IssuerError) -> String {
+    match e {
+        IssuerError::Unavailable(reason) => format!("the partner API is unavailable ({reason})"),
+        IssuerError::Blocked(reason) => {
+            format!("the partner API's address is not allowed: {reason}")
+        }
+        other => other.to_string(),
+    }
 }
 
 impl ApiError {
@@ -127,7 +143,7 @@ impl ApiError {
             Self::InvalidateThrottled { .. } => Code::InvalidateThrottled,
             Self::AdminForbidden(_) => Code::AdminForbidden,
             Self::MinTtlUnsatisfiable(_) => Code::MinTtlUnsatisfiable,
-            Self::Upstream(e) => Code::of_issuer(e),
+            Self::Upstream(e) | Self::PartnerApi(e) => Code::of_issuer(e),
             Self::Store(e) if matches!(**e, StoreError::Crypto(_)) => Code::CredentialsUnreadable,
             Self::Store(_) => Code::DatabaseUnavailable,
             Self::Cache(_) => Code::CacheUnavailable,
@@ -156,7 +172,7 @@ impl ApiError {
     /// How long the client should wait before trying again, when that is known.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::Upstream(e) => e.retry_after(),
+            Self::Upstream(e) | Self::PartnerApi(e) => e.retry_after(),
             Self::ProxyConcurrencyLimited(_) => Some(1),
             Self::CallerRateLimited(s)
             | Self::AdminAuthThrottled(s)

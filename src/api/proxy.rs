@@ -188,7 +188,7 @@ impl Call<'_> {
             resp = self
                 .send(token, kept(bytes.clone()))
                 .await
-                .map_err(ApiError::Upstream)?;
+                .map_err(ApiError::PartnerApi)?;
         }
         if !token_refused(resp.status().as_u16(), resp.headers()) || nonce_asked(&resp) {
             return Ok(resp);
@@ -204,7 +204,7 @@ impl Call<'_> {
                 resp = self
                     .send(&fresh, kept(bytes))
                     .await
-                    .map_err(ApiError::Upstream)?;
+                    .map_err(ApiError::PartnerApi)?;
             }
         }
         Ok(resp)
@@ -444,7 +444,7 @@ async fn proxy(
         if too_large.load(Ordering::Acquire) {
             ApiError::PayloadTooLarge(target.spec.max_body_bytes() as usize)
         } else {
-            ApiError::Upstream(e)
+            ApiError::PartnerApi(e)
         }
     };
     let resp = call.send(&token, first).await.map_err(too_big)?;

@@ -627,9 +627,15 @@ async fn limits_and_failures(env: TestEnv) {
     app.send(app.client.get(url("hasty", "slow")).bearer_auth(&key))
         .await
         .assert_problem(504, "upstream_timeout");
-    app.send(app.client.get(url("gone", "x")).bearer_auth(&key))
+    let gone = app
+        .send(app.client.get(url("gone", "x")).bearer_auth(&key))
         .await
         .assert_problem(503, "upstream_unavailable");
+    // The partner API failed, not its token endpoint: the detail says which.
+    assert_eq!(
+        gone["detail"],
+        "the partner API is unavailable (connection failed)"
+    );
     for _ in 0..3 {
         assert_eq!(
             app.send(app.client.get(url("acme", "fail")).bearer_auth(&key))
