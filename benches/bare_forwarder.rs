@@ -27,11 +27,16 @@ thread_local! {
         .build_http();
 }
 
+/// `FORWARD_TO` + the request's path and query.
+fn target(req: &HttpRequest, base: &str) -> String {
+    match req.uri().path_and_query() {
+        Some(pq) => format!("{base}{}", pq.as_str()),
+        None => base.to_owned(),
+    }
+}
+
 async fn forward_hyper(req: HttpRequest, base: web::Data<String>) -> HttpResponse {
-    let uri = match req.uri().path_and_query() {
-        Some(pq) => format!("{}{}", base.get_ref(), pq.as_str()),
-        None => base.get_ref().clone(),
-    };
+    let uri = target(&req, &base);
     let Ok(outbound) = hyper::Request::builder()
         .method(req.method().as_str())
         .uri(uri)
@@ -58,10 +63,7 @@ async fn forward_hyper(req: HttpRequest, base: web::Data<String>) -> HttpRespons
 }
 
 async fn forward(req: HttpRequest, base: web::Data<String>) -> HttpResponse {
-    let url = match req.uri().path_and_query() {
-        Some(pq) => format!("{}{}", base.get_ref(), pq.as_str()),
-        None => base.get_ref().clone(),
-    };
+    let url = target(&req, &base);
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes()).unwrap();
     let sent = CLIENT.with(|c| c.request(method, url).send());
     match sent.await {

@@ -281,11 +281,6 @@ pub struct ConnectTimeout<C> {
     limit: Duration,
 }
 
-/// A connection not set up within the connect timeout.
-#[derive(Debug, thiserror::Error)]
-#[error("the connection to the partner was not set up in time")]
-pub struct ConnectTimedOut;
-
 impl<C> tower_service::Service<hyper::Uri> for ConnectTimeout<C>
 where
     C: tower_service::Service<hyper::Uri>,
@@ -309,7 +304,10 @@ where
         Box::pin(async move {
             match tokio::time::timeout(limit, connecting).await {
                 Ok(done) => done.map_err(Into::into),
-                Err(_) => Err(Box::new(ConnectTimedOut) as BoxError),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the connection to the partner was not set up in time",
+                )) as BoxError),
             }
         })
     }
@@ -330,17 +328,7 @@ pub fn client(
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let tls = tls.unwrap_or_else(|| {
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_root_certificates(rustls::RootCertStore::from_iter(
-            webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
-        ))
-        .with_no_client_auth()
-    });
+    let tls = tls.unwrap_or_else(crate::issuers::default_tls_config);
     let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
     let https = if allow_insecure {
         builder.https_or_http().enable_http1().wrap_connector(http)
@@ -360,18 +348,8 @@ pub fn client(
 /// A failed proxied exchange (not an answer) as an `IssuerError`.
 pub fn classify(e: &hyper_util::client::legacy::Error) -> crate::issuers::IssuerError {
     use crate::issuers::IssuerError;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<crate::egress::BlockedAddress>() {
-            return IssuerError::Blocked(s.to_string());
-        }
-        if s.is::<ConnectTimedOut>()
-            || s.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return IssuerError::Timeout;
-        }
-        source = s.source();
+    if let Some(class) = crate::issuers::cause_of(e) {
+        return class;
     }
     if e.is_connect() {
         IssuerError::Unavailable("connection failed".into())

@@ -97,9 +97,9 @@ pub(super) fn check_scope(
     // A refusal counts against the caller's rate: past it, one row per flush whatever tenant
     // it names, so tenant ids it makes up cannot fill the audit queue.
     if let Err(retry_after) = state.limiter.check(&caller.id) {
-        let mut e = Entry::new(Kind::Refused, action, "rate_limited");
-        e.caller = Some(caller.name.clone());
-        e.auth_method = Some(caller.method);
+        let mut e = entry_without_request(caller, action, "rate_limited", id);
+        e.kind = Kind::Refused;
+        e.tenant = None;
         e.detail = Some("tenant outside the caller's scope".into());
         record(state, e)?;
         return Err(ApiError::CallerRateLimited(retry_after));

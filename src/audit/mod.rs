@@ -379,12 +379,7 @@ impl Writer {
             match rx.try_recv() {
                 Ok(Msg::Entry(at, mut e)) => {
                     let request_id = e.request_id.take();
-                    let slot = self.batch.entry(e).or_insert((at, at, 0, None));
-                    slot.1 = slot.1.max(at);
-                    slot.2 += 1;
-                    if slot.3.is_none() {
-                        slot.3 = request_id;
-                    }
+                    self.merge(e, (at, at, 1, request_id));
                 }
                 Ok(Msg::Flush(done)) => self.waiting.push(done),
                 Err(mpsc::error::TryRecvError::Empty) => break,
@@ -418,14 +413,24 @@ impl Writer {
             return;
         }
         let taken = std::mem::take(&mut *self.side.lock().expect("audit side path"));
-        for (e, (first, last, count, request_id)) in taken {
-            let slot = self.batch.entry(e).or_insert((first, last, 0, None));
-            slot.0 = slot.0.min(first);
-            slot.1 = slot.1.max(last);
-            slot.2 += count;
-            if slot.3.is_none() {
-                slot.3 = request_id;
-            }
+        for (e, row) in taken {
+            self.merge(e, row);
+        }
+    }
+
+    /// Adds `count` entries seen from `first` to `last` to `e`'s row (keyed without the
+    /// request id; the row keeps the first one it was given).
+    fn merge(
+        &mut self,
+        e: Entry,
+        (first, last, count, request_id): (i64, i64, i64, Option<String>),
+    ) {
+        let slot = self.batch.entry(e).or_insert((first, last, 0, None));
+        slot.0 = slot.0.min(first);
+        slot.1 = slot.1.max(last);
+        slot.2 += count;
+        if slot.3.is_none() {
+            slot.3 = request_id;
         }
     }
 

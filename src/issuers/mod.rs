@@ -208,6 +208,26 @@ fn base_builder(settings: &IssuerSettings) -> reqwest::ClientBuilder {
     builder
 }
 
+/// The roots every partner call trusts (reqwest's, the webpki roots).
+fn webpki_roots() -> rustls::RootCertStore {
+    rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned())
+}
+
+/// rustls on ring with its default protocol versions, trusting `roots`.
+fn tls_builder(
+    roots: rustls::RootCertStore,
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(roots)
+}
+
+/// The TLS settings of a tenant that has none of its own: the webpki roots, no certificate.
+pub fn default_tls_config() -> rustls::ClientConfig {
+    tls_builder(webpki_roots()).with_no_client_auth()
+}
+
 /// A tenant's own TLS settings: its client certificate (RFC 8705) and the private CA it trusts
 /// for its partner, beside the usual (webpki) roots; `None` when it has neither. The one
 /// source for both its token requests (`tenant_tls_client`) and its proxied calls.
@@ -224,8 +244,7 @@ pub fn tenant_tls_config(tenant: &Tenant) -> Result<Option<rustls::ClientConfig>
     if identity.is_none() && ca.is_none() {
         return Ok(None);
     }
-    let mut roots =
-        rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let mut roots = webpki_roots();
     if let Some(ca) = ca {
         let unreadable = || IssuerError::Recipe("issuer.tls_ca cannot be read".into());
         for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
@@ -234,13 +253,7 @@ pub fn tenant_tls_config(tenant: &Tenant) -> Result<Option<rustls::ClientConfig>
                 .map_err(|_| unreadable())?;
         }
     }
-    let unusable = || IssuerError::Recipe("the tenant's TLS settings cannot be used".into());
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|_| unusable())?
-    .with_root_certificates(roots);
+    let builder = tls_builder(roots);
     let Some((cert, key)) = identity else {
         return Ok(Some(builder.with_no_client_auth()));
     };
@@ -547,14 +560,28 @@ pub fn classify(status: u16, error: Option<&str>, retry_after: Option<u64>) -> I
     }
 }
 
-/// A failed exchange with a partner (not an answer) as an `IssuerError`; also used by proxy mode.
-pub fn classify_transport(e: reqwest::Error) -> IssuerError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+/// What decides a failed exchange's class deep in its error chain, for either client: the
+/// egress guard's refusal, or a timed-out connection setup.
+pub fn cause_of(e: &(dyn std::error::Error + 'static)) -> Option<IssuerError> {
+    let mut source = Some(e);
     while let Some(s) = source {
         if s.is::<crate::egress::BlockedAddress>() {
-            return IssuerError::Blocked(s.to_string());
+            return Some(IssuerError::Blocked(s.to_string()));
+        }
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return Some(IssuerError::Timeout);
         }
         source = s.source();
+    }
+    None
+}
+
+/// A failed exchange with a partner's token endpoint (not an answer) as an `IssuerError`.
+pub fn classify_transport(e: reqwest::Error) -> IssuerError {
+    if let Some(class) = cause_of(&e) {
+        return class;
     }
     if e.is_timeout() {
         IssuerError::Timeout
