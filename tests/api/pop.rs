@@ -553,6 +553,8 @@ async fn mutual_tls_reaches_the_partner_for_tokens_and_proxied_calls(env: TestEn
         json!({"id": id, "issuer": issuer, "credentials": credentials,
                "proxy": {"base_url": format!("{}/api", partner.url)}})
     };
+    // Everything the broker answers or logs here, checked for the client's private key.
+    let mut answers = Vec::new();
     for (id, ca, cert) in [
         ("mtls", true, true),
         ("no-ca", false, true),
@@ -560,6 +562,7 @@ async fn mutual_tls_reaches_the_partner_for_tokens_and_proxied_calls(env: TestEn
     ] {
         let made = app.create_tenant(&spec(id, ca, cert)).await;
         assert_eq!(made.status, 201, "{}", made.text);
+        answers.push(made.text);
     }
     let key = app
         .create_caller("mtls-caller", json!(["mtls", "no-ca", "no-cert"]))
@@ -586,9 +589,35 @@ async fn mutual_tls_reaches_the_partner_for_tokens_and_proxied_calls(env: TestEn
     // Without the tenant's CA the partner's certificate is not trusted; without the client
     // certificate the partner refuses the handshake. Neither reaches the partner's HTTP.
     for id in ["no-ca", "no-cert"] {
-        app.get_token(id, &key)
-            .await
-            .assert_problem(503, "upstream_unavailable");
+        let failed = app.get_token(id, &key).await;
+        failed.assert_problem(503, "upstream_unavailable");
+        answers.push(failed.text);
+    }
+    for p in [
+        "/admin/v1/tenants",
+        "/admin/v1/tenants/mtls",
+        "/admin/v1/audit",
+    ] {
+        answers.push(app.send(app.admin(Method::GET, p)).await.text);
+    }
+    let metrics = app.get("/metrics").await.text;
+    assert!(
+        metrics.contains("broker_upstream_requests_total"),
+        "{metrics}"
+    );
+    answers.push(metrics);
+    answers.push(captured_logs());
+    // The key's base64 body, line by line, and the PEM whole.
+    let key_lines: Vec<&str> = partner
+        .client_key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        .collect();
+    assert!(!key_lines.is_empty());
+    for text in &answers {
+        for line in &key_lines {
+            assert!(!text.contains(line), "the TLS private key leaked: {text}");
+        }
     }
     // A tenant without TLS settings proxies through the shared client: the usual roots only.
     let plain = recording_partner("Bearer").await;
