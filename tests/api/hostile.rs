@@ -129,7 +129,7 @@ async fn an_unauthenticated_flood_neither_blocks_callers_nor_fills_the_disk(mut 
 backends!(an_unauthenticated_flood_neither_blocks_callers_nor_fills_the_disk: Sqlite);
 
 /// An authenticated caller in a loop, while the audit writer cannot write (another connection
-/// holds the database's write lock): proxied calls to a partner API that is down, on a
+/// holds the database's write lock, or on Postgres a lock on the audit table): proxied calls to a partner API that is down, on a
 /// different path each time, and tenant ids outside its scope that differ each time, far past
 /// its rate. With a queue of 64 rows, another caller's fetches stay 200: failing calls that
 /// differ only in their request id are one row, and past its rate a caller's refusals are one
@@ -166,10 +166,12 @@ async fn a_callers_failing_loop_cannot_lock_the_others_out(mut env: TestEnv) {
     let mut locker = sqlx::AnyConnection::connect(&env.database_url)
         .await
         .unwrap();
-    sqlx::raw_sql("BEGIN EXCLUSIVE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    // SQLite: the database's write lock; Postgres: the audit table, locked as a migration would.
+    let lock = match env.backend {
+        Backend::Sqlite => "BEGIN EXCLUSIVE",
+        _ => "BEGIN; LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE",
+    };
+    sqlx::raw_sql(lock).execute(&mut locker).await.unwrap();
     let mut statuses = std::collections::BTreeMap::<String, usize>::new();
     for n in 0..200 {
         let resp = if n % 2 == 0 {
@@ -206,7 +208,7 @@ async fn a_callers_failing_loop_cannot_lock_the_others_out(mut env: TestEnv) {
     assert!(recorded.1 < 20, "{} rows for 201 requests", recorded.1);
     app.stop().await;
 }
-backends!(a_callers_failing_loop_cannot_lock_the_others_out: Sqlite);
+backends!(a_callers_failing_loop_cannot_lock_the_others_out: Sqlite, Postgres);
 
 /// A caller looping "fetch, report as rejected" for 3 s. With the re-mint guard the partner
 /// sees two calls; with the guard off (`invalidate_min_age_ms: 0`), the default ceiling of one
